@@ -1,0 +1,3 @@
+from ecpm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Monitor side: ingest, store, reachability, incidents, metrics, pages, status page, reports."""

@@ -1,0 +1,129 @@
+"""Config model for the monitor. Every option is documented in ``config/monitor.example.yaml``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Self
+
+from pydantic import Field, SecretStr, model_validator
+
+from ecpm.configfile import Loc, PositiveDuration, SecretFile, StrictModel, pick_secret
+from ecpm.settings import Listen, MqttSettings, Name
+
+
+class KnownProbe(StrictModel):
+    id: Name
+    key: SecretStr | None = None  # the probe's HMAC-SHA256 key: results are verified with it
+    key_file: SecretFile | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Self:
+        pick_secret(self.key, self.key_file, name="key", required=True)
+        return self
+
+    @property
+    def secret(self) -> SecretStr:
+        found = self.key if self.key is not None else self.key_file
+        assert found is not None  # checked by _one_key
+        return found
+
+
+class MonitoredTarget(StrictModel):
+    id: Name
+    interval: PositiveDuration = 30.0  # the probes' invite interval for this target
+    description: str = ""
+
+
+class Reachability(StrictModel):
+    confirm_results: int = Field(default=2, ge=1, le=10)  # K: latest K results all failed → down
+    min_failing_probes: int = Field(default=2, ge=1)  # M, when at least M probes cover the target
+    stale_after: float = Field(default=3.0, ge=1.0)  # × interval without a fresh result → unknown
+    gap_incident_after: PositiveDuration = 300.0  # a monitoring gap this long opens an incident
+    degraded_post_dial_delay: PositiveDuration = 3.0  # slower ringing on a pass → degraded
+    degraded_mos: float = Field(default=3.6, ge=1.0, le=4.5)  # lower MOS on a pass → degraded
+    probe_stale_after: PositiveDuration = 120.0  # a probe silent this long is not up
+
+
+class Store(StrictModel):
+    backend: Literal["sqlite"] = "sqlite"
+    path: str = "ecpm-monitor.db"
+    retention: PositiveDuration = 400 * 86400.0  # results older than this are pruned
+    commit_interval: PositiveDuration = 0.2  # batch commits at most this far apart
+
+
+class Http(StrictModel):
+    listen: Listen = "127.0.0.1:9470"
+    token: SecretStr | None = None  # bearer token for endpoints that change state
+    token_file: SecretFile | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Self:
+        pick_secret(self.token, self.token_file, name="token", required=False)
+        return self
+
+
+class Ingest(StrictModel):
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+    shared_group: str | None = "ecpm"  # $share/<group>/... ; None: plain subscription
+
+
+class _Notifier(StrictModel):
+    name: Name
+    timeout: PositiveDuration = 5.0
+    retries: int = Field(default=5, ge=0, le=20)
+    backoff: PositiveDuration = 2.0  # first retry delay; doubles each time
+
+
+class WebhookNotifier(_Notifier):
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://")
+
+
+class PagerDutyNotifier(_Notifier):
+    type: Literal["pagerduty"]
+    routing_key: SecretStr | None = None
+    routing_key_file: SecretFile | None = None
+    url: str = Field(default="https://events.pagerduty.com/v2/enqueue", pattern=r"^https?://")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Self:
+        pick_secret(self.routing_key, self.routing_key_file, name="routing_key", required=True)
+        return self
+
+
+class SlackNotifier(_Notifier):
+    type: Literal["slack"]
+    url: SecretStr | None = None  # the incoming-webhook URL is itself a secret
+    url_file: SecretFile | None = None
+
+    @model_validator(mode="after")
+    def _one_url(self) -> Self:
+        pick_secret(self.url, self.url_file, name="url", required=True)
+        return self
+
+
+Notifier = Annotated[WebhookNotifier | PagerDutyNotifier | SlackNotifier, Field(discriminator="type")]
+
+
+class MonitorConfig(StrictModel):
+    kind: Literal["monitor"]
+    id: Name = "monitor"
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    ingest: Ingest = Field(default_factory=Ingest)
+    store: Store = Field(default_factory=Store)
+    http: Http = Field(default_factory=Http)
+    reachability: Reachability = Field(default_factory=Reachability)
+    probes: list[KnownProbe] = Field(min_length=1)
+    targets: list[MonitoredTarget] = Field(min_length=1)
+    notifiers: list[Notifier] = Field(default_factory=list)
+
+    def config_problems(self) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        for section, key, ids in (
+            ("probes", "id", [p.id for p in self.probes]),
+            ("targets", "id", [t.id for t in self.targets]),
+            ("notifiers", "name", [n.name for n in self.notifiers]),
+        ):
+            for i, value in enumerate(ids):
+                if value in ids[:i]:
+                    problems.append(((section, i, key), f"{value} appears twice"))
+        return problems

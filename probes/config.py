@@ -1,0 +1,276 @@
+"""Config models for the probe agent and the test responder.
+
+Every option here is documented, with its default, in ``config/probe.example.yaml``
+and ``config/responder.example.yaml``; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Self
+
+import phonenumbers
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
+
+from ecpm.configfile import Loc, PositiveDuration, SecretFile, StrictModel, pick_secret
+from ecpm.settings import IPAddress, Listen, MqttSettings, Name, TlsFiles, Transport
+from probes.guard import (
+    DEFAULT_DIAL_PREFIXES,
+    CarrierTestService,
+    GuardRefusal,
+    check_dial_target,
+)
+
+# The pjsua2 wheel is compiled with PJSUA_MAX_CALLS = 4 (see docs/checks.md).
+WHEEL_MAX_CALLS = 4
+
+
+def _region(value: str) -> str:
+    if value not in phonenumbers.SUPPORTED_REGIONS:
+        raise ValueError(f"'{value}' is not an ISO 3166 region code known to phonenumbers, e.g. GB")
+    return value
+
+
+Region = Annotated[str, AfterValidator(_region)]
+
+
+class SipSettings(StrictModel):
+    bind: IPAddress = "127.0.0.1"
+    port: int = Field(default=0, ge=0, lt=65536)  # 0: any free port
+    transports: list[Transport] = Field(default_factory=lambda: list[Transport](["udp", "tcp"]), min_length=1)
+    tls: TlsFiles | None = None
+    max_calls: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=WHEEL_MAX_CALLS)
+    max_call_rate: float = Field(default=20.0, gt=0, le=40.0)  # new calls per second
+    user_agent: str = "ecpm"
+    log_level: int = Field(default=1, ge=0, le=6)  # pjsip's own log, routed to logging
+
+    @model_validator(mode="after")
+    def _tls_needs_files(self) -> Self:
+        if "tls" in self.transports and self.tls is None:
+            raise ValueError("transport tls needs a tls: section (ca_file, cert_file, key_file)")
+        return self
+
+
+class GuardSettings(StrictModel):
+    # PBX access and CLI prefixes stripped before judging a number (e.g. 9, 141, *67, #31#)
+    dial_prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_DIAL_PREFIXES))
+
+
+class Location(StrictModel):
+    """Sent as a PIDF-LO body (RFC 4119/5491) when a target asks for emergency shape."""
+
+    latitude: float = Field(ge=-90, le=90)
+    longitude: float = Field(ge=-180, le=180)
+    radius_m: float = Field(default=50.0, gt=0)
+    civic: dict[str, str] = Field(default_factory=dict)  # RFC 5139 elements: country, A1, RD, HNO, PC
+
+
+class EmergencyShape(StrictModel):
+    p_asserted_identity: str | None = None  # e.g. "sip:+441632960000@probe.example;user=phone"
+    resource_priority: str | None = None  # e.g. "esnet.1"
+    location: Location | None = None  # adds Geolocation: <cid:...> and a PIDF-LO body
+    expect_location_echo: bool = True  # NENA i3 test answer must echo the location sent
+
+
+class InviteCheck(StrictModel):
+    interval: PositiveDuration = 30.0
+    first_response_timeout: PositiveDuration = 5.0  # no response at all: fail at transport
+    answer_timeout: PositiveDuration = 15.0  # ringing without answer: CANCEL, fail at answer
+    media_time: PositiveDuration = 2.0  # how long to listen for tones after answer
+    max_duration: PositiveDuration = 30.0  # hard limit for the whole call
+    tone_hz: float = Field(default=1000.0, gt=100, lt=3900)  # what we send
+    expect_tone_hz: float = Field(default=1400.0, gt=100, lt=3900)  # what the responder plays
+    expect_echo: bool = True  # our tone must come back (two-way audio)
+
+    @model_validator(mode="after")
+    def _tones_differ(self) -> Self:
+        if abs(self.tone_hz - self.expect_tone_hz) < 200:
+            raise ValueError("tone_hz and expect_tone_hz must differ by at least 200 Hz")
+        if self.max_duration < self.answer_timeout + self.media_time:
+            raise ValueError("max_duration must cover answer_timeout + media_time")
+        return self
+
+
+class OptionsCheck(StrictModel):
+    interval: PositiveDuration = 10.0
+    timeout: PositiveDuration = 5.0
+    accept: list[int] = Field(default_factory=list)  # extra status codes that pass (2xx always do)
+
+
+class Checks(StrictModel):
+    invite: InviteCheck | None = None
+    options: OptionsCheck | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> Self:
+        if self.invite is None and self.options is None:
+            raise ValueError("enable at least one check: invite or options")
+        return self
+
+
+class Auth(StrictModel):
+    username: str
+    password: SecretStr | None = None
+    password_file: SecretFile | None = None
+    realm: str = "*"
+
+    @model_validator(mode="after")
+    def _one_password(self) -> Self:
+        pick_secret(self.password, self.password_file, name="password", required=True)
+        return self
+
+    @property
+    def secret(self) -> SecretStr:
+        found = self.password if self.password is not None else self.password_file
+        assert found is not None  # checked by _one_password
+        return found
+
+
+class CarrierService(StrictModel):
+    number: str
+    region: Region
+    why: str = Field(min_length=3)  # recorded in logs and evidence: which carrier service this is
+
+
+class Target(StrictModel):
+    id: Name
+    uri: str
+    # deny by default: you must declare the target a test endpoint (validated even when absent)
+    test_endpoint: bool = Field(default=False, validate_default=True)
+    carrier_test_service: CarrierService | None = None
+    transport: Transport = "udp"
+    outbound_proxy: str | None = None  # e.g. "sip:127.0.0.1:5090;lr" (needed for urn: targets)
+    auth: Auth | None = None
+    min_spacing: PositiveDuration = 2.0  # never start two calls to this target closer than this
+    emergency: EmergencyShape | None = None
+    checks: Checks = Field(default_factory=lambda: Checks(invite=InviteCheck()))
+
+    @field_validator("test_endpoint")
+    @classmethod
+    def _declared(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("must be true: ecpm dials only targets declared as emergency test endpoints")
+        return value
+
+    @field_validator("carrier_test_service")
+    @classmethod
+    def _carrier(cls, value: CarrierService | None) -> CarrierService | None:
+        if value is not None:
+            CarrierTestService(value.number, value.region)  # raises ValueError with the reason
+        return value
+
+    def carrier(self) -> CarrierTestService | None:
+        c = self.carrier_test_service
+        return None if c is None else CarrierTestService(c.number, c.region)
+
+
+class ProbeIdentity(StrictModel):
+    id: Name
+    region: Region  # home region: numbers not in +CC form are judged against it
+    key: SecretStr | None = None  # HMAC-SHA256 key signing this probe's results
+    key_file: SecretFile | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Self:
+        pick_secret(self.key, self.key_file, name="key", required=True)
+        return self
+
+    @property
+    def secret(self) -> SecretStr:
+        found = self.key if self.key is not None else self.key_file
+        assert found is not None  # checked by _one_key
+        return found
+
+
+class OutboxSettings(StrictModel):
+    path: str = "ecpm-probe-outbox.db"  # SQLite file (WAL); relative to the working directory
+    max_results: int = Field(default=100_000, ge=100)  # beyond it: loud log + counter, no silent drop
+
+
+class ScheduleSettings(StrictModel):
+    max_concurrent_checks: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=64)
+    jitter: float = Field(default=0.1, ge=0, le=0.5)  # fraction of the interval
+    first_check_at_start: bool = True
+    confirm_failures: bool = True  # one immediate confirmation check after a failure
+    backoff_after_busy: PositiveDuration = 300.0  # after a NENA 486 test-call limit
+    check_timeout_margin: PositiveDuration = 5.0  # hard timeout = check's own limit + this
+
+
+class HealthSettings(StrictModel):
+    listen: Listen | None = None  # e.g. "127.0.0.1:9469"; off by default
+
+
+class ProbeConfig(StrictModel):
+    kind: Literal["probe"]
+    probe: ProbeIdentity
+    sip: SipSettings = Field(default_factory=SipSettings)
+    guard: GuardSettings = Field(default_factory=GuardSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    targets: list[Target] = Field(min_length=1)
+
+    def config_problems(self) -> list[tuple[Loc, str]]:
+        """Cross-field checks, located exactly: duplicate ids and the live-number guard."""
+        problems: list[tuple[Loc, str]] = []
+        seen: set[str] = set()
+        for i, target in enumerate(self.targets):
+            if target.id in seen:
+                problems.append((("targets", i, "id"), f"target id {target.id} appears twice"))
+            seen.add(target.id)
+            if target.uri.lower().startswith("urn:") and target.outbound_proxy is None:
+                problems.append((("targets", i, "outbound_proxy"), "a urn: target needs an outbound_proxy"))
+            for key, uri in (("uri", target.uri), ("outbound_proxy", target.outbound_proxy)):
+                if uri is None:
+                    continue
+                try:
+                    check_dial_target(
+                        uri,
+                        declared_test_endpoint=target.test_endpoint,
+                        home_region=self.probe.region,
+                        dial_prefixes=self.guard.dial_prefixes,
+                        carrier_test_service=target.carrier(),
+                    )
+                except GuardRefusal as refusal:
+                    problems.append(
+                        (("targets", i, key), f"refused by the live-number guard: {refusal.detail}")
+                    )
+        return problems
+
+
+# ---------------------------------------------------------------- responder
+
+Fault = Literal["none", "answer_503", "never_answer", "no_media", "one_way_media", "delayed_answer"]
+
+
+class ResponderSip(StrictModel):
+    bind: IPAddress = "127.0.0.1"
+    port: int = Field(default=5090, gt=0, lt=65536)
+    transports: list[Transport] = Field(default_factory=lambda: list[Transport](["udp", "tcp"]), min_length=1)
+    tls: TlsFiles | None = None
+    log_level: int = Field(default=1, ge=0, le=6)
+
+
+class ResponderControl(StrictModel):
+    listen: Listen | None = "127.0.0.1:8091"  # HTTP control to switch faults; None = off
+    token: SecretStr | None = None  # required in the X-ECPM-Token header when set
+    token_file: SecretFile | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Self:
+        pick_secret(self.token, self.token_file, name="token", required=False)
+        return self
+
+
+class ResponderConfig(StrictModel):
+    kind: Literal["responder"]
+    sip: ResponderSip = Field(default_factory=ResponderSip)
+    mode: Literal["echo+tone", "echo", "tone"] = "echo+tone"
+    tone_hz: float = Field(default=1400.0, gt=100, lt=3900)
+    answering_point: str = "ecpm test responder"  # name in the NENA-style 200 body
+    ring_time: PositiveDuration = 0.05  # 180 Ringing this long before 200 OK
+    answer_delay: PositiveDuration = 20.0  # ring time used by the delayed_answer fault
+    max_calls: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=WHEEL_MAX_CALLS)  # 486 above it
+    max_call_duration: PositiveDuration = 60.0  # BYE after this
+    fault: Fault = "none"  # initial fault mode; switch at run time via control
+    control: ResponderControl = Field(default_factory=ResponderControl)
