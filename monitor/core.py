@@ -1,0 +1,272 @@
+"""The monitor's core: ingest a message, keep state, open and resolve incidents.
+
+No network here: the MQTT loop (``monitor.service``) hands in topics and payloads,
+commits the store per batch, then acknowledges the messages. Every message is
+checked — size, JSON, schema, fields (``probes.result.parse_result``), known probe,
+topic matches payload, known target, signature — and a bad one is rejected with a
+bounded reason, counted and logged, never stored and never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import CollectorRegistry
+
+from monitor.config import MonitorConfig
+from monitor.metrics import MonitorMetrics
+from monitor.model import Incident, ProbeView, ResultSummary, Snapshot, TargetStateName, TargetView
+from monitor.state import TargetTracker
+from monitor.store import ProbeStatus, SqliteStore, summarize
+from probes.result import ResultError, parse_result, verify
+
+logger = logging.getLogger(__name__)
+
+TIMELINE = timedelta(hours=24)
+Pager = Callable[[Incident, str], None]  # (incident, "trigger" | "resolve")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class MonitorCore:
+    def __init__(
+        self,
+        config: MonitorConfig,
+        store: SqliteStore,
+        registry: CollectorRegistry,
+        *,
+        pager: Pager | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.pager: Pager = pager if pager is not None else (lambda incident, event: None)
+        self.clock = clock
+        prefix = config.mqtt.topic_prefix
+        self._results_prefix = f"{prefix}/results/"
+        self._status_prefix = f"{prefix}/status/"
+        self._keys = {p.id: p.secret.get_secret_value().encode() for p in config.probes}
+        self.trackers = {t.id: TargetTracker(t, config.reachability) for t in config.targets}
+        self._states: dict[str, tuple[TargetStateName, datetime, str]] = {}
+        self._probe_status = {s.probe: s for s in store.probe_statuses()}
+        self._last_result_at: dict[str, datetime] = {}
+        self._snapshot = Snapshot(at=clock(), targets={}, probes={}, open_incidents=(), timeline=())
+        self.metrics = MonitorMetrics(
+            registry,
+            targets=[t.id for t in config.targets],
+            probes=[p.id for p in config.probes],
+            notifiers=[n.name for n in config.notifiers],
+            snapshot=lambda: self._snapshot,
+        )
+        self._restore()
+
+    # ------------------------------------------------------------ restart
+
+    def _restore(self) -> None:
+        """Rebuild in-memory state from the store: a restart changes nothing visible."""
+        now = self.clock()
+        longest = max(t.window for t in self.trackers.values())
+        for r in self.store.results_between(now - max(longest, TIMELINE), now + timedelta(days=1)):
+            tracker = self.trackers.get(r.target)
+            if tracker is not None:
+                tracker.add(r)
+            self._last_result_at[r.probe] = max(
+                r.finished_at, self._last_result_at.get(r.probe, r.finished_at)
+            )
+        for target, (state, since) in self.store.latest_states().items():
+            if target in self.trackers:
+                self._states[target] = (state, since, "restored after restart")
+        self.evaluate(now)
+
+    # ------------------------------------------------------------ ingest
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def handle(self, topic: str, payload: bytes) -> str | None:
+        """Take one MQTT message; return the rejection reason, or None when accepted."""
+        if topic.startswith(self._results_prefix):
+            return self._result(topic, payload)
+        if topic.startswith(self._status_prefix):
+            return self._status(topic, payload)
+        return self._reject("topic_mismatch", topic, "not a results or status topic")
+
+    def _reject(self, reason: str, topic: str, detail: str) -> str:
+        self.metrics.rejected.labels(reason).inc()
+        logger.warning("rejected message on %s: %s (%s)", topic, reason, detail)
+        return reason
+
+    def _result(self, topic: str, payload: bytes) -> str | None:
+        if len(payload) > self.config.ingest.max_payload_bytes:
+            return self._reject("too_large", topic, f"{len(payload)} bytes")
+        try:
+            result = parse_result(payload)
+        except ResultError as exc:
+            return self._reject(exc.reason, topic, str(exc))
+        key = self._keys.get(result.probe)
+        if key is None:
+            return self._reject("unknown_probe", topic, f"probe {result.probe} is not configured")
+        if topic != f"{self._results_prefix}{result.probe}/{result.target}":
+            return self._reject("topic_mismatch", topic, f"payload says {result.probe}/{result.target}")
+        if not verify(result, key):
+            return self._reject("signature", topic, f"bad signature from {result.probe} seq {result.seq}")
+        tracker = self.trackers.get(result.target)
+        if tracker is None:
+            return self._reject("unknown_target", topic, f"target {result.target} is not configured")
+        now = self.clock()
+        if not self.store.add_result(result, now):
+            self.metrics.duplicates.inc()
+            logger.debug("duplicate result %s from %s", result.id, result.probe)
+            return None
+        last = self.store.last_seq(result.probe)
+        if last is not None and result.seq > last + 1:
+            missing = result.seq - last - 1
+            self.store.record_gap(result.probe, last, result.seq, now)
+            self.metrics.missing.labels(result.probe).inc(missing)
+            logger.warning(
+                "%d result(s) missing from %s: seq %d..%d", missing, result.probe, last + 1, result.seq - 1
+            )
+        if last is None or result.seq > last:
+            self.store.set_last_seq(result.probe, result.seq)
+        self.metrics.observe(result)
+        tracker.add(summarize(result))
+        self._last_result_at[result.probe] = max(
+            result.finished_at, self._last_result_at.get(result.probe, result.finished_at)
+        )
+        return None
+
+    def _status(self, topic: str, payload: bytes) -> str | None:
+        probe = topic[len(self._status_prefix) :]
+        if probe not in self._keys:
+            return self._reject("unknown_probe", topic, f"status of unconfigured probe {probe}")
+        try:
+            data = json.loads(payload)
+            online = data["online"]
+            if not isinstance(online, bool):
+                raise TypeError("online is not a boolean")
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._reject("json", topic, f"bad status payload: {exc}")
+        targets = data.get("targets") if isinstance(data.get("targets"), list) else []
+        version = data.get("version") if isinstance(data.get("version"), str) else None
+        status = ProbeStatus(probe, online, self.clock(), version, tuple(str(t) for t in targets))
+        self._probe_status[probe] = status
+        self.store.set_probe_status(status)
+        logger.info("probe %s is %s", probe, "online" if online else "OFFLINE")
+        return None
+
+    # ------------------------------------------------------------ state and incidents
+
+    def evaluate(self, now: datetime | None = None) -> Snapshot:
+        """Recompute every target's state; record changes; open/resolve incidents; new snapshot."""
+        now = now or self.clock()
+        rules = self.config.reachability
+        open_by_key = {(i.target, i.kind): i for i in self.store.open_incidents()}
+        views: dict[str, TargetView] = {}
+        for target_id, tracker in self.trackers.items():
+            verdict = tracker.evaluate(now)
+            previous = self._states.get(target_id)
+            if previous is None or previous[0] != verdict.state:
+                self.store.add_state_change(target_id, verdict.state, now, verdict.why)
+                self.store.commit()
+                if previous is not None:
+                    logger.info("target %s: %s → %s (%s)", target_id, previous[0], verdict.state, verdict.why)
+                self._states[target_id] = (verdict.state, now, verdict.why)
+            state, since, _ = self._states[target_id]
+            self._states[target_id] = (state, since, verdict.why)
+            # incidents: down opens one; leaving down (up or degraded) resolves it
+            down = open_by_key.get((target_id, "down"))
+            if verdict.state == "down" and down is None:
+                last_good, first_failed = tracker.failure_run()
+                opened = self.store.open_incident(
+                    target=target_id,
+                    kind="down",
+                    at=now,
+                    last_good=last_good,
+                    first_failed=first_failed,
+                    summary=verdict.why,
+                )
+                if opened is not None:
+                    open_by_key[(target_id, "down")] = opened
+                    logger.error("INCIDENT %d opened: %s down: %s", opened.id, target_id, verdict.why)
+                    self.pager(opened, "trigger")
+            elif verdict.state in ("up", "degraded") and down is not None:
+                self._resolve(down, now)
+                del open_by_key[(target_id, "down")]
+            # a monitoring gap longer than gap_incident_after opens a gap incident
+            gap = open_by_key.get((target_id, "gap"))
+            in_gap_for = (now - since).total_seconds() if state == "unknown" else 0.0
+            if state == "unknown" and in_gap_for >= rules.gap_incident_after and gap is None:
+                last_good = tracker.last_success()
+                opened = self.store.open_incident(
+                    target=target_id,
+                    kind="gap",
+                    at=now,
+                    last_good=last_good,
+                    first_failed=None,
+                    summary=verdict.why,
+                )
+                if opened is not None:
+                    open_by_key[(target_id, "gap")] = opened
+                    logger.error(
+                        "INCIDENT %d opened: monitoring gap for %s: %s", opened.id, target_id, verdict.why
+                    )
+                    self.pager(opened, "trigger")
+            elif state != "unknown" and gap is not None:
+                self._resolve(gap, now)
+                del open_by_key[(target_id, "gap")]
+            last_ok = tracker.last_success()
+            latest: dict[tuple[str, str], ResultSummary] = {}
+            for r in tracker.recent():
+                latest.setdefault((r.probe, r.check), r)
+            current = open_by_key.get((target_id, "down")) or open_by_key.get((target_id, "gap"))
+            views[target_id] = TargetView(
+                id=target_id,
+                description=tracker.target.description,
+                interval=tracker.target.interval,
+                state=state,
+                since=since,
+                why=verdict.why,
+                last_success_at=None if last_ok is None else last_ok.finished_at,
+                covering_probes=verdict.covering_probes,
+                latest=tuple(latest.values()),
+                open_incident=None if current is None else current.id,
+            )
+        self._snapshot = Snapshot(
+            at=now,
+            targets=views,
+            probes=self._probe_views(now),
+            open_incidents=tuple(sorted(open_by_key.values(), key=lambda i: i.id)),
+            timeline=tuple(self.store.state_changes(now - TIMELINE)),
+        )
+        return self._snapshot
+
+    def _resolve(self, incident: Incident, now: datetime) -> None:
+        self.store.resolve_incident(incident.id, now)
+        resolved = replace(incident, resolved_at=now)
+        logger.info("INCIDENT %d resolved: %s %s", incident.id, incident.target, incident.kind)
+        self.pager(resolved, "resolve")
+
+    def _probe_views(self, now: datetime) -> dict[str, ProbeView]:
+        stale = timedelta(seconds=self.config.reachability.probe_stale_after)
+        views = {}
+        for probe in self.config.probes:
+            status = self._probe_status.get(probe.id)
+            last = self._last_result_at.get(probe.id)
+            reporting = last is not None and now - last <= stale
+            online = None if status is None else status.online
+            views[probe.id] = ProbeView(
+                id=probe.id,
+                online=online,
+                status_at=None if status is None else status.at,
+                last_result_at=last,
+                up=bool(online) and reporting,
+                version=None if status is None else status.version,
+                targets=() if status is None else status.targets,
+            )
+        return views

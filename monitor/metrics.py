@@ -1,0 +1,169 @@
+"""The monitor's Prometheus metrics (names as in DESIGN.md, "Prometheus contract").
+
+State that is "latest per target/probe" comes from a custom collector over the
+current immutable ``Snapshot``; event counts and stage timings are ordinary
+counters and histograms. Everything lives in the registry the caller passes in
+(never the global one), and every configured target and probe has its series
+from the start, so a dashboard or alert never waits for a first failure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from monitor.model import TARGET_STATES, Snapshot
+from probes.outcome import STAGES
+from probes.result import REJECT_REASONS, Result
+
+NAMESPACE = "ecpm"
+CHECKS = ("invite", "options")
+OUTCOMES = ("pass", "fail", "inconclusive")
+# SIP stages span a loopback INVITE (~1 ms) to timer B (32 s)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30)
+# ingest rejections beyond the result parser's own reasons
+MONITOR_REJECT_REASONS = ("unknown_probe", "unknown_target", "topic_mismatch")
+NOTIFY_OUTCOMES = ("sent", "retry", "failed")
+
+
+class StateCollector(Collector):
+    """Gauges read from the current snapshot at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        snap = self._snapshot()
+        up = GaugeMetricFamily(
+            f"{NAMESPACE}_target_up", "1 reachable, 0 down (confirmed), NaN unknown", labels=["target"]
+        )
+        state = GaugeMetricFamily(
+            f"{NAMESPACE}_target_state", "Reachability state of a target, one-hot", labels=["target", "state"]
+        )
+        last_ok = GaugeMetricFamily(
+            f"{NAMESPACE}_last_success_timestamp_seconds",
+            "Unix time of the target's last passing call",
+            labels=["target"],
+        )
+        incidents = GaugeMetricFamily(
+            f"{NAMESPACE}_incidents_open", "Open incidents for a target", labels=["target"]
+        )
+        mos = GaugeMetricFamily(
+            f"{NAMESPACE}_media_mos", "E-model MOS estimate of the latest call", labels=["target", "probe"]
+        )
+        probe_up = GaugeMetricFamily(
+            f"{NAMESPACE}_probe_up", "1 when the probe is online and reporting on time", labels=["probe"]
+        )
+        open_by_target: dict[str, int] = {}
+        for incident in snap.open_incidents:
+            open_by_target[incident.target] = open_by_target.get(incident.target, 0) + 1
+        for view in snap.targets.values():
+            value = {"up": 1.0, "degraded": 1.0, "down": 0.0}.get(view.state, math.nan)
+            up.add_metric([view.id], value)
+            for name in TARGET_STATES:
+                state.add_metric([view.id, name], 1.0 if view.state == name else 0.0)
+            if view.last_success_at is not None:
+                last_ok.add_metric([view.id], view.last_success_at.timestamp())
+            incidents.add_metric([view.id], float(open_by_target.get(view.id, 0)))
+            seen: set[str] = set()
+            for r in view.latest:
+                if r.check == "invite" and r.probe not in seen and r.mos is not None:
+                    seen.add(r.probe)
+                    mos.add_metric([view.id, r.probe], r.mos)
+        for probe in snap.probes.values():
+            probe_up.add_metric([probe.id], 1.0 if probe.up else 0.0)
+        yield from (up, state, last_ok, incidents, mos, probe_up)
+
+
+class MonitorMetrics:
+    """Counters and histograms the ingest path updates, plus the snapshot collector."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        targets: Sequence[str],
+        probes: Sequence[str],
+        notifiers: Sequence[str],
+        snapshot: Callable[[], Snapshot],
+    ) -> None:
+        self.checks = Counter(
+            "checks",
+            "Results received, by outcome",
+            ["target", "probe", "check", "outcome"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.failures = Counter(
+            "check_failures",
+            "Failed checks by the stage that failed",
+            ["target", "probe", "check", "stage"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "check_stage_seconds",
+            "Time spent in each stage of a check (post-dial delay: stage=ringing)",
+            ["target", "check", "stage"],
+            namespace=NAMESPACE,
+            registry=registry,
+            buckets=STAGE_BUCKETS,
+        )
+        self.rejected = Counter(
+            "results_rejected",
+            "Messages refused by ingest, by reason",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.missing = Counter(
+            "results_missing",
+            "Results never received: gaps in a probe's sequence numbers",
+            ["probe"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "results_duplicate",
+            "Results received again (QoS 1 redelivery), stored once",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.notifications = Counter(
+            "notifications",
+            "Pages sent by the monitor's own notifiers",
+            ["notifier", "outcome"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        registry.register(StateCollector(snapshot))
+        for reason in (*REJECT_REASONS, *MONITOR_REJECT_REASONS):
+            self.rejected.labels(reason)
+        for probe in probes:
+            self.missing.labels(probe)
+            for target in targets:
+                for check in CHECKS:
+                    for outcome in OUTCOMES:
+                        self.checks.labels(target, probe, check, outcome)
+                    for stage in STAGES:
+                        self.failures.labels(target, probe, check, stage)
+        for target in targets:
+            for check in CHECKS:
+                for stage in STAGES:
+                    self.stage_seconds.labels(target, check, stage)
+        for notifier in notifiers:
+            for outcome in NOTIFY_OUTCOMES:
+                self.notifications.labels(notifier, outcome)
+
+    def observe(self, result: Result) -> None:
+        self.checks.labels(result.target, result.probe, result.check, result.outcome).inc()
+        if result.outcome == "fail":
+            stage = result.stage if result.stage in STAGES else "other"  # bounded labels
+            self.failures.labels(result.target, result.probe, result.check, stage).inc()
+        for stage, seconds in result.timings.items():
+            if stage in STAGES:  # bounded labels: a stage name from the wire is not trusted blindly
+                self.stage_seconds.labels(result.target, result.check, stage).observe(seconds)

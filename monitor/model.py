@@ -1,0 +1,115 @@
+"""The monitor's view of the world, as immutable values.
+
+The ingest loop is the only writer: after each batch of results (and on every
+tick) it builds a new ``Snapshot`` and swaps it in. Readers — the metrics
+collector, the HTTP API, the status page — take whatever snapshot is current and
+never see a half-updated state (client_python's custom-collector habit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+TargetStateName = Literal["up", "degraded", "down", "unknown"]
+TARGET_STATES: tuple[TargetStateName, ...] = ("up", "degraded", "down", "unknown")
+IncidentKind = Literal["down", "gap"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultSummary:
+    """What the monitor keeps in memory of one stored result."""
+
+    id: str
+    probe: str
+    target: str
+    check: str
+    seq: int
+    started_at: datetime
+    finished_at: datetime
+    outcome: Literal["pass", "fail", "inconclusive"]
+    stage: str | None
+    reason: str | None
+    sip_status: int | None
+    sip_reason: str | None
+    post_dial_delay: float | None  # timings["ringing"], seconds
+    mos: float | None
+    confirm: bool
+    request_id: str | None
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class TargetView:
+    id: str
+    description: str
+    interval: float  # seconds
+    state: TargetStateName
+    since: datetime | None  # when it entered this state
+    why: str  # one line: what made it this state
+    last_success_at: datetime | None
+    covering_probes: tuple[str, ...]  # probes with a fresh result for this target
+    latest: tuple[ResultSummary, ...]  # latest result per (probe, check), newest first
+    open_incident: int | None  # id of the open incident, if any
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeView:
+    id: str
+    online: bool | None  # from the retained status topic; None: never heard of
+    status_at: datetime | None
+    last_result_at: datetime | None
+    up: bool  # online and reporting on time
+    version: str | None
+    targets: tuple[str, ...]  # as the probe announced them
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    notifier: str
+    event: Literal["trigger", "resolve"]
+    state: Literal["pending", "sent", "failed"]
+    attempts: int
+    created_at: datetime
+    sent_at: datetime | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    id: int
+    target: str
+    kind: IncidentKind
+    opened_at: datetime  # = detected_at: when the monitor confirmed it
+    resolved_at: datetime | None
+    last_good_id: str | None
+    last_good_at: datetime | None
+    first_failed_id: str | None
+    first_failed_at: datetime | None
+    summary: str
+    notifications: tuple[Notification, ...] = ()
+
+    @property
+    def detection_latency(self) -> float | None:
+        """Seconds from the first failed call to detection (None for gaps)."""
+        if self.first_failed_at is None:
+            return None
+        return (self.opened_at - self.first_failed_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    target: str
+    state: TargetStateName
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    at: datetime
+    targets: Mapping[str, TargetView]
+    probes: Mapping[str, ProbeView]
+    open_incidents: tuple[Incident, ...]
+    timeline: tuple[StateChange, ...]  # state changes of the last 24 h, oldest first

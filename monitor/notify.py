@@ -1,0 +1,192 @@
+"""The monitor's own pages, independent of Alertmanager: webhook, PagerDuty Events v2, Slack.
+
+A page is first written to the store's ``notifications`` table (one row per
+incident, notifier and event — trigger or resolve), then delivered by
+``Dispatcher.run``: explicit timeouts, retries with exponential backoff for
+network errors, 429 and 5xx, no retry for other 4xx (the request itself is wrong).
+A restart resumes from the table, so no page is lost; the row's uniqueness means
+none is sent twice for the same incident event. The stored row holds the neutral
+event; the notifier-specific body, with its secrets, is built only at send time.
+
+    httpx.HTTPError (network, timeout)  ─┐
+    HTTP 429 / 5xx                       ─┼─▶ retry (attempts ≤ retries), else failed
+    other HTTP 4xx                       ─┴─▶ failed at once
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from monitor.config import Notifier, PagerDutyNotifier, SlackNotifier, WebhookNotifier
+from monitor.metrics import MonitorMetrics
+from monitor.model import Incident
+from monitor.store import QueuedNotification, Store
+from probes.result import format_time
+
+logger = logging.getLogger(__name__)
+
+
+def incident_event(incident: Incident, event: str, *, monitor: str, status_url: str | None) -> dict[str, Any]:
+    """The neutral, secret-free record of one page, as stored and as sent by the webhook."""
+    latency = incident.detection_latency
+    return {
+        "event": event,
+        "dedup_key": f"ecpm-{monitor}-incident-{incident.id}",
+        "monitor": monitor,
+        "status_url": status_url,
+        "incident": {
+            "id": incident.id,
+            "target": incident.target,
+            "kind": incident.kind,
+            "summary": incident.summary,
+            "opened_at": format_time(incident.opened_at),
+            "resolved_at": None if incident.resolved_at is None else format_time(incident.resolved_at),
+            "last_good_at": None if incident.last_good_at is None else format_time(incident.last_good_at),
+            "first_failed_at": (
+                None if incident.first_failed_at is None else format_time(incident.first_failed_at)
+            ),
+            "detection_latency_seconds": latency,
+        },
+    }
+
+
+def _title(event: dict[str, Any]) -> str:
+    inc = event["incident"]
+    what = "emergency path DOWN" if inc["kind"] == "down" else "monitoring GAP (no fresh results)"
+    if event["event"] == "resolve":
+        return f"RESOLVED: {inc['target']} {what}"
+    return f"{inc['target']}: {what} — {inc['summary']}"
+
+
+def build_request(notifier: Notifier, event: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(url, JSON body) for one notifier; secrets are read here, never stored."""
+    if isinstance(notifier, WebhookNotifier):
+        return notifier.url, event
+    if isinstance(notifier, PagerDutyNotifier):
+        key = notifier.routing_key or notifier.routing_key_file
+        assert key is not None  # checked at config load
+        body: dict[str, Any] = {
+            "routing_key": key.get_secret_value(),
+            "event_action": event["event"],
+            "dedup_key": event["dedup_key"],
+        }
+        if event["event"] == "trigger":
+            inc = event["incident"]
+            body["payload"] = {
+                "summary": _title(event)[:1024],
+                "source": f"ecpm monitor {event['monitor']}",
+                "severity": "critical",
+                "component": inc["target"],
+                "group": "emergency-call-path",
+                "class": inc["kind"],
+                "custom_details": inc,
+            }
+            if event.get("status_url"):
+                body["links"] = [{"href": event["status_url"], "text": "ecpm status page"}]
+        return notifier.url, body
+    if isinstance(notifier, SlackNotifier):
+        url = notifier.url or notifier.url_file
+        assert url is not None  # checked at config load
+        icon = ":white_check_mark:" if event["event"] == "resolve" else ":rotating_light:"
+        text = f"{icon} {_title(event)}"
+        if event.get("status_url"):
+            text += f" <{event['status_url']}|status page>"
+        return url.get_secret_value(), {"text": text}
+    raise TypeError(f"unknown notifier {notifier!r}")
+
+
+class Dispatcher:
+    """Queues pages in the store and delivers them; one instance per monitor."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        notifiers: Sequence[Notifier],
+        metrics: MonitorMetrics,
+        monitor: str,
+        status_url: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._notifiers = {n.name: n for n in notifiers}
+        self._metrics = metrics
+        self._monitor = monitor
+        self._status_url = status_url
+        self._transport = transport
+        self._clock = clock
+        self._wake = asyncio.Event()
+
+    def page(self, incident: Incident, event: str) -> None:
+        """Queue a trigger or resolve for every notifier (idempotent per incident and event)."""
+        now = self._clock()
+        payload = incident_event(incident, event, monitor=self._monitor, status_url=self._status_url)
+        for name in self._notifiers:
+            self._store.enqueue_notification(incident.id, name, event, payload, now)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver due pages until cancelled."""
+        async with httpx.AsyncClient(transport=self._transport) as client:
+            while True:
+                for item in self._store.due_notifications(self._clock()):
+                    await self._deliver(client, item)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._sleep_for())
+
+    def _sleep_for(self) -> float:
+        nxt = self._store.next_notification_at()
+        if nxt is None:
+            return 5.0
+        return min(5.0, max(0.05, (nxt - self._clock()).total_seconds()))
+
+    async def _deliver(self, client: httpx.AsyncClient, item: QueuedNotification) -> None:
+        notifier = self._notifiers.get(item.notifier)
+        now = self._clock()
+        attempts = item.attempts + 1
+        if notifier is None:  # removed from config since it was queued
+            self._store.mark_notification(
+                item.id, state="failed", attempts=attempts, at=now, error="notifier no longer configured"
+            )
+            return
+        url, body = build_request(notifier, item.payload)
+        retry, error = False, None
+        try:
+            response = await client.post(url, json=body, timeout=notifier.timeout)
+        except httpx.HTTPError as exc:
+            retry, error = True, f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            if response.is_success:
+                self._store.mark_notification(item.id, state="sent", attempts=attempts, at=self._clock())
+                self._metrics.notifications.labels(item.notifier, "sent").inc()
+                logger.info("page %s %s sent via %s", item.event, item.payload["dedup_key"], item.notifier)
+                return
+            retry = response.status_code == 429 or response.status_code >= 500
+            error = f"HTTP {response.status_code}: {response.text[:200]}"
+        if retry and attempts <= notifier.retries:
+            delay = notifier.backoff * 2 ** (attempts - 1)
+            self._store.mark_notification(
+                item.id,
+                state="pending",
+                attempts=attempts,
+                at=now,
+                next_attempt_at=now + timedelta(seconds=delay),
+                error=error,
+            )
+            self._metrics.notifications.labels(item.notifier, "retry").inc()
+            logger.warning(
+                "page via %s failed (%s); retry %d in %.1fs", item.notifier, error, attempts, delay
+            )
+            return
+        self._store.mark_notification(item.id, state="failed", attempts=attempts, at=now, error=error)
+        self._metrics.notifications.labels(item.notifier, "failed").inc()
+        logger.error("page via %s failed for good after %d attempts: %s", item.notifier, attempts, error)

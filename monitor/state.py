@@ -1,0 +1,148 @@
+"""Reachability: from a target's recent results to ``up`` / ``degraded`` / ``down`` / ``unknown``.
+
+Pure logic, no I/O: the service feeds results and asks for a verdict at a time.
+
+- ``down`` needs confirmation: the latest K decisive results (pass or fail; an
+  inconclusive NENA 486 is neither) all failed, **and** at least M probes have a
+  failure as their latest decisive result, where M is ``min_failing_probes`` capped at
+  the number of probes covering the target (with fresh results). One flaky probe
+  never makes a target down when another probe gets through.
+- ``unknown``: no fresh result within ``stale_after × interval`` — a monitoring gap.
+- ``degraded``: not down, but something is wrong: some probe's latest call failed,
+  the latest results are inconclusive, or a pass had poor media or slow post-dial delay.
+- ``up``: otherwise.
+
+The ``invite`` check decides; ``options`` results count only when a target has no
+fresh invite results (a target monitored by OPTIONS alone), and a failing OPTIONS
+ping makes an otherwise-up target degraded.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from ecpm.configfile import format_duration
+from monitor.config import MonitoredTarget, Reachability
+from monitor.model import ResultSummary, TargetStateName
+
+# How many recent results a tracker keeps per target (enough for K and every probe).
+MAX_KEPT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    state: TargetStateName
+    why: str
+    covering_probes: tuple[str, ...]
+
+
+def _latest_by_probe(results: Iterable[ResultSummary]) -> dict[str, ResultSummary]:
+    latest: dict[str, ResultSummary] = {}
+    for r in results:  # newest first
+        latest.setdefault(r.probe, r)
+    return latest
+
+
+class TargetTracker:
+    """Recent results of one target, and the verdict they support."""
+
+    def __init__(self, target: MonitoredTarget, rules: Reachability) -> None:
+        self.target = target
+        self.rules = rules
+        self._results: deque[ResultSummary] = deque(maxlen=MAX_KEPT)  # oldest ... newest
+
+    @property
+    def window(self) -> timedelta:
+        return timedelta(seconds=self.rules.stale_after * self.target.interval)
+
+    def add(self, result: ResultSummary) -> None:
+        # results arrive nearly in order; keep the deque sorted by finish time
+        if not self._results or result.finished_at >= self._results[-1].finished_at:
+            self._results.append(result)
+            return
+        items = sorted([*self._results, result], key=lambda r: r.finished_at)
+        self._results = deque(items[-MAX_KEPT:], maxlen=MAX_KEPT)
+
+    def recent(self) -> list[ResultSummary]:
+        """Newest first."""
+        return list(reversed(self._results))
+
+    def last_success(self) -> ResultSummary | None:
+        return next((r for r in self._deciding(self.recent()) if r.outcome == "pass"), None)
+
+    def failure_run(self) -> tuple[ResultSummary | None, ResultSummary | None]:
+        """(last good, first failed) around the current run of failures of the deciding check."""
+        deciding = self._deciding(self.recent())
+        first_failed = None
+        for r in deciding:
+            if r.outcome == "pass":
+                return r, first_failed
+            if r.outcome == "fail":
+                first_failed = r
+        return None, first_failed
+
+    def _deciding(self, newest_first: list[ResultSummary]) -> list[ResultSummary]:
+        invites = [r for r in newest_first if r.check == "invite"]
+        return invites or newest_first
+
+    def evaluate(self, now: datetime) -> Verdict:
+        rules = self.rules
+        fresh = [r for r in self.recent() if r.finished_at >= now - self.window]
+        if not fresh:
+            last = self._results[-1].finished_at if self._results else None
+            age = "never" if last is None else f"{format_duration((now - last).total_seconds())} ago"
+            return Verdict(
+                "unknown",
+                f"no fresh result within {format_duration(self.window.total_seconds())} (last: {age})",
+                (),
+            )
+        covering = tuple(sorted({r.probe for r in fresh}))
+        deciding = self._deciding(fresh)
+        decisive = [r for r in deciding if r.outcome != "inconclusive"]
+        latest = _latest_by_probe(decisive)
+        failing_probes = sorted(p for p, r in latest.items() if r.outcome == "fail")
+        needed = min(rules.min_failing_probes, len(covering))
+        window = decisive[: rules.confirm_results]
+        if (
+            len(window) == rules.confirm_results
+            and all(r.outcome == "fail" for r in window)
+            and len(failing_probes) >= needed
+        ):
+            r = window[0]
+            status = f" {r.sip_status}" if r.sip_status else ""
+            return Verdict(
+                "down",
+                f"last {len(window)} calls failed at {r.stage or '?'}{status}"
+                f" from {len(failing_probes)} of {len(covering)} probes",
+                covering,
+            )
+        if failing_probes:
+            return Verdict(
+                "degraded",
+                f"failing from {', '.join(failing_probes)} ({len(failing_probes)} of {len(covering)} probes)",
+                covering,
+            )
+        if deciding[0].outcome == "inconclusive":
+            return Verdict("degraded", "latest call inconclusive (test-call limit or similar)", covering)
+        if not decisive:
+            return Verdict("degraded", "only inconclusive results", covering)
+        for probe, r in sorted(latest.items()):
+            if r.post_dial_delay is not None and r.post_dial_delay > rules.degraded_post_dial_delay:
+                return Verdict(
+                    "degraded", f"slow post-dial delay {r.post_dial_delay:.2f}s from {probe}", covering
+                )
+            if r.mos is not None and r.mos < rules.degraded_mos:
+                return Verdict("degraded", f"poor audio: MOS {r.mos:.2f} from {probe}", covering)
+        options_failing = sorted(
+            p
+            for p, r in _latest_by_probe(x for x in fresh if x.check == "options").items()
+            if r.outcome == "fail"
+        )
+        if any(r.check == "invite" for r in fresh) and options_failing:
+            return Verdict("degraded", f"OPTIONS failing from {', '.join(options_failing)}", covering)
+        return Verdict(
+            "up", f"calls pass from {len(covering)} probe{'s' if len(covering) != 1 else ''}", covering
+        )

@@ -1,0 +1,548 @@
+"""The monitor's store: append-only results with a hash chain, incidents, pages, state.
+
+One interface (``Store``), one implementation here (``SqliteStore``); PostgreSQL can
+follow behind the same methods. Every row of ``results`` carries
+``hash = sha256(prev_hash || "\\n" || payload)`` where ``payload`` is the result's
+canonical signed JSON, so altering, removing or reordering any stored result
+breaks the chain from that row on (``ecpm ledger verify``). Pruning old rows keeps
+the hash of the last pruned row as the chain's anchor.
+
+SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction
+survives the process being killed (the monitor acknowledges MQTT messages only after
+the commit), though not necessarily a power cut before the next checkpoint.
+Writes are batched: callers add many rows and ``commit()`` once per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from monitor.model import Incident, IncidentKind, Notification, ResultSummary, StateChange, TargetStateName
+from probes.result import Result, format_time, parse_result, parse_time
+
+GENESIS = "0" * 64
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    row INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    probe TEXT NOT NULL,
+    target TEXT NOT NULL,
+    check_kind TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    confirm INTEGER NOT NULL,
+    request_id TEXT,
+    received_at TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_target_time ON results (target, finished_at);
+CREATE INDEX IF NOT EXISTS results_request ON results (request_id) WHERE request_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS probe_seq (probe TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seq_gaps (
+    probe TEXT NOT NULL, after_seq INTEGER NOT NULL, next_seq INTEGER NOT NULL,
+    missing INTEGER NOT NULL, detected_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS incidents (
+    id INTEGER PRIMARY KEY,
+    target TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    opened_at TEXT NOT NULL,
+    resolved_at TEXT,
+    last_good_id TEXT, last_good_at TEXT,
+    first_failed_id TEXT, first_failed_at TEXT,
+    summary TEXT NOT NULL
+);
+-- a restart can never open a second incident for the same trouble
+CREATE UNIQUE INDEX IF NOT EXISTS incidents_one_open ON incidents (target, kind) WHERE resolved_at IS NULL;
+CREATE TABLE IF NOT EXISTS notifications (
+    id INTEGER PRIMARY KEY,
+    incident_id INTEGER NOT NULL REFERENCES incidents (id),
+    notifier TEXT NOT NULL,
+    event TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    sent_at TEXT,
+    last_error TEXT,
+    UNIQUE (incident_id, notifier, event)
+);
+CREATE TABLE IF NOT EXISTS state_changes (
+    row INTEGER PRIMARY KEY, target TEXT NOT NULL, state TEXT NOT NULL, at TEXT NOT NULL, why TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS state_changes_target ON state_changes (target, at);
+CREATE TABLE IF NOT EXISTS probe_status (
+    probe TEXT PRIMARY KEY, online INTEGER NOT NULL, at TEXT NOT NULL, version TEXT, targets TEXT NOT NULL
+);
+"""
+
+
+def chain_hash(prev_hash: str, payload: str) -> str:
+    return hashlib.sha256(f"{prev_hash}\n{payload}".encode()).hexdigest()
+
+
+def summarize(result: Result) -> ResultSummary:
+    return ResultSummary(
+        id=result.id,
+        probe=result.probe,
+        target=result.target,
+        check=result.check,
+        seq=result.seq,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        outcome=result.outcome,
+        stage=result.stage,
+        reason=result.reason,
+        sip_status=result.sip_status,
+        sip_reason=result.sip_reason,
+        post_dial_delay=result.timings.get("ringing"),
+        mos=None if result.media is None else result.media.mos,
+        confirm=result.confirm,
+        request_id=result.request_id,
+        version=result.version,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    ok: bool
+    rows: int  # rows checked
+    first_broken_row: int | None
+    first_broken_id: str | None
+    problem: str | None
+    last_hash: str  # hash of the last row (the anchor when empty)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedNotification:
+    id: int
+    incident_id: int
+    notifier: str
+    event: Literal["trigger", "resolve"]
+    payload: dict[str, Any]
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeStatus:
+    probe: str
+    online: bool
+    at: datetime
+    version: str | None
+    targets: tuple[str, ...]
+
+
+class Store(Protocol):
+    """What the monitor needs from storage; SQLite here, PostgreSQL can follow."""
+
+    def add_result(self, result: Result, received_at: datetime) -> bool: ...
+    def last_seq(self, probe: str) -> int | None: ...
+    def set_last_seq(self, probe: str, seq: int) -> None: ...
+    def record_gap(self, probe: str, after_seq: int, next_seq: int, at: datetime) -> None: ...
+    def commit(self) -> None: ...
+    def results_between(
+        self, start: datetime, end: datetime, target: str | None = None
+    ) -> list[ResultSummary]: ...
+    def result_by_request(self, request_id: str) -> list[ResultSummary]: ...
+    def open_incident(
+        self,
+        *,
+        target: str,
+        kind: IncidentKind,
+        at: datetime,
+        last_good: ResultSummary | None,
+        first_failed: ResultSummary | None,
+        summary: str,
+    ) -> Incident | None: ...
+    def resolve_incident(self, incident_id: int, at: datetime) -> None: ...
+    def open_incidents(self) -> list[Incident]: ...
+    def incidents(self, limit: int = 100) -> list[Incident]: ...
+    def incidents_between(self, start: datetime, end: datetime) -> list[Incident]: ...
+    def enqueue_notification(
+        self, incident_id: int, notifier: str, event: str, payload: dict[str, Any], at: datetime
+    ) -> bool: ...
+    def due_notifications(self, now: datetime) -> list[QueuedNotification]: ...
+    def next_notification_at(self) -> datetime | None: ...
+    def mark_notification(
+        self,
+        notification_id: int,
+        *,
+        state: Literal["pending", "sent", "failed"],
+        attempts: int,
+        at: datetime,
+        next_attempt_at: datetime | None = None,
+        error: str | None = None,
+    ) -> None: ...
+    def add_state_change(self, target: str, state: TargetStateName, at: datetime, why: str) -> None: ...
+    def state_changes(self, since: datetime) -> list[StateChange]: ...
+    def latest_states(self) -> dict[str, tuple[TargetStateName, datetime]]: ...
+    def set_probe_status(self, status: ProbeStatus) -> None: ...
+    def probe_statuses(self) -> list[ProbeStatus]: ...
+    def prune(self, before: datetime) -> int: ...
+    def verify_chain(self) -> ChainReport: ...
+    def close(self) -> None: ...
+
+
+def _t(moment: datetime | None) -> str | None:
+    return None if moment is None else format_time(moment)
+
+
+def _dt(text: str | None) -> datetime | None:
+    return None if text is None else parse_time(text)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SqliteStore:
+    """``Store`` on one SQLite file. Not thread-safe: one owner (the monitor's loop)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level="DEFERRED", check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+        self._db.commit()
+        self._tip = self._load_tip()
+
+    def _load_tip(self) -> str:
+        row = self._db.execute("SELECT hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
+        return str(row[0]) if row else self._anchor()
+
+    def _anchor(self) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'chain_anchor'").fetchone()
+        return str(row[0]) if row else GENESIS
+
+    # ------------------------------------------------------------ results
+
+    def add_result(self, result: Result, received_at: datetime) -> bool:
+        """Append a verified result; False (and nothing stored) when its id is already there."""
+        if self._db.execute("SELECT 1 FROM results WHERE id = ?", (result.id,)).fetchone():
+            return False
+        payload = result.to_json().decode("utf-8")
+        digest = chain_hash(self._tip, payload)
+        self._db.execute(
+            "INSERT INTO results (id, probe, target, check_kind, seq, started_at, finished_at, outcome,"
+            " confirm, request_id, received_at, payload, prev_hash, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                result.id,
+                result.probe,
+                result.target,
+                result.check,
+                result.seq,
+                format_time(result.started_at),
+                format_time(result.finished_at),
+                result.outcome,
+                int(result.confirm),
+                result.request_id,
+                format_time(received_at),
+                payload,
+                self._tip,
+                digest,
+            ),
+        )
+        self._tip = digest
+        return True
+
+    def last_seq(self, probe: str) -> int | None:
+        row = self._db.execute("SELECT last_seq FROM probe_seq WHERE probe = ?", (probe,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_last_seq(self, probe: str, seq: int) -> None:
+        self._db.execute(
+            "INSERT INTO probe_seq (probe, last_seq) VALUES (?, ?)"
+            " ON CONFLICT (probe) DO UPDATE SET last_seq = excluded.last_seq",
+            (probe, seq),
+        )
+
+    def record_gap(self, probe: str, after_seq: int, next_seq: int, at: datetime) -> None:
+        self._db.execute(
+            "INSERT INTO seq_gaps (probe, after_seq, next_seq, missing, detected_at) VALUES (?, ?, ?, ?, ?)",
+            (probe, after_seq, next_seq, next_seq - after_seq - 1, format_time(at)),
+        )
+
+    def commit(self) -> None:
+        self._db.commit()
+
+    def _summaries(self, sql: str, args: Sequence[Any]) -> list[ResultSummary]:
+        return [summarize(parse_result(row[0].encode("utf-8"))) for row in self._db.execute(sql, args)]
+
+    def results_between(
+        self, start: datetime, end: datetime, target: str | None = None
+    ) -> list[ResultSummary]:
+        """Results that finished in [start, end), oldest first."""
+        sql = "SELECT payload FROM results WHERE finished_at >= ? AND finished_at < ?"
+        args: list[Any] = [format_time(start), format_time(end)]
+        if target is not None:
+            sql += " AND target = ?"
+            args.append(target)
+        return self._summaries(sql + " ORDER BY finished_at, row", args)
+
+    def result_by_request(self, request_id: str) -> list[ResultSummary]:
+        return self._summaries("SELECT payload FROM results WHERE request_id = ? ORDER BY row", [request_id])
+
+    def gaps_between(self, start: datetime, end: datetime) -> list[tuple[str, int, int, int, datetime]]:
+        rows = self._db.execute(
+            "SELECT probe, after_seq, next_seq, missing, detected_at FROM seq_gaps"
+            " WHERE detected_at >= ? AND detected_at < ? ORDER BY detected_at",
+            (format_time(start), format_time(end)),
+        )
+        return [(p, a, n, m, parse_time(d)) for p, a, n, m, d in rows]
+
+    # ------------------------------------------------------------ incidents
+
+    def open_incident(
+        self,
+        *,
+        target: str,
+        kind: IncidentKind,
+        at: datetime,
+        last_good: ResultSummary | None,
+        first_failed: ResultSummary | None,
+        summary: str,
+    ) -> Incident | None:
+        """Open an incident; None when one of this kind is already open for the target."""
+        try:
+            cursor = self._db.execute(
+                "INSERT INTO incidents (target, kind, opened_at, last_good_id, last_good_at,"
+                " first_failed_id, first_failed_at, summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    target,
+                    kind,
+                    format_time(at),
+                    None if last_good is None else last_good.id,
+                    None if last_good is None else format_time(last_good.finished_at),
+                    None if first_failed is None else first_failed.id,
+                    None if first_failed is None else format_time(first_failed.started_at),
+                    summary,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            return None
+        self._db.commit()
+        return self._incident_rows("WHERE id = ?", [cursor.lastrowid])[0]
+
+    def resolve_incident(self, incident_id: int, at: datetime) -> None:
+        self._db.execute(
+            "UPDATE incidents SET resolved_at = ? WHERE id = ? AND resolved_at IS NULL",
+            (format_time(at), incident_id),
+        )
+        self._db.commit()
+
+    def _incident_rows(self, where: str, args: Sequence[Any]) -> list[Incident]:
+        rows = self._db.execute(
+            "SELECT id, target, kind, opened_at, resolved_at, last_good_id, last_good_at,"
+            f" first_failed_id, first_failed_at, summary FROM incidents {where}",
+            args,
+        ).fetchall()
+        out = []
+        for r in rows:
+            notes = tuple(
+                Notification(
+                    notifier=n[0],
+                    event=n[1],
+                    state=n[2],
+                    attempts=n[3],
+                    created_at=parse_time(n[4]),
+                    sent_at=_dt(n[5]),
+                    last_error=n[6],
+                )
+                for n in self._db.execute(
+                    "SELECT notifier, event, state, attempts, created_at, sent_at, last_error"
+                    " FROM notifications WHERE incident_id = ? ORDER BY id",
+                    (r[0],),
+                )
+            )
+            out.append(
+                Incident(
+                    id=r[0],
+                    target=r[1],
+                    kind=r[2],
+                    opened_at=parse_time(r[3]),
+                    resolved_at=_dt(r[4]),
+                    last_good_id=r[5],
+                    last_good_at=_dt(r[6]),
+                    first_failed_id=r[7],
+                    first_failed_at=_dt(r[8]),
+                    summary=r[9],
+                    notifications=notes,
+                )
+            )
+        return out
+
+    def open_incidents(self) -> list[Incident]:
+        return self._incident_rows("WHERE resolved_at IS NULL ORDER BY id", [])
+
+    def incidents(self, limit: int = 100) -> list[Incident]:
+        return self._incident_rows("ORDER BY id DESC LIMIT ?", [limit])
+
+    def incidents_between(self, start: datetime, end: datetime) -> list[Incident]:
+        """Incidents that overlap [start, end), oldest first."""
+        return self._incident_rows(
+            "WHERE opened_at < ? AND (resolved_at IS NULL OR resolved_at >= ?) ORDER BY opened_at",
+            [format_time(end), format_time(start)],
+        )
+
+    # ------------------------------------------------------------ notifications (durable queue)
+
+    def enqueue_notification(
+        self, incident_id: int, notifier: str, event: str, payload: dict[str, Any], at: datetime
+    ) -> bool:
+        """Queue one page; False if this incident already has it (a restart re-enqueues safely)."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO notifications (incident_id, notifier, event, payload,"
+            " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                incident_id,
+                notifier,
+                event,
+                json.dumps(payload, sort_keys=True),
+                format_time(at),
+                format_time(at),
+            ),
+        )
+        self._db.commit()
+        return cursor.rowcount == 1
+
+    def due_notifications(self, now: datetime) -> list[QueuedNotification]:
+        rows = self._db.execute(
+            "SELECT id, incident_id, notifier, event, payload, attempts FROM notifications"
+            " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id",
+            (format_time(now),),
+        )
+        return [QueuedNotification(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+
+    def next_notification_at(self) -> datetime | None:
+        row = self._db.execute(
+            "SELECT MIN(next_attempt_at) FROM notifications WHERE state = 'pending'"
+        ).fetchone()
+        return _dt(row[0])
+
+    def mark_notification(
+        self,
+        notification_id: int,
+        *,
+        state: Literal["pending", "sent", "failed"],
+        attempts: int,
+        at: datetime,
+        next_attempt_at: datetime | None = None,
+        error: str | None = None,
+    ) -> None:
+        self._db.execute(
+            "UPDATE notifications SET state = ?, attempts = ?, last_error = ?,"
+            " sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END,"
+            " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+            (state, attempts, error, state, format_time(at), _t(next_attempt_at), notification_id),
+        )
+        self._db.commit()
+
+    # ------------------------------------------------------------ state and probes
+
+    def add_state_change(self, target: str, state: TargetStateName, at: datetime, why: str) -> None:
+        self._db.execute(
+            "INSERT INTO state_changes (target, state, at, why) VALUES (?, ?, ?, ?)",
+            (target, state, format_time(at), why),
+        )
+
+    def state_changes(self, since: datetime, until: datetime | None = None) -> list[StateChange]:
+        until = until or datetime.max.replace(tzinfo=UTC)
+        rows = self._db.execute(
+            "SELECT target, state, at FROM state_changes WHERE at >= ? AND at < ? ORDER BY at, row",
+            (format_time(since), format_time(until)),
+        )
+        return [StateChange(target=t, state=s, at=parse_time(a)) for t, s, a in rows]
+
+    def latest_states(self) -> dict[str, tuple[TargetStateName, datetime]]:
+        """Each target's last recorded state and since when (survives a restart)."""
+        rows = self._db.execute(
+            "SELECT target, state, at FROM state_changes WHERE row IN"
+            " (SELECT MAX(row) FROM state_changes GROUP BY target)"
+        )
+        return {t: (s, parse_time(a)) for t, s, a in rows}
+
+    def state_before(self, target: str, moment: datetime) -> TargetStateName | None:
+        row = self._db.execute(
+            "SELECT state FROM state_changes WHERE target = ? AND at < ? ORDER BY at DESC, row DESC LIMIT 1",
+            (target, format_time(moment)),
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def set_probe_status(self, status: ProbeStatus) -> None:
+        self._db.execute(
+            "INSERT INTO probe_status (probe, online, at, version, targets) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (probe) DO UPDATE SET online = excluded.online, at = excluded.at,"
+            " version = excluded.version, targets = excluded.targets",
+            (
+                status.probe,
+                int(status.online),
+                format_time(status.at),
+                status.version,
+                json.dumps(status.targets),
+            ),
+        )
+
+    def probe_statuses(self) -> list[ProbeStatus]:
+        rows = self._db.execute("SELECT probe, online, at, version, targets FROM probe_status ORDER BY probe")
+        return [ProbeStatus(p, bool(o), parse_time(a), v, tuple(json.loads(t))) for p, o, a, v, t in rows]
+
+    # ------------------------------------------------------------ retention and the chain
+
+    def prune(self, before: datetime) -> int:
+        """Delete results that finished before ``before``; the chain re-anchors on the last one."""
+        row = self._db.execute(
+            "SELECT MAX(row) FROM results WHERE finished_at < ?", (format_time(before),)
+        ).fetchone()
+        if row[0] is None:
+            return 0
+        last = int(row[0])
+        anchor = self._db.execute("SELECT hash FROM results WHERE row = ?", (last,)).fetchone()[0]
+        cursor = self._db.execute("DELETE FROM results WHERE row <= ?", (last,))
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES ('chain_anchor', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (anchor,),
+        )
+        self._db.commit()
+        return cursor.rowcount
+
+    def iter_chain(self) -> Iterator[tuple[int, str, str, str, str]]:
+        yield from self._db.execute("SELECT row, id, payload, prev_hash, hash FROM results ORDER BY row")
+
+    def verify_chain(self) -> ChainReport:
+        prev, rows = self._anchor(), 0
+        for row, result_id, payload, prev_hash, digest in self.iter_chain():
+            rows += 1
+            problem = None
+            if prev_hash != prev:
+                problem = "prev_hash does not match the previous row's hash (a row was removed or reordered)"
+            elif chain_hash(prev, payload) != digest:
+                problem = "hash does not match the row's content (the row was altered)"
+            if problem:
+                return ChainReport(False, rows, row, result_id, problem, prev)
+            prev = digest
+        return ChainReport(True, rows, None, None, None, prev)
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,913 @@
+"""The monitor's HTTP face: HTTP in, snapshot out. No business logic lives here.
+
+Endpoints::
+
+    GET  /                   status page (HTML; refreshes itself every 5 s)
+    GET  /metrics            Prometheus text exposition of the registry given to create_app
+    GET  /healthz            200 "ok" while the process serves HTTP
+    GET  /api/v1/targets     {"at": TIME, "targets": [Target, ...]}      in configuration order
+    GET  /api/v1/probes      {"at": TIME, "probes": [Probe, ...]}
+    GET  /api/v1/incidents   {"at": TIME, "incidents": [Incident, ...]}  newest first, open and
+                             resolved; ?limit=N (1..1000, default 100)
+    POST /api/v1/{action}    one of the ``actions`` given to create_app (e.g. ``verify``):
+                             a JSON object in, a JSON object out
+
+JSON field names are stable (add fields, never rename). Times are RFC 3339 UTC with
+milliseconds (``"2025-06-25T14:03:11.250Z"``); durations are seconds in fields named
+``*_seconds``; ``null`` means not known. ``at`` is the time of the snapshot served.
+
+- Target: ``id, description, interval_seconds, state`` (up|degraded|down|unknown)``, since,
+  why, last_success_at, covering_probes`` [str]``, open_incident`` (incident id or null)``,
+  latest`` [Result], the latest result per (probe, check), newest first.
+- Result: ``id, probe, target, check, seq, started_at, finished_at, outcome``
+  (pass|fail|inconclusive)``, stage, reason, sip_status, sip_reason,
+  post_dial_delay_seconds, mos, confirm, request_id, version``.
+- Probe: ``id, status`` (online|stale|offline|unknown: online but not reporting on time is
+  stale; never heard of is unknown)``, online`` (bool or null)``, up, status_at,
+  last_result_at, version, targets`` [str].
+- Incident: ``id, target, kind`` (down|gap)``, state`` (open|resolved)``, opened_at``
+  (= detected)``, resolved_at, last_good_id, last_good_at, first_failed_id,
+  first_failed_at, detection_latency_seconds, summary, notifications`` [Notification].
+- Notification: ``notifier, event`` (trigger|resolve)``, state`` (pending|sent|failed)``,
+  attempts, created_at, sent_at, last_error``.
+- Errors: ``{"error": "what is wrong"}`` with a 4xx status.
+
+State-changing endpoints (every POST) need ``Authorization: Bearer <token>``: a missing
+or wrong token is 401 (with ``WWW-Authenticate``); with no token configured they are
+disabled (403). Unknown action 404, body not a JSON object 400, body over 64 KiB 413.
+An action reports a refusal by raising :class:`ActionError`; any other exception is a
+bug and becomes a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import math
+import re
+import socket
+import string
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any, Final, TypeAlias
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from ecpm.errors import EcpmError
+from monitor.model import (
+    TARGET_STATES,
+    Incident,
+    Notification,
+    ProbeView,
+    ResultSummary,
+    Snapshot,
+    StateChange,
+    TargetStateName,
+    TargetView,
+)
+
+__all__ = ["ActionError", "ListenError", "create_app", "serve"]
+
+logger = logging.getLogger(__name__)
+
+Action: TypeAlias = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+REFRESH_SECONDS: Final = 5
+STALE_AFTER: Final = timedelta(minutes=1)  # an older snapshot gets a "stale page" warning
+TIMELINE: Final = timedelta(hours=24)
+MAX_BODY: Final = 64 * 1024
+DEFAULT_INCIDENTS: Final = 100
+MAX_INCIDENTS: Final = 1000
+RESOLVED_ON_PAGE: Final = 8
+
+
+class ActionError(EcpmError):
+    """An action refuses a request; the client gets ``{"error": message}`` with ``status``."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ListenError(EcpmError):
+    """The HTTP listener cannot be opened (address in use, not local, ...)."""
+
+
+# ---------------------------------------------------------------- app
+
+
+def create_app(
+    *,
+    snapshot: Callable[[], Snapshot],
+    registry: CollectorRegistry,
+    incidents: Callable[[int], Sequence[Incident]],
+    token: str | None,
+    actions: Mapping[str, Action] | None = None,
+) -> Starlette:
+    """The monitor's ASGI app. ``snapshot`` returns the current Snapshot (cheap, no I/O);
+    ``incidents(n)`` the latest ``n`` incidents, open and resolved, newest first (called on
+    the event loop: keep it quick); ``token`` guards the state-changing ``actions``."""
+    actions = dict(actions or {})
+    expected = token.encode() if token else None
+    template = _Template.load()
+
+    async def status_page(request: Request) -> Response:
+        snap = snapshot()
+        page = render_page(snap, incidents(RESOLVED_ON_PAGE * 2), now=datetime.now(UTC))
+        return HTMLResponse(template.render(title=_title(snap), page=page), headers=template.headers)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def api_targets(request: Request) -> Response:
+        snap = snapshot()
+        return _json({"at": _time(snap.at), "targets": [target_json(t) for t in snap.targets.values()]})
+
+    async def api_probes(request: Request) -> Response:
+        snap = snapshot()
+        return _json({"at": _time(snap.at), "probes": [probe_json(p) for p in snap.probes.values()]})
+
+    async def api_incidents(request: Request) -> Response:
+        raw = request.query_params.get("limit", str(DEFAULT_INCIDENTS))
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_INCIDENTS:
+            return _error(400, f"limit must be a whole number from 1 to {MAX_INCIDENTS}")
+        snap = snapshot()
+        return _json({"at": _time(snap.at), "incidents": [incident_json(i) for i in incidents(int(raw))]})
+
+    async def run_action(request: Request) -> Response:
+        refused = _authorise(request, expected)
+        if refused is not None:
+            return refused
+        name = request.path_params["action"]
+        action = actions.get(name)
+        if action is None:
+            return _error(404, f"no such action: {name}")
+        body = await _read_body(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            result = await action(body)
+        except ActionError as exc:
+            return _error(exc.status, str(exc))
+        return _json(result)
+
+    return Starlette(
+        routes=[
+            Route("/", status_page, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/api/v1/targets", api_targets, methods=["GET"]),
+            Route("/api/v1/probes", api_probes, methods=["GET"]),
+            Route("/api/v1/incidents", api_incidents, methods=["GET"]),
+            Route("/api/v1/{action}", run_action, methods=["POST"]),
+        ]
+    )
+
+
+def _authorise(request: Request, expected: bytes | None) -> Response | None:
+    if expected is None:
+        return _error(403, "state-changing endpoints are disabled: no http.token is configured")
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return _error(401, "Authorization: Bearer <token> required", bearer='realm="ecpm"')
+    if not hmac.compare_digest(presented.strip().encode(), expected):
+        return _error(401, "wrong token", bearer='realm="ecpm", error="invalid_token"')
+    return None
+
+
+async def _read_body(request: Request) -> dict[str, Any] | Response:
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            return _error(413, f"request body over {MAX_BODY} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return _error(400, f"body is not JSON: {exc}")
+    if not isinstance(body, dict):
+        return _error(400, "body must be a JSON object")
+    return body
+
+
+class _JSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default
+        ).encode()
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return _time(value)
+    if isinstance(value, tuple | frozenset | set):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _json(content: Mapping[str, Any], status: int = 200) -> Response:
+    return _JSON(content, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+def _error(status: int, message: str, *, bearer: str | None = None) -> Response:
+    headers = {"WWW-Authenticate": f"Bearer {bearer}"} if bearer else None
+    return _JSON({"error": message}, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------- JSON views
+
+
+def _utc(value: datetime) -> datetime:
+    """Aware UTC; a naive datetime is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _time(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return _utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def result_json(r: ResultSummary) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "probe": r.probe,
+        "target": r.target,
+        "check": r.check,
+        "seq": r.seq,
+        "started_at": _time(r.started_at),
+        "finished_at": _time(r.finished_at),
+        "outcome": r.outcome,
+        "stage": r.stage,
+        "reason": r.reason,
+        "sip_status": r.sip_status,
+        "sip_reason": r.sip_reason,
+        "post_dial_delay_seconds": _finite(r.post_dial_delay),
+        "mos": _finite(r.mos),
+        "confirm": r.confirm,
+        "request_id": r.request_id,
+        "version": r.version,
+    }
+
+
+def target_json(t: TargetView) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "description": t.description,
+        "interval_seconds": t.interval,
+        "state": t.state,
+        "since": _time(t.since),
+        "why": t.why,
+        "last_success_at": _time(t.last_success_at),
+        "covering_probes": list(t.covering_probes),
+        "open_incident": t.open_incident,
+        "latest": [result_json(r) for r in t.latest],
+    }
+
+
+def probe_status(p: ProbeView) -> str:
+    """online | stale (online but not reporting on time) | offline | unknown (never heard of)."""
+    if p.online is None:
+        return "unknown"
+    if not p.online:
+        return "offline"
+    return "online" if p.up else "stale"
+
+
+def probe_json(p: ProbeView) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "status": probe_status(p),
+        "online": p.online,
+        "up": p.up,
+        "status_at": _time(p.status_at),
+        "last_result_at": _time(p.last_result_at),
+        "version": p.version,
+        "targets": list(p.targets),
+    }
+
+
+def notification_json(n: Notification) -> dict[str, Any]:
+    return {
+        "notifier": n.notifier,
+        "event": n.event,
+        "state": n.state,
+        "attempts": n.attempts,
+        "created_at": _time(n.created_at),
+        "sent_at": _time(n.sent_at),
+        "last_error": n.last_error,
+    }
+
+
+def incident_json(i: Incident) -> dict[str, Any]:
+    return {
+        "id": i.id,
+        "target": i.target,
+        "kind": i.kind,
+        "state": "open" if i.resolved_at is None else "resolved",
+        "opened_at": _time(i.opened_at),
+        "resolved_at": _time(i.resolved_at),
+        "last_good_id": i.last_good_id,
+        "last_good_at": _time(i.last_good_at),
+        "first_failed_id": i.first_failed_id,
+        "first_failed_at": _time(i.first_failed_at),
+        "detection_latency_seconds": _finite(i.detection_latency),
+        "summary": i.summary,
+        "notifications": [notification_json(n) for n in i.notifications],
+    }
+
+
+# ---------------------------------------------------------------- HTML building blocks
+
+
+class Markup(str):
+    """Text that is already HTML: inserted as is. Every other ``str`` gets escaped."""
+
+    __slots__ = ()
+
+
+Node: TypeAlias = "str | Sequence[Node] | None"
+
+
+def _escape(text: str) -> str:
+    return (
+        text.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace('"', "&quot;")
+        .replace("'", "&#x27;")
+    )
+
+
+def _flatten(node: Node, out: list[str]) -> None:
+    if node is None:
+        return
+    if isinstance(node, Markup):
+        out.append(node)
+    elif isinstance(node, str):
+        out.append(_escape(node))
+    else:
+        for child in node:
+            _flatten(child, out)
+
+
+def html(*children: Node) -> Markup:
+    """Join children into markup, escaping every plain string."""
+    out: list[str] = []
+    _flatten(list(children), out)
+    return Markup("".join(out))
+
+
+_VOID = frozenset({"br", "meta", "link"})
+
+
+def el(name: str, *children: Node, **attrs: str | int | bool | None) -> Markup:
+    """``el("td", "x", class_="num", data_label="MOS")`` → ``<td class="num" data-label="MOS">x</td>``."""
+    parts = [name]
+    for key, value in attrs.items():
+        if value is None or value is False:
+            continue
+        attr = key.rstrip("_").replace("_", "-")
+        parts.append(attr if value is True else f'{attr}="{_escape(str(value))}"')
+    opening = "<" + " ".join(parts) + ">"
+    if name in _VOID:
+        return Markup(opening)
+    return Markup(opening + html(*children) + f"</{name}>")
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _duration(seconds: float) -> str:
+    seconds = abs(seconds)
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def _ago(value: datetime, now: datetime) -> str:
+    delta = (now - _utc(value)).total_seconds()
+    if -5 < delta < 1:
+        return "just now"
+    if delta < 0:
+        return f"in {_duration(delta)}"
+    return f"{_duration(delta)} ago"
+
+
+def _abs(value: datetime, ref: datetime | None = None) -> str:
+    """Absolute UTC; ``ref`` given, a time on the same UTC day is shown as its clock time only."""
+    u = _utc(value)
+    if ref is not None and u.date() == _utc(ref).date():
+        return u.strftime("%H:%M:%S UTC")
+    return u.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def when(value: datetime | None, now: datetime, *, short: bool = False) -> Markup:
+    """Absolute UTC and relative: ``<time>14:03:11 UTC</time> (12 min ago)``."""
+    if value is None:
+        return html("never" if not short else "—")
+    stamp = el("time", _abs(value, now if short else None), datetime=_time(value), title=_time(value))
+    return html(stamp, " ", el("span", f"({_ago(value, now)})", class_="muted"))
+
+
+_STATE_MARK: Final[Mapping[str, str]] = {"up": "✓", "degraded": "▲", "down": "✕", "unknown": "?"}
+_OUTCOME_MARK: Final[Mapping[str, str]] = {"pass": "✓", "fail": "✕", "inconclusive": "?"}
+
+
+def state_badge(state: str) -> Markup:
+    return el("span", f"{_STATE_MARK.get(state, '')} {state}".strip(), class_=f"badge s-{state}")
+
+
+def _num(value: float | None, fmt: str, unit: str = "") -> str:
+    value = _finite(value)
+    return "—" if value is None else f"{value:{fmt}}{unit}"
+
+
+def _sip(status: int | None, reason: str | None) -> str:
+    if status is None:
+        return "—"
+    return f"{status} {reason}" if reason else str(status)
+
+
+# ---------------------------------------------------------------- the page
+
+
+def _title(snap: Snapshot) -> str:
+    counts = _counts(snap)
+    bad = [f"{counts[s]} {s}" for s in ("down", "unknown", "degraded") if counts[s]]
+    return ("✕ " + ", ".join(bad) if bad else "✓ all up") + " · ecpm"
+
+
+def _counts(snap: Snapshot) -> dict[TargetStateName, int]:
+    counts = dict.fromkeys(TARGET_STATES, 0)
+    for t in snap.targets.values():
+        counts[t.state] += 1
+    return counts
+
+
+def render_page(snap: Snapshot, recent: Sequence[Incident], *, now: datetime) -> Markup:
+    """The ``<main id="page">`` of the status page (the refresh script swaps it in place)."""
+    return el(
+        "main",
+        _header(snap, now),
+        _open_incidents(snap, now),
+        el("h2", "Targets"),
+        [_target_card(t, snap, now) for t in snap.targets.values()]
+        or el("p", "No targets configured.", class_="empty"),
+        _probes(snap, now),
+        _resolved(recent, now),
+        el(
+            "footer",
+            "ecpm monitor · ",
+            [html(el("a", path, href=path), " ") for path in _API_LINKS],
+            class_="noprint",
+        ),
+        id="page",
+        data_snapshot_at=_time(snap.at),
+    )
+
+
+_API_LINKS: Final = ("/api/v1/targets", "/api/v1/probes", "/api/v1/incidents", "/metrics")
+
+
+def _header(snap: Snapshot, now: datetime) -> Markup:
+    counts = _counts(snap)
+    total = len(snap.targets)
+    age = now - _utc(snap.at)
+    stale = None
+    if age > STALE_AFTER:
+        stale = el(
+            "div",
+            f"⚠ Stale page: this snapshot is {_duration(age.total_seconds())} old. "
+            "The monitor is serving HTTP but its state is not being updated — do not trust this page.",
+            class_="banner stale",
+            role="alert",
+            data_stale="true",
+        )
+    worst = next((s for s in ("down", "unknown", "degraded") if counts[s]), "up" if total else None)
+    if worst is None:
+        verdict = "No targets configured"
+    elif worst == "up":
+        verdict = f"✓ All {total} emergency call paths up"
+    else:
+        names = ", ".join(t.id for t in snap.targets.values() if t.state == worst)
+        label = {"down": "DOWN", "unknown": "UNKNOWN (no fresh results)", "degraded": "DEGRADED"}[worst]
+        verdict = f"{_STATE_MARK[worst]} {counts[worst]} of {total} emergency call paths {label}: {names}"
+    probes_up = sum(1 for p in snap.probes.values() if p.up)
+    return html(
+        el(
+            "div",
+            el("h1", "Emergency call path status"),
+            el(
+                "p",
+                "Snapshot ",
+                when(snap.at, now),
+                f" · refreshes every {REFRESH_SECONDS} s",
+                class_="meta",
+            ),
+            class_="top",
+        ),
+        stale,
+        el(
+            "div",
+            verdict,
+            el(
+                "div",
+                [el("span", el("b", str(counts[s])), f" {s}") for s in TARGET_STATES],
+                el("span", el("b", str(len(snap.open_incidents))), " open incidents"),
+                el("span", el("b", f"{probes_up}/{len(snap.probes)}"), " probes up"),
+                class_="counts",
+            ),
+            class_=f"banner verdict s-{worst or 'unknown'}",
+            role="status",
+            data_verdict=worst or "none",
+        ),
+    )
+
+
+def _target_card(t: TargetView, snap: Snapshot, now: datetime) -> Markup:
+    facts = [
+        el("span", el("b", "Since "), when(t.since, now)),
+        el("span", el("b", "Last success "), when(t.last_success_at, now)),
+        el("span", el("b", "Probes reporting "), ", ".join(t.covering_probes) or "none"),
+        el("span", el("b", "Interval "), _duration(t.interval)),
+    ]
+    if t.open_incident is not None:
+        facts.append(
+            el(
+                "span",
+                el("b", "Incident "),
+                el("a", f"#{t.open_incident}", href=f"#incident-{t.open_incident}"),
+            )
+        )
+    return el(
+        "article",
+        el(
+            "div",
+            state_badge(t.state),
+            el("h3", t.id, class_="mono"),
+            el("span", t.description, class_="muted") if t.description else None,
+            class_="card-head",
+        ),
+        el("p", t.why, class_="why"),
+        el("div", facts, class_="facts"),
+        _timeline(t, snap),
+        _results(t.latest, now),
+        class_=f"card st-{t.state}",
+        id=f"target-{t.id}",
+        data_target=t.id,
+        data_state=t.state,
+    )
+
+
+def _results(results: Sequence[ResultSummary], now: datetime) -> Markup:
+    if not results:
+        return el("p", "No results yet.", class_="empty")
+    head = ("Probe", "Check", "Outcome", "Stage", "SIP", "Post-dial delay", "MOS", "Finished")
+    rows = []
+    for r in results:
+        tags = [el("span", "confirm", class_="tag") if r.confirm else None]
+        if r.request_id:
+            tags.append(el("span", "on demand", class_="tag", title=f"request {r.request_id}"))
+        stage = html(r.stage or "—", f" · {r.reason}" if r.reason else "")
+        cells = (
+            (r.probe, None),
+            (html(r.check, " ", tags), None),
+            (el("span", f"{_OUTCOME_MARK[r.outcome]} {r.outcome}", class_=f"o-{r.outcome}"), None),
+            (stage, None),
+            (_sip(r.sip_status, r.sip_reason), None),
+            (_num(r.post_dial_delay, ".2f", " s"), "num"),
+            (_num(r.mos, ".2f"), "num"),
+            (when(r.finished_at, now, short=True), None),
+        )
+        rows.append(
+            el(
+                "tr",
+                [el("td", c, class_=k, data_label=h) for h, (c, k) in zip(head, cells, strict=True)],
+                data_probe=r.probe,
+                data_check=r.check,
+                data_outcome=r.outcome,
+            )
+        )
+    return _table(head, rows, numeric={"Post-dial delay", "MOS"})
+
+
+def _table(head: Sequence[str], rows: Sequence[Markup], *, numeric: Iterable[str] = ()) -> Markup:
+    nums = set(numeric)
+    return el(
+        "div",
+        el(
+            "table",
+            el("thead", el("tr", [el("th", h, class_="num" if h in nums else None) for h in head])),
+            el("tbody", rows),
+            class_="stack",
+        ),
+        class_="panel",
+    )
+
+
+def _segments(
+    t: TargetView, changes: Sequence[StateChange], start: datetime, end: datetime
+) -> list[tuple[str, datetime, datetime]]:
+    """(state or "none" for no record, from, to) covering [start, end]."""
+    points: list[tuple[datetime, str]] = [(min(max(_utc(c.at), start), end), c.state) for c in changes]
+    if not points:
+        since = _utc(t.since) if t.since is not None else start
+        points = [(min(max(since, start), end), t.state)]
+    out: list[tuple[str, datetime, datetime]] = []
+    state, frm = "none", start
+    for at, new in [*points, (end, "")]:
+        if at > frm:
+            out.append((state, frm, at))
+            frm = at
+        state = new
+    return out
+
+
+def _timeline(t: TargetView, snap: Snapshot) -> Markup:
+    end = _utc(snap.at)
+    start = end - TIMELINE
+    changes = [c for c in snap.timeline if c.target == t.id]
+    segments = _segments(t, changes, start, end)
+    width = 1440.0  # one unit per minute
+    span = TIMELINE.total_seconds()
+    rects = []
+    share: dict[str, float] = {}
+    for state, frm, to in segments:
+        seconds = (to - frm).total_seconds()
+        share[state] = share.get(state, 0.0) + seconds
+        label = "no record" if state == "none" else state
+        rects.append(
+            el(
+                "rect",
+                el("title", f"{label}: {_abs(frm)} – {_abs(to)} ({_duration(seconds)})"),
+                x=f"{(frm - start).total_seconds() / span * width:.2f}",
+                y="0",
+                width=f"{seconds / span * width:.2f}",
+                height="10",
+                class_=f"s-{state}",
+            )
+        )
+    svg = el(
+        "svg",
+        rects,
+        viewBox=f"0 0 {width:.0f} 10",
+        preserveAspectRatio="none",
+        role="img",
+        aria_label=f"State of {t.id} over the last 24 hours",
+    )
+    summary = " · ".join(
+        f"{'no record' if s == 'none' else s} {share[s] / span:.1%}"
+        for s in (*TARGET_STATES, "none")
+        if share.get(s, 0.0) > 0
+    )
+    ticks = [el("span", label) for label in ("24 h ago", "18 h", "12 h", "6 h", "now")]
+    return html(
+        el("div", svg, el("div", ticks, class_="ticks", aria_hidden="true"), class_="strip"),
+        el("p", f"Last 24 h: {summary}", class_="share"),
+    )
+
+
+def _notifications(items: Sequence[Notification]) -> Markup:
+    if not items:
+        return html(el("span", "none yet", class_="n-pending"))
+    parts = []
+    for n in items:
+        mark = {"sent": "✓", "failed": "✕", "pending": "…"}[n.state]
+        text = f"{mark} {n.notifier} {n.event} {n.state}"
+        if n.attempts > 1:
+            text += f" ({n.attempts} tries)"
+        parts.append(el("div", text, class_=f"n-{n.state}", title=n.last_error))
+    return html(parts)
+
+
+def _open_incidents(snap: Snapshot, now: datetime) -> Markup:
+    if not snap.open_incidents:
+        return html(el("h2", "Open incidents"), el("p", "No open incidents.", class_="empty"))
+    head = ("#", "Target", "Kind", "Opened", "First failure", "Detection latency", "Notifications", "Summary")
+    rows = [
+        el(
+            "tr",
+            [
+                el("td", c, class_=k, data_label=h)
+                for h, (c, k) in zip(
+                    head,
+                    (
+                        (str(i.id), None),
+                        (el("b", i.target), None),
+                        (
+                            state_badge("down")
+                            if i.kind == "down"
+                            else el("span", "gap", class_="badge s-unknown"),
+                            None,
+                        ),
+                        (when(i.opened_at, now), None),
+                        (when(i.first_failed_at, now, short=True), None),
+                        (_num(i.detection_latency, ".1f", " s"), "num"),
+                        (_notifications(i.notifications), None),
+                        (i.summary, None),
+                    ),
+                    strict=True,
+                )
+            ],
+            id=f"incident-{i.id}",
+            data_incident=str(i.id),
+            data_target=i.target,
+        )
+        for i in snap.open_incidents
+    ]
+    return html(el("h2", f"Open incidents ({len(rows)})"), _table(head, rows, numeric={"Detection latency"}))
+
+
+def _probes(snap: Snapshot, now: datetime) -> Markup:
+    head = ("Probe", "Status", "Last result", "Status message", "Version", "Targets")
+    badge = {"online": "s-up", "stale": "s-degraded", "offline": "s-down", "unknown": "s-unknown"}
+    mark = {"online": "✓", "stale": "▲", "offline": "✕", "unknown": "?"}
+    rows = []
+    for p in snap.probes.values():
+        status = probe_status(p)
+        cells = (
+            el("span", p.id, class_="mono"),
+            el("span", f"{mark[status]} {status}", class_=f"badge {badge[status]}"),
+            when(p.last_result_at, now),
+            when(p.status_at, now),
+            p.version or "—",
+            ", ".join(p.targets) or "—",
+        )
+        rows.append(
+            el(
+                "tr",
+                [el("td", c, data_label=h) for h, c in zip(head, cells, strict=True)],
+                data_probe=p.id,
+                data_status=status,
+            )
+        )
+    body = _table(head, rows) if rows else el("p", "No probes known.", class_="empty")
+    return html(el("h2", "Probes"), body)
+
+
+def _resolved(recent: Sequence[Incident], now: datetime) -> Markup:
+    done = [i for i in recent if i.resolved_at is not None][:RESOLVED_ON_PAGE]
+    if not done:
+        return html()
+    head = ("#", "Target", "Kind", "Opened", "Resolved", "Lasted", "Summary")
+    rows = []
+    for i in done:
+        assert i.resolved_at is not None
+        cells = (
+            str(i.id),
+            i.target,
+            i.kind,
+            when(i.opened_at, now),
+            when(i.resolved_at, now),
+            _duration((_utc(i.resolved_at) - _utc(i.opened_at)).total_seconds()),
+            i.summary,
+        )
+        rows.append(el("tr", [el("td", c, data_label=h) for h, c in zip(head, cells, strict=True)]))
+    return html(el("h2", "Recently resolved incidents"), _table(head, rows))
+
+
+# ---------------------------------------------------------------- page template
+
+
+class _Template:
+    """``templates/status.html`` with its inline style and script pinned by a CSP hash."""
+
+    def __init__(self, text: str) -> None:
+        self._template = string.Template(text)
+        hashes = {
+            kind: " ".join(
+                f"'sha256-{_sha256(m)}'" for m in re.findall(rf"<{kind}>(.*?)</{kind}>", text, re.S)
+            )
+            for kind in ("style", "script")
+        }
+        self.headers = {
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Content-Security-Policy": (
+                f"default-src 'none'; style-src {hashes['style']}; script-src {hashes['script']}; "
+                "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+                "frame-ancestors 'none'"
+            ),
+        }
+
+    @classmethod
+    def load(cls) -> _Template:
+        text = resources.files("monitor").joinpath("templates/status.html").read_text("utf-8")
+        return cls(text)
+
+    def render(self, *, title: str, page: Markup) -> str:
+        return self._template.substitute(title=_escape(title), page=page, refresh=REFRESH_SECONDS)
+
+
+def _sha256(text: str) -> str:
+    return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+# ---------------------------------------------------------------- serving
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that leaves the process's signals alone (the service owns them) and says
+    when it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._on_started()
+
+
+def _bind(listen: str) -> socket.socket:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, int(port)), family=family, backlog=128)
+    except (OSError, ValueError) as exc:
+        raise ListenError(f"http.listen: cannot listen on {listen}: {exc}") from None
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+async def serve(app: ASGIApp, listen: str, *, ready: Callable[[str], None] | None = None) -> None:
+    """Serve ``app`` on ``listen`` (``HOST:PORT``; port 0 picks a free one) until cancelled.
+
+    ``ready(url)`` is called once the socket accepts connections, with the base URL
+    (``http://127.0.0.1:9470/``). Cancel the task running ``serve`` to stop: it stops
+    accepting, lets requests in flight finish (at most 5 s), closes the socket, then
+    re-raises ``CancelledError``. Raises :class:`ListenError` if the address cannot be
+    bound. No signal handlers are installed.
+    """
+    sock = _bind(listen)
+    url = _url(sock)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ws="none",
+        server_header=False,
+        timeout_graceful_shutdown=5,
+    )
+
+    def started() -> None:
+        logger.info("HTTP on %s", url)
+        if ready is not None:
+            ready(url)
+
+    server = _Server(config, started)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"http {url}")
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        server.should_exit = True
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                server.force_exit = True  # cancelled again: stop waiting for requests in flight
+        raise
+    finally:
+        sock.close()

@@ -1,0 +1,113 @@
+"""Build monitor configs and signed results for tests (real schema, real signatures)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from monitor.config import MonitorConfig
+from probes.outcome import CheckOutcome, MediaStats
+from probes.result import Result
+
+T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def key_for(probe: str) -> str:
+    return f"key-of-{probe}"
+
+
+def monitor_config(
+    tmp_path: Path,
+    *,
+    probes: Sequence[str] = ("p1",),
+    targets: Sequence[str] = ("t1",),
+    interval: str = "10s",
+    notifiers: Sequence[dict[str, Any]] = (),
+    **sections: Any,
+) -> MonitorConfig:
+    data: dict[str, Any] = {
+        "kind": "monitor",
+        "store": {"path": str(tmp_path / "monitor.db")},
+        "probes": [{"id": p, "key": key_for(p)} for p in probes],
+        "targets": [{"id": t, "interval": interval} for t in targets],
+        "notifiers": list(notifiers),
+        **sections,
+    }
+    return MonitorConfig.model_validate(data)
+
+
+class Clock:
+    """A clock the test moves; the monitor under test reads it."""
+
+    def __init__(self, start: datetime = T0) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+class ProbeSim:
+    """Produces a probe's signed results in sequence, as the real agent would."""
+
+    def __init__(self, probe: str = "p1", *, key: str | None = None) -> None:
+        self.probe = probe
+        self.key = key or key_for(probe)
+        self.seq = 0
+
+    def result(
+        self,
+        target: str,
+        outcome: str,
+        at: datetime,
+        *,
+        check: str = "invite",
+        stage: str | None = None,
+        sip_status: int | None = None,
+        confirm: bool = False,
+        pdd: float = 0.05,
+        mos: float = 4.3,
+        request_id: str | None = None,
+    ) -> Result:
+        self.seq += 1
+        failed = outcome != "pass"
+        out = CheckOutcome(
+            check=check,
+            outcome=outcome,  # type: ignore[arg-type]
+            started_at=at - timedelta(seconds=2),
+            finished_at=at,
+            stage=stage or ("answer" if failed else None),
+            reason="sip_error" if failed else None,
+            sip_status=sip_status if sip_status is not None else (503 if failed else 200),
+            sip_reason="Service Unavailable" if failed else "OK",
+            timings={"transport": 0.001, "trying": 0.002, "ringing": pdd, "answer": 0.06},
+            media=None
+            if failed
+            else MediaStats(
+                rx_packets=100,
+                tx_packets=100,
+                loss=0.0,
+                jitter_ms=0.3,
+                rtt_ms=1.0,
+                mos=mos,
+                tone_heard=True,
+                echo_heard=True,
+            ),
+        )
+        return Result.from_outcome(
+            out,
+            probe=self.probe,
+            seq=self.seq,
+            target=target,
+            key=self.key,
+            confirm=confirm,
+            request_id=request_id,
+        )
+
+    def topic(self, target: str, prefix: str = "ecpm/v1") -> str:
+        return f"{prefix}/results/{self.probe}/{target}"

@@ -1,0 +1,231 @@
+"""Monitor core: ingest checks, reachability, incidents, restart — real signed results, real SQLite."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from monitor.core import MonitorCore
+from monitor.model import Incident
+from monitor.store import SqliteStore
+from tests.monitor_helpers import Clock, ProbeSim, monitor_config
+
+
+class Pages(list[tuple[int, str, str]]):
+    def __call__(self, incident: Incident, event: str) -> None:
+        self.append((incident.id, incident.kind, event))
+
+
+def make(tmp_path: Path, clock: Clock, **kw: object) -> tuple[MonitorCore, CollectorRegistry, Pages]:
+    config = monitor_config(tmp_path, **kw)  # type: ignore[arg-type]
+    registry = CollectorRegistry()
+    pages = Pages()
+    core = MonitorCore(config, SqliteStore(config.store.path), registry, pager=pages, clock=clock)
+    return core, registry, pages
+
+
+def feed(core: MonitorCore, sim: ProbeSim, target: str, outcome: str, clock: Clock, **kw: object) -> None:
+    result = sim.result(target, outcome, clock(), **kw)  # type: ignore[arg-type]
+    assert core.handle(sim.topic(target), result.to_json()) is None
+    core.store.commit()
+
+
+def state(core: MonitorCore, clock: Clock, target: str = "t1") -> str:
+    return core.evaluate(clock()).targets[target].state
+
+
+def test_single_probe_fail_then_confirm_goes_down_and_pages_once(tmp_path: Path) -> None:
+    clock = Clock()
+    core, registry, pages = make(tmp_path, clock)
+    sim = ProbeSim("p1")
+    feed(core, sim, "t1", "pass", clock)
+    assert state(core, clock) == "up"
+    clock.advance(10)
+    feed(core, sim, "t1", "fail", clock)
+    assert state(core, clock) == "degraded"  # one failure is not yet confirmed
+    clock.advance(2)
+    feed(core, sim, "t1", "fail", clock, confirm=True)
+    assert state(core, clock) == "down"
+    assert pages == [(1, "down", "trigger")]
+    incident = core.store.open_incidents()[0]
+    assert incident.first_failed_at is not None and incident.last_good_at is not None
+    assert incident.detection_latency == pytest.approx(4.0)  # first failed call started 2 s before it ended
+    assert registry.get_sample_value("ecpm_target_up", {"target": "t1"}) == 0.0
+    assert registry.get_sample_value("ecpm_incidents_open", {"target": "t1"}) == 1.0
+    clock.advance(10)
+    feed(core, sim, "t1", "fail", clock)
+    assert state(core, clock) == "down"
+    assert len(pages) == 1  # still one incident, one page
+    clock.advance(10)
+    feed(core, sim, "t1", "pass", clock)
+    assert state(core, clock) == "up"
+    assert pages == [(1, "down", "trigger"), (1, "down", "resolve")]
+    assert core.store.open_incidents() == []
+
+
+def test_two_probes_one_failing_is_degraded_never_down(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
+    good, bad = ProbeSim("p1"), ProbeSim("p2")
+    for _ in range(6):
+        feed(core, good, "t1", "pass", clock)
+        clock.advance(1)
+        feed(core, bad, "t1", "fail", clock)
+        clock.advance(1)
+        feed(core, bad, "t1", "fail", clock, confirm=True)
+        clock.advance(8)
+        assert state(core, clock) == "degraded"
+    assert pages == []
+
+
+def test_two_probes_both_failing_is_down(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
+    a, b = ProbeSim("p1"), ProbeSim("p2")
+    feed(core, a, "t1", "pass", clock)
+    feed(core, b, "t1", "pass", clock)
+    clock.advance(10)
+    feed(core, a, "t1", "fail", clock)
+    feed(core, a, "t1", "fail", clock, confirm=True)
+    assert state(core, clock) == "degraded"  # only one of two probes fails so far
+    clock.advance(1)
+    feed(core, b, "t1", "fail", clock)
+    assert state(core, clock) == "down"
+    assert pages == [(1, "down", "trigger")]
+
+
+def test_inconclusive_never_counts_as_pass(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, _ = make(tmp_path, clock)
+    sim = ProbeSim("p1")
+    feed(core, sim, "t1", "inconclusive", clock, sip_status=486, stage="answer")
+    assert state(core, clock) == "degraded"
+    assert core.snapshot().targets["t1"].last_success_at is None
+
+
+def test_slow_post_dial_delay_and_poor_mos_are_degraded(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, _ = make(tmp_path, clock)
+    sim = ProbeSim("p1")
+    feed(core, sim, "t1", "pass", clock, pdd=4.0)
+    assert state(core, clock) == "degraded"
+    clock.advance(10)
+    feed(core, sim, "t1", "pass", clock, mos=2.5)
+    assert state(core, clock) == "degraded"
+    clock.advance(10)
+    feed(core, sim, "t1", "pass", clock)
+    assert state(core, clock) == "up"
+
+
+def test_silence_is_unknown_then_a_gap_incident(tmp_path: Path) -> None:
+    clock = Clock()
+    core, registry, pages = make(tmp_path, clock, reachability={"gap_incident_after": "60s"})
+    sim = ProbeSim("p1")
+    feed(core, sim, "t1", "pass", clock)
+    clock.advance(29)
+    assert state(core, clock) == "up"  # within 3 × 10 s
+    clock.advance(2)
+    assert state(core, clock) == "unknown"
+    value = registry.get_sample_value("ecpm_target_up", {"target": "t1"})
+    assert value is not None and value != value  # NaN: unknown
+    clock.advance(59)
+    core.evaluate(clock())
+    assert pages == []
+    clock.advance(2)
+    core.evaluate(clock())
+    assert pages == [(1, "gap", "trigger")]
+    feed(core, sim, "t1", "pass", clock)
+    assert state(core, clock) == "up"
+    assert pages[-1] == (1, "gap", "resolve")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda p: re.sub(rb'"sig":"[0-9a-f]{64}"', b'"sig":"' + b"0" * 64 + b'"', p), "signature"),
+        (lambda p: p.replace(b"ecpm.result/1", b"ecpm.result/9"), "schema"),
+        (lambda p: b"\x00\xffgarbage", "encoding"),
+        (lambda p: b"{not json", "json"),
+        (lambda p: p.replace(b'"seq":', b'"seqq":'), "fields"),
+        (lambda p: b" " * (11 * 1024 * 1024), "too_large"),
+    ],
+)
+def test_bad_messages_are_rejected_and_counted(tmp_path: Path, mutate, reason: str) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    core, registry, _ = make(tmp_path, clock)
+    sim = ProbeSim("p1")
+    payload = mutate(sim.result("t1", "pass", clock()).to_json())
+    assert core.handle(sim.topic("t1"), payload) == reason
+    assert registry.get_sample_value("ecpm_results_rejected_total", {"reason": reason}) == 1.0
+    assert core.store.results_between(clock.now.replace(year=2000), clock.advance(1)) == []
+
+
+def test_forged_key_unknown_probe_and_topic_mismatch(tmp_path: Path) -> None:
+    clock = Clock()
+    core, registry, _ = make(tmp_path, clock)
+    forged = ProbeSim("p1", key="not-the-key").result("t1", "pass", clock())
+    assert core.handle("ecpm/v1/results/p1/t1", forged.to_json()) == "signature"
+    stranger = ProbeSim("p9").result("t1", "pass", clock())
+    assert core.handle("ecpm/v1/results/p9/t1", stranger.to_json()) == "unknown_probe"
+    honest = ProbeSim("p1").result("t1", "pass", clock())
+    assert core.handle("ecpm/v1/results/p1/other", honest.to_json()) == "topic_mismatch"
+    odd_target = ProbeSim("p1").result("t9", "pass", clock())
+    assert core.handle("ecpm/v1/results/p1/t9", odd_target.to_json()) == "unknown_target"
+    for reason in ("signature", "unknown_probe", "topic_mismatch", "unknown_target"):
+        assert registry.get_sample_value("ecpm_results_rejected_total", {"reason": reason}) == 1.0
+
+
+def test_duplicates_stored_once_and_gaps_counted(tmp_path: Path) -> None:
+    clock = Clock()
+    core, registry, _ = make(tmp_path, clock)
+    sim = ProbeSim("p1")
+    first = sim.result("t1", "pass", clock())
+    assert core.handle(sim.topic("t1"), first.to_json()) is None
+    assert core.handle(sim.topic("t1"), first.to_json()) is None  # QoS 1 redelivery
+    sim.seq += 3  # three results never arrive
+    clock.advance(1)
+    assert core.handle(sim.topic("t1"), sim.result("t1", "pass", clock()).to_json()) is None
+    core.store.commit()
+    assert len(core.store.results_between(clock.now.replace(year=2000), clock.advance(1))) == 2
+    assert registry.get_sample_value("ecpm_results_duplicate_total") == 1.0
+    assert registry.get_sample_value("ecpm_results_missing_total", {"probe": "p1"}) == 3.0
+
+
+def test_restart_keeps_state_and_opens_no_duplicate_incident(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, pages = make(tmp_path, clock)
+    sim = ProbeSim("p1")
+    feed(core, sim, "t1", "fail", clock)
+    feed(core, sim, "t1", "fail", clock, confirm=True)
+    assert state(core, clock) == "down"
+    since = core.snapshot().targets["t1"].since
+    core.store.close()
+    clock.advance(3)
+    again, _, pages_after = make(tmp_path, clock)
+    view = again.snapshot().targets["t1"]
+    assert (view.state, view.since) == ("down", since)
+    assert pages_after == []  # the open incident was found, not re-opened
+    assert len(again.store.open_incidents()) == 1
+    feed(again, sim, "t1", "fail", clock)
+    assert state(again, clock) == "down"
+    assert len(again.store.incidents()) == 1
+
+
+def test_probe_status_from_last_will(tmp_path: Path) -> None:
+    clock = Clock()
+    core, registry, _ = make(tmp_path, clock)
+    sim = ProbeSim("p1")
+    core.handle(
+        "ecpm/v1/status/p1", json.dumps({"online": True, "version": "0.1.0", "targets": ["t1"]}).encode()
+    )
+    feed(core, sim, "t1", "pass", clock)
+    core.evaluate(clock())
+    assert registry.get_sample_value("ecpm_probe_up", {"probe": "p1"}) == 1.0
+    core.handle("ecpm/v1/status/p1", b'{"online": false}')
+    core.evaluate(clock())
+    assert registry.get_sample_value("ecpm_probe_up", {"probe": "p1"}) == 0.0
+    assert core.handle("ecpm/v1/status/p1", b"offline") == "json"
