@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def test_silence_is_unknown_then_a_gap_incident(tmp_path: Path) -> None:
     clock.advance(2)
     assert state(core, clock) == "unknown"
     value = registry.get_sample_value("ecpm_target_up", {"target": "t1"})
-    assert value is not None and value != value  # NaN: unknown
+    assert value is not None and math.isnan(value)  # NaN: unknown
     clock.advance(59)
     core.evaluate(clock())
     assert pages == []
@@ -202,6 +203,7 @@ def test_restart_keeps_state_and_opens_no_duplicate_incident(tmp_path: Path) -> 
     feed(core, sim, "t1", "fail", clock)
     feed(core, sim, "t1", "fail", clock, confirm=True)
     assert state(core, clock) == "down"
+    assert len(pages) == 1
     since = core.snapshot().targets["t1"].since
     core.store.close()
     clock.advance(3)
