@@ -1,0 +1,126 @@
+"""Connecting to the MQTT broker, the same way for probes and monitors (aiomqtt >= 2.5, < 3).
+
+``connect()`` speaks MQTT 5 where the broker has it and falls back to 3.1.1 when
+``protocol: auto`` (e.g. amqtt, the demo's embedded broker, speaks only 3.1.1).
+A *persistent* session (fixed client id, no clean start, long session expiry)
+makes the broker keep QoS 1 messages for us while we are away. With
+``manual_ack`` the PUBACK for a received message is sent only when the caller
+calls ``ack(client, message)`` — after it has durably stored the message — so a
+crash between receipt and commit loses nothing: the broker redelivers.
+
+    aiomqtt.MqttError  ─▶ the caller's reconnect loop (with backoff)
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ecpm.settings import MqttSettings
+
+logger = logging.getLogger(__name__)
+
+SESSION_EXPIRY = 7 * 86400  # seconds a broker keeps a persistent session's messages (MQTT 5)
+
+
+def _tls(settings: MqttSettings) -> aiomqtt.TLSParameters | None:
+    tls = settings.tls
+    if tls is None:
+        return None
+    return aiomqtt.TLSParameters(
+        ca_certs=tls.ca_file,
+        certfile=tls.cert_file,
+        keyfile=tls.key_file,
+        cert_reqs=ssl.CERT_REQUIRED if tls.verify_peer else ssl.CERT_NONE,
+    )
+
+
+def _protocols(settings: MqttSettings) -> list[aiomqtt.ProtocolVersion]:
+    if settings.protocol == "5":
+        return [aiomqtt.ProtocolVersion.V5]
+    if settings.protocol == "3.1.1":
+        return [aiomqtt.ProtocolVersion.V311]
+    return [aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311]
+
+
+def build_client(
+    settings: MqttSettings,
+    *,
+    identifier: str,
+    protocol: aiomqtt.ProtocolVersion,
+    will: aiomqtt.Will | None = None,
+    persistent: bool = False,
+    manual_ack: bool = False,
+) -> aiomqtt.Client:
+    password = settings.password or settings.password_file
+    v5 = protocol == aiomqtt.ProtocolVersion.V5
+    properties = None
+    if v5 and persistent:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = SESSION_EXPIRY
+    client = aiomqtt.Client(
+        settings.host,
+        settings.port,
+        identifier=identifier,
+        username=settings.username,
+        password=None if password is None else password.get_secret_value(),
+        protocol=protocol,
+        will=will,
+        keepalive=max(5, round(settings.keepalive)),
+        tls_params=_tls(settings),
+        clean_session=None if v5 else not persistent,
+        clean_start=not (v5 and persistent),
+        properties=properties,
+        timeout=10,
+    )
+    if manual_ack:
+        # aiomqtt 2.x has no public switch; paho's is set before connecting so that
+        # messages queued for a persistent session are not acknowledged on arrival.
+        client._client.manual_ack_set(True)
+    return client
+
+
+def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    """Send the PUBACK for a QoS 1 message received with ``manual_ack``."""
+    if message.qos > 0:
+        client._client.ack(message.mid, message.qos)
+
+
+@asynccontextmanager
+async def connect(
+    settings: MqttSettings,
+    *,
+    identifier: str,
+    will: aiomqtt.Will | None = None,
+    persistent: bool = False,
+    manual_ack: bool = False,
+) -> AsyncIterator[aiomqtt.Client]:
+    """Connect with the newest protocol the broker accepts; yield the connected client."""
+    protocols = _protocols(settings)
+    for i, protocol in enumerate(protocols):
+        client = build_client(
+            settings,
+            identifier=identifier,
+            protocol=protocol,
+            will=will,
+            persistent=persistent,
+            manual_ack=manual_ack,
+        )
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            if i + 1 < len(protocols):
+                logger.info("MQTT 5 refused by %s:%d (%s); trying 3.1.1", settings.host, settings.port, exc)
+                continue
+            raise
+        try:
+            yield client
+        finally:
+            await client.__aexit__(None, None, None)
+        return

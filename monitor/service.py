@@ -1,0 +1,170 @@
+"""``ecpm monitor -c monitor.yaml``: the central service.
+
+Tasks, all in one asyncio loop:
+
+- **mqtt**: a persistent QoS 1 session (shared subscription where configured) on
+  ``<prefix>/results/#`` and ``<prefix>/status/+``. Messages are handled in
+  batches: handle each, commit the store once, *then* acknowledge them — a crash
+  before the commit means the broker redelivers, and the store drops duplicates.
+  Reconnects with exponential backoff.
+- **tick**: re-evaluates every target each second (staleness and gaps need no message).
+- **pages**: the notifier dispatcher.
+- **http**: /metrics, /healthz, the JSON API and the status page.
+- **retention**: prunes results older than ``store.retention`` hourly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiomqtt
+from prometheus_client import CollectorRegistry
+
+from ecpm.configfile import load_config
+from ecpm.mqtt import ack, connect
+from ecpm.signals import run_until_signalled
+from monitor.config import MonitorConfig
+from monitor.core import MonitorCore
+from monitor.notify import Dispatcher
+from monitor.store import SqliteStore
+from monitor.web import create_app, serve
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 500
+Action = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class MonitorService:
+    def __init__(self, config: MonitorConfig, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.store = SqliteStore(config.store.path)
+        self.core = MonitorCore(config, self.store, self.registry, pager=self._page)
+        self.dispatcher = Dispatcher(
+            store=self.store,
+            notifiers=config.notifiers,
+            metrics=self.core.metrics,
+            monitor=config.id,
+            status_url=f"http://{config.http.listen}/",
+        )
+        self.connected = asyncio.Event()
+        self.actions: dict[str, Action] = {}
+        self.mqtt_client: aiomqtt.Client | None = None  # for actions that publish (ecpm verify)
+
+    def _page(self, incident: Any, event: str) -> None:
+        self.dispatcher.page(incident, event)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        token = self.config.http.token or self.config.http.token_file
+        app = create_app(
+            snapshot=self.core.snapshot,
+            registry=self.registry,
+            incidents=self.store.incidents,
+            token=None if token is None else token.get_secret_value(),
+            actions=self.actions,
+        )
+        tasks: list[asyncio.Task[Any]] = [
+            asyncio.create_task(self._mqtt(), name="mqtt"),
+            asyncio.create_task(self._tick(), name="tick"),
+            asyncio.create_task(self.dispatcher.run(), name="pages"),
+            asyncio.create_task(serve(app, self.config.http.listen), name="http"),
+            asyncio.create_task(self._retention(), name="retention"),
+        ]
+        logger.info(
+            "monitor %s: status page and /metrics on http://%s/", self.config.id, self.config.http.listen
+        )
+        stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait(), name="stop")
+        done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        for task in (*tasks, stopper):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.store.commit()
+        self.store.close()
+        for task in tasks:  # a task that ended by itself is a failure worth raising
+            if task in done and not task.cancelled() and (error := task.exception()) is not None:
+                raise error
+
+    # ------------------------------------------------------------ MQTT
+
+    async def _mqtt(self) -> None:
+        mqtt = self.config.mqtt
+        prefix = mqtt.topic_prefix
+        group = self.config.ingest.shared_group
+        results = f"$share/{group}/{prefix}/results/#" if group else f"{prefix}/results/#"
+        backoff = 1.0
+        while True:
+            try:
+                async with connect(
+                    mqtt,
+                    identifier=mqtt.client_id or f"ecpm-monitor-{self.config.id}",
+                    persistent=True,
+                    manual_ack=True,
+                ) as client:
+                    await client.subscribe(results, qos=1)
+                    await client.subscribe(f"{prefix}/status/+", qos=1)
+                    logger.info("connected to MQTT %s:%d, subscribed to %s", mqtt.host, mqtt.port, results)
+                    self.mqtt_client = client
+                    self.connected.set()
+                    backoff = 1.0
+                    await self._consume(client)
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                self.mqtt_client = None
+                logger.warning("MQTT: %s; reconnecting in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(30.0, backoff * 2)
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        pending: list[aiomqtt.Message] = []
+        started = time.monotonic()
+        interval = self.config.store.commit_interval
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            self.core.handle(message.topic.value, payload)
+            pending.append(message)
+            # commit when the queue is drained, the batch is big, or it has waited long enough
+            if (
+                len(client.messages) == 0
+                or len(pending) >= MAX_BATCH
+                or time.monotonic() - started >= interval
+            ):
+                self.store.commit()
+                for m in pending:
+                    ack(client, m)
+                pending.clear()
+                started = time.monotonic()
+                self.core.evaluate()
+
+    # ------------------------------------------------------------ periodic work
+
+    async def _tick(self) -> None:
+        while True:
+            self.core.evaluate()
+            await asyncio.sleep(1.0)
+
+    async def _retention(self) -> None:
+        while True:
+            cutoff = datetime.now(UTC) - timedelta(seconds=self.config.store.retention)
+            pruned = self.store.prune(cutoff)
+            if pruned:
+                logger.info("retention: pruned %d results older than %s", pruned, cutoff.isoformat())
+            await asyncio.sleep(3600)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", required=True, help="monitor config file (kind: monitor)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, MonitorConfig)
+    service = MonitorService(config)
+    asyncio.run(run_until_signalled(service.run))
+    return 0
