@@ -2,8 +2,10 @@
 
     EcpmError
     ├── ConfigError        a config file is wrong (file, line, key path, reason)
-    ├── GuardRefusal       a dial target is, or may reach, a live emergency number
-    └── UsageError         the command line is wrong
+    ├── GuardRefusal       a dial target is, or may reach, a live emergency number (probes.guard)
+    ├── UsageError         the command line is wrong
+    ├── ActionError        an HTTP API action refused its request (monitor.web)
+    └── ListenError        an HTTP listener cannot bind its address (monitor.web)
 
 Foreign errors (pydantic, yaml, OSError, pjsua2, MQTT, httpx) are converted at the
 edge of the module that meets them. The CLI prints an ``EcpmError`` as one line and

@@ -19,7 +19,15 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import MonitorConfig
 from monitor.metrics import MonitorMetrics
-from monitor.model import Incident, ProbeView, ResultSummary, Snapshot, TargetStateName, TargetView
+from monitor.model import (
+    Incident,
+    ProbeView,
+    ResultSummary,
+    Snapshot,
+    StateChange,
+    TargetStateName,
+    TargetView,
+)
 from monitor.state import TargetTracker
 from monitor.store import ProbeStatus, SqliteStore, summarize
 from probes.result import ResultError, parse_result, verify
@@ -242,9 +250,19 @@ class MonitorCore:
             targets=views,
             probes=self._probe_views(now),
             open_incidents=tuple(sorted(open_by_key.values(), key=lambda i: i.id)),
-            timeline=tuple(self.store.state_changes(now - TIMELINE)),
+            timeline=self._timeline(now),
         )
         return self._snapshot
+
+    def _timeline(self, now: datetime) -> tuple[StateChange, ...]:
+        """State changes of the last 24 h, each target starting with its state at the window's start."""
+        start = now - TIMELINE
+        baseline = [
+            StateChange(target, state, start)
+            for target in self.trackers
+            if (state := self.store.state_before(target, start)) is not None
+        ]
+        return (*baseline, *self.store.state_changes(start))
 
     def _resolve(self, incident: Incident, now: datetime) -> None:
         self.store.resolve_incident(incident.id, now)

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
 from monitor.config import Notifier, PagerDutyNotifier, SlackNotifier, WebhookNotifier
 from monitor.metrics import MonitorMetrics
@@ -102,6 +103,11 @@ def build_request(notifier: Notifier, event: dict[str, Any]) -> tuple[str, dict[
     raise TypeError(f"unknown notifier {notifier!r}")
 
 
+def _secrets(notifier: Notifier) -> list[str]:
+    found = [getattr(notifier, name, None) for name in ("url", "url_file", "routing_key", "routing_key_file")]
+    return [s.get_secret_value() for s in found if isinstance(s, SecretStr)]
+
+
 class Dispatcher:
     """Queues pages in the store and delivers them; one instance per monitor."""
 
@@ -172,6 +178,9 @@ class Dispatcher:
                 return
             retry = response.status_code == 429 or response.status_code >= 500
             error = f"HTTP {response.status_code}: {response.text[:200]}"
+        if error is not None:  # the page and API show errors: never the secret URL or key
+            for secret in _secrets(notifier):
+                error = error.replace(secret, "<secret>")
         if retry and attempts <= notifier.retries:
             delay = notifier.backoff * 2 ** (attempts - 1)
             self._store.mark_notification(

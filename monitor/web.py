@@ -78,7 +78,7 @@ from monitor.model import (
     TargetView,
 )
 
-__all__ = ["ActionError", "ListenError", "create_app", "serve"]
+__all__ = ["Action", "ActionError", "ListenError", "create_app", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def create_app(
     """The monitor's ASGI app. ``snapshot`` returns the current Snapshot (cheap, no I/O);
     ``incidents(n)`` the latest ``n`` incidents, open and resolved, newest first (called on
     the event loop: keep it quick); ``token`` guards the state-changing ``actions``."""
-    actions = dict(actions or {})
+    registered: Mapping[str, Action] = actions if actions is not None else {}  # read per request
     expected = token.encode() if token else None
     template = _Template.load()
 
@@ -144,7 +144,7 @@ def create_app(
 
     async def api_incidents(request: Request) -> Response:
         raw = request.query_params.get("limit", str(DEFAULT_INCIDENTS))
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_INCIDENTS:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_INCIDENTS:
             return _error(400, f"limit must be a whole number from 1 to {MAX_INCIDENTS}")
         snap = snapshot()
         return _json({"at": _time(snap.at), "incidents": [incident_json(i) for i in incidents(int(raw))]})
@@ -154,7 +154,7 @@ def create_app(
         if refused is not None:
             return refused
         name = request.path_params["action"]
-        action = actions.get(name)
+        action = registered.get(name)
         if action is None:
             return _error(404, f"no such action: {name}")
         body = await _read_body(request)
@@ -185,7 +185,8 @@ def _authorise(request: Request, expected: bytes | None) -> Response | None:
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         return _error(401, "Authorization: Bearer <token> required", bearer='realm="ecpm"')
-    if not hmac.compare_digest(presented.strip().encode(), expected):
+    # header values arrive decoded as latin-1: encoding back gives the bytes the client sent
+    if not hmac.compare_digest(presented.strip().encode("latin-1"), expected):
         return _error(401, "wrong token", bearer='realm="ecpm", error="invalid_token"')
     return None
 
@@ -217,7 +218,7 @@ class _JSON(JSONResponse):
 def _json_default(value: object) -> object:
     if isinstance(value, datetime):
         return _time(value)
-    if isinstance(value, tuple | frozenset | set):
+    if isinstance(value, frozenset | set):
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
@@ -432,10 +433,10 @@ def _abs(value: datetime, ref: datetime | None = None) -> str:
     return u.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def when(value: datetime | None, now: datetime, *, short: bool = False) -> Markup:
+def when(value: datetime | None, now: datetime, *, short: bool = False, missing: str = "—") -> Markup:
     """Absolute UTC and relative: ``<time>14:03:11 UTC</time> (12 min ago)``."""
     if value is None:
-        return html("never" if not short else "—")
+        return html(missing)
     stamp = el("time", _abs(value, now if short else None), datetime=_time(value), title=_time(value))
     return html(stamp, " ", el("span", f"({_ago(value, now)})", class_="muted"))
 
@@ -453,6 +454,10 @@ def _num(value: float | None, fmt: str, unit: str = "") -> str:
     return "—" if value is None else f"{value:{fmt}}{unit}"
 
 
+def _plural(n: int, word: str) -> str:
+    return word if n == 1 else word + "s"
+
+
 def _sip(status: int | None, reason: str | None) -> str:
     if status is None:
         return "—"
@@ -464,7 +469,7 @@ def _sip(status: int | None, reason: str | None) -> str:
 
 def _title(snap: Snapshot) -> str:
     counts = _counts(snap)
-    bad = [f"{counts[s]} {s}" for s in ("down", "unknown", "degraded") if counts[s]]
+    bad = [f"{counts[s]} {s}" for s in _BAD_STATES if counts[s]]
     return ("✕ " + ", ".join(bad) if bad else "✓ all up") + " · ecpm"
 
 
@@ -497,6 +502,8 @@ def render_page(snap: Snapshot, recent: Sequence[Incident], *, now: datetime) ->
     )
 
 
+# worst first: what the verdict banner and the tab title lead with
+_BAD_STATES: Final[tuple[TargetStateName, ...]] = ("down", "unknown", "degraded")
 _API_LINKS: Final = ("/api/v1/targets", "/api/v1/probes", "/api/v1/incidents", "/metrics")
 
 
@@ -514,7 +521,7 @@ def _header(snap: Snapshot, now: datetime) -> Markup:
             role="alert",
             data_stale="true",
         )
-    worst = next((s for s in ("down", "unknown", "degraded") if counts[s]), "up" if total else None)
+    worst = next((s for s in _BAD_STATES if counts[s]), "up" if total else None)
     if worst is None:
         verdict = "No targets configured"
     elif worst == "up":
@@ -532,7 +539,7 @@ def _header(snap: Snapshot, now: datetime) -> Markup:
                 "p",
                 "Snapshot ",
                 when(snap.at, now),
-                f" · refreshes every {REFRESH_SECONDS} s",
+                el("span", f" · refreshes every {REFRESH_SECONDS} s", class_="noprint"),
                 class_="meta",
             ),
             class_="top",
@@ -544,7 +551,11 @@ def _header(snap: Snapshot, now: datetime) -> Markup:
             el(
                 "div",
                 [el("span", el("b", str(counts[s])), f" {s}") for s in TARGET_STATES],
-                el("span", el("b", str(len(snap.open_incidents))), " open incidents"),
+                el(
+                    "span",
+                    el("b", str(len(snap.open_incidents))),
+                    _plural(len(snap.open_incidents), " open incident"),
+                ),
                 el("span", el("b", f"{probes_up}/{len(snap.probes)}"), " probes up"),
                 class_="counts",
             ),
@@ -558,7 +569,7 @@ def _header(snap: Snapshot, now: datetime) -> Markup:
 def _target_card(t: TargetView, snap: Snapshot, now: datetime) -> Markup:
     facts = [
         el("span", el("b", "Since "), when(t.since, now)),
-        el("span", el("b", "Last success "), when(t.last_success_at, now)),
+        el("span", el("b", "Last success "), when(t.last_success_at, now, missing="never")),
         el("span", el("b", "Probes reporting "), ", ".join(t.covering_probes) or "none"),
         el("span", el("b", "Interval "), _duration(t.interval)),
     ]
@@ -590,50 +601,63 @@ def _target_card(t: TargetView, snap: Snapshot, now: datetime) -> Markup:
     )
 
 
+class _Table:
+    """A table that becomes "label: value" lines on a narrow screen."""
+
+    def __init__(self, *head: str, numeric: Iterable[str] = ()) -> None:
+        self.head = head
+        self.numeric = frozenset(numeric)
+        self.rows: list[Markup] = []
+
+    def _class(self, label: str) -> str | None:
+        return "num" if label in self.numeric else None
+
+    def row(self, *cells: Node, **attrs: str | None) -> None:
+        tds = [
+            el("td", el("span", cell), class_=self._class(label), data_label=label)
+            for label, cell in zip(self.head, cells, strict=True)
+        ]
+        self.rows.append(el("tr", tds, **attrs))
+
+    def render(self) -> Markup:
+        head = el("tr", [el("th", label, class_=self._class(label)) for label in self.head])
+        table = el("table", el("thead", head), el("tbody", self.rows), class_="stack")
+        return el("div", table, class_="panel")
+
+
 def _results(results: Sequence[ResultSummary], now: datetime) -> Markup:
     if not results:
         return el("p", "No results yet.", class_="empty")
-    head = ("Probe", "Check", "Outcome", "Stage", "SIP", "Post-dial delay", "MOS", "Finished")
-    rows = []
-    for r in results:
-        tags = [el("span", "confirm", class_="tag") if r.confirm else None]
-        if r.request_id:
-            tags.append(el("span", "on demand", class_="tag", title=f"request {r.request_id}"))
-        stage = html(r.stage or "—", f" · {r.reason}" if r.reason else "")
-        cells = (
-            (r.probe, None),
-            (html(r.check, " ", tags), None),
-            (el("span", f"{_OUTCOME_MARK[r.outcome]} {r.outcome}", class_=f"o-{r.outcome}"), None),
-            (stage, None),
-            (_sip(r.sip_status, r.sip_reason), None),
-            (_num(r.post_dial_delay, ".2f", " s"), "num"),
-            (_num(r.mos, ".2f"), "num"),
-            (when(r.finished_at, now, short=True), None),
-        )
-        rows.append(
-            el(
-                "tr",
-                [el("td", c, class_=k, data_label=h) for h, (c, k) in zip(head, cells, strict=True)],
-                data_probe=r.probe,
-                data_check=r.check,
-                data_outcome=r.outcome,
-            )
-        )
-    return _table(head, rows, numeric={"Post-dial delay", "MOS"})
-
-
-def _table(head: Sequence[str], rows: Sequence[Markup], *, numeric: Iterable[str] = ()) -> Markup:
-    nums = set(numeric)
-    return el(
-        "div",
-        el(
-            "table",
-            el("thead", el("tr", [el("th", h, class_="num" if h in nums else None) for h in head])),
-            el("tbody", rows),
-            class_="stack",
-        ),
-        class_="panel",
+    table = _Table(
+        "Probe",
+        "Check",
+        "Outcome",
+        "Stage",
+        "SIP",
+        "Post-dial delay",
+        "MOS",
+        "Finished",
+        numeric=("Post-dial delay", "MOS"),
     )
+    for r in results:
+        tags = [
+            el("span", "confirm", class_="tag") if r.confirm else None,
+            el("span", "on demand", class_="tag", title=f"request {r.request_id}") if r.request_id else None,
+        ]
+        table.row(
+            el("span", r.probe, class_="mono"),
+            html(r.check, " ", tags),
+            el("span", f"{_OUTCOME_MARK[r.outcome]} {r.outcome}", class_=f"o-{r.outcome}"),
+            html(r.stage or "—", f" · {r.reason}" if r.reason else None),
+            _sip(r.sip_status, r.sip_reason),
+            _num(r.post_dial_delay, ".2f", " s"),
+            _num(r.mos, ".2f"),
+            when(r.finished_at, now, short=True),
+            data_probe=r.probe,
+            data_check=r.check,
+            data_outcome=r.outcome,
+        )
+    return table.render()
 
 
 def _segments(
@@ -654,34 +678,43 @@ def _segments(
     return out
 
 
+_STRIP_WIDTH: Final = 1440.0  # SVG units: one per minute of the 24 h
+_STRIP_MIN: Final = 8.0  # a bad spell is drawn at least this wide, so a short outage still shows
+_TICKS: Final = (("t0", "24 h ago"), ("t25", "18 h"), ("t50", "12 h"), ("t75", "6 h"), ("t100", "now"))
+
+
 def _timeline(t: TargetView, snap: Snapshot) -> Markup:
     end = _utc(snap.at)
     start = end - TIMELINE
-    changes = [c for c in snap.timeline if c.target == t.id]
-    segments = _segments(t, changes, start, end)
-    width = 1440.0  # one unit per minute
     span = TIMELINE.total_seconds()
-    rects = []
+    segments = _segments(t, [c for c in snap.timeline if c.target == t.id], start, end)
     share: dict[str, float] = {}
+    good: list[Markup] = []
+    bad: list[Markup] = []  # bad spells are painted last, on top
     for state, frm, to in segments:
         seconds = (to - frm).total_seconds()
         share[state] = share.get(state, 0.0) + seconds
+        x = (frm - start).total_seconds() / span * _STRIP_WIDTH
+        w = seconds / span * _STRIP_WIDTH
+        if state not in ("up", "none") and w < _STRIP_MIN:
+            w = _STRIP_MIN
+            x = min(x, _STRIP_WIDTH - w)
         label = "no record" if state == "none" else state
-        rects.append(
-            el(
-                "rect",
-                el("title", f"{label}: {_abs(frm)} – {_abs(to)} ({_duration(seconds)})"),
-                x=f"{(frm - start).total_seconds() / span * width:.2f}",
-                y="0",
-                width=f"{seconds / span * width:.2f}",
-                height="10",
-                class_=f"s-{state}",
-            )
+        rect = el(
+            "rect",
+            el("title", f"{label}: {_abs(frm)} – {_abs(to)} ({_duration(seconds)})"),
+            x=f"{x:.2f}",
+            y="0",
+            width=f"{w:.2f}",
+            height="10",
+            class_=f"s-{state}",
         )
+        (good if state in ("up", "none") else bad).append(rect)
     svg = el(
         "svg",
-        rects,
-        viewBox=f"0 0 {width:.0f} 10",
+        good,
+        bad,
+        viewBox=f"0 0 {_STRIP_WIDTH:.0f} 10",
         preserveAspectRatio="none",
         role="img",
         aria_label=f"State of {t.id} over the last 24 hours",
@@ -691,110 +724,105 @@ def _timeline(t: TargetView, snap: Snapshot) -> Markup:
         for s in (*TARGET_STATES, "none")
         if share.get(s, 0.0) > 0
     )
-    ticks = [el("span", label) for label in ("24 h ago", "18 h", "12 h", "6 h", "now")]
-    return html(
-        el("div", svg, el("div", ticks, class_="ticks", aria_hidden="true"), class_="strip"),
-        el("p", f"Last 24 h: {summary}", class_="share"),
+    ticks = el(
+        "div", [el("span", text, class_=css) for css, text in _TICKS], class_="ticks", aria_hidden="true"
     )
+    return html(el("div", svg, ticks, class_="strip"), el("p", f"Last 24 h: {summary}", class_="share"))
 
 
 def _notifications(items: Sequence[Notification]) -> Markup:
     if not items:
-        return html(el("span", "none yet", class_="n-pending"))
-    parts = []
+        return el("span", "none yet", class_="n-pending")
+    mark = {"sent": "✓", "failed": "✕", "pending": "…"}
+    lines = []
     for n in items:
-        mark = {"sent": "✓", "failed": "✕", "pending": "…"}[n.state]
-        text = f"{mark} {n.notifier} {n.event} {n.state}"
-        if n.attempts > 1:
-            text += f" ({n.attempts} tries)"
-        parts.append(el("div", text, class_=f"n-{n.state}", title=n.last_error))
-    return html(parts)
+        tries = f" ({n.attempts} tries)" if n.attempts > 1 else ""
+        text = f"{mark[n.state]} {n.notifier} {n.event} {n.state}{tries}"
+        lines.append(el("div", text, class_=f"n-{n.state}", title=n.last_error))
+    return html(lines)
+
+
+def _kind_badge(kind: str) -> Markup:
+    return state_badge("down") if kind == "down" else el("span", "? gap", class_="badge s-unknown")
 
 
 def _open_incidents(snap: Snapshot, now: datetime) -> Markup:
     if not snap.open_incidents:
         return html(el("h2", "Open incidents"), el("p", "No open incidents.", class_="empty"))
-    head = ("#", "Target", "Kind", "Opened", "First failure", "Detection latency", "Notifications", "Summary")
-    rows = [
-        el(
-            "tr",
-            [
-                el("td", c, class_=k, data_label=h)
-                for h, (c, k) in zip(
-                    head,
-                    (
-                        (str(i.id), None),
-                        (el("b", i.target), None),
-                        (
-                            state_badge("down")
-                            if i.kind == "down"
-                            else el("span", "gap", class_="badge s-unknown"),
-                            None,
-                        ),
-                        (when(i.opened_at, now), None),
-                        (when(i.first_failed_at, now, short=True), None),
-                        (_num(i.detection_latency, ".1f", " s"), "num"),
-                        (_notifications(i.notifications), None),
-                        (i.summary, None),
-                    ),
-                    strict=True,
-                )
-            ],
+    table = _Table(
+        "#",
+        "Target",
+        "Kind",
+        "Opened (detected)",
+        "First failure",
+        "Detection latency",
+        "Notifications",
+        "Summary",
+        numeric=("#", "Detection latency"),
+    )
+    for i in snap.open_incidents:
+        table.row(
+            str(i.id),
+            el("b", i.target, class_="mono"),
+            _kind_badge(i.kind),
+            when(i.opened_at, now),
+            when(i.first_failed_at, now, short=True),
+            _num(i.detection_latency, ".1f", " s"),
+            _notifications(i.notifications),
+            i.summary,
             id=f"incident-{i.id}",
             data_incident=str(i.id),
             data_target=i.target,
         )
-        for i in snap.open_incidents
-    ]
-    return html(el("h2", f"Open incidents ({len(rows)})"), _table(head, rows, numeric={"Detection latency"}))
+    return html(el("h2", f"Open incidents ({len(snap.open_incidents)})"), table.render())
+
+
+_PROBE_BADGE: Final[Mapping[str, tuple[str, str]]] = {
+    "online": ("s-up", "✓"),
+    "stale": ("s-degraded", "▲"),
+    "offline": ("s-down", "✕"),
+    "unknown": ("s-unknown", "?"),
+}
 
 
 def _probes(snap: Snapshot, now: datetime) -> Markup:
-    head = ("Probe", "Status", "Last result", "Status message", "Version", "Targets")
-    badge = {"online": "s-up", "stale": "s-degraded", "offline": "s-down", "unknown": "s-unknown"}
-    mark = {"online": "✓", "stale": "▲", "offline": "✕", "unknown": "?"}
-    rows = []
+    if not snap.probes:
+        return html(el("h2", "Probes"), el("p", "No probes known.", class_="empty"))
+    table = _Table("Probe", "Status", "Last result", "Last status message", "Version", "Targets")
     for p in snap.probes.values():
         status = probe_status(p)
-        cells = (
+        css, mark = _PROBE_BADGE[status]
+        table.row(
             el("span", p.id, class_="mono"),
-            el("span", f"{mark[status]} {status}", class_=f"badge {badge[status]}"),
-            when(p.last_result_at, now),
-            when(p.status_at, now),
+            el("span", f"{mark} {status}", class_=f"badge {css}"),
+            when(p.last_result_at, now, missing="never"),
+            when(p.status_at, now, missing="never"),
             p.version or "—",
             ", ".join(p.targets) or "—",
+            data_probe=p.id,
+            data_status=status,
         )
-        rows.append(
-            el(
-                "tr",
-                [el("td", c, data_label=h) for h, c in zip(head, cells, strict=True)],
-                data_probe=p.id,
-                data_status=status,
-            )
-        )
-    body = _table(head, rows) if rows else el("p", "No probes known.", class_="empty")
-    return html(el("h2", "Probes"), body)
+    return html(el("h2", "Probes"), table.render())
 
 
 def _resolved(recent: Sequence[Incident], now: datetime) -> Markup:
     done = [i for i in recent if i.resolved_at is not None][:RESOLVED_ON_PAGE]
     if not done:
         return html()
-    head = ("#", "Target", "Kind", "Opened", "Resolved", "Lasted", "Summary")
-    rows = []
+    table = _Table("#", "Target", "Kind", "Opened", "Resolved", "Lasted", "Summary", numeric=("#", "Lasted"))
     for i in done:
         assert i.resolved_at is not None
-        cells = (
+        table.row(
             str(i.id),
-            i.target,
+            el("span", i.target, class_="mono"),
             i.kind,
             when(i.opened_at, now),
             when(i.resolved_at, now),
             _duration((_utc(i.resolved_at) - _utc(i.opened_at)).total_seconds()),
             i.summary,
+            data_incident=str(i.id),
         )
-        rows.append(el("tr", [el("td", c, data_label=h) for h, c in zip(head, cells, strict=True)]))
-    return html(el("h2", "Recently resolved incidents"), _table(head, rows))
+    return html(el("h2", "Recently resolved incidents"), table.render())
 
 
 # ---------------------------------------------------------------- page template

@@ -4,7 +4,7 @@
 # the peer tests then fail under ECPM_REQUIRE_PEERS=1 (CI) or are skipped loudly.
 set -euo pipefail
 # program:package
-peers="mosquitto:mosquitto mosquitto_sub:mosquitto-clients sipp:sip-tester promtool:prometheus"
+peers="mosquitto:mosquitto mosquitto_sub:mosquitto-clients sipp:sip-tester promtool:prometheus chromium:chromium"
 missing=()
 for pair in $peers; do
   prog=${pair%%:*} pkg=${pair#*:}
