@@ -66,7 +66,9 @@ def format_duration(seconds: float) -> str:
     """Inverse of ``parse_duration`` for messages: 90.0 → '1m30s', 0.25 → '250ms'."""
     if seconds < 1:
         return f"{round(seconds * 1000)}ms"
-    whole, out = round(seconds), []
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    whole, out = int(seconds), []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if whole >= size:
             out.append(f"{whole // size}{unit}")

@@ -14,7 +14,6 @@ from pydantic import AfterValidator, Field, SecretStr, field_validator, model_va
 from ecpm.configfile import Loc, PositiveDuration, SecretFile, StrictModel, pick_secret
 from ecpm.settings import IPAddress, Listen, MqttSettings, Name, TlsFiles, Transport
 from probes.guard import (
-    DEFAULT_DIAL_PREFIXES,
     CarrierTestService,
     GuardRefusal,
     check_dial_target,
@@ -51,8 +50,9 @@ class SipSettings(StrictModel):
 
 
 class GuardSettings(StrictModel):
-    # PBX access and CLI prefixes stripped before judging a number (e.g. 9, 141, *67, #31#)
-    dial_prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_DIAL_PREFIXES))
+    # Extra PBX access and CLI prefixes stripped before judging a number. They ADD to the
+    # guard's built-in list (probes.guard.DEFAULT_DIAL_PREFIXES) and can never remove one.
+    dial_prefixes: list[str] = Field(default_factory=list)
 
 
 class Location(StrictModel):
