@@ -1,0 +1,533 @@
+"""MQTT publisher: drains the outbox to the broker, keeps the probe's status, takes commands.
+
+Topics (``prefix`` = ``MqttSettings.topic_prefix``, default ``ecpm/v1``)::
+
+    {prefix}/results/{probe}/{target}   results, QoS 1, not retained
+    {prefix}/status/{probe}             retained QoS 1: {"online": true, ...} on connect,
+                                        {"online": false, ...} as Last Will and on clean stop
+    {prefix}/commands/{probe}           on-demand check requests (subscribed, QoS 1)
+    {prefix}/commands/all               the same, for every probe
+
+Delivery
+    Results leave the outbox in ``seq`` order, at most ``max_in_flight`` (≤ 10, where
+    aiomqtt starts warning) unacknowledged at once; a QoS 1 publish returns after the
+    broker's PUBACK and only then is the result deleted from the outbox (acks are
+    batched into one transaction). Delivery is at-least-once: a PUBACK lost with the
+    connection means that result is sent again after reconnecting, so a subscriber can
+    see an id twice (the monitor deduplicates by id) but never misses one.
+
+Connection
+    One session at a time, each with a fresh client (clean session: nothing is
+    queued for us at the broker while we are away, so a stale command never fires
+    late). ``protocol: auto`` tries MQTT 5 and switches to 3.1.1 (without waiting)
+    when the broker refuses the protocol version; when a CONNECT gets no CONNACK
+    at all (a broker that drops MQTT 5 silently, or a TLS problem) the attempts
+    alternate between 5 and 3.1.1; whichever connects is kept. A lost connection is retried with
+    exponential backoff and jitter (0.5 s doubling to 30 s, each delay drawn from
+    the upper half), reset by a successful connection. While disconnected nothing is
+    lost: checks go on and the outbox absorbs their results.
+
+Commands
+    ``{"target": "<target id>", "check": "invite"|"options", "request_id": "<id>"|null}``.
+    A malformed command is refused with a bounded reason (``too_large``, ``encoding``,
+    ``json``, ``fields``, ``check``, ``retained``, ``duplicate``), logged and counted;
+    a well-formed one goes to the injected ``on_command`` callback, which returns
+    ``None`` (accepted) or its own bounded refusal reason (e.g. ``unknown_target``,
+    ``guard``); an exception there is logged and counted as ``error``. Nothing a
+    command contains can stop the publisher. Retained commands are refused: they
+    would fire again on every reconnect.
+
+Errors
+    ``aiomqtt.MqttError`` (and ``OSError``) never escape ``run()``: they end a
+    session and the backoff loop starts another. ``PublisherError`` is raised only
+    at construction for bad TLS files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import re
+import ssl
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import aiomqtt
+from aiomqtt import MqttCodeError, MqttError, ProtocolVersion, Will
+from aiomqtt.exceptions import MqttConnectError
+
+from ecpm import __version__
+from ecpm.errors import EcpmError
+from ecpm.settings import MqttSettings, TlsFiles
+from probes.outbox import Outbox, Pending
+from probes.result import NAME_RE, REQUEST_ID_RE, format_time
+
+logger = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT: Final = 10
+MAX_COMMAND_BYTES: Final = 4096
+COMMAND_KINDS: Final = frozenset({"invite", "options"})
+_UNSUPPORTED_PROTOCOL: Final = frozenset({1, 132})  # 3.1.1 CONNACK rc / MQTT 5 reason code
+_NAME = re.compile(NAME_RE)
+_REQUEST_ID = re.compile(REQUEST_ID_RE)
+_RECENT_REQUESTS: Final = 1024
+_PREFETCH: Final = 200  # outbox rows read ahead of the publish window
+
+
+class PublisherError(EcpmError):
+    """The MQTT settings cannot be used (e.g. unreadable TLS files)."""
+
+
+class CommandRefused(Exception):  # a refusal is a value, not an ecpm error
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """An on-demand check request, validated for shape (not for target existence)."""
+
+    target: str
+    check: str
+    request_id: str | None
+    broadcast: bool  # arrived on commands/all rather than commands/{probe}
+
+
+CommandHandler = Callable[[Command], str | None]  # None: accepted; else a bounded refusal reason
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStats:
+    connected: bool
+    protocol: str | None  # "5" or "3.1.1" while connected
+    connects_total: int
+    connection_failures_total: int
+    published_total: int
+    publish_errors_total: int
+    commands_accepted_total: int
+    commands_refused_total: Mapping[str, int]  # reason -> count
+    last_error: str | None
+
+
+def parse_command(payload: bytes, *, broadcast: bool) -> Command:
+    """Check a command's shape; raise ``CommandRefused`` with a bounded reason."""
+    if len(payload) > MAX_COMMAND_BYTES:
+        raise CommandRefused("too_large", f"{len(payload)} bytes")
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CommandRefused("encoding", "not UTF-8") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise CommandRefused("json", "not JSON") from None
+    if not isinstance(data, dict):
+        raise CommandRefused("json", "not a JSON object")
+    if set(data) - {"target", "check", "request_id"} or not {"target", "check"} <= set(data):
+        raise CommandRefused("fields", f"keys {sorted(str(k)[:20] for k in data)[:5]}")
+    target, check, request_id = data["target"], data["check"], data.get("request_id")
+    if not isinstance(target, str) or not _NAME.match(target):
+        raise CommandRefused("fields", "target is not a target id")
+    if check not in COMMAND_KINDS:
+        raise CommandRefused("check", f"check is not one of {sorted(COMMAND_KINDS)}")
+    if request_id is not None and (not isinstance(request_id, str) or not _REQUEST_ID.match(request_id)):
+        raise CommandRefused("fields", "request_id is not a valid id")
+    return Command(target=target, check=check, request_id=request_id, broadcast=broadcast)
+
+
+def tls_context(tls: TlsFiles) -> ssl.SSLContext:
+    """A client TLS context from ``MqttSettings.tls``; ``PublisherError`` on bad files."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+        if tls.cert_file is not None:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise PublisherError(f"mqtt.tls: cannot load certificates: {exc}") from None
+    if not tls.verify_peer:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Publisher:
+    """One probe's MQTT side. ``await run()`` until ``await stop()``."""
+
+    def __init__(
+        self,
+        *,
+        settings: MqttSettings,
+        probe_id: str,
+        outbox: Outbox,
+        on_command: CommandHandler,
+        targets: Sequence[str] = (),
+        version: str = __version__,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        publish_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 1 <= max_in_flight <= MAX_IN_FLIGHT:
+            raise ValueError(f"max_in_flight must be within 1..{MAX_IN_FLIGHT}")
+        self._settings = settings
+        self._probe = probe_id
+        self._outbox = outbox
+        self._on_command = on_command
+        self._targets = list(targets)
+        self._version = version
+        self._max_in_flight = max_in_flight
+        self._publish_timeout = publish_timeout
+        self._connect_timeout = connect_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._rng = rng if rng is not None else random.Random()
+        self._tls = None if settings.tls is None else tls_context(settings.tls)
+        self._started_at = format_time(datetime.now(UTC))
+        prefix = settings.topic_prefix
+        self.status_topic = f"{prefix}/status/{probe_id}"
+        self.command_topic = f"{prefix}/commands/{probe_id}"
+        self.broadcast_topic = f"{prefix}/commands/all"
+        self._result_prefix = f"{prefix}/results"
+        self._v311_only = settings.protocol == "3.1.1"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
+        self._drain_grace = 0.0
+        self._status_stale = False
+        self._recent: deque[str] = deque(maxlen=_RECENT_REQUESTS)
+        self._lock = threading.Lock()
+        self._connected = False
+        self._protocol: str | None = None
+        self._connects = 0
+        self._connect_failures = 0
+        self._published = 0
+        self._publish_errors = 0
+        self._accepted = 0
+        self._refused: dict[str, int] = {}
+        self._last_error: str | None = None
+        self._connected_once = False  # the current session got past CONNACK
+        self._retry_now = False  # switch protocol and retry without backoff
+
+    # ------------------------------------------------------------ public API
+
+    def result_topic(self, probe: str, target: str) -> str:
+        return f"{self._result_prefix}/{probe}/{target}"
+
+    def set_targets(self, targets: Sequence[str]) -> None:
+        """New target list (after a reload): republish the retained status."""
+        self._targets = list(targets)
+        self._status_stale = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def stats(self) -> PublisherStats:
+        with self._lock:
+            return PublisherStats(
+                connected=self._connected,
+                protocol=self._protocol,
+                connects_total=self._connects,
+                connection_failures_total=self._connect_failures,
+                published_total=self._published,
+                publish_errors_total=self._publish_errors,
+                commands_accepted_total=self._accepted,
+                commands_refused_total=dict(self._refused),
+                last_error=self._last_error,
+            )
+
+    async def run(self) -> None:
+        """Connect, publish, reconnect, until ``stop()``. Never raises ``MqttError``."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        stop = self._stop_event()
+        self._outbox.add_listener(self._on_added)
+        attempt = 0
+        try:
+            while not stop.is_set():
+                protocol = ProtocolVersion.V311 if self._v311_only else ProtocolVersion.V5
+                was_connected = False
+                try:
+                    was_connected = await self._session(protocol)
+                except* (MqttError, OSError) as group:
+                    was_connected = self._connected_once
+                    self._lost(group.exceptions[0], protocol)
+                except* Exception as group:  # a bug: keep the probe alive, say so loudly
+                    was_connected = self._connected_once
+                    logger.error("MQTT session failed unexpectedly", exc_info=group.exceptions[0])
+                    self._note_error(repr(group.exceptions[0]))
+                if stop.is_set():
+                    break
+                if self._retry_now:
+                    self._retry_now = False
+                    continue
+                attempt = 0 if was_connected else attempt + 1
+                delay = min(self._backoff_max, self._backoff_initial * 2 ** max(0, attempt - 1))
+                delay *= self._rng.uniform(0.5, 1.0)
+                logger.debug("MQTT: next connection attempt in %.1f s", delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+        finally:
+            self._outbox.remove_listener(self._on_added)
+            with self._lock:
+                self._connected = False
+                self._protocol = None
+
+    async def stop(self, *, drain: float = 5.0) -> None:
+        """Ask ``run()`` to finish: publish what it can within ``drain`` seconds, mark
+        the probe offline (retained), disconnect. Unpublished results stay in the outbox.
+        Returns immediately; await the ``run()`` task to know it has finished."""
+        self._drain_grace = drain
+        self._stop_event().set()
+
+    # ------------------------------------------------------------ internals
+
+    def _stop_event(self) -> asyncio.Event:
+        if self._stop is None:
+            self._stop = asyncio.Event()
+        return self._stop
+
+    def _on_added(self) -> None:  # outbox thread
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed
+                loop.call_soon_threadsafe(wake.set)
+
+    def _note_error(self, text: str) -> None:
+        with self._lock:
+            self._last_error = text[:200]
+
+    def _status(self, online: bool, reason: str | None = None) -> bytes:
+        body: dict[str, Any] = {
+            "online": online,
+            "probe": self._probe,
+            "version": self._version,
+            "started_at": self._started_at,
+        }
+        if online:
+            body["targets"] = list(self._targets)
+        else:
+            body["reason"] = reason
+        body["at"] = format_time(datetime.now(UTC))
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    def _client(self, protocol: ProtocolVersion) -> aiomqtt.Client:
+        s = self._settings
+        secret = s.password if s.password is not None else s.password_file
+        client = aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=None if secret is None else secret.get_secret_value(),
+            identifier=s.client_id or f"ecpm-probe-{self._probe}",
+            protocol=protocol,
+            will=Will(self.status_topic, self._status(False, "connection_lost"), qos=1, retain=True),
+            keepalive=max(1, math.ceil(s.keepalive)),
+            timeout=self._connect_timeout,  # CONNACK, SUBACK; publishes pass their own
+            tls_context=self._tls,
+            max_queued_incoming_messages=100,
+            logger=logging.getLogger("probes.mqtt.paho"),
+        )
+        client.pending_calls_threshold = self._max_in_flight + 2
+        return client
+
+    async def _session(self, protocol: ProtocolVersion) -> bool:
+        """One connection, from CONNECT to its end. True if it got connected."""
+        self._connected_once = False
+        name = "5" if protocol == ProtocolVersion.V5 else "3.1.1"
+        stop = self._stop_event()
+        async with self._client(protocol) as client:
+            self._connected_once = True
+            with self._lock:
+                self._connected, self._protocol = True, name
+                self._connects += 1
+            logger.info(
+                "MQTT connected to %s:%d (MQTT %s); %d result(s) waiting in the outbox",
+                self._settings.host,
+                self._settings.port,
+                name,
+                self._outbox.depth(),
+            )
+            try:
+                self._status_stale = False
+                await client.publish(
+                    self.status_topic, self._status(True), qos=1, retain=True, timeout=self._publish_timeout
+                )
+                await client.subscribe([(self.command_topic, 1), (self.broadcast_topic, 1)])
+                async with asyncio.TaskGroup() as tasks:
+                    commands = tasks.create_task(self._read_commands(client))
+                    tasks.create_task(self._drain(client, tasks, commands))
+                if stop.is_set():
+                    await client.publish(
+                        self.status_topic, self._status(False, "shutdown"), qos=1, retain=True
+                    )
+            finally:
+                with self._lock:
+                    self._connected, self._protocol = False, None
+        return True
+
+    def _lost(self, exc: BaseException, protocol: ProtocolVersion) -> None:
+        s = self._settings
+        self._note_error(str(exc) or type(exc).__name__)
+        if self._connected_once:
+            logger.warning("MQTT connection to %s:%d lost: %s", s.host, s.port, exc)
+            return
+        with self._lock:
+            self._connect_failures += 1
+        if self._settings.protocol == "auto":
+            rejected = isinstance(exc, MqttConnectError) and _rc_value(exc) in _UNSUPPORTED_PROTOCOL
+            if rejected and protocol == ProtocolVersion.V5:
+                logger.info("MQTT broker %s:%d refuses MQTT 5; using 3.1.1", s.host, s.port)
+                self._v311_only = True
+                self._retry_now = True
+                return
+            if isinstance(exc, MqttError) and "timed out" in str(exc):
+                # no CONNACK at all: a broker that drops an MQTT 5 CONNECT silently, or a
+                # TLS/network problem; alternate versions until one of them connects
+                self._v311_only = protocol == ProtocolVersion.V5
+        level = (
+            logging.WARNING
+            if self._connect_failures in (1, 10) or self._connect_failures % 100 == 0
+            else logging.INFO
+        )
+        logger.log(
+            level,
+            "MQTT cannot connect to %s:%d (failure %d): %s",
+            s.host,
+            s.port,
+            self._connect_failures,
+            exc,
+        )
+
+    async def _read_commands(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            self._handle_command(str(message.topic), message.payload, bool(message.retain))
+
+    def _handle_command(self, topic: str, payload: object, retained: bool) -> None:
+        broadcast = topic == self.broadcast_topic
+        try:
+            if retained:
+                raise CommandRefused("retained", "a retained command would fire on every reconnect")
+            raw = payload if isinstance(payload, bytes) else str(payload).encode("utf-8")
+            command = parse_command(raw, broadcast=broadcast)
+            if command.request_id is not None and command.request_id in self._recent:
+                raise CommandRefused("duplicate", f"request {command.request_id} seen already")
+            try:
+                reason = self._on_command(command)
+            except Exception:
+                logger.exception("command handler failed on %s", command)
+                reason = "error"
+            if command.request_id is not None:
+                self._recent.append(command.request_id)
+            if reason is not None:
+                raise CommandRefused(reason, f"{command.check} of {command.target}")
+        except CommandRefused as refused:
+            with self._lock:
+                self._refused[refused.reason] = self._refused.get(refused.reason, 0) + 1
+            logger.warning("MQTT command on %s refused: %s", topic, refused)
+            return
+        with self._lock:
+            self._accepted += 1
+        logger.info(
+            "MQTT command accepted: %s check of %s (request %s)",
+            command.check,
+            command.target,
+            command.request_id,
+        )
+
+    async def _publish(self, client: aiomqtt.Client, row: Pending) -> None:
+        try:
+            await client.publish(
+                self.result_topic(row.probe, row.target), row.payload, qos=1, timeout=self._publish_timeout
+            )
+        except MqttError as exc:
+            with self._lock:
+                self._publish_errors += 1
+            self._note_error(f"publish: {exc}")
+            raise
+
+    async def _drain(
+        self,
+        client: aiomqtt.Client,
+        tasks: asyncio.TaskGroup,
+        commands: asyncio.Task[None],
+    ) -> None:
+        """Publish the outbox in seq order with a window of unacknowledged results.
+
+        Rows are prefetched (``_PREFETCH`` at a time) so that refilling the window does
+        not wait for SQLite; deletes after PUBACK are queued to the outbox thread
+        without waiting (its single thread keeps them ordered before later reads).
+        """
+        assert self._wake is not None and self._loop is not None
+        wake, stop, loop = self._wake, self._stop_event(), self._loop
+        window: dict[asyncio.Task[None], Pending] = {}
+        buffer: deque[Pending] = deque()
+        fetched = 0  # highest seq fetched in this session
+        deadline: float | None = None
+        stop_waiter = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                if stop.is_set() and deadline is None:
+                    deadline = loop.time() + self._drain_grace
+                late = deadline is not None and loop.time() >= deadline
+                if not late and len(window) < self._max_in_flight:
+                    if self._status_stale:
+                        self._status_stale = False
+                        await client.publish(
+                            self.status_topic,
+                            self._status(True),
+                            qos=1,
+                            retain=True,
+                            timeout=self._publish_timeout,
+                        )
+                    if not buffer:
+                        wake.clear()
+                        buffer.extend(await self._outbox.pending(_PREFETCH, after_seq=fetched))
+                        if buffer:
+                            fetched = buffer[-1].seq
+                    while buffer and len(window) < self._max_in_flight:
+                        row = buffer.popleft()
+                        window[tasks.create_task(self._publish(client, row))] = row
+                if not window and (late or (deadline is not None and not buffer)):
+                    break  # stopping: everything sent, or out of time
+                waiters: set[asyncio.Future[Any]] = set(window)
+                if len(window) < self._max_in_flight and not buffer:
+                    waiters.add(asyncio.ensure_future(wake.wait()))
+                if deadline is None:
+                    waiters.add(stop_waiter)
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters - set(window) - {stop_waiter}:
+                    waiter.cancel()
+                acked = []
+                for task in [t for t in window if t.done()]:
+                    row = window.pop(task)
+                    if task.exception() is None:
+                        acked.append(row.id)
+                if acked:
+                    self._outbox.ack_soon(acked)
+                    with self._lock:
+                        self._published += len(acked)
+                if late and window:
+                    break  # give up on the stragglers: they stay in the outbox
+        finally:
+            stop_waiter.cancel()
+            for task in window:
+                task.cancel()
+            if stop.is_set():
+                commands.cancel()
+
+
+def _rc_value(exc: MqttCodeError) -> int | None:
+    rc = exc.rc
+    if rc is None:
+        return None
+    return int(rc.value) if hasattr(rc, "value") else int(rc)

@@ -1,0 +1,127 @@
+"""A real mosquitto for tests, on a free loopback port, that can stop and come back.
+
+Use the ``broker`` fixture (function scope) from a test marked
+``@pytest.mark.peers("mosquitto")``, or build a ``Broker`` yourself. Its config is
+the four lines aiomqtt's own tests use, with ``max_queued_messages 0`` (mosquitto's
+default of 1000 *drops* QoS 1 messages for a subscriber that falls behind)::
+
+    listener PORT 127.0.0.1
+    allow_anonymous true
+    max_queued_messages 0
+    persistence false
+
+``Broker(tmp_path, persistence=True)`` keeps its state (retained messages, sessions)
+in ``tmp_path`` across ``stop()``/``start()``. ``restart()`` comes back on the same
+port. ``extra`` lines are appended (e.g. TLS listener options, ``password_file``;
+with ``anonymous=False`` a client must authenticate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import peer_path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class Broker:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        persistence: bool = False,
+        anonymous: bool = True,
+        extra: Sequence[str] = (),
+    ) -> None:
+        self.workdir = workdir
+        self.host = HOST
+        self.port = port if port is not None else free_port()
+        self.persistence = persistence
+        self.anonymous = anonymous
+        self.extra = list(extra)
+        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        self.log = workdir / f"mosquitto-{self.port}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def config_text(self) -> str:
+        lines = [
+            f"listener {self.port} {self.host}",
+            f"allow_anonymous {'true' if self.anonymous else 'false'}",
+            "max_queued_messages 0",
+            f"persistence {'true' if self.persistence else 'false'}",
+        ]
+        if self.persistence:
+            lines.append(f"persistence_location {self.workdir}/")
+        if os.geteuid() == 0:
+            lines.append("user root")  # else mosquitto drops to 'mosquitto', who cannot write here
+        return "\n".join([*lines, *self.extra, ""])
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 5.0) -> None:
+        if self.running:
+            return
+        self.conf.write_text(self.config_text(), encoding="utf-8")
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [peer_path("mosquitto"), "-c", str(self.conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited at start: {self.log.read_text(errors='replace')}")
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log.read_text(errors='replace')}")
+
+    def stop(self, *, kill: bool = False) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> Broker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with Broker(tmp_path) as running:
+        yield running

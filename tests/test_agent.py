@@ -1,0 +1,313 @@
+"""The probe agent as a provider runs it: ``ecpm probe`` in its own process, a real
+mosquitto, real calls to the project's responder, a real MQTT subscriber.
+
+Nothing lost: results survive a broker outage and a kill -9 of the probe, arrive
+signed and in sequence; the Last Will marks a killed probe offline; SIGHUP swaps a
+valid config and refuses a broken one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from probes.result import Result, parse_result, verify
+from tests.brokers import Broker
+from tests.conftest import peer_path
+from tests.test_sip_helpers import REPO, ResponderProcess, free_port
+
+pytestmark = pytest.mark.peers("mosquitto", "mosquitto_sub")
+KEY = "agent-test-key"
+
+
+def probe_config(
+    tmp_path: Path, broker: Broker, responder: ResponderProcess, targets: tuple[str, ...] = ("a", "b")
+) -> dict[str, Any]:
+    return {
+        "kind": "probe",
+        "probe": {"id": "p1", "region": "GB", "key": KEY},
+        "mqtt": {"host": broker.host, "port": broker.port, "keepalive": "5s"},
+        "outbox": {"path": str(tmp_path / "outbox.db")},
+        "schedule": {"jitter": 0.0},
+        "health": {"listen": f"127.0.0.1:{free_port()}"},
+        "targets": [
+            {
+                "id": t,
+                "uri": f"sip:ecpm-{t}@127.0.0.1:{responder.port}",
+                "test_endpoint": True,
+                "min_spacing": "500ms",
+                "checks": {
+                    "invite": {
+                        "interval": "3s",
+                        "media_time": "500ms",
+                        "answer_timeout": "3s",
+                        "max_duration": "8s",
+                    },
+                },
+            }
+            for t in targets
+        ],
+    }
+
+
+class ProbeProcess:
+    def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
+        self.health = config["health"]["listen"]
+        self.config_path = tmp_path / "probe.yaml"
+        self.log_path = tmp_path / "probe.log"
+        self.write(config)
+        self.log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ecpm", "probe", "-c", str(self.config_path)],
+            cwd=REPO,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def write(self, config: dict[str, Any] | str) -> None:
+        text = config if isinstance(config, str) else yaml.safe_dump(config)
+        self.config_path.write_text(text, encoding="utf-8")
+
+    def text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.log.close()
+        return code
+
+
+class Subscriber:
+    """mosquitto_sub with a persistent session: it misses nothing while it is connected."""
+
+    def __init__(self, broker: Broker, topic: str, out: Path, *, name: str = "ecpm-test-sub") -> None:
+        self.out = out
+        self._file = out.open("ab")
+        self.proc = subprocess.Popen(
+            [peer_path("mosquitto_sub"), "-h", broker.host, "-p", str(broker.port), "-t", topic,
+             "-q", "1", "-c", "-i", name, "-v"],
+            stdout=self._file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def lines(self) -> list[tuple[str, bytes]]:
+        out = []
+        for line in self.out.read_bytes().splitlines():
+            topic, _, payload = line.partition(b" ")
+            out.append((topic.decode(), payload))
+        return out
+
+    def results(self) -> list[Result]:
+        return [parse_result(p) for t, p in self.lines() if "/results/" in t]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self._file.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def outbox_depth(path: Path) -> int:
+    """Rows waiting in a stopped probe's outbox (a running probe holds it locked)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+
+def live_depth(health: str) -> int:
+    """Outbox depth from a running probe's own /metrics."""
+    try:
+        with urllib.request.urlopen(f"http://{health}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return -1
+    for family in text_string_to_metric_families(text):
+        if family.name == "ecpm_probe_outbox_depth":
+            return int(family.samples[0].value)
+    return -1
+
+
+def assert_complete(results: list[Result]) -> list[Result]:
+    """Every result signed; after dropping QoS 1 redeliveries, seq is 1..N in arrival order."""
+    unique: dict[str, Result] = {}
+    for r in results:
+        assert verify(r, KEY), f"bad signature on seq {r.seq}"
+        unique.setdefault(r.id, r)
+    seqs = [r.seq for r in unique.values()]
+    assert seqs == list(range(1, len(seqs) + 1)), f"sequence not complete and ordered: {seqs}"
+    assert len({r.seq for r in unique.values()}) == len(unique)  # no seq reused with another id
+    return list(unique.values())
+
+
+@pytest.fixture
+def responder() -> Iterator[ResponderProcess]:
+    peer = ResponderProcess()
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with Broker(tmp_path, persistence=True) as b:
+        yield b
+
+
+def test_two_targets_signed_results_without_gaps(
+    tmp_path: Path, broker: Broker, responder: ResponderProcess
+) -> None:
+    sub = Subscriber(broker, "ecpm/v1/#", tmp_path / "sub.txt")
+    probe = ProbeProcess(tmp_path, probe_config(tmp_path, broker, responder))
+    try:
+        wait_for(
+            lambda: {r.target for r in sub.results()} == {"a", "b"} and len(sub.results()) >= 6,
+            40,
+            "results for both targets",
+        )
+    finally:
+        assert probe.stop() == 0, probe.text()
+        time.sleep(0.5)
+        sub.stop()
+    results = assert_complete(sub.results())
+    assert all(r.outcome == "pass" and r.check == "invite" for r in results), [r.stage for r in results]
+    assert all(r.media is not None and r.media.tone_heard and r.media.echo_heard for r in results)
+    statuses = [json.loads(p) for t, p in sub.lines() if t == "ecpm/v1/status/p1"]
+    assert statuses[0]["online"] is True and statuses[0]["targets"] == ["a", "b"]
+    assert statuses[-1]["online"] is False  # a clean stop says so before disconnecting
+    assert outbox_depth(tmp_path / "outbox.db") == 0
+
+
+def test_broker_outage_loses_nothing(tmp_path: Path, broker: Broker, responder: ResponderProcess) -> None:
+    sub = Subscriber(broker, "ecpm/v1/results/#", tmp_path / "sub.txt")
+    probe = ProbeProcess(tmp_path, probe_config(tmp_path, broker, responder, ("a",)))
+    try:
+        wait_for(lambda: len(sub.results()) >= 2, 30, "first results")
+        broker.stop()
+        time.sleep(10)  # several 3 s intervals: the probe keeps calling into its outbox
+        assert probe.proc.poll() is None
+        health = probe.health
+        assert live_depth(health) >= 2, "results should have accumulated while the broker was down"
+        broker.start()
+        wait_for(lambda: live_depth(health) == 0, 40, "the outbox to drain")
+    finally:
+        assert probe.stop() == 0, probe.text()
+        time.sleep(1)
+        sub.stop()
+    results = assert_complete(sub.results())
+    assert len(results) >= 4
+
+
+def test_kill_9_with_results_in_the_outbox_then_restart(
+    tmp_path: Path, broker: Broker, responder: ResponderProcess
+) -> None:
+    broker.stop()  # the broker is unreachable from the start: results pile up
+    config = probe_config(tmp_path, broker, responder, ("a",))
+    probe = ProbeProcess(tmp_path, config)
+    wait_for(lambda: live_depth(probe.health) >= 2, 40, "results in the outbox")
+    probe.stop(signal.SIGKILL)
+    stranded = outbox_depth(tmp_path / "outbox.db")
+    broker.start()
+    sub = Subscriber(broker, "ecpm/v1/results/#", tmp_path / "sub.txt")
+    time.sleep(0.5)
+    again = ProbeProcess(tmp_path, config)
+    try:
+        wait_for(lambda: len({r.id for r in sub.results()}) >= stranded + 2, 40, "old and new results")
+    finally:
+        assert again.stop() == 0, again.text()
+        time.sleep(0.5)
+        sub.stop()
+    results = assert_complete(sub.results())  # seq continues across the kill: 1..N, no gap
+    assert len(results) >= stranded + 2
+
+
+def test_last_will_marks_a_killed_probe_offline(
+    tmp_path: Path, broker: Broker, responder: ResponderProcess
+) -> None:
+    probe = ProbeProcess(tmp_path, probe_config(tmp_path, broker, responder, ("a",)))
+    status = tmp_path / "status.txt"
+
+    def retained() -> dict[str, Any] | None:
+        done = subprocess.run(
+            [peer_path("mosquitto_sub"), "-h", broker.host, "-p", str(broker.port),
+             "-t", "ecpm/v1/status/p1", "-C", "1", "-W", "2"],
+            capture_output=True, check=False,
+        )  # fmt: skip
+        status.write_bytes(done.stdout)
+        return json.loads(done.stdout) if done.stdout.strip() else None
+
+    try:
+        wait_for(lambda: (s := retained()) is not None and s["online"], 30, "retained online status")
+        probe.stop(signal.SIGKILL)
+        # keepalive 5 s: the broker notices within 1.5 x keepalive and publishes the will
+        wait_for(lambda: (s := retained()) is not None and not s["online"], 15, "the Last Will")
+    finally:
+        probe.stop()
+
+
+def test_sighup_swaps_a_valid_config_and_refuses_a_broken_one(
+    tmp_path: Path, broker: Broker, responder: ResponderProcess
+) -> None:
+    sub = Subscriber(broker, "ecpm/v1/results/#", tmp_path / "sub.txt")
+    config = probe_config(tmp_path, broker, responder, ("a",))
+    probe = ProbeProcess(tmp_path, config)
+    try:
+        wait_for(lambda: any(r.target == "a" for r in sub.results()), 30, "results for a")
+        probe.write(probe_config(tmp_path, broker, responder, ("a", "b")))
+        probe.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(r.target == "b" for r in sub.results()), 30, "results for the new target b")
+        probe.write("kind: probe\nprobe: {id: p1, region: GB, key: k}\ntargets: []\ncolour: red\n")
+        probe.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "config reload refused" in probe.text(), 10, "the refusal in the log")
+        assert "colour: unknown key" in probe.text()
+        count = len(sub.results())
+        wait_for(lambda: len(sub.results()) >= count + 2, 30, "results after the refused reload")
+        assert probe.proc.poll() is None
+    finally:
+        assert probe.stop() == 0, probe.text()
+        time.sleep(0.5)
+        sub.stop()
+    assert_complete(sub.results())
+
+
+def test_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text(
+        "kind: probe\nprobe: {id: p1, region: GB, key: k}\ntargets:\n"
+        "  - {id: t, uri: 'sip:999@127.0.0.1', test_endpoint: true}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ecpm", "probe", "-c", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "targets[0].uri: refused by the live-number guard" in done.stderr
+    assert "Traceback" not in done.stderr
