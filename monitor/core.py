@@ -177,7 +177,7 @@ class MonitorCore:
         open_by_key = {(i.target, i.kind): i for i in self.store.open_incidents()}
         views: dict[str, TargetView] = {}
         for target_id, tracker in self.trackers.items():
-            verdict = tracker.evaluate(now)
+            verdict = tracker.evaluate(now, self._expected(target_id, now - tracker.window))
             previous = self._states.get(target_id)
             if previous is None or previous[0] != verdict.state:
                 self.store.add_state_change(target_id, verdict.state, now, verdict.why)
@@ -253,6 +253,12 @@ class MonitorCore:
             timeline=self._timeline(now),
         )
         return self._snapshot
+
+    def _expected(self, target: str, since: datetime) -> frozenset[str]:
+        """Probes online that announced ``target`` and came online after ``since``."""
+        return frozenset(
+            s.probe for s in self._probe_status.values() if s.online and target in s.targets and s.at >= since
+        )
 
     def _timeline(self, now: datetime) -> tuple[StateChange, ...]:
         """State changes of the last 24 h, each target starting with its state at the window's start."""

@@ -5,8 +5,10 @@ Pure logic, no I/O: the service feeds results and asks for a verdict at a time.
 - ``down`` needs confirmation: the latest K decisive results (pass or fail; an
   inconclusive NENA 486 is neither) all failed, **and** at least M probes have a
   failure as their latest decisive result, where M is ``min_failing_probes`` capped at
-  the number of probes covering the target (with fresh results). One flaky probe
-  never makes a target down when another probe gets through.
+  the number of probes covering the target: those with a fresh result, plus those
+  that announced the target and came online within the staleness window (their first
+  result is still due). One flaky probe never makes a target down when another probe
+  gets through.
 - ``unknown``: no fresh result within ``stale_after × interval`` — a monitoring gap.
 - ``degraded``: not down, but something is wrong: some probe's latest call failed,
   the latest results are inconclusive, or a pass had poor media or slow post-dial delay.
@@ -88,7 +90,10 @@ class TargetTracker:
         invites = [r for r in newest_first if r.check == "invite"]
         return invites or newest_first
 
-    def evaluate(self, now: datetime) -> Verdict:
+    def evaluate(self, now: datetime, expected: frozenset[str] = frozenset()) -> Verdict:
+        """The verdict at ``now``. ``expected``: probes that announced this target and came
+        online within the staleness window — they cover it even before their first result,
+        so one failing probe cannot make a target down while another is still starting."""
         rules = self.rules
         fresh = [r for r in self.recent() if r.finished_at >= now - self.window]
         if not fresh:
@@ -99,7 +104,7 @@ class TargetTracker:
                 f"no fresh result within {format_duration(self.window.total_seconds())} (last: {age})",
                 (),
             )
-        covering = tuple(sorted({r.probe for r in fresh}))
+        covering = tuple(sorted({r.probe for r in fresh} | expected))
         deciding = self._deciding(fresh)
         decisive = [r for r in deciding if r.outcome != "inconclusive"]
         latest = _latest_by_probe(decisive)

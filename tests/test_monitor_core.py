@@ -83,6 +83,23 @@ def test_two_probes_one_failing_is_degraded_never_down(tmp_path: Path) -> None:
     assert pages == []
 
 
+def test_a_probe_that_just_came_online_covers_the_target_before_its_first_result(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
+    online = json.dumps({"online": True, "version": "0.1.0", "targets": ["t1"]}).encode()
+    core.handle("ecpm/v1/status/p1", online)
+    core.handle("ecpm/v1/status/p2", online)
+    bad = ProbeSim("p2")
+    feed(core, bad, "t1", "fail", clock)
+    feed(core, bad, "t1", "fail", clock, confirm=True)
+    assert state(core, clock) == "degraded"  # p1 is due to report: not down on p2 alone
+    assert pages == []
+    clock.advance(31)  # p1 never reports within 3 x 10 s: p2 alone now covers the target
+    feed(core, bad, "t1", "fail", clock)
+    feed(core, bad, "t1", "fail", clock, confirm=True)
+    assert state(core, clock) == "down"
+
+
 def test_two_probes_both_failing_is_down(tmp_path: Path) -> None:
     clock = Clock()
     core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
