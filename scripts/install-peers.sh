@@ -5,6 +5,8 @@
 set -euo pipefail
 # program:package
 peers="mosquitto:mosquitto mosquitto_sub:mosquitto-clients sipp:sip-tester promtool:prometheus chromium:chromium"
+# Alertmanager: Debian names the server binary prometheus-alertmanager (upstream: alertmanager)
+peers="$peers amtool:prometheus-alertmanager prometheus-alertmanager:prometheus-alertmanager"
 missing=()
 for pair in $peers; do
   prog=${pair%%:*} pkg=${pair#*:}
