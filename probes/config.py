@@ -79,12 +79,15 @@ class InviteCheck(StrictModel):
     max_duration: PositiveDuration = 30.0  # hard limit for the whole call
     tone_hz: float = Field(default=1000.0, gt=100, lt=3900)  # what we send
     expect_tone_hz: float = Field(default=1400.0, gt=100, lt=3900)  # what the responder plays
+    expect_tone: bool = True  # the responder's tone must be heard; false for a plain echo endpoint
     expect_echo: bool = True  # our tone must come back (two-way audio)
 
     @model_validator(mode="after")
     def _tones_differ(self) -> Self:
         if abs(self.tone_hz - self.expect_tone_hz) < 200:
             raise ValueError("tone_hz and expect_tone_hz must differ by at least 200 Hz")
+        if not (self.expect_tone or self.expect_echo):
+            raise ValueError("expect_tone and expect_echo are both false: media would prove nothing")
         if self.max_duration < self.answer_timeout + self.media_time:
             raise ValueError("max_duration must cover answer_timeout + media_time")
         return self

@@ -1,0 +1,514 @@
+"""The checks a probe runs: ``invite`` (the test call) and ``options`` (a ping).
+
+Shape (blackbox_exporter's): every check is ``async (engine, target) -> CheckOutcome``
+and is registered in :data:`CHECKS`; a failure is a value with a failing stage and
+a bounded reason, never an exception. One attempt, no retry: a retry hides an
+outage. docs/checks.md defines every stage, timer and reason.
+
+invite, in order (each stage's timing in seconds goes into ``timings``)::
+
+    transport  start -> INVITE on the wire        (no response at all within
+                                                    first_response_timeout: fail here)
+    trying     INVITE sent -> first response (any)
+    ringing    INVITE sent -> first 18x (post-dial delay; the 200 when no 18x came)
+    answer     INVITE sent -> 200 OK               (ring-no-answer: CANCEL at answer_timeout)
+    media      200 OK -> every expected tone heard  (listen for media_time)
+    teardown   BYE -> call released
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Protocol
+
+from probes import media, nena
+from probes.config import EmergencyShape, InviteCheck, OptionsCheck, Target
+from probes.guard import GuardRefusal
+from probes.outcome import CheckOutcome, MediaStats, Outcome
+from probes.sip import (
+    CallEvent,
+    CallOptions,
+    CallSetupError,
+    Dial,
+    EngineClosed,
+    NoCallSlot,
+    OutgoingCall,
+    Part,
+    RtpStats,
+    SipEngine,
+    SipError,
+)
+
+ANNOUNCEMENT: Final = Path(__file__).with_name("data") / "announcement.wav"
+ANNOUNCEMENT_TEXT: Final = "This is an automated network test call. There is no emergency."
+ENGINE_MARGIN: Final = 10.0  # the engine's own hard limit is the check's max_duration + this
+TEARDOWN_WAIT: Final = 5.0  # BYE sent -> call released, or fail at teardown
+STATS_EVERY: Final = 0.25  # RTCP figures sampled this often while listening
+
+# Bounded reason codes (metric labels). docs/checks.md explains each one.
+REASONS: Final = (
+    "guard_refused", "call_setup", "no_call_slot", "no_response", "transport_error",
+    "redirected", "auth_failed", "forbidden", "not_found", "unsupported_service",
+    "timeout", "unavailable", "busy", "test_call_limit", "cancelled", "not_acceptable",
+    "rejected", "service_unavailable", "server_timeout", "server_error", "declined",
+    "answer_timeout", "no_location_echo", "location_mismatch", "no_media", "no_rtp",
+    "no_tone", "no_echo", "remote_hangup", "teardown_timeout", "max_duration", "shutdown",
+)  # fmt: skip
+
+
+def reason_for_status(status: int) -> str:
+    """The bounded reason for a final SIP error status."""
+    specific = {
+        401: "auth_failed",
+        407: "auth_failed",
+        403: "forbidden",
+        404: "not_found",
+        408: "timeout",
+        410: "not_found",
+        480: "unavailable",
+        486: "busy",
+        600: "busy",
+        487: "cancelled",
+        488: "not_acceptable",
+        606: "not_acceptable",
+        503: "service_unavailable",
+        504: "server_timeout",
+    }
+    if status in specific:
+        return specific[status]
+    if 300 <= status < 400:
+        return "redirected"
+    if 500 <= status < 600:
+        return "server_error"
+    if status >= 600:
+        return "declined"
+    return "rejected"
+
+
+def dial_for(target: Target) -> Dial:
+    return Dial(
+        uri=target.uri,
+        target=target.id,
+        declared_test_endpoint=target.test_endpoint,
+        proxy=target.outbound_proxy,
+        transport=target.transport,
+        auth=target.auth,
+        carrier_test_service=target.carrier(),
+    )
+
+
+class Check(Protocol):
+    async def __call__(self, engine: SipEngine, target: Target) -> CheckOutcome: ...
+
+
+@dataclass(slots=True)
+class _Result:
+    """Collects what a check found; ``outcome()`` freezes it."""
+
+    check: str
+    started_at: datetime
+    outcome: Outcome = "pass"
+    stage: str | None = None
+    reason: str | None = None
+    sip_status: int | None = None
+    sip_reason: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    media: MediaStats | None = None
+    detail: dict[str, str] = field(default_factory=dict)
+
+    def fail(
+        self,
+        stage: str | None,
+        reason: str,
+        *,
+        outcome: Outcome = "fail",
+        status: int | None = None,
+        sip_reason: str | None = None,
+    ) -> None:
+        """Record the first failure only: later stages do not overwrite it."""
+        if self.outcome != "pass":
+            return
+        self.outcome, self.stage, self.reason = outcome, stage, reason
+        if status is not None:
+            self.sip_status, self.sip_reason = status, sip_reason
+
+    def time(self, stage: str, seconds: float | None) -> None:
+        if seconds is not None:
+            self.timings[stage] = round(max(0.0, seconds), 6)
+
+    def done(self) -> CheckOutcome:
+        return CheckOutcome(
+            check=self.check,
+            outcome=self.outcome,
+            started_at=self.started_at,
+            finished_at=datetime.now(UTC),
+            stage=self.stage,
+            reason=self.reason,
+            sip_status=self.sip_status,
+            sip_reason=self.sip_reason,
+            timings=dict(self.timings),
+            media=self.media,
+            detail={k: v[:1024] for k, v in list(self.detail.items())[:32]},
+        )
+
+
+def _refused(result: _Result, refusal: GuardRefusal) -> CheckOutcome:
+    result.fail("transport", "guard_refused")
+    result.detail["guard.reason"] = refusal.reason
+    result.detail["guard.detail"] = refusal.detail
+    return result.done()
+
+
+# ---------------------------------------------------------------------- invite
+
+
+@dataclass(slots=True)
+class _Dialog:
+    """What the signalling phase saw."""
+
+    sent_at: float | None = None
+    first: CallEvent | None = None
+    ringing_at: float | None = None
+    answer: CallEvent | None = None  # the 2xx response (or CONFIRMED when no response event)
+    last: CallEvent | None = None
+    media_at: float | None = None
+    media_active: bool = False
+    ended: CallEvent | None = None
+
+
+async def invite_check(
+    engine: SipEngine,
+    target: Target,
+    check: InviteCheck | None = None,
+    *,
+    announcement: Path | None = ANNOUNCEMENT,
+) -> CheckOutcome:
+    """One test call: signalling, two-way media, teardown. Never raises for a failed
+    path; an exception from here is a bug."""
+    cfg = check or target.checks.invite or InviteCheck()
+    result = _Result("invite", datetime.now(UTC))
+    begin = time.monotonic()
+    deadline = begin + cfg.max_duration
+    shape = target.emergency
+    headers: tuple[tuple[str, str], ...] = ()
+    parts: tuple[Part, ...] = ()
+    if shape is not None:
+        cid = f"ecpm-loc-{uuid.uuid4().hex[:16]}@ecpm.invalid" if shape.location else None
+        headers = tuple(nena.emergency_headers(shape, cid))
+        if shape.location is not None and cid is not None:
+            pidf = nena.build_pidf_lo(shape.location)
+            parts = (Part("application/pidf+xml", pidf, (("Content-ID", f"<{cid}>"),)),)
+    workdir = Path(tempfile.mkdtemp(prefix="ecpm-call-"))
+    recording = workdir / "received.wav"
+    try:
+        try:
+            call = await engine.call(
+                dial_for(target),
+                CallOptions(
+                    headers=headers,
+                    parts=parts,
+                    tone_hz=cfg.tone_hz,
+                    record=recording,
+                    first_response_timeout=cfg.first_response_timeout,
+                    max_duration=cfg.max_duration + ENGINE_MARGIN,
+                ),
+            )
+        except GuardRefusal as refusal:
+            return _refused(result, refusal)
+        except NoCallSlot as exc:
+            result.fail("transport", "no_call_slot", outcome="inconclusive")
+            result.detail["error"] = str(exc)
+            return result.done()
+        except EngineClosed:
+            result.fail(None, "shutdown", outcome="inconclusive")
+            return result.done()
+        except (CallSetupError, SipError) as exc:
+            result.fail("transport", "call_setup")
+            result.detail["error"] = str(exc)
+            return result.done()
+        if call.waited > 0.05:
+            result.detail["slot_wait_ms"] = f"{call.waited * 1000:.0f}"
+        async with call:
+            dialog = await _signalling(call, cfg, result, deadline, shape)
+            if dialog.answer is None:
+                return result.done()
+            answer = dialog.answer
+            result.sip_status, result.sip_reason = answer.status, answer.reason
+            await _media_and_teardown(
+                call,
+                cfg,
+                result,
+                dialog,
+                deadline=deadline,
+                recording=recording,
+                announcement=announcement,
+                shape=shape,
+            )
+        return result.done()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _signalling(
+    call: OutgoingCall,
+    cfg: InviteCheck,
+    result: _Result,
+    deadline: float,
+    shape: EmergencyShape | None,
+) -> _Dialog:
+    d = _Dialog()
+    start = call.started_at
+    while True:
+        now = time.monotonic()
+        if d.first is None:
+            limit, why = start + cfg.first_response_timeout, "no_response"
+        else:
+            limit, why = (d.sent_at or start) + cfg.answer_timeout, "answer_timeout"
+        if deadline < limit:
+            limit, why = deadline, "max_duration"
+        event = await call.next_event(limit - now)
+        if event is None:  # our own timer fired first
+            stage = "transport" if d.first is None else "answer"
+            last = d.last
+            result.fail(
+                stage, why, status=last.status if last else None, sip_reason=last.reason if last else None
+            )
+            _signal_timings(result, d, start)
+            await call.hangup()  # CANCEL once a provisional came; pjsip waits for one otherwise
+            await call.wait_ended(2.0)
+            return d
+        if event.kind == "sent":
+            d.sent_at = event.at
+        elif event.kind == "response" and event.status is not None:
+            if d.sent_at is None:
+                d.sent_at = start
+            if d.first is None:
+                d.first = event
+            d.last = event
+            if 180 <= event.status < 200 and d.ringing_at is None:
+                d.ringing_at = event.at
+            if 200 <= event.status < 300:
+                d.answer = event
+        elif event.kind == "media":
+            d.media_active = bool(event.media_active)
+            if d.media_active and d.media_at is None:
+                d.media_at = event.at
+        elif event.kind == "confirmed":
+            if d.answer is None:
+                d.answer = event
+            _signal_timings(result, d, start)
+            return d
+        elif event.kind == "disconnected":
+            d.ended = event
+            _signal_timings(result, d, start)
+            _ended_before_answer(result, d, event, shape)
+            return d
+
+
+def _signal_timings(result: _Result, d: _Dialog, start: float) -> None:
+    sent = d.sent_at
+    if sent is None:
+        return
+    result.time("transport", sent - start)
+    if d.first is not None:
+        result.time("trying", d.first.at - sent)
+    if d.ringing_at is not None:
+        result.time("ringing", d.ringing_at - sent)
+    elif d.answer is not None:
+        result.time("ringing", d.answer.at - sent)  # no 18x: post-dial delay ends at answer
+    if d.answer is not None:
+        result.time("answer", d.answer.at - sent)
+
+
+def _ended_before_answer(result: _Result, d: _Dialog, event: CallEvent, shape: EmergencyShape | None) -> None:
+    cause = event.cause
+    if cause == "engine_closed":
+        result.fail(None, "shutdown", outcome="inconclusive")
+    elif cause == "max_duration":
+        result.fail("answer" if d.first else "transport", "max_duration")
+    elif cause == "rejected" or (d.last is not None and (d.last.status or 0) >= 300):
+        final = d.last if d.last is not None and (d.last.status or 0) >= 300 else event
+        status = final.status or event.status or 0
+        reason = reason_for_status(status)
+        outcome: Outcome = "fail"
+        if shape is not None:  # NENA i3 test-call semantics
+            score = nena.score_answer(status, final.message, shape)
+            reason = score.reason or reason
+            outcome = score.outcome
+        elif status == 486:  # the test endpoint is over its call limit: not a verdict
+            outcome = "inconclusive"
+        result.fail("answer", reason, outcome=outcome, status=status, sip_reason=final.reason)
+    elif d.first is None and cause == "timeout":
+        result.fail("transport", "no_response")
+        result.detail["local"] = f"{event.status} {event.reason}"
+    elif d.first is None:
+        result.fail("transport", "transport_error")
+        result.detail["local"] = f"{event.status} {event.reason}"
+    else:  # provisional seen, then the transaction died without a final response
+        result.fail("answer", "no_response" if cause == "timeout" else "transport_error")
+        result.detail["local"] = f"{event.status} {event.reason}"
+
+
+async def _media_and_teardown(
+    call: OutgoingCall,
+    cfg: InviteCheck,
+    result: _Result,
+    d: _Dialog,
+    *,
+    deadline: float,
+    recording: Path,
+    announcement: Path | None,
+    shape: EmergencyShape | None,
+) -> None:
+    assert d.answer is not None
+    answer_at = d.answer.at
+    if shape is not None:
+        score = nena.score_answer(d.answer.status or 200, d.answer.message, shape)
+        result.detail.update(score.detail)
+        if score.outcome != "pass" and score.reason is not None:
+            result.fail("answer", score.reason, outcome=score.outcome)
+    # listen
+    listen_until = min(answer_at + cfg.media_time, deadline)
+    remote_end: CallEvent | None = None
+    stats: RtpStats | None = None
+    while True:  # RTCP figures are sampled as we go: they vanish with the call
+        now = time.monotonic()
+        if now >= listen_until:
+            break
+        event = await call.next_event(min(STATS_EVERY, listen_until - now))
+        if event is not None and event.kind == "media":
+            d.media_active = bool(event.media_active)
+            if d.media_active and d.media_at is None:
+                d.media_at = event.at
+        elif event is not None and event.kind == "disconnected":
+            remote_end = event
+            break
+        stats = await call.stats() or stats
+    stats = await call.stats() or stats
+    await call.record(None)  # closes the WAV (waits until pjmedia has written it)
+    freqs = [cfg.expect_tone_hz, cfg.tone_hz]
+    reports: dict[float, media.ToneReport] = {}
+    try:
+        samples, rate = await asyncio.to_thread(media.read_wav, recording)
+        reports = await asyncio.to_thread(media.detect_tones, samples, rate, freqs)
+    except (ValueError, OSError):  # no audio was ever recorded (no media)
+        reports = {}
+    tone = reports.get(cfg.expect_tone_hz)
+    echo = reports.get(cfg.tone_hz)
+    tone_heard = bool(tone and tone.heard)
+    echo_heard = bool(echo and echo.heard)
+    result.media = _media_stats(stats, tone_heard, echo_heard if cfg.expect_echo else None)
+    # the verdict on media
+    required = ([tone] if cfg.expect_tone else []) + ([echo] if cfg.expect_echo else [])
+    heard_all = all(r is not None and r.heard for r in required)
+    if heard_all and required:
+        media_start = d.media_at if d.media_at is not None else answer_at
+        firsts = [r.first_at or 0.0 for r in required if r is not None]
+        result.time("media", media_start - answer_at + max(firsts))
+    else:
+        result.time("media", min(time.monotonic(), listen_until) - answer_at)
+    if remote_end is not None:
+        result.detail["hangup"] = "far end, during media"
+    if remote_end is not None and not heard_all:
+        result.fail("media", "remote_hangup", status=remote_end.status, sip_reason=remote_end.reason)
+    elif not d.media_active and not heard_all:
+        result.fail("media", "no_media")
+    elif stats is None or stats.rx_packets == 0:
+        result.fail("media", "no_rtp")
+    elif cfg.expect_tone and not tone_heard:
+        result.fail("media", "no_tone")
+    elif cfg.expect_echo and not echo_heard:
+        result.fail("media", "no_echo")
+    # a person may have answered: say so before hanging up
+    identified = tone_heard if cfg.expect_tone else echo_heard
+    if not identified and remote_end is None and not call.ended and announcement is not None:
+        length = media.wav_duration(announcement)
+        if await call.play_file(announcement):
+            result.detail["announcement"] = "played"
+            ended = await call.wait_ended(max(0.0, min(length + 0.3, deadline - time.monotonic())))
+            if ended is not None:
+                remote_end = ended
+    if remote_end is not None or call.ended:
+        return
+    if time.monotonic() >= deadline:
+        result.fail("media", "max_duration")
+    began = time.monotonic()
+    await call.hangup()
+    ended = await call.wait_ended(TEARDOWN_WAIT)
+    if ended is None:
+        result.fail("teardown", "teardown_timeout")
+        return
+    result.time("teardown", ended.at - began)
+
+
+def _media_stats(stats: RtpStats | None, tone_heard: bool, echo_heard: bool | None) -> MediaStats:
+    if stats is None:
+        return MediaStats(0, 0, 0.0, 0.0, None, None, tone_heard, echo_heard)
+    loss = media.loss_fraction(stats.rx_packets, stats.rx_lost)
+    mos = (
+        media.estimate_mos(loss=loss, jitter_ms=stats.jitter_ms, rtt_ms=stats.rtt_ms, codec=stats.codec)
+        if stats.rx_packets > 0
+        else None
+    )
+    return MediaStats(
+        rx_packets=stats.rx_packets,
+        tx_packets=stats.tx_packets,
+        loss=round(loss, 4),
+        jitter_ms=round(stats.jitter_ms, 3),
+        rtt_ms=None if stats.rtt_ms is None else round(stats.rtt_ms, 3),
+        mos=mos,
+        tone_heard=tone_heard,
+        echo_heard=echo_heard,
+    )
+
+
+# --------------------------------------------------------------------- options
+
+
+async def options_check(engine: SipEngine, target: Target, check: OptionsCheck | None = None) -> CheckOutcome:
+    """One OPTIONS: any 2xx (or a status in ``accept``) passes."""
+    cfg = check or target.checks.options or OptionsCheck()
+    result = _Result("options", datetime.now(UTC))
+    begin = time.monotonic()
+    try:
+        reply = await engine.options(dial_for(target), timeout=cfg.timeout)
+    except GuardRefusal as refusal:
+        return _refused(result, refusal)
+    except EngineClosed:
+        result.fail(None, "shutdown", outcome="inconclusive")
+        return result.done()
+    except (CallSetupError, SipError) as exc:
+        result.fail("transport", "call_setup")
+        result.detail["error"] = str(exc)
+        return result.done()
+    waited = reply.sent_at - begin
+    if waited > 0.05:
+        result.detail["rate_wait_ms"] = f"{waited * 1000:.0f}"
+    if not reply.from_network:
+        result.fail("transport", "no_response" if reply.status == 408 else "transport_error")
+        result.detail["local"] = f"{reply.status} {reply.reason}"
+        return result.done()
+    result.time("answer", reply.finished_at - reply.sent_at)
+    if not (200 <= reply.status < 300 or reply.status in cfg.accept):
+        result.fail("answer", reason_for_status(reply.status), status=reply.status, sip_reason=reply.reason)
+    else:
+        result.sip_status, result.sip_reason = reply.status, reply.reason
+    return result.done()
+
+
+# -------------------------------------------------------------------- registry
+
+CHECKS: Final[Mapping[str, Check]] = {"invite": invite_check, "options": options_check}
+
+
+async def run_check(engine: SipEngine, target: Target, kind: str) -> CheckOutcome:
+    """The scheduler's runner: ``CHECKS[kind](engine, target)``."""
+    return await CHECKS[kind](engine, target)

@@ -1,0 +1,321 @@
+"""Plumbing shared by the SIP tests (no tests of its own): free loopback ports, a
+SIPp UAS, the project's responder in a subprocess, a UDP sink that records what
+reaches it, and a quick way to run a check on a fresh engine.
+
+Every peer listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from probes.config import Checks, EmergencyShape, InviteCheck, OptionsCheck, SipSettings, Target
+from probes.guard import Guard
+from probes.sip import SipEngine
+from tests.conftest import peer_path
+
+T = TypeVar("T")
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+SIPP_DIR = Path(__file__).resolve().parent / "sipp"
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 (SIP listens on both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((HOST, 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((HOST, port))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def udp_port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+class UdpSink:
+    """A UDP socket that never answers and keeps whatever arrives (a black hole
+    that can testify)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.sock.setblocking(False)
+        self.port = int(self.sock.getsockname()[1])
+
+    def received(self, wait: float = 0.3) -> list[bytes]:
+        time.sleep(wait)
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(65535))
+            except BlockingIOError:
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(name="sink")
+def sink_fixture() -> Iterator[UdpSink]:
+    s = UdpSink()
+    yield s
+    s.close()
+
+
+class Sipp:
+    """SIPp as a UAS on 127.0.0.1, one scenario, ``calls`` calls, then it exits."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        scenario: str | Path,
+        *,
+        rtp_echo: bool = False,
+        keys: dict[str, str] | None = None,
+        calls: int = 1,
+        timeout: float = 20.0,
+        transport: str = "u1",
+    ) -> None:
+        self.port = free_port()
+        self.media_port = free_port()
+        self.messages = tmp / f"sipp-{self.port}-messages.log"
+        self.errors = tmp / f"sipp-{self.port}-errors.log"
+        path = Path(scenario) if Path(scenario).is_absolute() else SIPP_DIR / scenario
+        cmd = [
+            peer_path("sipp"), "-sf", str(path), "-i", HOST, "-p", str(self.port),
+            "-mi", HOST, "-mp", str(self.media_port), "-t", transport, "-m", str(calls), "-nostdin",
+            "-timeout", f"{timeout:.0f}s", "-timeout_error",
+            "-trace_msg", "-message_file", str(self.messages),
+            "-trace_err", "-error_file", str(self.errors),
+        ]  # fmt: skip
+        if rtp_echo:
+            cmd.append("-rtp_echo")
+        for key, value in (keys or {}).items():
+            cmd += ["-key", key, value]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 5
+        while not udp_port_in_use(self.port) if transport == "u1" else not _tcp_listening(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sipp did not start: {self.stderr()}")
+            time.sleep(0.02)
+
+    @property
+    def uri(self) -> str:
+        return f"sip:ecpm-test@{HOST}:{self.port}"
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """SIPp's exit status: 0 when every call followed the scenario."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return -999
+
+    def log(self) -> str:
+        return self.messages.read_text(errors="replace") if self.messages.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def _tcp_listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((HOST, port)) == 0
+
+
+@pytest.fixture(name="sipp_factory")
+def sipp_factory_fixture(tmp_path: Path) -> Iterator[Callable[..., Sipp]]:
+    started: list[Sipp] = []
+
+    def start(scenario: str | Path, **kwargs: Any) -> Sipp:
+        peer = Sipp(tmp_path, scenario, **kwargs)
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        peer.stop()
+
+
+class ResponderProcess:
+    """``python -m ecpm responder`` on free loopback ports."""
+
+    def __init__(self, *extra: str, token: str | None = None) -> None:
+        self.port = free_port()
+        self.control_port = free_port()
+        self.token = token
+        self.stderr_text = ""
+        cmd = [
+            sys.executable, "-m", "ecpm", "--log-level", "warning", "responder",
+            "--port", str(self.port), "--control", f"{HOST}:{self.control_port}",
+            "--ring-time", "20ms", *extra,
+        ]  # fmt: skip
+        env = dict(os.environ)
+        if token is not None:
+            env["ECPM_TEST_TOKEN"] = token
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.ready_line = self.proc.stdout.readline()
+        if "ready" not in self.ready_line:
+            self.stop()
+            raise RuntimeError(f"responder did not start: {self.ready_line!r} {self.stderr_text}")
+
+    @property
+    def uri(self) -> str:
+        return f"sip:ecpm-test@{HOST}:{self.port}"
+
+    def http(
+        self, method: str, path: str, body: str | None = None, token: str | None = None
+    ) -> tuple[int, str]:
+        req = urllib.request.Request(
+            f"http://{HOST}:{self.control_port}{path}",
+            data=None if body is None else body.encode(),
+            method=method,
+        )
+        if token is not None:
+            req.add_header("X-ECPM-Token", token)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return int(resp.status), resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return int(err.code), err.read().decode()
+
+    def set_fault(self, fault: str) -> None:
+        status, body = self.http("PUT", "/fault", fault, self.token)
+        assert status == 200, body
+
+    def stop(self, sig: int | None = None) -> int:
+        if self.proc.poll() is None:
+            if sig is None:
+                self.proc.terminate()
+            else:
+                self.proc.send_signal(sig)
+        try:
+            _, err = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        self.stderr_text = err or ""
+        return int(self.proc.returncode)
+
+
+@pytest.fixture(name="responder", scope="module")
+def responder_fixture() -> Iterator[ResponderProcess]:
+    peer = ResponderProcess()
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture(name="clean_responder")
+def clean_responder_fixture(responder: ResponderProcess) -> Iterator[ResponderProcess]:
+    """The shared responder with its fault reset before and after the test."""
+    responder.set_fault("none")
+    yield responder
+    responder.set_fault("none")
+
+
+def make_target(
+    uri: str,
+    *,
+    transport: str = "udp",
+    proxy: str | None = None,
+    emergency: EmergencyShape | None = None,
+    options: bool = True,
+    **invite: Any,
+) -> Target:
+    """A test target with short timers (tests must be quick)."""
+    settings: dict[str, Any] = {
+        "first_response_timeout": "1s",
+        "answer_timeout": "2s",
+        "media_time": "1s",
+        "max_duration": "10s",
+    }
+    settings.update(invite)
+    return Target(
+        id="t",
+        uri=uri,
+        test_endpoint=True,
+        transport=transport,  # type: ignore[arg-type]
+        outbound_proxy=proxy,
+        emergency=emergency,
+        checks=Checks(
+            invite=InviteCheck.model_validate(settings),
+            options=OptionsCheck.model_validate({"timeout": "1s"}) if options else None,
+        ),
+    )
+
+
+def with_engine(
+    body: Callable[[SipEngine], Awaitable[T]],
+    *,
+    settings: SipSettings | None = None,
+    guard: Guard | None = None,
+    **engine_kwargs: Any,
+) -> T:
+    """Run ``body(engine)`` on a fresh engine in a fresh event loop."""
+
+    async def main() -> T:
+        engine = SipEngine(settings or SipSettings(), guard or Guard(home_region="GB"), **engine_kwargs)
+        async with engine:
+            return await body(engine)
+
+    return asyncio.run(main())
+
+
+@contextlib.contextmanager
+def elapsed() -> Iterator[list[float]]:
+    box: list[float] = []
+    start = time.monotonic()
+    try:
+        yield box
+    finally:
+        box.append(time.monotonic() - start)
