@@ -114,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request is noise
     try:
         return int(args._run(args))
     except ConfigError as exc:  # already FILE:LINE: key: reason, one per line

@@ -65,12 +65,14 @@ class Demo:
         self.webhook_port = free_port()
         self.listen = args.listen
         self.pages: list[dict[str, Any]] = []
+        self.token_file = workdir / "monitor.token"  # for ecpm verify and other state-changing calls
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     # ------------------------------------------------------------ configs
 
     def write_configs(self) -> dict[str, Path]:
         key = secrets.token_hex(32)
+        self.token_file.write_text(secrets.token_urlsafe(24), encoding="utf-8")
         interval = self.args.interval
         probe = {
             "kind": "probe",
@@ -105,7 +107,7 @@ class Demo:
             "mqtt": {"host": HOST, "port": self.mqtt_port},
             "ingest": {"shared_group": None},  # amqtt has no shared subscriptions
             "store": {"path": str(self.workdir / "monitor.db")},
-            "http": {"listen": self.listen},
+            "http": {"listen": self.listen, "token_file": str(self.token_file)},
             "reachability": {"gap_incident_after": "1m"},
             "probes": [{"id": "demo-probe", "key": key}],
             "targets": [
@@ -205,6 +207,10 @@ class Demo:
             _say(f"metrics      http://{self.listen}/metrics")
             _say(f"break it     curl -X PUT --data answer_503 http://{HOST}:{self.control_port}/fault")
             _say(f"restore      curl -X PUT --data none http://{HOST}:{self.control_port}/fault")
+            _say(
+                f"verify       ecpm verify --monitor http://{self.listen} --token-file {self.token_file}"
+                " --target demo-path --change-ref CHG-DEMO"
+            )
             _say("Ctrl-C stops everything")
             await self.watch(stop)
         finally:

@@ -34,6 +34,7 @@ from monitor.config import MonitorConfig
 from monitor.core import MonitorCore
 from monitor.notify import Dispatcher
 from monitor.store import SqliteStore
+from monitor.verification import Verifier
 from monitor.web import create_app, serve
 
 logger = logging.getLogger(__name__)
@@ -56,11 +57,19 @@ class MonitorService:
             status_url=f"http://{config.http.listen}/",
         )
         self.connected = asyncio.Event()
-        self.actions: dict[str, Action] = {}
         self.mqtt_client: aiomqtt.Client | None = None  # for actions that publish (ecpm verify)
+        verifier = Verifier(
+            core=self.core, store=self.store, publish=self._publish, topic_prefix=config.mqtt.topic_prefix
+        )
+        self.actions: dict[str, Action] = {"verify": verifier.start, "verify_status": verifier.status}
 
     def _page(self, incident: Any, event: str) -> None:
         self.dispatcher.page(incident, event)
+
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        if self.mqtt_client is None:
+            raise ConnectionError("not connected")
+        await asyncio.wait_for(self.mqtt_client.publish(topic, payload, qos=1), timeout=10)
 
     async def run(self, stop: asyncio.Event) -> None:
         token = self.config.http.token or self.config.http.token_file

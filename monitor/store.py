@@ -86,6 +86,22 @@ CREATE TABLE IF NOT EXISTS state_changes (
     row INTEGER PRIMARY KEY, target TEXT NOT NULL, state TEXT NOT NULL, at TEXT NOT NULL, why TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS state_changes_target ON state_changes (target, at);
+CREATE TABLE IF NOT EXISTS probe_events (
+    row INTEGER PRIMARY KEY, probe TEXT NOT NULL, online INTEGER NOT NULL, at TEXT NOT NULL, version TEXT
+);
+CREATE TABLE IF NOT EXISTS verifications (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
+    target TEXT NOT NULL,
+    probes TEXT NOT NULL,
+    required INTEGER NOT NULL,
+    change_ref TEXT,
+    requested_at TEXT NOT NULL,
+    deadline TEXT NOT NULL,
+    finished_at TEXT,
+    outcome TEXT NOT NULL DEFAULT 'pending',
+    detail TEXT NOT NULL DEFAULT '{}'
+);
 CREATE TABLE IF NOT EXISTS probe_status (
     probe TEXT PRIMARY KEY, online INTEGER NOT NULL, at TEXT NOT NULL, version TEXT, targets TEXT NOT NULL
 );
@@ -139,6 +155,30 @@ class QueuedNotification:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeEvent:
+    probe: str
+    online: bool
+    at: datetime
+    version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """A post-change gate run (``ecpm verify``): on-demand calls from some probes to one target."""
+
+    request_id: str
+    target: str
+    probes: tuple[str, ...]
+    required: int  # passes needed from distinct probes
+    change_ref: str | None
+    requested_at: datetime
+    deadline: datetime
+    finished_at: datetime | None
+    outcome: Literal["pending", "pass", "fail"]
+    detail: dict[str, Any]  # probe -> {outcome, stage, sip_status, ...} as decided
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeStatus:
     probe: str
     online: bool
@@ -189,10 +229,19 @@ class Store(Protocol):
         error: str | None = None,
     ) -> None: ...
     def add_state_change(self, target: str, state: TargetStateName, at: datetime, why: str) -> None: ...
-    def state_changes(self, since: datetime) -> list[StateChange]: ...
+    def state_changes(self, since: datetime, until: datetime | None = None) -> list[StateChange]: ...
+    def state_before(self, target: str, moment: datetime) -> TargetStateName | None: ...
+    def gaps_between(self, start: datetime, end: datetime) -> list[tuple[str, int, int, int, datetime]]: ...
     def latest_states(self) -> dict[str, tuple[TargetStateName, datetime]]: ...
     def set_probe_status(self, status: ProbeStatus) -> None: ...
+    def probe_events(self, start: datetime, end: datetime) -> list[ProbeEvent]: ...
     def probe_statuses(self) -> list[ProbeStatus]: ...
+    def add_verification(self, v: Verification) -> None: ...
+    def finish_verification(
+        self, request_id: str, *, outcome: Literal["pass", "fail"], at: datetime, detail: dict[str, Any]
+    ) -> None: ...
+    def verification(self, request_id: str) -> Verification | None: ...
+    def verifications_between(self, start: datetime, end: datetime) -> list[Verification]: ...
     def prune(self, before: datetime) -> int: ...
     def verify_chain(self) -> ChainReport: ...
     def close(self) -> None: ...
@@ -490,6 +539,13 @@ class SqliteStore:
         return None if row is None else row[0]
 
     def set_probe_status(self, status: ProbeStatus) -> None:
+        """Latest status per probe, plus an event row whenever online/offline changes."""
+        row = self._db.execute("SELECT online FROM probe_status WHERE probe = ?", (status.probe,)).fetchone()
+        if row is None or bool(row[0]) != status.online:
+            self._db.execute(
+                "INSERT INTO probe_events (probe, online, at, version) VALUES (?, ?, ?, ?)",
+                (status.probe, int(status.online), format_time(status.at), status.version),
+            )
         self._db.execute(
             "INSERT INTO probe_status (probe, online, at, version, targets) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT (probe) DO UPDATE SET online = excluded.online, at = excluded.at,"
@@ -503,9 +559,74 @@ class SqliteStore:
             ),
         )
 
+    def probe_events(self, start: datetime, end: datetime) -> list[ProbeEvent]:
+        """Online/offline changes in [start, end), oldest first, each probe starting with its
+        last known state before ``start`` (dated ``start``)."""
+        rows = self._db.execute(
+            "SELECT probe, online, at, version FROM probe_events WHERE row IN"
+            " (SELECT MAX(row) FROM probe_events WHERE at < ? GROUP BY probe)"
+            " UNION ALL SELECT probe, online, at, version FROM probe_events WHERE at >= ? AND at < ?"
+            " ORDER BY at",
+            (format_time(start), format_time(start), format_time(end)),
+        ).fetchall()
+        return [ProbeEvent(p, bool(o), max(parse_time(a), start), v) for p, o, a, v in rows]
+
     def probe_statuses(self) -> list[ProbeStatus]:
         rows = self._db.execute("SELECT probe, online, at, version, targets FROM probe_status ORDER BY probe")
         return [ProbeStatus(p, bool(o), parse_time(a), v, tuple(json.loads(t))) for p, o, a, v, t in rows]
+
+    # ------------------------------------------------------------ verifications (ecpm verify)
+
+    def add_verification(self, v: Verification) -> None:
+        self._db.execute(
+            "INSERT INTO verifications (request_id, target, probes, required, change_ref, requested_at,"
+            " deadline, finished_at, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                v.request_id,
+                v.target,
+                json.dumps(list(v.probes)),
+                v.required,
+                v.change_ref,
+                format_time(v.requested_at),
+                format_time(v.deadline),
+                _t(v.finished_at),
+                v.outcome,
+                json.dumps(v.detail, sort_keys=True),
+            ),
+        )
+        self._db.commit()
+
+    def finish_verification(
+        self, request_id: str, *, outcome: Literal["pass", "fail"], at: datetime, detail: dict[str, Any]
+    ) -> None:
+        self._db.execute(
+            "UPDATE verifications SET outcome = ?, finished_at = ?, detail = ? WHERE request_id = ?"
+            " AND outcome = 'pending'",
+            (outcome, format_time(at), json.dumps(detail, sort_keys=True), request_id),
+        )
+        self._db.commit()
+
+    def _verifications(self, where: str, args: Sequence[Any]) -> list[Verification]:
+        rows = self._db.execute(
+            "SELECT request_id, target, probes, required, change_ref, requested_at, deadline, finished_at,"
+            f" outcome, detail FROM verifications {where}",
+            args,
+        )
+        return [
+            Verification(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], parse_time(r[5]), parse_time(r[6]),
+                         _dt(r[7]), r[8], json.loads(r[9]))
+            for r in rows
+        ]  # fmt: skip
+
+    def verification(self, request_id: str) -> Verification | None:
+        found = self._verifications("WHERE request_id = ?", [request_id])
+        return found[0] if found else None
+
+    def verifications_between(self, start: datetime, end: datetime) -> list[Verification]:
+        return self._verifications(
+            "WHERE requested_at >= ? AND requested_at < ? ORDER BY requested_at",
+            [format_time(start), format_time(end)],
+        )
 
     # ------------------------------------------------------------ retention and the chain
 

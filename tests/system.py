@@ -106,6 +106,7 @@ class System:
         self.monitor: Process | None = None
         self.http = f"{HOST}:{free_port()}"
         self.targets: set[str] = set()
+        self.token = "system-test-token"
 
     def __enter__(self) -> System:
         self.broker.start()
@@ -162,7 +163,7 @@ class System:
             "id": "m1",
             "mqtt": {"host": self.broker.host, "port": self.broker.port, "keepalive": "5s"},
             "store": {"path": str(self.workdir / "monitor.db"), "commit_interval": "100ms"},
-            "http": {"listen": self.http},
+            "http": {"listen": self.http, "token": self.token},
             "reachability": self.reachability,
             "probes": [{"id": p, "key": self.probe_key(p)} for p in self.probes]
             or [{"id": "none", "key": "x"}],

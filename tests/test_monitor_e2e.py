@@ -198,3 +198,57 @@ def test_metrics_and_status_page_from_a_live_monitor(tmp_path: Path) -> None:
         assert "DOWN" in page.text
         shot = screenshot(f"http://{system.http}/", tmp_path / "status-down.png")
         assert shot.stat().st_size > 10_000
+
+
+def verify(system: System, *args: str) -> subprocess.CompletedProcess[str]:
+    token = system.workdir / "token"
+    token.write_text(system.token)
+    return subprocess.run(
+        [sys.executable, "-m", "ecpm", "verify", "--monitor", f"http://{system.http}",
+         "--token-file", str(token), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_verify_gate_passes_then_fails_after_breaking_the_path(tmp_path: Path) -> None:
+    with System(tmp_path, interval="30s") as system:  # scheduled calls rare: verify asks for its own
+        system.add_responder("r1")
+        bad = system.add_responder("r2")
+        system.add_probe("p1", {"t1": "r1"})
+        system.add_probe("p2", {"t1": "r2"})
+        system.start_monitor()
+        system.wait_for(
+            lambda: all(p["online"] for p in system.api("/api/v1/probes")["probes"]), 20, "both probes online"
+        )
+        done = verify(system, "--target", "t1", "--change-ref", "CHG-1234", "--timeout", "30s")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "t1 for CHG-1234" in done.stdout and "PASS — 2 of 2 required passes" in done.stdout
+        assert "/2 answered [p1 " in done.stderr  # the progress line names the probes
+        lines = done.stdout.splitlines()
+        assert lines[1].split() == ["PROBE", "OUTCOME", "STAGE", "SIP", "POST-DIAL", "DELAY", "MOS"]
+        assert {ln.split()[0] for ln in lines[2:]} == {"p1", "p2"}
+        bad.set_fault("answer_503")
+        done = verify(system, "--target", "t1", "--change-ref", "CHG-1235", "--timeout", "30s")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "FAIL — 1 of 2 required passes" in done.stdout
+        assert any(ln.split()[:4] == ["p2", "fail", "answer", "503"] for ln in done.stdout.splitlines())
+        # one probe is enough when the pipeline says so
+        done = verify(system, "--target", "t1", "--probe", "p1", "--timeout", "30s")
+        assert done.returncode == 0, done.stdout + done.stderr
+        db = sqlite3.connect(tmp_path / "monitor.db")
+        rows = db.execute("SELECT change_ref, outcome FROM verifications ORDER BY id").fetchall()
+        db.close()
+    assert rows == [("CHG-1234", "pass"), ("CHG-1235", "fail"), (None, "pass")]
+
+
+def test_verify_usage_errors_exit_2(tmp_path: Path) -> None:
+    with System(tmp_path) as system:
+        system.add_responder("r1")
+        system.add_probe("p1", {"t1": "r1"})
+        system.start_monitor()
+        done = verify(system, "--target", "nope")
+        assert done.returncode == 2 and "unknown target 'nope'" in done.stderr
+        system.token = "wrong"
+        done = verify(system, "--target", "t1")
+        assert done.returncode == 2 and "monitor refused (401)" in done.stderr
+        assert "Traceback" not in done.stderr
