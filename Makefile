@@ -1,5 +1,6 @@
 # Two commands on a fresh machine:
-#   make run   - the whole system on this machine (ecpm demo), on embedded defaults
+#   make run   - the whole system on this machine (ecpm demo), on embedded defaults;
+#                e.g. make run DEMO_ARGS="--break-after 30s" to watch an incident open and resolve
 #   make test  - install what the tests need (Python deps in .venv, system peers via apt-get
 #                when root), then lint, type-check and run every test
 PYTHON ?= python3
@@ -16,8 +17,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/ecpm --help
-	$(VENV)/bin/ecpm check-config config/probe.example.yaml config/monitor.example.yaml config/responder.example.yaml
+	$(VENV)/bin/ecpm demo $(DEMO_ARGS)
 
 peers:
 	@scripts/install-peers.sh

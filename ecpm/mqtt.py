@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -75,7 +76,8 @@ def build_client(
         keepalive=max(5, round(settings.keepalive)),
         tls_params=_tls(settings),
         clean_session=None if v5 else not persistent,
-        clean_start=not (v5 and persistent),
+        # paho refuses clean_start on 3.1.1 unless it is the default
+        clean_start=(not persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         properties=properties,
         timeout=10,
     )

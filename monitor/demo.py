@@ -77,7 +77,7 @@ class Demo:
         probe = {
             "kind": "probe",
             "probe": {"id": "demo-probe", "region": "GB", "key": key},
-            "mqtt": {"host": HOST, "port": self.mqtt_port, "protocol": "auto"},
+            "mqtt": {"host": HOST, "port": self.mqtt_port, "protocol": "3.1.1"},  # amqtt speaks 3.1.1
             "outbox": {"path": str(self.workdir / "outbox.db")},
             "targets": [
                 {
@@ -104,7 +104,7 @@ class Demo:
         monitor = {
             "kind": "monitor",
             "id": "demo",
-            "mqtt": {"host": HOST, "port": self.mqtt_port},
+            "mqtt": {"host": HOST, "port": self.mqtt_port, "protocol": "3.1.1"},
             "ingest": {"shared_group": None},  # amqtt has no shared subscriptions
             "store": {"path": str(self.workdir / "monitor.db")},
             "http": {"listen": self.listen, "token_file": str(self.token_file)},
@@ -127,7 +127,7 @@ class Demo:
     # ------------------------------------------------------------ pieces
 
     async def start_broker(self) -> Broker:
-        for noisy in ("transitions", "amqtt"):
+        for noisy in ("transitions", "amqtt", "monitor.web"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         broker = Broker(
             {
