@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "monitor.verify",
         "post-change gate: every probe calls a target now; exit 0 if it passed",
     ),
-    "report": ("monitor.report", "evidence report for a period (html, json, csv)"),
+    "report": ("monitor.report_command", "evidence report for a period (html, json, csv)"),
     "check-config": (
         "ecpm.check_config",
         "validate a config file; print ok or FILE:LINE: key: reason",
