@@ -110,6 +110,19 @@ def pick_secret(
     return inline if inline is not None else from_file
 
 
+def secret_of(model: BaseModel, name: str) -> SecretStr | None:
+    """The secret of an ``x`` / ``x_file`` pair on a validated model (``x`` wins; the
+    validators allow only one of them anyway)."""
+    inline: SecretStr | None = getattr(model, name)
+    return inline if inline is not None else getattr(model, f"{name}_file")
+
+
+def secret_text(model: BaseModel, name: str) -> str | None:
+    """The plain text of ``secret_of``: for the one place that hands it to a peer."""
+    found = secret_of(model, name)
+    return None if found is None else found.get_secret_value()
+
+
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 

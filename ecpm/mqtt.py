@@ -14,32 +14,38 @@ crash between receipt and commit loses nothing: the broker redelivers.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ecpm.settings import MqttSettings
+from ecpm.configfile import secret_text
+from ecpm.errors import ConfigError
+from ecpm.settings import MqttSettings, TlsFiles
 
 logger = logging.getLogger(__name__)
 
 SESSION_EXPIRY = 7 * 86400  # seconds a broker keeps a persistent session's messages (MQTT 5)
 
 
-def _tls(settings: MqttSettings) -> aiomqtt.TLSParameters | None:
-    tls = settings.tls
-    if tls is None:
-        return None
-    return aiomqtt.TLSParameters(
-        ca_certs=tls.ca_file,
-        certfile=tls.cert_file,
-        keyfile=tls.key_file,
-        cert_reqs=ssl.CERT_REQUIRED if tls.verify_peer else ssl.CERT_NONE,
-    )
+def tls_context(tls: TlsFiles) -> ssl.SSLContext:
+    """A client TLS context from ``mqtt.tls``; ``ConfigError`` naming the key on bad files."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+        if tls.cert_file is not None:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError([f"mqtt.tls: cannot load certificates: {exc}"]) from None
+    if not tls.verify_peer:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _protocols(settings: MqttSettings) -> list[aiomqtt.ProtocolVersion]:
@@ -58,8 +64,15 @@ def build_client(
     will: aiomqtt.Will | None = None,
     persistent: bool = False,
     manual_ack: bool = False,
+    tls: ssl.SSLContext | None = None,
+    timeout: float = 10.0,
+    **extra: Any,
 ) -> aiomqtt.Client:
-    password = settings.password or settings.password_file
+    """The one place an MQTT client is made: credentials, TLS, protocol, session flags.
+
+    ``tls`` is a context already built with ``tls_context`` (build it once, reuse it);
+    ``extra`` goes to ``aiomqtt.Client`` (e.g. ``max_queued_incoming_messages``, ``logger``).
+    """
     v5 = protocol == aiomqtt.ProtocolVersion.V5
     properties = None
     if v5 and persistent:
@@ -70,16 +83,17 @@ def build_client(
         settings.port,
         identifier=identifier,
         username=settings.username,
-        password=None if password is None else password.get_secret_value(),
+        password=secret_text(settings, "password"),
         protocol=protocol,
         will=will,
-        keepalive=max(5, round(settings.keepalive)),
-        tls_params=_tls(settings),
+        keepalive=max(1, math.ceil(settings.keepalive)),
+        tls_context=tls if tls is not None or settings.tls is None else tls_context(settings.tls),
         clean_session=None if v5 else not persistent,
         # paho refuses clean_start on 3.1.1 unless it is the default
         clean_start=(not persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         properties=properties,
-        timeout=10,
+        timeout=timeout,
+        **extra,
     )
     if manual_ack:
         # aiomqtt 2.x has no public switch; paho's is set before connecting so that

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 
-from ecpm.configfile import Loc, PositiveDuration, SecretFile, StrictModel, pick_secret
+from ecpm.configfile import Loc, PositiveDuration, SecretFile, StrictModel, pick_secret, secret_of
 from ecpm.settings import Listen, MqttSettings, Name
 
 
@@ -22,8 +22,8 @@ class KnownProbe(StrictModel):
 
     @property
     def secret(self) -> SecretStr:
-        found = self.key if self.key is not None else self.key_file
-        assert found is not None  # checked by _one_key
+        found = secret_of(self, "key")
+        assert found is not None  # required by the validator
         return found
 
 

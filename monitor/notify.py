@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
+from ecpm.configfile import secret_text
 from monitor.config import Notifier, PagerDutyNotifier, SlackNotifier, WebhookNotifier
 from monitor.metrics import MonitorMetrics
 from monitor.model import Incident
@@ -71,10 +72,8 @@ def build_request(notifier: Notifier, event: dict[str, Any]) -> tuple[str, dict[
     if isinstance(notifier, WebhookNotifier):
         return notifier.url, event
     if isinstance(notifier, PagerDutyNotifier):
-        key = notifier.routing_key or notifier.routing_key_file
-        assert key is not None  # checked at config load
         body: dict[str, Any] = {
-            "routing_key": key.get_secret_value(),
+            "routing_key": secret_text(notifier, "routing_key"),
             "event_action": event["event"],
             "dedup_key": event["dedup_key"],
         }
@@ -93,13 +92,13 @@ def build_request(notifier: Notifier, event: dict[str, Any]) -> tuple[str, dict[
                 body["links"] = [{"href": event["status_url"], "text": "ecpm status page"}]
         return notifier.url, body
     if isinstance(notifier, SlackNotifier):
-        url = notifier.url or notifier.url_file
+        url = secret_text(notifier, "url")
         assert url is not None  # checked at config load
         icon = ":white_check_mark:" if event["event"] == "resolve" else ":rotating_light:"
         text = f"{icon} {_title(event)}"
         if event.get("status_url"):
             text += f" <{event['status_url']}|status page>"
-        return url.get_secret_value(), {"text": text}
+        return url, {"text": text}
     raise TypeError(f"unknown notifier {notifier!r}")
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import aiomqtt
 from prometheus_client import CollectorRegistry
 
-from ecpm.configfile import load_config
+from ecpm.configfile import load_config, secret_text
 from ecpm.mqtt import ack, connect
 from ecpm.signals import run_until_signalled
 from monitor.config import MonitorConfig
@@ -72,12 +72,11 @@ class MonitorService:
         await asyncio.wait_for(self.mqtt_client.publish(topic, payload, qos=1), timeout=10)
 
     async def run(self, stop: asyncio.Event) -> None:
-        token = self.config.http.token or self.config.http.token_file
         app = create_app(
             snapshot=self.core.snapshot,
             registry=self.registry,
             incidents=self.store.incidents,
-            token=None if token is None else token.get_secret_value(),
+            token=secret_text(self.config.http, "token"),
             actions=self.actions,
         )
         tasks: list[asyncio.Task[Any]] = [

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from ecpm.configfile import load_config, parse_duration
+from ecpm.configfile import load_config, parse_duration, secret_text
 from ecpm.errors import UsageError
 from monitor.config import MonitorConfig
 
@@ -48,8 +48,7 @@ def _endpoint(args: argparse.Namespace) -> tuple[str, str]:
     if args.config:
         config = load_config(args.config, MonitorConfig)
         url = url or f"http://{config.http.listen}"
-        secret = config.http.token or config.http.token_file
-        token = token or (None if secret is None else secret.get_secret_value())
+        token = token or secret_text(config.http, "token")
     if args.token_file:
         try:
             token = Path(args.token_file).read_text(encoding="utf-8").strip()

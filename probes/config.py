@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Self
 import phonenumbers
 from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 
-from ecpm.configfile import Loc, PositiveDuration, SecretFile, StrictModel, pick_secret
+from ecpm.configfile import Loc, PositiveDuration, SecretFile, StrictModel, pick_secret, secret_of
 from ecpm.settings import IPAddress, Listen, MqttSettings, Name, TlsFiles, Transport
 from probes.guard import (
     CarrierTestService,
@@ -123,8 +123,8 @@ class Auth(StrictModel):
 
     @property
     def secret(self) -> SecretStr:
-        found = self.password if self.password is not None else self.password_file
-        assert found is not None  # checked by _one_password
+        found = secret_of(self, "password")
+        assert found is not None  # required by the validator
         return found
 
 
@@ -179,8 +179,8 @@ class ProbeIdentity(StrictModel):
 
     @property
     def secret(self) -> SecretStr:
-        found = self.key if self.key is not None else self.key_file
-        assert found is not None  # checked by _one_key
+        found = secret_of(self, "key")
+        assert found is not None  # required by the validator
         return found
 
 

@@ -49,10 +49,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import random
 import re
-import ssl
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -65,8 +63,9 @@ from aiomqtt import MqttCodeError, MqttError, ProtocolVersion, Will
 from aiomqtt.exceptions import MqttConnectError
 
 from ecpm import __version__
-from ecpm.errors import EcpmError
-from ecpm.settings import MqttSettings, TlsFiles
+from ecpm.errors import ConfigError, EcpmError
+from ecpm.mqtt import build_client, tls_context
+from ecpm.settings import MqttSettings
 from probes.outbox import Outbox, Pending
 from probes.result import NAME_RE, REQUEST_ID_RE, format_time
 
@@ -143,20 +142,6 @@ def parse_command(payload: bytes, *, broadcast: bool) -> Command:
     return Command(target=target, check=check, request_id=request_id, broadcast=broadcast)
 
 
-def tls_context(tls: TlsFiles) -> ssl.SSLContext:
-    """A client TLS context from ``MqttSettings.tls``; ``PublisherError`` on bad files."""
-    try:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
-        if tls.cert_file is not None:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise PublisherError(f"mqtt.tls: cannot load certificates: {exc}") from None
-    if not tls.verify_peer:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 class Publisher:
     """One probe's MQTT side. ``await run()`` until ``await stop()``."""
 
@@ -190,7 +175,10 @@ class Publisher:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._rng = rng if rng is not None else random.Random()
-        self._tls = None if settings.tls is None else tls_context(settings.tls)
+        try:
+            self._tls = None if settings.tls is None else tls_context(settings.tls)
+        except ConfigError as exc:
+            raise PublisherError(str(exc)) from None
         self._started_at = format_time(datetime.now(UTC))
         prefix = settings.topic_prefix
         self.status_topic = f"{prefix}/status/{probe_id}"
@@ -320,19 +308,13 @@ class Publisher:
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
     def _client(self, protocol: ProtocolVersion) -> aiomqtt.Client:
-        s = self._settings
-        secret = s.password if s.password is not None else s.password_file
-        client = aiomqtt.Client(
-            s.host,
-            s.port,
-            username=s.username,
-            password=None if secret is None else secret.get_secret_value(),
-            identifier=s.client_id or f"ecpm-probe-{self._probe}",
+        client = build_client(
+            self._settings,
+            identifier=self._settings.client_id or f"ecpm-probe-{self._probe}",
             protocol=protocol,
             will=Will(self.status_topic, self._status(False, "connection_lost"), qos=1, retain=True),
-            keepalive=max(1, math.ceil(s.keepalive)),
+            tls=self._tls,
             timeout=self._connect_timeout,  # CONNACK, SUBACK; publishes pass their own
-            tls_context=self._tls,
             max_queued_incoming_messages=100,
             logger=logging.getLogger("probes.mqtt.paho"),
         )

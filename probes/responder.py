@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, get_args
 
-from ecpm.configfile import read_yaml, validate
+from ecpm.configfile import read_yaml, secret_of, validate
 from ecpm.errors import ConfigError, UsageError
 from probes.config import Fault, ResponderConfig, SipSettings
 from probes.guard import Guard
@@ -268,7 +268,7 @@ async def serve(
 ) -> None:
     """Run the responder until ``stop`` is set; hang up and shut down cleanly."""
     control = config.control
-    token_secret = control.token if control.token is not None else control.token_file
+    token_secret = secret_of(control, "token")
     token = token_secret.get_secret_value() if token_secret is not None else None
     if control.listen is not None and token is None:
         host = control.listen.rpartition(":")[0].strip("[]")

@@ -34,21 +34,26 @@ class Receiver:
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
-        received = self.bodies
+        self.paths: list[str] = []
+        self.statuses: list[int] = []  # answer these first, in order; then 200
+        received, paths, statuses = self.bodies, self.paths, self.statuses
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 received.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
+                paths.append(self.path)
+                status = statuses.pop(0) if statuses else 200
+                self.send_response(status)
                 self.end_headers()
-                self.wfile.write(b"ok")
+                self.wfile.write(b"ok" if status == 200 else b"nope")
 
             def log_message(self, *args: object) -> None:
                 pass
 
         self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.url = f"http://{HOST}:{self.server.server_port}/hook"
+        self.base = f"http://{HOST}:{self.server.server_port}"
+        self.url = f"{self.base}/hook"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -66,9 +71,14 @@ class Process:
     def __init__(self, role: str, config: dict[str, Any], workdir: Path, name: str) -> None:
         self.role, self.name = role, name
         self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        self.write(config)
         self.log_path = workdir / f"{name}.log"
         self.start()
+
+    def write(self, config: dict[str, Any] | str) -> None:
+        """(Re)write the config file; a str is written as it is (e.g. a broken file)."""
+        text = config if isinstance(config, str) else yaml.safe_dump(config)
+        self.config_path.write_text(text, encoding="utf-8")
 
     def start(self) -> None:
         self._log = self.log_path.open("ab")

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from probes.result import Result, parse_result, verify
 from tests.brokers import Broker
 from tests.conftest import peer_path
+from tests.system import Process
 from tests.test_sip_helpers import REPO, ResponderProcess, free_port
 
 pytestmark = pytest.mark.peers("mosquitto", "mosquitto_sub")
@@ -63,38 +63,10 @@ def probe_config(
     }
 
 
-class ProbeProcess:
+class ProbeProcess(Process):
     def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
-        self.health = config["health"]["listen"]
-        self.config_path = tmp_path / "probe.yaml"
-        self.log_path = tmp_path / "probe.log"
-        self.write(config)
-        self.log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ecpm", "probe", "-c", str(self.config_path)],
-            cwd=REPO,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def write(self, config: dict[str, Any] | str) -> None:
-        text = config if isinstance(config, str) else yaml.safe_dump(config)
-        self.config_path.write_text(text, encoding="utf-8")
-
-    def text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self.log.close()
-        return code
+        self.health = config["health"]["listen"]  # the probe's own /metrics, for its outbox depth
+        super().__init__("probe", config, tmp_path, "probe")
 
 
 class Subscriber:

@@ -1,0 +1,153 @@
+"""The monitor's own pages against a real HTTP receiver: formats, retries, give-up on 4xx,
+a durable queue that survives a restart, and no secret in what the page shows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from monitor.core import MonitorCore
+from monitor.model import Incident
+from monitor.notify import Dispatcher
+from monitor.store import SqliteStore
+from tests.monitor_helpers import Clock, ProbeSim, monitor_config
+from tests.system import Receiver
+
+
+def outage(tmp_path: Path, notifiers: list[dict[str, Any]]) -> tuple[MonitorCore, list[tuple[Incident, str]]]:
+    """A monitor whose target t1 goes down (one incident), pages collected for the dispatcher."""
+    clock = Clock()
+    config = monitor_config(tmp_path, notifiers=notifiers)
+    pages: list[tuple[Incident, str]] = []
+    core = MonitorCore(
+        config, SqliteStore(config.store.path), CollectorRegistry(),
+        pager=lambda i, e: pages.append((i, e)), clock=clock,
+    )  # fmt: skip
+    sim = ProbeSim("p1")
+    for confirm in (False, True):
+        core.handle(sim.topic("t1"), sim.result("t1", "fail", clock(), confirm=confirm).to_json())
+    core.store.commit()
+    core.evaluate(clock())
+    assert [e for _, e in pages] == ["trigger"]
+    return core, pages
+
+
+def deliver(core: MonitorCore, pages: list[tuple[Incident, str]], until: Callable[[], bool]) -> Dispatcher:
+    async def go() -> Dispatcher:
+        dispatcher = Dispatcher(
+            store=core.store, notifiers=core.config.notifiers, metrics=core.metrics, monitor="m1",
+            status_url="http://127.0.0.1:9470/",
+        )  # fmt: skip
+        for incident, event in pages:
+            dispatcher.page(incident, event)
+        task = asyncio.create_task(dispatcher.run())
+        async with asyncio.timeout(20):
+            while not until():  # noqa: ASYNC110 - set by the receiver thread, not the loop
+                await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return dispatcher
+
+    return asyncio.run(go())
+
+
+def sent(core: MonitorCore, notifier: str, outcome: str) -> float:
+    value = core.metrics.notifications.labels(notifier, outcome)._value.get()
+    return float(value)
+
+
+def test_webhook_pagerduty_and_slack_bodies(tmp_path: Path) -> None:
+    receiver = Receiver()
+    try:
+        core, pages = outage(tmp_path, [
+            {"type": "webhook", "name": "hook", "url": receiver.url},
+            {"type": "pagerduty", "name": "pd", "url": f"{receiver.base}/pd", "routing_key": "R0UTING"},
+            {"type": "slack", "name": "slack", "url": f"{receiver.base}/slack"},
+        ])  # fmt: skip
+        deliver(core, pages, lambda: len(receiver.bodies) == 3)
+        by_path = dict(zip(receiver.paths, receiver.bodies, strict=True))
+        hook, pd, slack = by_path["/hook"], by_path["/pd"], by_path["/slack"]
+        assert hook["event"] == "trigger" and hook["incident"]["target"] == "t1"
+        assert hook["dedup_key"] == "ecpm-m1-incident-1"
+        assert hook["incident"]["kind"] == "down" and hook["incident"]["detection_latency_seconds"] == 2.0
+        assert pd["routing_key"] == "R0UTING" and pd["event_action"] == "trigger"
+        assert pd["dedup_key"] == hook["dedup_key"]
+        assert pd["payload"]["severity"] == "critical" and pd["payload"]["component"] == "t1"
+        assert slack["text"].startswith(":rotating_light: t1: emergency path DOWN")
+        # nothing secret was stored with the queued page
+        stored = core.store._db.execute("SELECT payload FROM notifications").fetchall()
+        assert all("R0UTING" not in row[0] for row in stored)
+        assert sent(core, "pd", "sent") == 1.0
+    finally:
+        receiver.close()
+
+
+def test_retries_on_5xx_then_succeeds(tmp_path: Path) -> None:
+    receiver = Receiver()
+    receiver.statuses.extend([500, 503])
+    try:
+        core, pages = outage(
+            tmp_path, [{"type": "webhook", "name": "hook", "url": receiver.url, "backoff": "100ms"}]
+        )
+        deliver(core, pages, lambda: sent(core, "hook", "sent") == 1.0)
+        assert len(receiver.bodies) == 3  # two refused, the third delivered
+        assert sent(core, "hook", "retry") == 2.0
+        note = core.store.incidents()[0].notifications[0]
+        assert (note.state, note.attempts) == ("sent", 3)
+    finally:
+        receiver.close()
+
+
+def test_a_4xx_fails_at_once_and_the_error_shows_no_secret(tmp_path: Path) -> None:
+    receiver = Receiver()
+    receiver.statuses.append(400)
+    secret_url = f"{receiver.base}/services/T000/B000/XXXXSECRET"
+    try:
+        core, pages = outage(tmp_path, [{"type": "slack", "name": "slack", "url": secret_url}])
+        deliver(core, pages, lambda: sent(core, "slack", "failed") == 1.0)
+        note = core.store.incidents()[0].notifications[0]
+        assert (note.state, note.attempts) == ("failed", 1)
+        assert note.last_error is not None and "HTTP 400" in note.last_error
+        assert "XXXXSECRET" not in note.last_error
+    finally:
+        receiver.close()
+
+
+def test_gives_up_after_its_retries(tmp_path: Path) -> None:
+    receiver = Receiver()
+    receiver.statuses.extend([502] * 10)
+    try:
+        core, pages = outage(
+            tmp_path,
+            [{"type": "webhook", "name": "hook", "url": receiver.url, "retries": 2, "backoff": "50ms"}],
+        )
+        deliver(core, pages, lambda: sent(core, "hook", "failed") == 1.0)
+        assert len(receiver.bodies) == 3  # first try + 2 retries
+    finally:
+        receiver.close()
+
+
+def test_a_page_queued_before_a_restart_is_delivered_after_it(tmp_path: Path) -> None:
+    receiver = Receiver()
+    try:
+        notifiers = [{"type": "webhook", "name": "hook", "url": receiver.url}]
+        core, pages = outage(tmp_path, notifiers)
+        dispatcher = Dispatcher(
+            store=core.store, notifiers=core.config.notifiers, metrics=core.metrics, monitor="m1"
+        )
+        for incident, event in pages:
+            dispatcher.page(incident, event)  # queued durably, never sent: the monitor "dies" here
+        core.store.close()
+        config = monitor_config(tmp_path, notifiers=notifiers)
+        again = MonitorCore(config, SqliteStore(config.store.path), CollectorRegistry(), clock=Clock())
+        deliver(again, [], lambda: len(receiver.bodies) == 1)
+        assert receiver.bodies[0]["event"] == "trigger"
+        # and the restart did not queue it twice
+        assert len(again.store.due_notifications(Clock().advance(3600) + timedelta(days=1))) == 0
+    finally:
+        receiver.close()
