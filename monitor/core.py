@@ -29,7 +29,7 @@ from monitor.model import (
     TargetView,
 )
 from monitor.state import TargetTracker
-from monitor.store import ProbeStatus, SqliteStore, summarize
+from monitor.store import ProbeStatus, Store, summarize
 from probes.result import ResultError, parse_result, verify
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class MonitorCore:
     def __init__(
         self,
         config: MonitorConfig,
-        store: SqliteStore,
+        store: Store,
         registry: CollectorRegistry,
         *,
         pager: Pager | None = None,

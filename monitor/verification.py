@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from monitor.core import MonitorCore
 from monitor.model import ResultSummary
-from monitor.store import SqliteStore, Verification
+from monitor.store import Store, Verification
 from monitor.web import ActionError
 from probes.result import format_time
 
@@ -47,7 +47,7 @@ class Verifier:
         self,
         *,
         core: MonitorCore,
-        store: SqliteStore,
+        store: Store,
         publish: Publish,
         topic_prefix: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
