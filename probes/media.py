@@ -227,7 +227,8 @@ def mos_from_r(r: float) -> float:
         return 1.0
     if r >= 100:
         return 4.5
-    return 1.0 + 0.035 * r + r * (r - 60.0) * (100.0 - r) * 7e-6
+    # the polynomial dips just below 1.0 for 0 < R < ~6.5; MOS is defined on 1 .. 4.5
+    return max(1.0, 1.0 + 0.035 * r + r * (r - 60.0) * (100.0 - r) * 7e-6)
 
 
 def one_way_delay(*, rtt_ms: float | None, jitter_ms: float, ptime_ms: float = 20.0) -> float:

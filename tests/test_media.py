@@ -123,6 +123,12 @@ def test_clean_loopback_call_scores_about_4_4() -> None:
     assert 4.35 <= mos <= 4.41
 
 
+def test_mos_never_below_one_for_small_positive_r() -> None:
+    # found by hypothesis in CI: G.107's polynomial gives 0.99 at R around 5
+    assert all(media.mos_from_r(r / 10) >= 1.0 for r in range(0, 1000))
+    assert media.estimate_mos(loss=0.09375, jitter_ms=98.0, rtt_ms=741.0) == 1.0
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     loss=st.floats(min_value=0, max_value=0.5),
