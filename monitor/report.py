@@ -1,0 +1,870 @@
+"""The evidence report for Ofcom General Condition A3.2(b), as a value.
+
+``build_report(source, start=..., end=..., targets=..., generated_at=...)`` is a pure
+function of what the store holds: it reads, never writes, and returns a ``Report``
+that ``monitor.report_render`` writes as HTML, JSON and CSV. ``docs/evidence.md``
+says what each section evidences and how each figure is computed; the short form:
+
+Period
+    Half-open ``[start, end)``, UTC, cut at ``generated_at`` when the period runs into
+    the future (``measured_until``). All durations are whole milliseconds internally
+    (times are stored at millisecond precision), so the sums are exact.
+
+Time-weighted availability (from the monitor's recorded state timeline)
+    ``up`` and ``degraded`` are *available*, ``down`` is *unavailable*, ``unknown``
+    (no fresh result: a monitoring gap) and any time before the first recorded state
+    are *unmonitored*. The recorded timeline is cross-checked against the results
+    themselves: wherever the target had no result within its freshness window
+    (``stale_after x interval``, the monitor's own rule) the time is unmonitored
+    whatever state was recorded — a state left standing while the monitor was not
+    running is not evidence. ``availability = available / (available + unavailable)``,
+    i.e. over monitored time only; the monitored fraction is reported next to it, and
+    so is ``lower_bound = available / period`` (every unmonitored second counted as
+    down). Met when ``availability >= 0.99999``; the allowed downtime is
+    ``(1 - 0.99999) x monitored seconds``.
+
+Call-weighted availability
+    ``passed / (passed + failed)`` over every ``invite`` test call placed in the period
+    (scheduled, confirmation and on-demand alike; inconclusive calls count in neither).
+    Blocked dial attempts (reason ``guard_refused``) were never placed and are listed,
+    not counted. Met when ``>= 0.99999``.
+
+Buckets
+    UTC quarter hours (Ofcom's benchmark granularity), clipped to the period. A result
+    belongs to the bucket its ``finished_at`` falls in, as everywhere in ecpm.
+
+Efficiency: results are streamed one target and one UTC day at a time; per-bucket
+post-dial delays are reduced to median and maximum as soon as a bucket is complete.
+A year of 30-second results (~1M rows) takes well under a minute (``bench/report_bench.py``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import statistics
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal, Protocol
+
+from ecpm import __version__
+from monitor.model import TARGET_STATES, Incident, ResultSummary, StateChange, TargetStateName
+from monitor.store import ChainReport, ProbeEvent, Verification
+from probes.result import ResultError, format_time
+
+SCHEMA: Final = "ecpm.report/1"
+AVAILABILITY_TARGET: Final = 0.99999  # "five nines"
+BUCKET_SECONDS: Final = 900  # 15 minutes, aligned to UTC quarter hours
+GUARD_REFUSED: Final = "guard_refused"  # probes.checks: the live-number guard refused the SIP send
+STATE_RANK: Final[dict[TargetStateName, int]] = {"up": 0, "degraded": 1, "unknown": 2, "down": 3}
+AVAILABLE: Final[frozenset[TargetStateName]] = frozenset({"up", "degraded"})
+DEFAULT_FRESH_WITHIN: Final = 3 * 30.0  # Reachability.stale_after x MonitoredTarget.interval defaults
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MS: Final = timedelta(milliseconds=1)
+_DAY_MS: Final = 86_400_000
+_BUCKET_MS: Final = BUCKET_SECONDS * 1000
+
+Progress = Callable[[str], None]
+
+
+class ReportSource(Protocol):
+    """What the report reads from a store (``monitor.store.SqliteStore`` has all of it)."""
+
+    def results_between(
+        self, start: datetime, end: datetime, target: str | None = None
+    ) -> list[ResultSummary]: ...
+    def state_changes(self, since: datetime, until: datetime | None = None) -> list[StateChange]: ...
+    def state_before(self, target: str, moment: datetime) -> TargetStateName | None: ...
+    def latest_states(self) -> dict[str, tuple[TargetStateName, datetime]]: ...
+    def incidents_between(self, start: datetime, end: datetime) -> list[Incident]: ...
+    def gaps_between(self, start: datetime, end: datetime) -> list[tuple[str, int, int, int, datetime]]: ...
+    def probe_events(self, start: datetime, end: datetime) -> list[ProbeEvent]: ...
+    def verifications_between(self, start: datetime, end: datetime) -> list[Verification]: ...
+    def verify_chain(self) -> ChainReport: ...
+    def iter_chain(self) -> Iterator[tuple[int, str, str, str, str]]: ...
+
+
+# ---------------------------------------------------------------- the value
+
+
+@dataclass(frozen=True, slots=True)
+class TargetInfo:
+    id: str
+    description: str = ""
+    # the monitor's freshness rule for this target: reachability.stale_after x interval
+    fresh_within: float = DEFAULT_FRESH_WITHIN
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One stretch of the state timeline, clipped to the period."""
+
+    state: TargetStateName
+    start: datetime
+    end: datetime
+    open_at_start: bool = False  # began before the period
+    open_at_end: bool = False  # still going at the end of the period
+
+    @property
+    def seconds(self) -> float:
+        return _seconds(self.start, self.end)
+
+
+@dataclass(frozen=True, slots=True)
+class CallCounts:
+    """``invite`` test calls placed (blocked dial attempts excluded)."""
+
+    placed: int = 0
+    passed: int = 0
+    failed: int = 0
+    inconclusive: int = 0
+    scheduled: int = 0
+    confirmations: int = 0  # the immediate re-check after a failure
+    on_demand: int = 0  # ecpm verify / API requests
+
+
+@dataclass(frozen=True, slots=True)
+class PingCounts:
+    """``options`` pings sent (blocked ones excluded)."""
+
+    sent: int = 0
+    passed: int = 0
+    failed: int = 0
+    inconclusive: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TimeAvailability:
+    period_seconds: float
+    up_seconds: float
+    degraded_seconds: float
+    down_seconds: float
+    unmonitored_seconds: float
+    monitored_seconds: float
+    monitored_fraction: float | None  # monitored / period
+    availability: float | None  # (up + degraded) / monitored; None without monitored time
+    lower_bound: float | None  # (up + degraded) / period: unmonitored time counted as down
+    allowed_downtime_seconds: float  # (1 - target) x monitored
+    met: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class CallAvailability:
+    passed: int
+    failed: int
+    availability: float | None  # passed / (passed + failed); None without decisive calls
+    allowed_failures: float  # (1 - target) x (passed + failed)
+    met: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    start: datetime  # clipped to the period
+    end: datetime
+    calls: int
+    passed: int
+    failed: int
+    inconclusive: int
+    pings: int
+    up_seconds: float
+    degraded_seconds: float
+    down_seconds: float
+    unmonitored_seconds: float
+    availability: float | None  # over monitored time in the bucket
+    worst_state: TargetStateName
+    pdd_median: float | None  # post-dial delay (stage "ringing") of passed calls, seconds
+    pdd_max: float | None
+
+    @property
+    def perfect(self) -> bool:
+        return self.failed == 0 and self.worst_state == "up"
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One page of an incident, as the monitor's own notifiers recorded it."""
+
+    notifier: str
+    event: Literal["trigger", "resolve"]
+    state: Literal["pending", "sent", "failed"]
+    attempts: int
+    created_at: datetime
+    sent_at: datetime | None
+    after_detection_seconds: float | None  # sent_at - detected_at
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentEntry:
+    id: int
+    kind: Literal["down", "gap"]
+    summary: str
+    last_good_id: str | None
+    last_good_at: datetime | None
+    first_failed_id: str | None
+    first_failed_at: datetime | None  # start of the first failed call
+    detected_at: datetime  # when the monitor confirmed it (opened the incident)
+    resolved_at: datetime | None
+    detection_latency_seconds: float | None  # detected - first failure start
+    time_to_notify_seconds: float | None  # first trigger page sent - detected
+    duration_seconds: float | None  # resolved - (first failure start, or detected for gaps)
+    notifications: tuple[Notice, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeCoverage:
+    probe: str
+    results: int
+    first_at: datetime
+    last_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Silence:
+    """The longest stretch of the period without any result for a target."""
+
+    start: datetime
+    end: datetime
+
+    @property
+    def seconds(self) -> float:
+        return _seconds(self.start, self.end)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetReport:
+    id: str
+    description: str
+    calls: CallCounts
+    pings: PingCounts
+    blocked: int  # blocked dial attempts (guard refusals) of any check
+    time: TimeAvailability
+    by_calls: CallAvailability
+    timeline: tuple[Span, ...]
+    gaps: tuple[Span, ...]  # the unknown spans of the timeline
+    buckets: tuple[Bucket, ...]
+    incidents: tuple[IncidentEntry, ...]
+    verifications: tuple[Verification, ...]
+    refusals: tuple[ResultSummary, ...]
+    coverage: tuple[ProbeCoverage, ...]
+    longest_silence: Silence
+    fresh_within: float  # seconds: a result this old still counts as monitoring the target
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeOutage:
+    probe: str
+    start: datetime
+    end: datetime
+    open_at_start: bool
+    open_at_end: bool
+
+    @property
+    def seconds(self) -> float:
+        return _seconds(self.start, self.end)
+
+
+@dataclass(frozen=True, slots=True)
+class SeqGap:
+    probe: str
+    after_seq: int
+    next_seq: int
+    missing: int
+    detected_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class VersionSeen:
+    probe: str
+    version: str
+    first_seen: datetime
+    last_seen: datetime
+    results: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """Stored results the report could not read (a damaged payload): never silently skipped."""
+
+    target: str
+    start: datetime
+    end: datetime
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerCheck:
+    """The hash chain of the stored results, verified over **every** row in the store."""
+
+    ok: bool
+    rows_checked: int  # rows verified (up to and including a broken one)
+    rows_total: int
+    first_broken_row: int | None
+    first_broken_id: str | None
+    problem: str | None
+    verified_hash: str  # the last hash that verified (the anchor when nothing did)
+    period_last_row: int | None  # the last stored row whose result finished in the period
+    period_last_id: str | None
+    period_last_hash: str | None  # commits to that row and every row before it
+    last_row: int | None  # the last stored row overall
+    last_id: str | None
+    last_hash: str | None
+
+    @property
+    def status(self) -> str:
+        if self.ok:
+            return f"verified: {self.rows_checked} rows, chain intact"
+        return f"BROKEN at row {self.first_broken_row} (result {self.first_broken_id}): {self.problem}"
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    schema: str
+    generated_at: datetime
+    software: str  # ecpm version that built the report
+    store: str  # where the data came from
+    start: datetime
+    end: datetime
+    measured_until: datetime  # min(end, generated_at)
+    availability_target: float
+    bucket_seconds: int
+    pdd_threshold: float  # seconds: slower ringing on a pass makes a target degraded
+    ledger: LedgerCheck
+    targets: tuple[TargetReport, ...]
+    probe_outages: tuple[ProbeOutage, ...]
+    seq_gaps: tuple[SeqGap, ...]
+    versions: tuple[VersionSeen, ...]
+    unreadable: tuple[Unreadable, ...]
+
+
+# ---------------------------------------------------------------- time helpers
+
+
+def _ms(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MS
+
+
+def _at(ms: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+def _seconds(start: datetime, end: datetime) -> float:
+    return (_ms(end) - _ms(start)) / 1000
+
+
+def truncate_ms(moment: datetime) -> datetime:
+    """UTC, millisecond precision (as everything ecpm stores)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return _at(_ms(moment.astimezone(UTC)))
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return None if whole <= 0 else part / whole
+
+
+def _met(value: float | None) -> bool | None:
+    return None if value is None else value >= AVAILABILITY_TARGET
+
+
+# ---------------------------------------------------------------- building
+
+
+def known_targets(source: ReportSource, configured: Sequence[TargetInfo] = ()) -> list[TargetInfo]:
+    """Configured targets, then any other target the store has a state history for (with the
+    default freshness rule: pass the monitor's config so that each target gets its own)."""
+    found = {t.id: t for t in configured}
+    for target in sorted(source.latest_states()):
+        found.setdefault(target, TargetInfo(target))
+    return list(found.values())
+
+
+def build_report(
+    source: ReportSource,
+    *,
+    start: datetime,
+    end: datetime,
+    targets: Sequence[TargetInfo],
+    generated_at: datetime,
+    store_name: str = "",
+    pdd_threshold: float = 3.0,
+    progress: Progress | None = None,
+) -> Report:
+    """The report for ``[start, end)`` over ``targets``; reads ``source``, never writes it."""
+    start, end, generated_at = truncate_ms(start), truncate_ms(end), truncate_ms(generated_at)
+    if end <= start:
+        raise ValueError("the period is empty: end must be after start")
+    until = max(start, min(end, generated_at))
+    say = progress or (lambda message: None)
+
+    wanted = {t.id for t in targets}
+    changes: dict[str, list[StateChange]] = {t: [] for t in wanted}
+    for change in source.state_changes(start, until):
+        if change.target in wanted:
+            changes[change.target].append(change)
+    incidents: dict[str, list[Incident]] = {t: [] for t in wanted}
+    for incident in source.incidents_between(start, end):
+        if incident.target in wanted:
+            incidents[incident.target].append(incident)
+    verifications: dict[str, list[Verification]] = {t: [] for t in wanted}
+    for v in source.verifications_between(start, end):
+        if v.target in wanted:
+            verifications[v.target].append(v)
+
+    versions: dict[tuple[str, str], list[Any]] = {}  # (probe, version) -> [first, last, count]
+    unreadable: list[Unreadable] = []
+    reports = []
+    for n, info in enumerate(targets, 1):
+        say(f"target {info.id} ({n}/{len(targets)})")
+        reports.append(
+            _target_report(
+                source,
+                info,
+                start=start,
+                until=until,
+                before=source.state_before(info.id, start),
+                changes=changes[info.id],
+                incidents=incidents[info.id],
+                verifications=verifications[info.id],
+                versions=versions,
+                unreadable=unreadable,
+                say=say,
+            )
+        )
+    say("probe outages and sequence gaps")
+    outages = _probe_outages(source.probe_events(start, until), start=start, until=until)
+    seq_gaps = tuple(SeqGap(p, a, n, m, at) for p, a, n, m, at in source.gaps_between(start, end))
+    say("ledger: verifying the hash chain over every stored row")
+    ledger = _ledger(source, start=start, end=end)
+    return Report(
+        schema=SCHEMA,
+        generated_at=generated_at,
+        software=__version__,
+        store=store_name,
+        start=start,
+        end=end,
+        measured_until=until,
+        availability_target=AVAILABILITY_TARGET,
+        bucket_seconds=BUCKET_SECONDS,
+        pdd_threshold=pdd_threshold,
+        ledger=ledger,
+        targets=tuple(reports),
+        probe_outages=outages,
+        seq_gaps=seq_gaps,
+        versions=tuple(
+            VersionSeen(probe, version, first, last, count)
+            for (probe, version), (first, last, count) in sorted(
+                versions.items(), key=lambda kv: (kv[0][0], kv[1][0], kv[0][1])
+            )
+        ),
+        unreadable=tuple(unreadable),
+    )
+
+
+def _timeline(
+    before: TargetStateName | None, changes: Sequence[StateChange], *, start: datetime, until: datetime
+) -> list[Span]:
+    """The state spans covering ``[start, until)``; no recorded state yet counts as unknown."""
+    # (ms, state, inherited from before the period)
+    points: list[tuple[int, TargetStateName, bool]] = [(_ms(start), before or "unknown", before is not None)]
+    points += [(_ms(c.at), c.state, False) for c in changes]
+    end_ms = _ms(until)
+    spans: list[Span] = []
+    for i, (at, state, inherited) in enumerate(points):
+        stop = points[i + 1][0] if i + 1 < len(points) else end_ms
+        if stop <= at:
+            continue
+        if spans and spans[-1].state == state:
+            spans[-1] = Span(state, spans[-1].start, _at(stop), spans[-1].open_at_start)
+        else:
+            spans.append(Span(state, _at(at), _at(stop), open_at_start=inherited))
+    if spans:
+        last = spans[-1]
+        spans[-1] = Span(last.state, last.start, last.end, last.open_at_start, open_at_end=True)
+    return spans
+
+
+@dataclass(slots=True)
+class _Buckets:
+    """Per-quarter-hour accumulators, indexed from the quarter hour the period starts in."""
+
+    origin: int  # ms of the first bucket's aligned start
+    start: int  # ms, period start
+    until: int  # ms, measured end
+    count: int
+    calls: list[int] = field(default_factory=list)
+    passed: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    inconclusive: list[int] = field(default_factory=list)
+    pings: list[int] = field(default_factory=list)
+    state_ms: dict[TargetStateName, list[int]] = field(default_factory=dict)
+    worst: list[int] = field(default_factory=list)
+    pdd_median: list[float | None] = field(default_factory=list)
+    pdd_max: list[float | None] = field(default_factory=list)
+    _pdd_index: int = -1
+    _pdd_values: list[float] = field(default_factory=list)
+
+    @classmethod
+    def covering(cls, start: int, until: int) -> _Buckets:
+        origin = start - start % _BUCKET_MS
+        count = max(0, -(-(until - origin) // _BUCKET_MS))
+        b = cls(origin=origin, start=start, until=until, count=count)
+        for name in ("calls", "passed", "failed", "inconclusive", "pings"):
+            setattr(b, name, [0] * count)
+        b.state_ms = {s: [0] * count for s in TARGET_STATES}
+        b.worst = [-1] * count
+        b.pdd_median = [None] * count
+        b.pdd_max = [None] * count
+        return b
+
+    def index(self, ms: int) -> int:
+        return (ms - self.origin) // _BUCKET_MS
+
+    def add_span(self, state: TargetStateName, a: int, b: int) -> None:
+        rank = STATE_RANK[state]
+        totals = self.state_ms[state]
+        for k in range(self.index(a), self.index(b - 1) + 1):
+            lo = max(a, self.origin + k * _BUCKET_MS)
+            hi = min(b, self.origin + (k + 1) * _BUCKET_MS)
+            if hi > lo:
+                totals[k] += hi - lo
+                self.worst[k] = max(self.worst[k], rank)
+
+    def add_pdd(self, k: int, value: float) -> None:
+        if k != self._pdd_index:
+            self.flush_pdd()
+            self._pdd_index = k
+        self._pdd_values.append(value)
+
+    def flush_pdd(self) -> None:
+        if self._pdd_values:
+            self.pdd_median[self._pdd_index] = statistics.median(self._pdd_values)
+            self.pdd_max[self._pdd_index] = max(self._pdd_values)
+        self._pdd_values = []
+
+    def values(self) -> tuple[Bucket, ...]:
+        self.flush_pdd()
+        ranks = {v: k for k, v in STATE_RANK.items()}
+        out = []
+        for k in range(self.count):
+            lo = max(self.start, self.origin + k * _BUCKET_MS)
+            hi = min(self.until, self.origin + (k + 1) * _BUCKET_MS)
+            up, deg = self.state_ms["up"][k], self.state_ms["degraded"][k]
+            down, unknown = self.state_ms["down"][k], self.state_ms["unknown"][k]
+            out.append(
+                Bucket(
+                    start=_at(lo),
+                    end=_at(hi),
+                    calls=self.calls[k],
+                    passed=self.passed[k],
+                    failed=self.failed[k],
+                    inconclusive=self.inconclusive[k],
+                    pings=self.pings[k],
+                    up_seconds=up / 1000,
+                    degraded_seconds=deg / 1000,
+                    down_seconds=down / 1000,
+                    unmonitored_seconds=unknown / 1000,
+                    availability=_ratio(up + deg, up + deg + down),
+                    worst_state=ranks.get(self.worst[k], "unknown"),
+                    pdd_median=self.pdd_median[k],
+                    pdd_max=self.pdd_max[k],
+                )
+            )
+        return tuple(out)
+
+
+def _read(
+    source: ReportSource, target: str, a: int, b: int, unreadable: list[Unreadable]
+) -> list[ResultSummary]:
+    """Results of ``target`` finished in ``[a, b)``; a damaged payload is isolated by
+    halving the window down to its millisecond and recorded, not allowed to sink the report."""
+    try:
+        return source.results_between(_at(a), _at(b), target)
+    except ResultError as exc:
+        if b - a <= 1:
+            unreadable.append(Unreadable(target, _at(a), _at(b), str(exc)))
+            return []
+        mid = (a + b) // 2
+        return _read(source, target, a, mid, unreadable) + _read(source, target, mid, b, unreadable)
+
+
+class _Fresh:
+    """When the target had a result no older than ``window`` (the monitor's own rule for
+    ``unknown``): merged intervals, built as results stream in oldest first."""
+
+    def __init__(self, window_ms: int) -> None:
+        self.window = window_ms
+        self.intervals: list[list[int]] = []  # [start, end) ms
+
+    def add(self, at: int) -> None:
+        if self.intervals and at <= self.intervals[-1][1]:
+            self.intervals[-1][1] = max(self.intervals[-1][1], at + self.window)
+        else:
+            self.intervals.append([at, at + self.window])
+
+    def split(self, state: TargetStateName, a: int, b: int) -> Iterator[tuple[TargetStateName, int, int]]:
+        """``[a, b)`` in ``state`` where fresh, ``unknown`` where not."""
+        if state == "unknown":
+            yield state, a, b
+            return
+        cursor = a
+        i = bisect.bisect_right(self.intervals, a, key=lambda iv: iv[1])
+        while cursor < b and i < len(self.intervals):
+            lo, hi = self.intervals[i]
+            if lo >= b:
+                break
+            if lo > cursor:
+                yield "unknown", cursor, lo
+                cursor = lo
+            stop = min(hi, b)
+            if stop > cursor:
+                yield state, cursor, stop
+                cursor = stop
+            i += 1
+        if cursor < b:
+            yield "unknown", cursor, b
+
+
+def _effective(recorded: Sequence[Span], fresh: _Fresh) -> list[Span]:
+    """The recorded timeline, with every stretch that had no fresh result made ``unknown``:
+    a state the monitor recorded while nothing reached it (it was not running, say) is not
+    evidence of anything."""
+    pieces: list[Span] = []
+    for n, span in enumerate(recorded):
+        for state, a, b in fresh.split(span.state, _ms(span.start), _ms(span.end)):
+            inherited = n == 0 and span.open_at_start and a == _ms(span.start)
+            if pieces and pieces[-1].state == state and _ms(pieces[-1].end) == a:
+                last = pieces[-1]
+                pieces[-1] = Span(state, last.start, _at(b), last.open_at_start)
+            else:
+                pieces.append(Span(state, _at(a), _at(b), open_at_start=inherited))
+    if pieces:
+        last = pieces[-1]
+        pieces[-1] = Span(last.state, last.start, last.end, last.open_at_start, open_at_end=True)
+    return pieces
+
+
+def _target_report(
+    source: ReportSource,
+    info: TargetInfo,
+    *,
+    start: datetime,
+    until: datetime,
+    before: TargetStateName | None,
+    changes: Sequence[StateChange],
+    incidents: Sequence[Incident],
+    verifications: Sequence[Verification],
+    versions: dict[tuple[str, str], list[Any]],
+    unreadable: list[Unreadable],
+    say: Progress,
+) -> TargetReport:
+    start_ms, until_ms = _ms(start), _ms(until)
+    buckets = _Buckets.covering(start_ms, until_ms)
+    fresh = _Fresh(round(info.fresh_within * 1000))
+    for r in _read(source, info.id, start_ms - fresh.window, start_ms, unreadable):
+        if r.reason != GUARD_REFUSED:
+            fresh.add(_ms(r.finished_at))  # a result just before the period still counts
+
+    calls = {"placed": 0, "passed": 0, "failed": 0, "inconclusive": 0}
+    kinds = {"scheduled": 0, "confirmations": 0, "on_demand": 0}
+    pings = {"sent": 0, "passed": 0, "failed": 0, "inconclusive": 0}
+    refusals: list[ResultSummary] = []
+    coverage: dict[str, list[Any]] = {}  # probe -> [count, first, last]
+    silence = (start_ms, start_ms)
+    last_seen = start_ms
+    days = -(-(until_ms - start_ms) // _DAY_MS)
+    chunk = start_ms
+    day = 0
+    while chunk < until_ms:
+        day += 1
+        stop = min(until_ms, (chunk // _DAY_MS + 1) * _DAY_MS)
+        if days > 1:
+            say(f"target {info.id}: {format_time(_at(chunk))[:10]} (day {day}/{days})")
+        for r in _read(source, info.id, chunk, stop, unreadable):
+            at = _ms(r.finished_at)
+            if at - last_seen > silence[1] - silence[0]:
+                silence = (last_seen, at)
+            last_seen = max(last_seen, at)
+            seen = coverage.get(r.probe)
+            if seen is None:
+                coverage[r.probe] = [1, r.finished_at, r.finished_at]
+            else:
+                seen[0] += 1
+                seen[2] = r.finished_at
+            version = versions.get((r.probe, r.version))
+            if version is None:
+                versions[(r.probe, r.version)] = [r.finished_at, r.finished_at, 1]
+            else:
+                version[0] = min(version[0], r.finished_at)
+                version[1] = max(version[1], r.finished_at)
+                version[2] += 1
+            if r.reason == GUARD_REFUSED:
+                refusals.append(r)
+                continue
+            fresh.add(at)
+            k = buckets.index(at)
+            if r.check == "invite":
+                calls["placed"] += 1
+                calls[_counted(r.outcome)] += 1
+                kinds["confirmations" if r.confirm else "on_demand" if r.request_id else "scheduled"] += 1
+                buckets.calls[k] += 1
+                getattr(buckets, _counted(r.outcome))[k] += 1
+                if r.outcome == "pass" and r.post_dial_delay is not None:
+                    buckets.add_pdd(k, r.post_dial_delay)
+            elif r.check == "options":
+                pings["sent"] += 1
+                pings[_counted(r.outcome)] += 1
+                buckets.pings[k] += 1
+        chunk = stop
+    if until_ms - last_seen > silence[1] - silence[0]:
+        silence = (last_seen, until_ms)
+
+    timeline = _effective(_timeline(before, changes, start=start, until=until), fresh)
+    state_ms: dict[TargetStateName, int] = dict.fromkeys(TARGET_STATES, 0)
+    for span in timeline:
+        a, b = _ms(span.start), _ms(span.end)
+        state_ms[span.state] += b - a
+        buckets.add_span(span.state, a, b)
+    available = state_ms["up"] + state_ms["degraded"]
+    monitored = available + state_ms["down"]
+    period = until_ms - start_ms
+    time_availability = _ratio(available, monitored)
+    decisive = calls["passed"] + calls["failed"]
+    call_availability = _ratio(calls["passed"], decisive)
+    return TargetReport(
+        id=info.id,
+        description=info.description,
+        calls=CallCounts(**calls, **kinds),
+        pings=PingCounts(**pings),
+        blocked=len(refusals),
+        time=TimeAvailability(
+            period_seconds=period / 1000,
+            up_seconds=state_ms["up"] / 1000,
+            degraded_seconds=state_ms["degraded"] / 1000,
+            down_seconds=state_ms["down"] / 1000,
+            unmonitored_seconds=state_ms["unknown"] / 1000,
+            monitored_seconds=monitored / 1000,
+            monitored_fraction=_ratio(monitored, period),
+            availability=time_availability,
+            lower_bound=_ratio(available, period),
+            allowed_downtime_seconds=(1 - AVAILABILITY_TARGET) * monitored / 1000,
+            met=_met(time_availability),
+        ),
+        by_calls=CallAvailability(
+            passed=calls["passed"],
+            failed=calls["failed"],
+            availability=call_availability,
+            allowed_failures=(1 - AVAILABILITY_TARGET) * decisive,
+            met=_met(call_availability),
+        ),
+        timeline=tuple(timeline),
+        gaps=tuple(s for s in timeline if s.state == "unknown"),
+        buckets=buckets.values(),
+        incidents=tuple(_incident_entry(i) for i in incidents),
+        verifications=tuple(verifications),
+        refusals=tuple(refusals),
+        coverage=tuple(
+            ProbeCoverage(probe, count, first, last)
+            for probe, (count, first, last) in sorted(coverage.items())
+        ),
+        longest_silence=Silence(_at(silence[0]), _at(silence[1])),
+        fresh_within=info.fresh_within,
+    )
+
+
+def _counted(outcome: str) -> str:
+    return {"pass": "passed", "fail": "failed"}.get(outcome, "inconclusive")
+
+
+def _incident_entry(incident: Incident) -> IncidentEntry:
+    detected = incident.opened_at
+    notices = tuple(
+        Notice(
+            notifier=n.notifier,
+            event=n.event,
+            state=n.state,
+            attempts=n.attempts,
+            created_at=n.created_at,
+            sent_at=n.sent_at,
+            after_detection_seconds=None if n.sent_at is None else _seconds(detected, n.sent_at),
+            last_error=n.last_error,
+        )
+        for n in incident.notifications
+    )
+    sent = [n.sent_at for n in notices if n.event == "trigger" and n.state == "sent" and n.sent_at]
+    began = incident.first_failed_at or detected
+    return IncidentEntry(
+        id=incident.id,
+        kind=incident.kind,
+        summary=incident.summary,
+        last_good_id=incident.last_good_id,
+        last_good_at=incident.last_good_at,
+        first_failed_id=incident.first_failed_id,
+        first_failed_at=incident.first_failed_at,
+        detected_at=detected,
+        resolved_at=incident.resolved_at,
+        detection_latency_seconds=(
+            None if incident.first_failed_at is None else _seconds(incident.first_failed_at, detected)
+        ),
+        time_to_notify_seconds=None if not sent else _seconds(detected, min(sent)),
+        duration_seconds=None if incident.resolved_at is None else _seconds(began, incident.resolved_at),
+        notifications=notices,
+    )
+
+
+def _probe_outages(
+    events: Sequence[ProbeEvent], *, start: datetime, until: datetime
+) -> tuple[ProbeOutage, ...]:
+    """Offline intervals per probe; ``probe_events`` starts each probe with its state at ``start``."""
+    offline_since: dict[str, tuple[datetime, bool]] = {}
+    outages: list[ProbeOutage] = []
+    for e in events:
+        if not e.online and e.probe not in offline_since:
+            offline_since[e.probe] = (e.at, _ms(e.at) == _ms(start))
+        elif e.online and e.probe in offline_since:
+            since, before = offline_since.pop(e.probe)
+            if e.at > since:
+                outages.append(ProbeOutage(e.probe, since, e.at, before, False))
+    for probe, (since, before) in offline_since.items():
+        if until > since:
+            outages.append(ProbeOutage(probe, since, until, before, True))
+    return tuple(sorted(outages, key=lambda o: (o.start, o.probe)))
+
+
+_FINISHED = '"finished_at":"'
+
+
+def _finished_text(payload: str) -> str:
+    """``finished_at`` of a stored payload without parsing it (canonical JSON, sorted keys)."""
+    i = payload.find(_FINISHED)
+    return "" if i < 0 else payload[i + len(_FINISHED) : i + len(_FINISHED) + 24]
+
+
+def _ledger(source: ReportSource, *, start: datetime, end: datetime) -> LedgerCheck:
+    """Walk the chain once for the hashes a reader can quote, then verify every row."""
+    lo, hi = format_time(start), format_time(end)
+    total = 0
+    period_last: tuple[int, str, str] | None = None
+    last: tuple[int, str, str] | None = None
+    for row, result_id, payload, _prev, digest in source.iter_chain():
+        total += 1
+        last = (row, result_id, digest)
+        if lo <= _finished_text(payload) < hi:
+            period_last = last
+    chain = source.verify_chain()
+    return LedgerCheck(
+        ok=chain.ok,
+        rows_checked=chain.rows,
+        rows_total=max(total, chain.rows),
+        first_broken_row=chain.first_broken_row,
+        first_broken_id=chain.first_broken_id,
+        problem=chain.problem,
+        verified_hash=chain.last_hash,
+        period_last_row=None if period_last is None else period_last[0],
+        period_last_id=None if period_last is None else period_last[1],
+        period_last_hash=None if period_last is None else period_last[2],
+        last_row=None if last is None else last[0],
+        last_id=None if last is None else last[1],
+        last_hash=None if last is None else last[2],
+    )
