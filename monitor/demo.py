@@ -51,6 +51,12 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(sock.getsockname()[1])
 
 
+def _ecpm_command() -> str:
+    """How this ecpm was started, so printed commands work without an activated venv."""
+    arg0 = Path(sys.argv[0])
+    return str(arg0) if arg0.name == "ecpm" else f"{sys.executable} -m ecpm"
+
+
 def _say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')}  {text}", flush=True)
 
@@ -208,8 +214,8 @@ class Demo:
             _say(f"break it     curl -X PUT --data answer_503 http://{HOST}:{self.control_port}/fault")
             _say(f"restore      curl -X PUT --data none http://{HOST}:{self.control_port}/fault")
             _say(
-                f"verify       ecpm verify --monitor http://{self.listen} --token-file {self.token_file}"
-                " --target demo-path --change-ref CHG-DEMO"
+                f"verify       {_ecpm_command()} verify --monitor http://{self.listen}"
+                f" --token-file {self.token_file} --target demo-path --change-ref CHG-DEMO"
             )
             _say("Ctrl-C stops everything")
             await self.watch(stop)
