@@ -29,6 +29,16 @@ from tests.test_sip_helpers import REPO, ResponderProcess, free_port
 HOST = "127.0.0.1"
 
 
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail the test naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 class Receiver:
     """A real HTTP server that records every JSON body POSTed to it."""
 
@@ -212,11 +222,4 @@ class System:
         self.wait_for(lambda: self.state(target) == state, timeout, f"{target} to be {state}")
         return time.monotonic() - started
 
-    @staticmethod
-    def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    wait_for = staticmethod(wait_for)  # system.wait_for(...) reads well in tests

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from probes.result import Result, parse_result, verify
 from tests.brokers import Broker
 from tests.conftest import peer_path
-from tests.system import Process
+from tests.system import Process, wait_for
 from tests.test_sip_helpers import REPO, ResponderProcess, free_port
 
 pytestmark = pytest.mark.peers("mosquitto", "mosquitto_sub")
@@ -95,15 +95,6 @@ class Subscriber:
         self.proc.terminate()
         self.proc.wait(timeout=10)
         self._file.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def outbox_depth(path: Path) -> int:
