@@ -32,6 +32,7 @@ from ecpm.settings import MqttSettings, TlsFiles
 logger = logging.getLogger(__name__)
 
 SESSION_EXPIRY = 7 * 86400  # seconds a broker keeps a persistent session's messages (MQTT 5)
+RECEIVE_MAXIMUM = 200  # QoS 1 messages in flight to a manual-ack client (MQTT 5)
 
 
 def tls_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -75,9 +76,14 @@ def build_client(
     """
     v5 = protocol == aiomqtt.ProtocolVersion.V5
     properties = None
-    if v5 and persistent:
+    if v5 and (persistent or manual_ack):
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = SESSION_EXPIRY
+        if persistent:
+            properties.SessionExpiryInterval = SESSION_EXPIRY
+        if manual_ack:
+            # unacknowledged messages wait at the broker, not in our memory: without this,
+            # a backlog (a long persistent-session queue) arrives all at once
+            properties.ReceiveMaximum = RECEIVE_MAXIMUM
     client = aiomqtt.Client(
         settings.host,
         settings.port,
