@@ -6,9 +6,12 @@ Each file in tests/testdata/ breaks one rule and says, in its first line
 
 from __future__ import annotations
 
+import re
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from ecpm.check_config import load_any
 from ecpm.configfile import format_duration, parse_duration
@@ -118,3 +121,29 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    """Every key a config file of this model can hold, at any depth."""
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        names.add(name)
+        for arg in typing.get_args(field.annotation) or (field.annotation,):
+            for inner in typing.get_args(arg) or (arg,):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    names |= _field_names(inner)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("name", "model"),
+    [
+        ("probe.example.yaml", ProbeConfig),
+        ("monitor.example.yaml", MonitorConfig),
+        ("responder.example.yaml", ResponderConfig),
+    ],
+)
+def test_examples_document_every_option(name: str, model: type[BaseModel]) -> None:
+    text = (ROOT / "config" / name).read_text()
+    missing = sorted(n for n in _field_names(model) if not re.search(rf"(^|[\s{{,]){n}:", text, re.MULTILINE))
+    assert missing == [], f"config/{name} does not document: {missing}"
