@@ -98,11 +98,20 @@ class MonitorCore:
         return self._snapshot
 
     def handle(self, topic: str, payload: bytes) -> str | None:
-        """Take one MQTT message; return the rejection reason, or None when accepted."""
-        if topic.startswith(self._results_prefix):
-            return self._result(topic, payload)
-        if topic.startswith(self._status_prefix):
-            return self._status(topic, payload)
+        """Take one MQTT message; return the rejection reason, or None when accepted.
+
+        Never raises for anything a message contains: a payload that trips an error the
+        parser did not foresee (huge integers, 1e400, deep nesting) is rejected as
+        ``fields``, because an unacknowledged message that kills the monitor would be
+        redelivered and kill it again after every restart.
+        """
+        try:
+            if topic.startswith(self._results_prefix):
+                return self._result(topic, payload)
+            if topic.startswith(self._status_prefix):
+                return self._status(topic, payload)
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            return self._reject("fields", topic, f"{type(exc).__name__}: {str(exc)[:200]}")
         return self._reject("topic_mismatch", topic, "not a results or status topic")
 
     def _reject(self, reason: str, topic: str, detail: str) -> str:

@@ -631,13 +631,19 @@ class SqliteStore:
     # ------------------------------------------------------------ retention and the chain
 
     def prune(self, before: datetime) -> int:
-        """Delete results that finished before ``before``; the chain re-anchors on the last one."""
-        row = self._db.execute(
-            "SELECT MAX(row) FROM results WHERE finished_at < ?", (format_time(before),)
-        ).fetchone()
-        if row[0] is None:
+        """Delete results received before ``before``; the chain re-anchors on the last one."""
+        # the oldest rows by the monitor's own clock (received_at), as one contiguous prefix
+        # of the chain: a result stamped 1970 by a probe with a bad clock must not take
+        # every row before it along
+        keep = self._db.execute(
+            "SELECT MIN(row) FROM results WHERE received_at >= ?", (format_time(before),)
+        ).fetchone()[0]
+        last_row = self._db.execute("SELECT MAX(row) FROM results").fetchone()[0]
+        if last_row is None:
             return 0
-        last = int(row[0])
+        last = int(last_row) if keep is None else int(keep) - 1
+        if self._db.execute("SELECT COUNT(*) FROM results WHERE row <= ?", (last,)).fetchone()[0] == 0:
+            return 0
         anchor = self._db.execute("SELECT hash FROM results WHERE row = ?", (last,)).fetchone()[0]
         cursor = self._db.execute("DELETE FROM results WHERE row <= ?", (last,))
         self._db.execute(
@@ -651,8 +657,22 @@ class SqliteStore:
     def iter_chain(self) -> Iterator[tuple[int, str, str, str, str]]:
         yield from self._db.execute("SELECT row, id, payload, prev_hash, hash FROM results ORDER BY row")
 
+    def _columns_match(self) -> Iterator[tuple[int, bool]]:
+        """Per row: do the indexed columns (what queries select on) say what the payload says?"""
+        rows = self._db.execute(
+            "SELECT row, payload, id, probe, target, check_kind, seq, started_at, finished_at, outcome,"
+            " confirm, request_id FROM results ORDER BY row"
+        )
+        for row, payload, *columns in rows:
+            data = json.loads(payload)
+            expected = [data.get(k) for k in ("id", "probe", "target", "check", "seq", "started_at",
+                                              "finished_at", "outcome")]  # fmt: skip
+            expected += [int(bool(data.get("confirm"))), data.get("request_id")]
+            yield row, columns == expected
+
     def verify_chain(self) -> ChainReport:
         prev, rows = self._anchor(), 0
+        columns = self._columns_match()
         for row, result_id, payload, prev_hash, digest in self.iter_chain():
             rows += 1
             problem = None
@@ -660,6 +680,8 @@ class SqliteStore:
                 problem = "prev_hash does not match the previous row's hash (a row was removed or reordered)"
             elif chain_hash(prev, payload) != digest:
                 problem = "hash does not match the row's content (the row was altered)"
+            elif not next(columns)[1]:
+                problem = "the row's columns differ from its hashed content (the row was altered)"
             if problem:
                 return ChainReport(False, rows, row, result_id, problem, prev)
             prev = digest

@@ -182,6 +182,25 @@ def test_bad_messages_are_rejected_and_counted(tmp_path: Path, mutate, reason: s
     assert core.store.results_between(clock.now.replace(year=2000), clock.advance(1)) == []
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"schema":"ecpm.result/1","jitter_ms":1e400}',
+        b'{"schema":"ecpm.result/1","seq":' + b"9" * 5000 + b"}",
+    ],
+)
+def test_payloads_that_trip_the_parser_are_rejected_not_fatal(tmp_path: Path, payload: bytes) -> None:
+    clock = Clock()
+    core, _, _ = make(tmp_path, clock)
+    sim = ProbeSim("p1")
+    assert core.handle(sim.topic("t1"), payload) in ("fields", "json")
+    good = sim.result("t1", "pass", clock())
+    bad = good.to_json().replace(b'"jitter_ms":0.3', b'"jitter_ms":1e400')
+    assert core.handle(sim.topic("t1"), bad) in ("fields", "signature")
+    assert core.handle("ecpm/v1/status/p1", b"[" * 5000) in ("fields", "json")
+    assert core.handle(sim.topic("t1"), good.to_json()) is None  # and it goes on
+
+
 def test_forged_key_unknown_probe_and_topic_mismatch(tmp_path: Path) -> None:
     clock = Clock()
     core, registry, _ = make(tmp_path, clock)

@@ -17,7 +17,8 @@ def filled(tmp_path: Path, n: int = 5) -> tuple[SqliteStore, str]:
     store = SqliteStore(path)
     sim = ProbeSim("p1")
     for i in range(n):
-        assert store.add_result(sim.result("t1", "pass", T0 + timedelta(seconds=10 * i)), T0)
+        at = T0 + timedelta(seconds=10 * i)
+        assert store.add_result(sim.result("t1", "pass", at), at)
     store.commit()
     return store, path
 
@@ -92,6 +93,29 @@ def test_prune_reanchors_the_chain(tmp_path: Path) -> None:
     store.add_result(sim.result("t1", "pass", T0 + timedelta(seconds=100)), T0)
     store.commit()
     assert store.verify_chain().ok
+
+
+def test_a_past_dated_result_does_not_take_the_ledger_with_it(tmp_path: Path) -> None:
+    store, _ = filled(tmp_path)
+    sim = ProbeSim("p1")
+    sim.seq = 100
+    # a probe that booted with its clock in 1970 sends one result, received now
+    store.add_result(sim.result("t1", "pass", T0.replace(year=1970)), T0 + timedelta(seconds=60))
+    store.commit()
+    assert store.prune(T0 + timedelta(seconds=15)) == 2  # only the two oldest by receive time
+    assert store.verify_chain().rows == 4
+
+
+def test_an_altered_column_is_found_even_when_the_payload_is_intact(tmp_path: Path) -> None:
+    store, path = filled(tmp_path)
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE results SET finished_at = '2001-01-01T00:00:00.000Z' WHERE row = 4")
+    db.commit()
+    db.close()
+    report = SqliteStore(path).verify_chain()
+    assert (report.ok, report.first_broken_row) == (False, 4)
+    assert "columns differ" in (report.problem or "")
 
 
 def test_ledger_without_store_is_a_usage_error(tmp_path: Path) -> None:
