@@ -343,8 +343,8 @@ def _ended_before_answer(result: _Result, d: _Dialog, event: CallEvent, shape: E
             score = nena.score_answer(status, final.message, shape)
             reason = score.reason or reason
             outcome = score.outcome
-        elif status == 486:  # the test endpoint is over its call limit: not a verdict
-            outcome = "inconclusive"
+        # A 486 outside NENA test-call semantics is a failure: on a plain path it is call
+        # admission refusing calls, which is what an emergency caller would meet.
         result.fail("answer", reason, outcome=outcome, status=status, sip_reason=final.reason)
     elif d.first is None and cause == "timeout":
         result.fail("transport", "no_response")

@@ -364,6 +364,26 @@ class _Call(pj.Call):  # type: ignore[misc]
 
     # callbacks -------------------------------------------------------------
 
+    # Safety: pjsua never places a call on its own. By default it accepts an in-dialog
+    # REFER and dials the Refer-To URI itself, answers an INVITE with Replaces, and may
+    # follow a 3xx — each a request the live-number guard never saw. These are declined
+    # here, first thing and deliberately not wrapped in _callback: an exception there
+    # would be swallowed and pjsua's accepting default would stand (fail open).
+    def onCallTransferRequest(self, prm: Any) -> None:
+        prm.statusCode = 603  # Decline: we never transfer
+        with contextlib.suppress(Exception):
+            logger.warning("declined a transfer (REFER) to %s: ecpm dials only guarded targets", prm.dstUri)
+
+    def onCallReplaceRequest(self, prm: Any) -> None:
+        prm.statusCode = 603
+        with contextlib.suppress(Exception):
+            logger.warning("declined an INVITE with Replaces: ecpm calls are never replaced")
+
+    def onCallRedirected(self, prm: Any) -> int:
+        with contextlib.suppress(Exception):
+            logger.warning("not following a redirect to %s: ecpm dials only guarded targets", prm.targetUri)
+        return int(pj.PJSIP_REDIRECT_STOP)
+
     @_callback
     def onCallTsxState(self, prm: Any) -> None:
         e = prm.e
