@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 
-from ecpm.configfile import Loc, PositiveDuration, SecretFile, StrictModel, pick_secret, secret_of
+from ecpm.configfile import Duration, Loc, PositiveDuration, SecretFile, StrictModel, pick_secret, secret_of
 from ecpm.settings import Listen, MqttSettings, Name
 
 
@@ -41,6 +41,7 @@ class Reachability(StrictModel):
     degraded_post_dial_delay: PositiveDuration = 3.0  # slower ringing on a pass → degraded
     degraded_mos: float = Field(default=3.6, ge=1.0, le=4.5)  # lower MOS on a pass → degraded
     probe_stale_after: PositiveDuration = 120.0  # a probe silent this long is not up
+    resolve_after: Annotated[Duration, Field(ge=0)] = 60.0  # out of down this long before it resolves
 
 
 class Store(StrictModel):

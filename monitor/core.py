@@ -35,6 +35,7 @@ from probes.result import ResultError, parse_result, verify
 logger = logging.getLogger(__name__)
 
 TIMELINE = timedelta(hours=24)
+HEARTBEAT_GAP = 10.0  # seconds without a heartbeat that count as "the monitor was not running"
 Pager = Callable[[Incident, str], None]  # (incident, "trigger" | "resolve")
 
 
@@ -64,6 +65,8 @@ class MonitorCore:
         self._states: dict[str, tuple[TargetStateName, datetime, str]] = {}
         self._probe_status = {s.probe: s for s in store.probe_statuses()}
         self._last_result_at: dict[str, datetime] = {}
+        self._online_since: dict[str, datetime] = {}  # when each probe last went offline → online
+        self._left_down: dict[str, datetime] = {}  # when a target with an open down incident left down
         self._snapshot = Snapshot(at=clock(), targets={}, probes={}, open_incidents=(), timeline=())
         self.metrics = MonitorMetrics(
             registry,
@@ -77,20 +80,39 @@ class MonitorCore:
     # ------------------------------------------------------------ restart
 
     def _restore(self) -> None:
-        """Rebuild in-memory state from the store: a restart changes nothing visible."""
+        """Rebuild in-memory state from the store: a restart changes nothing visible, except
+        that the time the monitor was not running is recorded as what it was: unknown."""
         now = self.clock()
         longest = max(t.window for t in self.trackers.values())
         for r in self.store.results_between(now - max(longest, TIMELINE), now + timedelta(days=1)):
-            tracker = self.trackers.get(r.target)
-            if tracker is not None:
-                tracker.add(r)
-            self._last_result_at[r.probe] = max(
-                r.finished_at, self._last_result_at.get(r.probe, r.finished_at)
-            )
+            self._track(r, now)
+        last_beat = self.store.heartbeat()
+        away = last_beat is not None and (now - last_beat).total_seconds() > HEARTBEAT_GAP
         for target, (state, since) in self.store.latest_states().items():
-            if target in self.trackers:
+            if target not in self.trackers:
+                continue
+            if away and state != "unknown" and last_beat is not None:
+                self.store.add_state_change(target, "unknown", last_beat, "the monitor was not running")
+                self._states[target] = ("unknown", last_beat, "the monitor was not running")
+            else:
                 self._states[target] = (state, since, "restored after restart")
         self.evaluate(now)
+
+    def _track(self, summary: ResultSummary, now: datetime) -> None:
+        """Feed a result to its target's tracker, judged by the monitor's clock: a probe
+        whose clock runs ahead cannot keep a result "fresh" into the future."""
+        if summary.finished_at > now:
+            summary = replace(summary, finished_at=now, started_at=min(summary.started_at, now))
+        tracker = self.trackers.get(summary.target)
+        if tracker is not None:
+            tracker.add(summary)
+        latest = self._last_result_at.get(summary.probe, summary.finished_at)
+        self._last_result_at[summary.probe] = max(summary.finished_at, latest)
+
+    def beat(self, now: datetime | None = None) -> None:
+        """Record that the monitor is running (the service calls this every second)."""
+        self.store.set_heartbeat(now or self.clock())
+        self.store.commit()
 
     # ------------------------------------------------------------ ingest
 
@@ -152,10 +174,7 @@ class MonitorCore:
         if last is None or result.seq > last:
             self.store.set_last_seq(result.probe, result.seq)
         self.metrics.observe(result)
-        tracker.add(summarize(result))
-        self._last_result_at[result.probe] = max(
-            result.finished_at, self._last_result_at.get(result.probe, result.finished_at)
-        )
+        self._track(summarize(result), now)
         return None
 
     def _status(self, topic: str, payload: bytes) -> str | None:
@@ -172,6 +191,9 @@ class MonitorCore:
         targets = data.get("targets") if isinstance(data.get("targets"), list) else []
         version = data.get("version") if isinstance(data.get("version"), str) else None
         status = ProbeStatus(probe, online, self.clock(), version, tuple(str(t) for t in targets))
+        previous = self._probe_status.get(probe)
+        if online and (previous is None or not previous.online):
+            self._online_since[probe] = status.at
         self._probe_status[probe] = status
         self.store.set_probe_status(status)
         logger.info("probe %s is %s", probe, "online" if online else "OFFLINE")
@@ -186,11 +208,11 @@ class MonitorCore:
         open_by_key = {(i.target, i.kind): i for i in self.store.open_incidents()}
         views: dict[str, TargetView] = {}
         for target_id, tracker in self.trackers.items():
-            verdict = tracker.evaluate(now, self._expected(target_id, now - tracker.window))
+            since_online = now - timedelta(seconds=tracker.target.interval)
+            verdict = tracker.evaluate(now, self._expected(target_id, since_online))
             previous = self._states.get(target_id)
             if previous is None or previous[0] != verdict.state:
                 self.store.add_state_change(target_id, verdict.state, now, verdict.why)
-                self.store.commit()
                 if previous is not None:
                     logger.info("target %s: %s → %s (%s)", target_id, previous[0], verdict.state, verdict.why)
                 self._states[target_id] = (verdict.state, now, verdict.why)
@@ -213,8 +235,14 @@ class MonitorCore:
                     logger.error("INCIDENT %d opened: %s down: %s", opened.id, target_id, verdict.why)
                     self.pager(opened, "trigger")
             elif verdict.state in ("up", "degraded") and down is not None:
-                self._resolve(down, now)
-                del open_by_key[(target_id, "down")]
+                # resolve only after resolve_after out of down: a flapping path is one incident
+                left = self._left_down.setdefault(target_id, now)
+                if (now - left).total_seconds() >= rules.resolve_after:
+                    self._resolve(down, now)
+                    del open_by_key[(target_id, "down")]
+                    del self._left_down[target_id]
+            if verdict.state == "down":
+                self._left_down.pop(target_id, None)
             # a monitoring gap longer than gap_incident_after opens a gap incident
             gap = open_by_key.get((target_id, "gap"))
             in_gap_for = (now - since).total_seconds() if state == "unknown" else 0.0
@@ -254,6 +282,7 @@ class MonitorCore:
                 latest=tuple(latest.values()),
                 open_incident=None if current is None else current.id,
             )
+        self.store.commit()  # state changes and incidents together (pages commit with their incident)
         self._snapshot = Snapshot(
             at=now,
             targets=views,
@@ -264,9 +293,12 @@ class MonitorCore:
         return self._snapshot
 
     def _expected(self, target: str, since: datetime) -> frozenset[str]:
-        """Probes online that announced ``target`` and came online after ``since``."""
+        """Probes online that announced ``target`` and came online (offline → online,
+        not merely re-announced) after ``since``."""
         return frozenset(
-            s.probe for s in self._probe_status.values() if s.online and target in s.targets and s.at >= since
+            s.probe
+            for s in self._probe_status.values()
+            if s.online and target in s.targets and self._online_since.get(s.probe, since) > since
         )
 
     def _timeline(self, now: datetime) -> tuple[StateChange, ...]:

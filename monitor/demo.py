@@ -114,7 +114,7 @@ class Demo:
             "ingest": {"shared_group": None},  # amqtt has no shared subscriptions
             "store": {"path": str(self.workdir / "monitor.db")},
             "http": {"listen": self.listen, "token_file": str(self.token_file)},
-            "reachability": {"gap_incident_after": "1m"},
+            "reachability": {"gap_incident_after": "1m", "resolve_after": "5s"},
             "probes": [{"id": "demo-probe", "key": key}],
             "targets": [
                 {"id": "demo-path", "interval": interval, "description": "demo responder on loopback"}

@@ -169,6 +169,8 @@ class Dispatcher:
             response = await client.post(url, json=body, timeout=notifier.timeout)
         except httpx.HTTPError as exc:
             retry, error = True, f"{type(exc).__name__}: {exc}"[:300]
+        except Exception as exc:  # e.g. httpx.InvalidURL: this page can never be sent as configured
+            retry, error = False, f"{type(exc).__name__}: {exc}"[:300]
         else:
             if response.is_success:
                 self._store.mark_notification(item.id, state="sent", attempts=attempts, at=self._clock())

@@ -156,6 +156,7 @@ class MonitorService:
     async def _tick(self) -> None:
         while True:
             self.core.evaluate()
+            self.core.beat()  # a restart after silence records the time away as unknown
             await asyncio.sleep(1.0)
 
     async def _retention(self) -> None:

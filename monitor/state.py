@@ -5,18 +5,20 @@ Pure logic, no I/O: the service feeds results and asks for a verdict at a time.
 - ``down`` needs confirmation: the latest K decisive results (pass or fail; an
   inconclusive NENA 486 is neither) all failed, **and** at least M probes have a
   failure as their latest decisive result, where M is ``min_failing_probes`` capped at
-  the number of probes covering the target: those with a fresh result, plus those
-  that announced the target and came online within the staleness window (their first
-  result is still due). One flaky probe never makes a target down when another probe
-  gets through.
+  the number of probes covering the target: those with a fresh decisive call result,
+  plus those that announced the target and came online within the last interval (their
+  first result is still due). One flaky probe never makes a target down when another
+  probe gets through; a probe that only pings OPTIONS or only gets 486 does not cover.
 - ``unknown``: no fresh result within ``stale_after × interval`` — a monitoring gap.
 - ``degraded``: not down, but something is wrong: some probe's latest call failed,
   the latest results are inconclusive, or a pass had poor media or slow post-dial delay.
 - ``up``: otherwise.
 
-The ``invite`` check decides; ``options`` results count only when a target has no
-fresh invite results (a target monitored by OPTIONS alone), and a failing OPTIONS
-ping makes an otherwise-up target degraded.
+The ``invite`` check decides; ``options`` results decide only for a target that has
+never had an invite result (monitored by OPTIONS alone). Once a target has been
+called, OPTIONS answering while no call result is fresh is ``unknown``: the calls
+stopped (the Vonage pattern), whatever a ping says. A failing OPTIONS ping makes an
+otherwise-up target degraded.
 """
 
 from __future__ import annotations
@@ -55,12 +57,14 @@ class TargetTracker:
         self.target = target
         self.rules = rules
         self._results: deque[ResultSummary] = deque(maxlen=MAX_KEPT)  # oldest ... newest
+        self.seen_invite = False  # once a target was called, OPTIONS alone can never make it up
 
     @property
     def window(self) -> timedelta:
         return timedelta(seconds=self.rules.stale_after * self.target.interval)
 
     def add(self, result: ResultSummary) -> None:
+        self.seen_invite = self.seen_invite or result.check == "invite"
         # results arrive nearly in order; keep the deque sorted by finish time
         if not self._results or result.finished_at >= self._results[-1].finished_at:
             self._results.append(result)
@@ -88,12 +92,13 @@ class TargetTracker:
 
     def _deciding(self, newest_first: list[ResultSummary]) -> list[ResultSummary]:
         invites = [r for r in newest_first if r.check == "invite"]
-        return invites or newest_first
+        return invites if invites or self.seen_invite else newest_first
 
     def evaluate(self, now: datetime, expected: frozenset[str] = frozenset()) -> Verdict:
         """The verdict at ``now``. ``expected``: probes that announced this target and came
-        online within the staleness window — they cover it even before their first result,
-        so one failing probe cannot make a target down while another is still starting."""
+        online within the last interval — they cover it before their first result, so one
+        failing probe cannot make a target down while another is still starting (but only
+        for one interval: a probe that never calls cannot hold ``down`` off)."""
         rules = self.rules
         fresh = [r for r in self.recent() if r.finished_at >= now - self.window]
         if not fresh:
@@ -104,9 +109,17 @@ class TargetTracker:
                 f"no fresh result within {format_duration(self.window.total_seconds())} (last: {age})",
                 (),
             )
-        covering = tuple(sorted({r.probe for r in fresh} | expected))
         deciding = self._deciding(fresh)
+        if not deciding:  # only OPTIONS still answer: the calls themselves have stopped
+            return Verdict(
+                "unknown",
+                f"no fresh test call within {format_duration(self.window.total_seconds())}"
+                " (OPTIONS still answer)",
+                (),
+            )
         decisive = [r for r in deciding if r.outcome != "inconclusive"]
+        # covering: probes whose calls decide now, plus those that just came online for it
+        covering = tuple(sorted({r.probe for r in decisive} | (expected - {r.probe for r in deciding})))
         latest = _latest_by_probe(decisive)
         failing_probes = sorted(p for p, r in latest.items() if r.outcome == "fail")
         needed = min(rules.min_failing_probes, len(covering))

@@ -195,6 +195,8 @@ class Store(Protocol):
     def set_last_seq(self, probe: str, seq: int) -> None: ...
     def record_gap(self, probe: str, after_seq: int, next_seq: int, at: datetime) -> None: ...
     def commit(self) -> None: ...
+    def heartbeat(self) -> datetime | None: ...
+    def set_heartbeat(self, at: datetime) -> None: ...
     def results_between(
         self, start: datetime, end: datetime, target: str | None = None
     ) -> list[ResultSummary]: ...
@@ -278,6 +280,18 @@ class SqliteStore:
     def _load_tip(self) -> str:
         row = self._db.execute("SELECT hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
         return str(row[0]) if row else self._anchor()
+
+    def heartbeat(self) -> datetime | None:
+        """When the monitor last said it was running (``set_heartbeat``)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'heartbeat'").fetchone()
+        return None if row is None else parse_time(str(row[0]))
+
+    def set_heartbeat(self, at: datetime) -> None:
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES ('heartbeat', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (format_time(at),),
+        )
 
     def _anchor(self) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'chain_anchor'").fetchone()
@@ -390,7 +404,8 @@ class SqliteStore:
             )
         except sqlite3.IntegrityError:
             return None
-        self._db.commit()
+        # no commit here: the incident commits with its first page (enqueue_notification)
+        # or with the caller's batch, so a crash cannot leave an incident that never paged
         return self._incident_rows("WHERE id = ?", [cursor.lastrowid])[0]
 
     def resolve_incident(self, incident_id: int, at: datetime) -> None:
@@ -398,7 +413,6 @@ class SqliteStore:
             "UPDATE incidents SET resolved_at = ? WHERE id = ? AND resolved_at IS NULL",
             (format_time(at), incident_id),
         )
-        self._db.commit()
 
     def _incident_rows(self, where: str, args: Sequence[Any]) -> list[Incident]:
         rows = self._db.execute(
@@ -477,8 +491,13 @@ class SqliteStore:
 
     def due_notifications(self, now: datetime) -> list[QueuedNotification]:
         rows = self._db.execute(
-            "SELECT id, incident_id, notifier, event, payload, attempts FROM notifications"
-            " WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id",
+            "SELECT id, incident_id, notifier, event, payload, attempts FROM notifications AS n"
+            " WHERE state = 'pending' AND next_attempt_at <= ?"
+            # a resolve never overtakes its trigger (PagerDuty would keep the incident open)
+            " AND NOT (event = 'resolve' AND EXISTS (SELECT 1 FROM notifications AS t"
+            " WHERE t.incident_id = n.incident_id AND t.notifier = n.notifier"
+            " AND t.event = 'trigger' AND t.state = 'pending'))"
+            " ORDER BY id",
             (format_time(now),),
         )
         return [QueuedNotification(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]

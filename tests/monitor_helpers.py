@@ -27,6 +27,9 @@ def monitor_config(
     notifiers: Sequence[dict[str, Any]] = (),
     **sections: Any,
 ) -> MonitorConfig:
+    # tests see a resolve as soon as the path recovers unless they ask for a cooldown
+    sections.setdefault("reachability", {})
+    sections["reachability"].setdefault("resolve_after", "0s")
     data: dict[str, Any] = {
         "kind": "monitor",
         "store": {"path": str(tmp_path / "monitor.db")},

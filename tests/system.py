@@ -118,7 +118,7 @@ class System:
     ) -> None:
         self.workdir = workdir
         self.interval = interval
-        self.reachability = reachability or {}
+        self.reachability = {"resolve_after": "1s", **(reachability or {})}
         self.broker = Broker(workdir, persistence=True)
         self.receiver = Receiver()
         self.responders: dict[str, ResponderProcess] = {}

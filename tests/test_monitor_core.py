@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,80 @@ def test_probe_status_from_last_will(tmp_path: Path) -> None:
     core.evaluate(clock())
     assert registry.get_sample_value("ecpm_probe_up", {"probe": "p1"}) == 0.0
     assert core.handle("ecpm/v1/status/p1", b"offline") == "json"
+
+
+def test_a_flapping_path_is_one_incident_and_one_page(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, pages = make(tmp_path, clock, reachability={"resolve_after": "60s"})
+    sim = ProbeSim("p1")
+    for _ in range(5):  # fails, recovers for 20 s, fails again ...
+        feed(core, sim, "t1", "fail", clock)
+        feed(core, sim, "t1", "fail", clock, confirm=True)
+        assert state(core, clock) == "down"
+        clock.advance(10)
+        feed(core, sim, "t1", "pass", clock)
+        assert state(core, clock) == "up"
+        clock.advance(20)
+        core.evaluate(clock())
+    assert pages == [(1, "down", "trigger")]
+    clock.advance(60)
+    feed(core, sim, "t1", "pass", clock)
+    core.evaluate(clock())
+    assert pages == [(1, "down", "trigger"), (1, "down", "resolve")]
+
+
+def test_options_answering_while_calls_stopped_is_unknown_not_up(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, _ = make(tmp_path, clock)
+    sim = ProbeSim("p1")
+    feed(core, sim, "t1", "pass", clock)
+    for _ in range(6):  # the invite checks stop (a broken update); OPTIONS keep passing
+        clock.advance(10)
+        feed(core, sim, "t1", "pass", clock, check="options", stage=None)
+    view = core.evaluate(clock()).targets["t1"]
+    assert view.state == "unknown"
+    assert "OPTIONS still answer" in view.why
+
+
+def test_a_reannounced_probe_cannot_hold_down_off(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
+    online = json.dumps({"online": True, "version": "0.1.0", "targets": ["t1"]}).encode()
+    core.handle("ecpm/v1/status/p2", online)  # p2 comes online, then never calls
+    bad = ProbeSim("p1")
+    feed(core, bad, "t1", "fail", clock)
+    feed(core, bad, "t1", "fail", clock, confirm=True)
+    assert state(core, clock) == "degraded"  # p2's first call is due
+    for _ in range(3):
+        clock.advance(5)
+        core.handle("ecpm/v1/status/p2", online)  # reconnects re-announce, no transition
+    feed(core, bad, "t1", "fail", clock)
+    feed(core, bad, "t1", "fail", clock, confirm=True)
+    assert state(core, clock) == "down"
+    assert len(pages) == 1
+
+
+def test_a_probe_clock_ahead_cannot_keep_a_result_fresh(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, _ = make(tmp_path, clock)
+    sim = ProbeSim("p1")
+    future = sim.result("t1", "pass", clock.now + timedelta(minutes=10))
+    assert core.handle(sim.topic("t1"), future.to_json()) is None
+    assert state(core, clock) == "up"
+    clock.advance(31)  # 3 x 10 s after it arrived, whatever the probe's clock said
+    assert state(core, clock) == "unknown"
+
+
+def test_time_the_monitor_was_not_running_is_unknown(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, _ = make(tmp_path, clock)
+    feed(core, ProbeSim("p1"), "t1", "pass", clock)
+    assert state(core, clock) == "up"
+    core.beat(clock())
+    stopped_at = clock()
+    core.store.close()
+    clock.advance(7200)  # two hours down
+    again, _, _ = make(tmp_path, clock)
+    changes = again.store.state_changes(stopped_at - timedelta(seconds=1))
+    assert (changes[0].state, changes[0].at) == ("unknown", stopped_at)  # not two hours of "up"
+    assert again.snapshot().targets["t1"].state == "unknown"

@@ -151,3 +151,34 @@ def test_a_page_queued_before_a_restart_is_delivered_after_it(tmp_path: Path) ->
         assert len(again.store.due_notifications(Clock().advance(3600) + timedelta(days=1))) == 0
     finally:
         receiver.close()
+
+
+def test_a_resolve_never_overtakes_its_trigger(tmp_path: Path) -> None:
+    receiver = Receiver()
+    receiver.statuses.append(503)  # the trigger's first attempt fails
+    try:
+        core, pages = outage(
+            tmp_path, [{"type": "webhook", "name": "hook", "url": receiver.url, "backoff": "300ms"}]
+        )
+        incident = pages[0][0]
+        resolved = core.store.incidents()[0]
+        pages.append((resolved, "resolve"))  # the path recovered at once: resolve queued right away
+        deliver(core, pages, lambda: sent(core, "hook", "sent") == 2.0)
+        assert [b["event"] for b in receiver.bodies] == ["trigger", "trigger", "resolve"]
+        assert incident.id == resolved.id
+    finally:
+        receiver.close()
+
+
+def test_an_unusable_url_fails_the_page_without_stopping_the_dispatcher(tmp_path: Path) -> None:
+    receiver = Receiver()
+    try:
+        core, pages = outage(tmp_path, [
+            {"type": "webhook", "name": "broken", "url": "http://[::1/x"},
+            {"type": "webhook", "name": "hook", "url": receiver.url},
+        ])  # fmt: skip
+        deliver(
+            core, pages, lambda: sent(core, "hook", "sent") == 1.0 and sent(core, "broken", "failed") == 1.0
+        )
+    finally:
+        receiver.close()
