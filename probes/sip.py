@@ -347,6 +347,7 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.deadline = deadline
         self.want = _MediaWish()
         self.media_active = False
+        self.port_id: int | None = None  # the call's conference slot the connections below are on
         self.tone: Any = None
         self.tone_hz: float | None = None
         self.echoing = False
@@ -470,6 +471,19 @@ class _Call(pj.Call):  # type: ignore[misc]
             am = self.getAudioMedia(-1)
         except pj.Error:
             return
+        port = am.getPortId()
+        if self.port_id is not None and port != self.port_id:
+            # a re-INVITE or an answer SDP differing from early media restarted the stream on
+            # a new conference slot: every bridge connection was dropped with the old one
+            if self.tone is not None:
+                self.tone.startTransmit(am)
+            if self.echoing:
+                am.startTransmit(am)
+            if self.recorder is not None:
+                am.startTransmit(self.recorder)
+            if self.player is not None:
+                self.player.startTransmit(am)
+        self.port_id = port
         want = self.want
         if self.tone_hz != want.tone_hz or (want.play is not None and self.tone is not None):
             self._drop_tone(am)
