@@ -25,7 +25,7 @@ from ecpm.configfile import load_config
 from ecpm.errors import ConfigError
 from ecpm.signals import run_until_signalled
 from probes import checks
-from probes.config import ProbeConfig, Target
+from probes.config import ProbeConfig, ScheduleSettings, Target
 from probes.guard import Guard
 from probes.health import HealthServer
 from probes.mqtt import Command, Publisher
@@ -48,11 +48,7 @@ class ProbeAgent:
         self.engine: SipEngine | None = None
         self.scheduler = Scheduler(
             targets=config.targets,
-            settings=config.schedule.model_copy(
-                update={
-                    "max_concurrent_checks": min(config.schedule.max_concurrent_checks, config.sip.max_calls)
-                }
-            ),
+            settings=self._schedule(config),
             runner=self._run_check,
             sink=self._store,
         )
@@ -74,6 +70,12 @@ class ProbeAgent:
                 scheduler=self.scheduler,
                 guard_refusals=lambda: self.guard.refusals,
             )
+
+    @staticmethod
+    def _schedule(config: ProbeConfig) -> ScheduleSettings:
+        """The schedule, never running more checks at once than the engine has call slots."""
+        cap = min(config.schedule.max_concurrent_checks, config.sip.max_calls)
+        return config.schedule.model_copy(update={"max_concurrent_checks": cap})
 
     # ------------------------------------------------------------ the pipeline
 
@@ -131,7 +133,7 @@ class ProbeAgent:
             logger.warning(
                 "config reload: only targets and schedule change at run time; restart for the rest"
             )
-        self.scheduler.replace_config(new.targets, new.schedule)
+        self.scheduler.replace_config(new.targets, self._schedule(new))
         self.publisher.set_targets([t.id for t in new.targets])
         self.config = self.config.model_copy(update={"targets": new.targets, "schedule": new.schedule})
         logger.info("config reloaded: %d targets", len(new.targets))

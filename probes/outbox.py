@@ -208,7 +208,7 @@ class Outbox:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
+        except Exception as exc:  # any failure, not only SQLite's: the loss must show as a seq gap
             with self._lock:
                 self._lost += 1
                 self._unrecorded += 1

@@ -203,7 +203,13 @@ class ControlServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             status, body, ctype = await asyncio.wait_for(self._request(reader), 5.0)
-        except (TimeoutError, ValueError, asyncio.IncompleteReadError, ConnectionError):
+        except (
+            TimeoutError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
             status, body, ctype = 400, "bad request\n", "text/plain"
         reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
                   405: "Method Not Allowed"}.get(status, "Error")  # fmt: skip
