@@ -184,13 +184,16 @@ def test_a_result_that_cannot_be_stored_leaves_a_visible_gap(
     box.close()
 
 
-def test_a_buggy_make_consumes_no_seq(tmp_path: Path) -> None:
+def test_a_result_that_cannot_be_built_is_counted_lost_and_leaves_a_gap(tmp_path: Path) -> None:
+    # a check ran but its result could not be stored: the monitor must see a seq gap,
+    # not silence (a bug in make() is still a lost result)
     box = Outbox(tmp_path / "o.db", max_results=100)
 
     async def main() -> None:
-        with pytest.raises(ValueError, match="numbered 9"):
+        with pytest.raises(OutboxError, match="numbered 9"):
             await box.add(lambda seq: maker()(9))
-        assert (await box.add(maker())).seq == 1
+        assert (await box.add(maker())).seq == 2
+        assert box.stats().lost_total == 1
 
     asyncio.run(main())
     box.close()
