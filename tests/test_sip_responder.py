@@ -216,7 +216,7 @@ def test_far_end_hangs_up_before_the_tones_are_heard() -> None:
 def test_responder_shutdown_with_call_in_flight_exits_0() -> None:
     """SIGTERM while a call is up: the responder hangs up (BYE), destroys pjsua2 and
     exits 0 — no C assertion, no traceback. Both tones were heard before the far end
-    hung up, so the check still passes, and says who hung up."""
+    hung up, but a plain path that drops the call inside the media window fails it."""
     proc = ResponderProcess()
     target = make_target(proc.uri, media_time="4s")
 
@@ -229,9 +229,10 @@ def test_responder_shutdown_with_call_in_flight_exits_0() -> None:
     out = with_engine(body)
     assert proc.proc.returncode == 0, proc.stderr_text
     assert "Assertion" not in proc.stderr_text and "Traceback" not in proc.stderr_text
-    assert out.outcome == "pass", out
+    assert (out.outcome, out.stage, out.reason) == ("fail", "media", "remote_hangup"), out
     assert out.detail["hangup"] == "far end, during media"
     assert out.media is not None and out.media.rx_packets > 20
+    assert out.media.tone_heard and out.media.echo_heard
 
 
 @pytest.mark.peers("openssl")
