@@ -118,6 +118,27 @@ def test_an_altered_column_is_found_even_when_the_payload_is_intact(tmp_path: Pa
     assert "columns differ" in (report.problem or "")
 
 
+def test_ledger_with_config_checks_every_signature(tmp_path: Path) -> None:
+    store, path = filled(tmp_path, 3)
+    forged = ProbeSim("p1", key="not-the-probes-key")
+    forged.seq = 3
+    store.add_result(forged.result("t1", "fail", T0 + timedelta(seconds=40)), T0 + timedelta(seconds=40))
+    store.commit()
+    store.close()
+    config = tmp_path / "m.yaml"
+    config.write_text(
+        f"kind: monitor\nstore: {{path: {path}}}\n"
+        "probes: [{id: p1, key: key-of-p1}]\ntargets: [{id: t1}]\n"
+    )
+    assert ledger(path).returncode == 0  # the chain alone is intact: the row was chained when stored
+    done = subprocess.run(
+        [sys.executable, "-m", "ecpm", "ledger", "verify", "-c", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stdout.startswith("BROKEN at row 4 ") and "signature does not verify" in done.stdout
+
+
 def test_ledger_without_store_is_a_usage_error(tmp_path: Path) -> None:
     done = ledger(str(tmp_path / "nothing.db"))
     assert done.returncode == 2
