@@ -61,6 +61,7 @@ REASONS: Final = (
     "rejected", "service_unavailable", "server_timeout", "server_error", "declined",
     "answer_timeout", "no_location_echo", "location_mismatch", "no_media", "no_rtp",
     "no_tone", "no_echo", "remote_hangup", "teardown_timeout", "max_duration", "shutdown",
+    "hard_timeout", "internal_error",  # set by the scheduler around a check
 )  # fmt: skip
 
 

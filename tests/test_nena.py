@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probes import nena
+from probes.checks import REASONS, reason_for_status
 from probes.config import EmergencyShape, Location
 
 LOC = Location(
@@ -204,3 +206,9 @@ def test_location_echo_property(lat: float, lon: float, radius: float) -> None:
     answer = nena.parse_test_answer(body)
     assert answer.position is not None
     assert nena.location_matches(loc, answer.position)
+
+
+def test_every_status_maps_to_a_documented_bounded_reason() -> None:
+    assert {reason_for_status(status) for status in range(300, 700)} <= set(REASONS)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "checks.md").read_text()
+    assert [r for r in REASONS if f"`{r}`" not in docs] == []
