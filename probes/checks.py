@@ -397,8 +397,12 @@ async def _media_and_teardown(
     await call.record(None)  # closes the WAV (waits until pjmedia has written it)
     freqs = [cfg.expect_tone_hz, cfg.tone_hz]
     reports: dict[float, media.ToneReport] = {}
+    # only audio after the answer counts: early media (183) that stops at the 200 OK is
+    # not a working call. The recorder started with the media, d.media_at.
+    early = 0.0 if d.media_at is None else max(0.0, answer_at - d.media_at)
     try:
         samples, rate = await asyncio.to_thread(media.read_wav, recording)
+        samples = samples[round(early * rate) :]
         reports = await asyncio.to_thread(media.detect_tones, samples, rate, freqs)
     except (ValueError, OSError):  # no audio was ever recorded (no media)
         reports = {}
@@ -411,7 +415,8 @@ async def _media_and_teardown(
     required = ([tone] if cfg.expect_tone else []) + ([echo] if cfg.expect_echo else [])
     heard_all = all(r is not None and r.heard for r in required)
     if heard_all and required:
-        media_start = d.media_at if d.media_at is not None else answer_at
+        # the trimmed audio starts at the answer, or at the media if that came later
+        media_start = answer_at if d.media_at is None else max(d.media_at, answer_at)
         firsts = [r.first_at or 0.0 for r in required if r is not None]
         result.time("media", media_start - answer_at + max(firsts))
     else:
