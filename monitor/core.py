@@ -21,6 +21,7 @@ from monitor.config import MonitorConfig
 from monitor.metrics import MonitorMetrics
 from monitor.model import (
     Incident,
+    IncidentKind,
     ProbeView,
     ResultSummary,
     Snapshot,
@@ -222,18 +223,10 @@ class MonitorCore:
             down = open_by_key.get((target_id, "down"))
             if verdict.state == "down" and down is None:
                 last_good, first_failed = tracker.failure_run()
-                opened = self.store.open_incident(
-                    target=target_id,
-                    kind="down",
-                    at=now,
-                    last_good=last_good,
-                    first_failed=first_failed,
-                    summary=verdict.why,
-                )
-                if opened is not None:
-                    open_by_key[(target_id, "down")] = opened
-                    logger.error("INCIDENT %d opened: %s down: %s", opened.id, target_id, verdict.why)
-                    self.pager(opened, "trigger")
+                self._open(
+                    open_by_key, target_id, "down",
+                    at=now, last_good=last_good, first_failed=first_failed, why=verdict.why,
+                )  # fmt: skip
             elif verdict.state in ("up", "degraded") and down is not None:
                 # resolve only after resolve_after out of down: a flapping path is one incident
                 left = self._left_down.setdefault(target_id, now)
@@ -247,21 +240,10 @@ class MonitorCore:
             gap = open_by_key.get((target_id, "gap"))
             in_gap_for = (now - since).total_seconds() if state == "unknown" else 0.0
             if state == "unknown" and in_gap_for >= rules.gap_incident_after and gap is None:
-                last_good = tracker.last_success()
-                opened = self.store.open_incident(
-                    target=target_id,
-                    kind="gap",
-                    at=now,
-                    last_good=last_good,
-                    first_failed=None,
-                    summary=verdict.why,
-                )
-                if opened is not None:
-                    open_by_key[(target_id, "gap")] = opened
-                    logger.error(
-                        "INCIDENT %d opened: monitoring gap for %s: %s", opened.id, target_id, verdict.why
-                    )
-                    self.pager(opened, "trigger")
+                self._open(
+                    open_by_key, target_id, "gap",
+                    at=now, last_good=tracker.last_success(), first_failed=None, why=verdict.why,
+                )  # fmt: skip
             elif state != "unknown" and gap is not None:
                 self._resolve(gap, now)
                 del open_by_key[(target_id, "gap")]
@@ -310,6 +292,26 @@ class MonitorCore:
             if (state := self.store.state_before(target, start)) is not None
         ]
         return (*baseline, *self.store.state_changes(start))
+
+    def _open(
+        self,
+        open_by_key: dict[tuple[str, IncidentKind], Incident],
+        target: str,
+        kind: IncidentKind,
+        *,
+        at: datetime,
+        last_good: ResultSummary | None,
+        first_failed: ResultSummary | None,
+        why: str,
+    ) -> None:
+        opened = self.store.open_incident(
+            target=target, kind=kind, at=at, last_good=last_good, first_failed=first_failed, summary=why
+        )
+        if opened is None:  # already open (the database allows one per target and kind)
+            return
+        open_by_key[(target, kind)] = opened
+        logger.error("INCIDENT %d opened: %s %s: %s", opened.id, target, kind, why)
+        self.pager(opened, "trigger")
 
     def _resolve(self, incident: Incident, now: datetime) -> None:
         self.store.resolve_incident(incident.id, now)
