@@ -108,6 +108,14 @@ CREATE TABLE IF NOT EXISTS probe_status (
 """
 
 
+def _columns_match(result_id: str, columns: list[Any], payload: str) -> bool:
+    """Do a row's indexed columns (what queries select on) say what its hashed payload says?"""
+    data = json.loads(payload)
+    keys = ("probe", "target", "check", "seq", "started_at", "finished_at", "outcome")
+    expected = [data.get(k) for k in keys] + [int(bool(data.get("confirm"))), data.get("request_id")]
+    return result_id == data.get("id") and columns == expected
+
+
 def chain_hash(prev_hash: str, payload: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{payload}".encode()).hexdigest()
 
@@ -676,30 +684,20 @@ class SqliteStore:
     def iter_chain(self) -> Iterator[tuple[int, str, str, str, str]]:
         yield from self._db.execute("SELECT row, id, payload, prev_hash, hash FROM results ORDER BY row")
 
-    def _columns_match(self) -> Iterator[tuple[int, bool]]:
-        """Per row: do the indexed columns (what queries select on) say what the payload says?"""
-        rows = self._db.execute(
-            "SELECT row, payload, id, probe, target, check_kind, seq, started_at, finished_at, outcome,"
-            " confirm, request_id FROM results ORDER BY row"
-        )
-        for row, payload, *columns in rows:
-            data = json.loads(payload)
-            expected = [data.get(k) for k in ("id", "probe", "target", "check", "seq", "started_at",
-                                              "finished_at", "outcome")]  # fmt: skip
-            expected += [int(bool(data.get("confirm"))), data.get("request_id")]
-            yield row, columns == expected
-
     def verify_chain(self) -> ChainReport:
         prev, rows = self._anchor(), 0
-        columns = self._columns_match()
-        for row, result_id, payload, prev_hash, digest in self.iter_chain():
+        walk = self._db.execute(
+            "SELECT row, id, payload, prev_hash, hash, probe, target, check_kind, seq, started_at,"
+            " finished_at, outcome, confirm, request_id FROM results ORDER BY row"
+        )
+        for row, result_id, payload, prev_hash, digest, *columns in walk:
             rows += 1
             problem = None
             if prev_hash != prev:
                 problem = "prev_hash does not match the previous row's hash (a row was removed or reordered)"
             elif chain_hash(prev, payload) != digest:
                 problem = "hash does not match the row's content (the row was altered)"
-            elif not next(columns)[1]:
+            elif not _columns_match(result_id, columns, payload):
                 problem = "the row's columns differ from its hashed content (the row was altered)"
             if problem:
                 return ChainReport(False, rows, row, result_id, problem, prev)
