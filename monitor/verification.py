@@ -21,25 +21,12 @@ from typing import Any, Literal
 from monitor.core import MonitorCore
 from monitor.model import ResultSummary
 from monitor.store import Store, Verification
-from monitor.web import ActionError
+from monitor.web import ActionError, result_json
 from probes.result import format_time
 
 Publish = Callable[[str, bytes], Awaitable[None]]  # (topic, payload) QoS 1
 CHANGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/#-]{0,127}$")
 MAX_TIMEOUT = 600.0
-
-
-def _result_json(r: ResultSummary) -> dict[str, Any]:
-    return {
-        "outcome": r.outcome,
-        "stage": r.stage,
-        "reason": r.reason,
-        "sip_status": r.sip_status,
-        "sip_reason": r.sip_reason,
-        "post_dial_delay_seconds": r.post_dial_delay,
-        "mos": r.mos,
-        "finished_at": format_time(r.finished_at),
-    }
 
 
 class Verifier:
@@ -110,7 +97,7 @@ class Verifier:
         for r in self._store.result_by_request(verification.request_id):
             if r.probe in verification.probes and r.target == verification.target and not r.confirm:
                 first.setdefault(r.probe, r)
-        answers = {p: _result_json(r) for p, r in first.items()}
+        answers = {p: result_json(r) for p, r in first.items()}
         now = self._clock()
         # judged once every probe asked has answered (the table shows them all), or at the deadline
         if verification.outcome == "pending" and (
