@@ -236,7 +236,10 @@ class ProbeConfig(StrictModel):
                     )
                 except GuardRefusal as refusal:
                     problems.append(
-                        (("targets", i, key), f"refused by the live-number guard: {refusal.detail}")
+                        (
+                            ("targets", i, key),
+                            f"refused by the live-number guard ({refusal.reason}): {refusal.detail}",
+                        )
                     )
         return problems
 

@@ -53,6 +53,7 @@ import phonenumbers
 from phonenumbers import PhoneMetadata
 
 from ecpm.errors import EcpmError
+from probes.emergency_numbers import supplementary_numbers
 
 __all__ = [
     "DEFAULT_DIAL_PREFIXES",
@@ -98,7 +99,7 @@ DEFAULT_DIAL_PREFIXES: tuple[str, ...] = (
 )
 
 # Bounded reason codes (the ``reason`` label of the refusal counter).
-REASONS: tuple[str, ...] = ("undeclared", "emergency_number", "sos_service", "unsupported_uri")
+REASONS: tuple[str, ...] = ("undeclared", "emergency_number", "sos_service", "unreadable", "unsupported_uri")
 
 _MAX_URI_CHARS: Final = 2048
 _MAX_DIAL_CHARS: Final = 64
@@ -111,20 +112,29 @@ _NAME_ADDR_RE: Final = re.compile(r'(?:"(?:[^"\\]|\\.)*"|[^<"]*)\s*<(?P<uri>[^<>
 _TEST_SOS_RE: Final = re.compile(r"(?:urn:service:)?test\.sos(?:\.[a-z0-9][a-z0-9\-]*)*")
 _WORD_RE: Final = re.compile(r"[a-z]+")
 _NON_DIGITS_RE: Final = re.compile(r"\D", re.ASCII)
+_DTMF_RE: Final = re.compile(r"[ABCD]")
 _SERVICE_CODE_RE: Final = re.compile(r"[*#]{1,2}[0-9]{0,4}[*#]{0,2}")
 _PASSWORD_RE: Final = re.compile(r"^(\s*sips?:[^:@;?]*):[^@]*@", re.IGNORECASE)
 _PLAIN_DIGITS_RE: Final = re.compile(r"[0-9]+")
 
-# DTMF A-D are dial characters too (RFC 3966 phonedigit-hex); '+' starts a global number.
-_DIAL_CHARS: Final = frozenset("0123456789*#+ABCD")
-_DTMF_LETTERS: Final = {"a": "A", "b": "B", "c": "C", "d": "D"}
+# How a permissive switch reads a dial string (docs/safety.md, "Reading a dial string"):
+# any character with a digit value is that digit; '*', '#', '+' and DTMF A-D are dial
+# characters; every other character is a separator, whatever its Unicode category. Only
+# ASCII letters other than DTMF A-D and the pause/extension letters p, w, x make a user
+# part a name (an identifier such as "ecpm-test") instead of a dial string.
+_DIAL_SYMBOLS: Final = frozenset("*#+")
+_DTMF_LETTERS: Final = frozenset("ABCD")
+_PAUSE_LETTERS: Final = frozenset("PWX")
+# What a plain dial string is written with: ASCII digits, dial symbols, DTMF and pause
+# letters, RFC 3966 visual separators, a space and a comma (a pause). Anything else in a
+# user part without a name is "unreadable": refused, because some switch reads it otherwise.
+_PLAIN_CHARS: Final = frozenset("0123456789*#+ABCDabcdPWXpwx-.() ,")
 # Carrier selection / dial-around codes dialled before a number: NANP 101XXXX,
 # DE call-by-call 010XX and 0100XX, and the 10XX(X) codes of AT, CH, ES, IT and others.
 _CARRIER_SELECTION_RE: Final = re.compile(r"101[0-9]{4}|0100?[0-9]{2}|10[0-9]{2,3}")
-# RFC 3966 visual separators, libphonenumber's punctuation, pauses, and characters a
-# gateway may drop silently. They never end a dial string.
-_IGNORED_CHARS: Final = frozenset("-.()[]/~ \t,pPwW\ufffd\u30fc\uff0f\u2053\u223c\uff5e")
-_IGNORED_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Pd", "Ps", "Pe"})
+_ESCAPE_RE: Final = re.compile(r"%[0-9A-Fa-f]{2}")
+# Structural delimiters of a user part, its parameters and URI headers.
+_DELIMITERS_RE: Final = re.compile(r"[;?&=:@]")
 
 
 class GuardRefusal(EcpmError):
@@ -165,16 +175,16 @@ def _validate_region(region: object, what: str) -> str:
 
 @functools.cache
 def _emergency_patterns(region: str) -> tuple[str, ...]:
-    """The region's emergency-number patterns from the short-number metadata."""
-    metadata = PhoneMetadata.short_metadata_for_region(region, None)
-    if metadata is None:
-        return ()
+    """The region's emergency-number patterns: the short-number metadata, then the
+    supplementary table (:mod:`probes.emergency_numbers`) for what it leaves out."""
     patterns = []
+    metadata = PhoneMetadata.short_metadata_for_region(region, None)
     for attr in ("emergency", "expanded_emergency"):
-        desc = getattr(metadata, attr, None)
+        desc = getattr(metadata, attr, None) if metadata is not None else None
         pattern = getattr(desc, "national_number_pattern", None) if desc is not None else None
         if pattern:
             patterns.append(str(pattern))
+    patterns.extend(re.escape(number) for number in supplementary_numbers(region))
     return tuple(patterns)
 
 
@@ -267,28 +277,94 @@ def _prefixes(dial_prefixes: Sequence[str]) -> tuple[str, ...]:
 # ------------------------------------------------------------------ normalising
 
 
-def _dial_chars(text: str) -> tuple[str, bool]:
-    """The leading dial string of ``text`` and whether it is all of ``text``.
+@dataclass(frozen=True, slots=True)
+class _Char:
+    dial: str  # what it contributes to the dial string ("" for a separator)
+    plain: bool  # part of the plain dial alphabet
+    name: bool  # an ASCII letter that makes the text a name
+    strict: str = ""  # what it dials to a switch that does not apply NFKC ('⼀' dials nothing)
 
-    Unicode is NFKC-normalised and any decimal digit becomes ASCII; separators,
-    pauses, whitespace and control characters are dropped.
+
+def _digit_value(ch: str) -> int | None:
+    """The digit ``ch`` stands for in any script: ``9``, ``٩``, ``❾``, ``፱``, ``九``."""
+    value = unicodedata.digit(ch, None)
+    if value is not None:
+        return value
+    numeric = unicodedata.numeric(ch, None)
+    if numeric is not None and numeric in range(10):
+        return int(numeric)
+    return None
+
+
+@functools.lru_cache(maxsize=8192)
+def _char(ch: str) -> _Char:
+    plain = ch in _PLAIN_CHARS
+    value = _digit_value(ch)
+    if value is not None:
+        return _Char(str(value), plain, False, str(value))
+    if ch.isascii():
+        upper = ch.upper()
+        if ch in _DIAL_SYMBOLS or upper in _DTMF_LETTERS:
+            return _Char(upper, True, False, upper)
+        return _Char("", plain, ch.isalpha() and upper not in _PAUSE_LETTERS)
+    # Anything else is a separator and never a letter ('℡' is not "TEL", '℃' not DTMF C),
+    # but the digits and dial symbols of its compatibility form count ('⒐' 9, '＋' '+').
+    dial = []
+    for c in unicodedata.normalize("NFKC", ch):
+        value = _digit_value(c)
+        if value is not None:
+            dial.append(str(value))
+        elif c in _DIAL_SYMBOLS:
+            dial.append(c)
+    return _Char("".join(dial), False, False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    dial: str  # digits, '*', '#', '+', 'A'-'D'
+    plain: bool  # every character is in the plain dial alphabet
+    named: bool  # has letters that make it a name
+    strict: str  # the dial string without compatibility forms ('9⼀9⼀9' is 999, not 91919)
+
+
+def _read(text: str) -> _Reading:
+    """``text`` read as a dial string by a switch that ignores what it cannot dial."""
+    chars = [_char(ch) for ch in text]
+    return _Reading(
+        "".join(c.dial for c in chars),
+        all(c.plain for c in chars),
+        any(c.name for c in chars),
+        "".join(c.strict for c in chars),
+    )
+
+
+def _runs(text: str) -> list[str]:
+    """The pieces of ``text`` between letters if it is a name; all of it if not.
+
+    A name's digits are judged run by run (``test999`` dials 999), never run together
+    (``site11-pbx2`` does not dial 112).
     """
-    out: list[str] = []
-    for ch in unicodedata.normalize("NFKC", text):
-        if ch in _DIAL_CHARS:
-            out.append(ch)
-            continue
-        if ch in _DTMF_LETTERS:
-            out.append(_DTMF_LETTERS[ch])
-            continue
-        digit = unicodedata.decimal(ch, None)
-        if digit is not None:
-            out.append(str(digit))
-        elif ch in _IGNORED_CHARS or unicodedata.category(ch) in _IGNORED_CATEGORIES:
-            continue
+    if not _read(text).named:
+        return [text] if text else []
+    runs: list[str] = []
+    current: list[str] = []
+    for ch in text:
+        if ch.isascii() and ch.isalpha():
+            runs.append("".join(current))
+            current = []
         else:
-            return "".join(out), False
-    return "".join(out), True
+            current.append(ch)
+    runs.append("".join(current))
+    return [run for run in runs if run]
+
+
+def _segments(text: str) -> list[str]:
+    """Every reading of a user part or tel: body a switch might dial: the whole, the
+    number before the first ';', and each parameter or header, its name and its value."""
+    pieces = [text, *re.split(r"[;?&]", text)]
+    for piece in list(pieces):
+        pieces.extend(_DELIMITERS_RE.split(piece))
+    return list(dict.fromkeys(piece for piece in pieces if piece))
 
 
 def _decodings(text: str) -> list[str] | None:
@@ -381,7 +457,10 @@ def _successors(
         match = pattern.match(state)
         if match is not None and match.end() > 0:
             yield state[match.end() :], regions
-    # The digits alone.
+    # DTMF letters ignored, and the digits alone.
+    without_dtmf = _DTMF_RE.sub("", state)
+    if without_dtmf != state:
+        yield without_dtmf, regions
     digits = _NON_DIGITS_RE.sub("", state)
     if digits != state:
         yield digits, regions
@@ -459,8 +538,8 @@ class CarrierTestService:
         _validate_region(self.region, "CarrierTestService region")
         if not isinstance(self.number, str):
             raise ValueError(f"CarrierTestService number {self.number!r} must be a string")
-        digits, complete = _dial_chars(self.number)
-        if not complete or not digits or set(digits) - set("0123456789*#"):
+        digits = _read(self.number).dial
+        if not digits or set(self.number) - set("0123456789*#-. ()"):
             raise ValueError(
                 f"CarrierTestService number {self.number!r} must be a national dial string "
                 "(digits, '*', '#'; no '+' and no letters)"
@@ -495,7 +574,7 @@ class CarrierTestService:
     @property
     def digits(self) -> str:
         """The number as a bare dial string (separators removed)."""
-        return _dial_chars(self.number)[0]
+        return _read(self.number).dial
 
 
 def _where(hit: _Hit) -> str:
@@ -561,50 +640,75 @@ class _Judge:
     # -- forms
 
     def _levels(self, text: str) -> list[str]:
+        """``text`` at every percent-decoding level. Below the last level each escape is
+        read as one separator, never as its hex digits (``0%2011`` is not ``02011``):
+        the level above holds what it decodes to."""
         levels = _decodings(text)
         if levels is None:
             self.refuse("unsupported_uri", "is percent-encoded more deeply than a switch would")
-        return levels
+        return [_ESCAPE_RE.sub("\ufffd", level) for level in levels[:-1]] + levels[-1:]
 
     def _bare(self, text: str) -> None:
-        for level in self._levels(text):
+        levels = self._levels(text)
+        for level in levels:
             self._check_sos(level)
-            self._dial(level, ())
-            digits, complete = _dial_chars(level)
-            if not (complete and any(ch.isdigit() for ch in digits)):
-                self.refuse("unsupported_uri", "is neither a sip:, sips:, tel: or urn: URI nor a dial string")
+            self._subscriber(level)
+        number = levels[-1].split(";", 1)[0]
+        reading = _read(number)
+        if reading.named or not any(ch.isdigit() for ch in reading.dial):
+            self.refuse("unsupported_uri", "is neither a sip:, sips:, tel: or urn: URI nor a dial string")
+        self._plain(levels[-1], names=False)
 
     def _sip(self, rest: str) -> None:
-        at = rest.find("@")
-        if at < 0:
-            hostport = re.split(r"[;?]", rest, maxsplit=1)[0]
+        first, last = rest.find("@"), rest.rfind("@")
+        if first < 0:
+            hostport, params = _split_host(rest)
             if not hostport.strip():
                 self.refuse("unsupported_uri", "has no user part and no host")
+            self._uri_params(params)
             if _is_ip_hostport(hostport):
                 return
-            for level in self._levels(hostport):
+            levels = self._levels(hostport)
+            for level in levels:
                 self._check_sos(level)
-                self._dial(level, ())
+                if _read(level).named:  # a host name: only a number at its start is dialled
+                    self._judge(level[: next(i for i, ch in enumerate(level) if _char(ch).name)], ())
+                else:
+                    self._subscriber(level)
+            if not _read(levels[-1]).named:
+                self._plain(levels[-1], names=False)
             return
-        userinfo, host = rest[:at], rest[at + 1 :]
-        for level in self._levels(userinfo):
-            # 'urn:service:sos' as a user part is split by its ':' into user and password.
-            squeezed = "".join(unicodedata.normalize("NFKC", level).casefold().split())
-            if "urn:service:sos" in squeezed:
-                self.refuse("sos_service", "asks for the emergency service 'urn:service:sos'")
-        user = userinfo.split(":", 1)[0]
-        if not user.strip():
-            self.refuse("unsupported_uri", "has an empty user part")
-        for level in self._levels(user):
-            self._subscriber(level)
-        if not re.split(r"[;?]", host, maxsplit=1)[0].strip():
+        # A parser may split at the first '@' or the last: judge both user parts.
+        splits = [rest[:at] for at in dict.fromkeys((first, last))]
+        for userinfo in splits:
+            for level in self._levels(userinfo):
+                # 'urn:service:sos' as a user part is split by its ':' into user and password.
+                squeezed = "".join(unicodedata.normalize("NFKC", level).casefold().split())
+                if "urn:service:sos" in squeezed:
+                    self.refuse("sos_service", "asks for the emergency service 'urn:service:sos'")
+                self._readings(level, ())  # 'user:password' as one dial string too
+            user, _, password = userinfo.partition(":")
+            for level in self._levels(user):
+                self._subscriber(level)
+            for level in self._levels(password) if password else ():
+                self._readings(level, ())
+        hostport, params = _split_host(rest[first + 1 :])
+        self._uri_params(params)
+        for userinfo in splits:
+            user = userinfo.partition(":")[0]
+            if not user.strip():
+                self.refuse("unsupported_uri", "has an empty user part")
+            self._plain(self._levels(user)[-1], names=True)
+        if not hostport.strip():
             self.refuse("unsupported_uri", "has no host")
 
     def _tel(self, rest: str) -> None:
         if not rest.strip():
             self.refuse("unsupported_uri", "has an empty tel: number")
-        for level in self._levels(rest):
+        levels = self._levels(rest)
+        for level in levels:
             self._subscriber(level)
+        self._plain(levels[-1], names=False)
 
     def _urn(self, text: str) -> None:
         levels = [
@@ -625,22 +729,29 @@ class _Judge:
     # -- parts
 
     def _subscriber(self, text: str) -> None:
-        """A SIP user part or tel: body: ``number;param=value;...``."""
+        """Every reading of a SIP user part, tel: body or bare dial string
+        (``number;param=value;...``) is judged for sos words and emergency numbers."""
         number, *params = text.split(";")
         self._check_sos(number)
         contexts: list[str] = []
-        extras: list[str] = []
         for param in params:
-            name, _, value = param.partition("=")
             self._check_sos(param)
-            key = name.strip().lower()
-            if key == "phone-context":
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "phone-context":
                 contexts.append(value)
-            elif key in ("ext", "isub", "postd"):
-                extras.append(value)
-        self._dial(number, contexts)
-        for extra in extras:
-            self._dial(extra, contexts)
+        self._readings(text, contexts)
+
+    def _uri_params(self, text: str) -> None:
+        """URI parameters and headers after the host: read as dial strings too."""
+        if text:
+            for level in self._levels(text):
+                self._check_sos(level)
+                self._readings(level, ())
+
+    def _readings(self, text: str, contexts: Sequence[str]) -> None:
+        for segment in _segments(text):
+            for run in _runs(segment):
+                self._judge(run, contexts)
 
     def _check_sos(self, text: str) -> None:
         word = _sos_word(text)
@@ -651,24 +762,55 @@ class _Judge:
         for level in _decodings(text) or [text]:
             self._check_sos(level)
 
-    def _dial(self, text: str, contexts: Sequence[str]) -> None:
-        """Judge the dial string at the start of ``text`` (all of it, if it is one)."""
-        digits, complete = _dial_chars(text)
-        if not digits:
-            return
-        if len(digits) > _MAX_DIAL_CHARS:
-            self._dial(digits[:_MAX_DIAL_CHARS], contexts)  # the most telling reason first
+    def _plain(self, text: str, *, names: bool) -> None:
+        """Deny on doubt: what is not a name must be a plain dial string.
+
+        Runs after every reading was judged, so an emergency number is always the reason
+        given when there is one. ``names``: a name (``ecpm-test``) may stand for the number.
+        """
+        number, *params = text.split(";")
+        reading = _read(number)
+        if reading.named and not names:
+            self.refuse("unreadable", f"has letters in its number {number!r}; a number is digits")
+        if not reading.named and not (reading.plain and any(ch.isdigit() for ch in reading.dial)):
+            self.refuse(
+                "unreadable",
+                f"has the number {number!r}, which is not a plain dial string (digits, '*', '#', "
+                "'+', '-', '.', '(', ')'): a switch could read it as another number",
+            )
+        if len(reading.dial) > _MAX_DIAL_CHARS:
             self.refuse("unsupported_uri", f"has a dial string longer than {_MAX_DIAL_CHARS}")
+        for param in params:
+            name, _, value = param.partition("=")
+            key = name.strip().lower()
+            if key == "phone-context":
+                context = _read(value)
+                if value.lstrip().startswith("+") and not (
+                    context.plain and context.dial[1:].isdigit() and context.dial.startswith("+")
+                ):
+                    self.refuse("unsupported_uri", f"has an unparseable phone-context {value!r}")
+            elif key in ("ext", "postd"):
+                extra = _read(value)
+                if not extra.named and not (extra.plain and extra.dial):
+                    self.refuse("unreadable", f"has the {key} {value!r}, which is not a plain dial string")
+
+    def _judge(self, text: str, contexts: Sequence[str]) -> None:
+        """Judge one reading (both ways of reading its characters): refuse if any
+        candidate a switch may derive from it is, or starts with, an emergency number."""
+        reading = _read(text)
+        for digits in dict.fromkeys((reading.dial, reading.strict)):
+            if digits:
+                self._judge_digits(digits[:_MAX_DIAL_CHARS], contexts)
+
+    def _judge_digits(self, digits: str, contexts: Sequence[str]) -> None:
         starts: list[tuple[str, frozenset[str]]] = []
         foreign_context = False
         for context in contexts:
-            context_digits, context_complete = _dial_chars(context)
-            if not context_digits.startswith("+"):
-                continue  # a domain: the number is judged in the home region
-            foreign_context = True
+            context_digits = _read(context).dial
             national = context_digits[1:]
-            if not context_complete or not national.isdigit():
-                self.refuse("unsupported_uri", f"has an unparseable phone-context {context!r}")
+            if not context_digits.startswith("+") or not national.isdigit():
+                continue  # a domain (judged in the home region) or unparseable (refused later)
+            foreign_context = True
             starts.append(("+" + national + digits.lstrip("+"), self.home_ctx))
             codes = _country_codes()
             for width in (1, 2, 3):
@@ -677,7 +819,6 @@ class _Judge:
         starts.append((digits, self.home_ctx))  # deny on doubt: a switch may ignore the context
         if (
             self.opt_in is not None
-            and complete
             and not foreign_context
             and self.opt_in.region == self.home
             and digits == self.opt_in.digits
@@ -707,6 +848,12 @@ class _Judge:
                 f"dials {hit.candidate}, an emergency number {_where(hit)}, "
                 "which no carrier test service opt-in may allow",
             )
+
+
+def _split_host(text: str) -> tuple[str, str]:
+    """``host:port`` and what follows it (``;params?headers``)."""
+    match = re.search(r"[;?]", text)
+    return (text, "") if match is None else (text[: match.start()], text[match.start() :])
 
 
 def _is_ip_hostport(hostport: str) -> bool:
@@ -801,6 +948,18 @@ class Guard:
                 extra={"guard_reason": refusal.reason, "guard_target": target},
             )
             raise
+
+    def check_remote_target(
+        self,
+        uri: str,
+        *,
+        target: str,
+        carrier_test_service: CarrierTestService | None = None,
+    ) -> None:
+        """Judge a URI a far end told us to send to (a dialog's remote target: the
+        Contact of a 18x/2xx, re-INVITE or UPDATE). Same rules as a dial target, but no
+        declaration applies: the far end chose it. Logged and counted like :meth:`check`."""
+        self.check(uri, target=target, declared_test_endpoint=True, carrier_test_service=carrier_test_service)
 
     @property
     def refusals(self) -> dict[str, int]:
