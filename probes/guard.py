@@ -8,31 +8,38 @@ config is loaded and inside the one function that hands a URI to pjsua2.
 
 What it refuses (``docs/safety.md`` says why):
 
-- ``emergency_number``: any way of writing the target dials, or starts with, an
+- ``emergency_number``: any reading of the target dials, or starts with, an
   emergency number. The data is libphonenumber's short-number metadata for every
-  region (the ``phonenumbers`` package, never a hand-typed list) plus a universal
-  core (:data:`UNIVERSAL_EMERGENCY_NUMBERS`) refused everywhere. Prefix matching
-  applies in every region (stricter than libphonenumber, which demands exact
-  matches in BR, CL and NI and ignores numbers that start with ``+``).
+  region (the ``phonenumbers`` package) plus a supplementary table with a source per
+  row (:mod:`probes.emergency_numbers`) and a universal core
+  (:data:`UNIVERSAL_EMERGENCY_NUMBERS`) refused everywhere. Prefix matching applies in
+  every region (stricter than libphonenumber, which demands exact matches in BR, CL
+  and NI and ignores numbers that start with ``+``).
 - ``sos_service``: ``urn:service:sos`` and its sub-services, anywhere in the
   target, and ``sos``/``emergency``-like user names. ``urn:service:test.sos`` and
   its sub-services are the RFC 6881 test service and are allowed.
+- ``unreadable``: deny on doubt — a number (a user part without name letters, a
+  ``tel:`` body, an ``ext``) that is not a plain dial string, because some switch
+  may read it as another number.
 - ``unsupported_uri``: empty, unparseable, unknown schemes, other URNs, name-addr
   forms, nested encodings or targets too long or too convoluted to judge.
 - ``undeclared``: the target was not declared a test endpoint.
 
-How a target is judged: the dial part (a ``sip:``/``sips:`` user part, a ``tel:``
-number, a bare dial string, or a SIP host when there is no user) is decoded at
-every percent-encoding level and Unicode-normalised; visual separators, pauses and
-control characters are dropped. From the resulting dial string a bounded
-breadth-first search derives every candidate digit string a switch might act on:
-stripping PBX access and CLI prefixes (:data:`DEFAULT_DIAL_PREFIXES` and any
-``*``/``#`` service code), carrier selection codes, international prefixes
-(``+``, ``00`` and the regions' own) followed by a country code, national trunk
-prefixes, everything up to a ``+``, ``*``, ``#`` or DTMF ``A``-``D``, and all
-non-digits. Each candidate is judged against
-the regions it belongs to (the home region, or every region of the country code
-it was dialled under) and against the universal core. Any hit refuses the target.
+How a target is read (deny on doubt: the most permissive switch decides): at every
+percent-decoding level, a character with a digit value in any script is that digit
+(with and without NFKC), ``*``, ``#``, ``+`` and DTMF ``A``-``D`` are dial
+characters, and every other character is a separator, whatever its Unicode
+category. Only ASCII letters other than DTMF ``A``-``D`` and the pauses ``p``,
+``w``, ``x`` make a user part a name; a name's digits are read run by run. The whole
+user part, its number, every ``;``-parameter, URI header, password and empty-number
+form are each read. From every reading a bounded breadth-first search derives every
+candidate digit string a switch might act on: stripping PBX access and CLI prefixes
+(:data:`DEFAULT_DIAL_PREFIXES` and any ``*``/``#`` service code), carrier selection
+codes, international prefixes (``+``, ``00`` and the regions' own) followed by a
+country code, national trunk prefixes, everything up to a ``+``, ``*``, ``#`` or
+DTMF letter, the DTMF letters, and all non-digits. Each candidate is judged against
+the regions it belongs to (the home region, or every region of the country code it
+was dialled under) and against the universal core. Any hit refuses the target.
 """
 
 from __future__ import annotations
@@ -133,6 +140,17 @@ _PLAIN_CHARS: Final = frozenset("0123456789*#+ABCDabcdPWXpwx-.() ,")
 # DE call-by-call 010XX and 0100XX, and the 10XX(X) codes of AT, CH, ES, IT and others.
 _CARRIER_SELECTION_RE: Final = re.compile(r"101[0-9]{4}|0100?[0-9]{2}|10[0-9]{2,3}")
 _ESCAPE_RE: Final = re.compile(r"%[0-9A-Fa-f]{2}")
+# ITU-T E.161 keypad letters: a switch (or the phone before it) may dial letters as digits.
+_KEYPAD: Final = str.maketrans(
+    {
+        ch: str(digit)
+        for digit, letters in enumerate(("", "", "abc", "def", "ghi", "jkl", "mno", "pqrs", "tuv", "wxyz"))
+        for ch in letters + letters.upper()
+    }
+)
+# No URI holds these raw (RFC 3986): a control, format or line-separator character is
+# refused wherever it is, after every reading was judged.
+_INVISIBLE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp"})
 # Structural delimiters of a user part, its parameters and URI headers.
 _DELIMITERS_RE: Final = re.compile(r"[;?&=:@]")
 
@@ -327,6 +345,7 @@ class _Reading:
     strict: str  # the dial string without compatibility forms ('9⼀9⼀9' is 999, not 91919)
 
 
+@functools.lru_cache(maxsize=4096)
 def _read(text: str) -> _Reading:
     """``text`` read as a dial string by a switch that ignores what it cannot dial."""
     chars = [_char(ch) for ch in text]
@@ -338,14 +357,15 @@ def _read(text: str) -> _Reading:
     )
 
 
-def _runs(text: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _runs(text: str) -> tuple[str, ...]:
     """The pieces of ``text`` between letters if it is a name; all of it if not.
 
     A name's digits are judged run by run (``test999`` dials 999), never run together
     (``site11-pbx2`` does not dial 112).
     """
     if not _read(text).named:
-        return [text] if text else []
+        return (text,) if text else ()
     runs: list[str] = []
     current: list[str] = []
     for ch in text:
@@ -355,16 +375,17 @@ def _runs(text: str) -> list[str]:
         else:
             current.append(ch)
     runs.append("".join(current))
-    return [run for run in runs if run]
+    return tuple(run for run in runs if run)
 
 
-def _segments(text: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _segments(text: str) -> tuple[str, ...]:
     """Every reading of a user part or tel: body a switch might dial: the whole, the
     number before the first ';', and each parameter or header, its name and its value."""
     pieces = [text, *re.split(r"[;?&]", text)]
     for piece in list(pieces):
         pieces.extend(_DELIMITERS_RE.split(piece))
-    return list(dict.fromkeys(piece for piece in pieces if piece))
+    return tuple(dict.fromkeys(piece for piece in pieces if piece))
 
 
 def _decodings(text: str) -> list[str] | None:
@@ -601,6 +622,7 @@ class _Judge:
         self.home_ctx = frozenset((home,))
         self.prefixes = prefixes
         self.opt_in = carrier_test_service
+        self.judged: set[tuple[str, tuple[str, ...]]] = set()  # readings already judged
 
     def refuse(self, reason: str, detail: str) -> NoReturn:
         raise GuardRefusal(self.uri, reason, f"{_display(self.uri)} {detail}")
@@ -619,6 +641,9 @@ class _Judge:
             self._dispatch(name_addr["uri"].strip())
             self.refuse("unsupported_uri", "is a name-addr; give the bare URI")
         self._dispatch(text)
+        for ch in text:
+            if unicodedata.category(ch) in _INVISIBLE_CATEGORIES:
+                self.refuse("unsupported_uri", f"has the invisible or control character U+{ord(ch):04X}")
 
     def _dispatch(self, text: str) -> None:
         scheme_match = _SCHEME_RE.match(text)
@@ -752,6 +777,9 @@ class _Judge:
         for segment in _segments(text):
             for run in _runs(segment):
                 self._judge(run, contexts)
+            vanity = segment.translate(_KEYPAD)
+            if vanity != segment:  # letters dialled on a keypad: 'x11' is 911, 'www' 999
+                self._judge(vanity, contexts)
 
     def _check_sos(self, text: str) -> None:
         word = _sos_word(text)
@@ -798,9 +826,11 @@ class _Judge:
         """Judge one reading (both ways of reading its characters): refuse if any
         candidate a switch may derive from it is, or starts with, an emergency number."""
         reading = _read(text)
-        for digits in dict.fromkeys((reading.dial, reading.strict)):
-            if digits:
-                self._judge_digits(digits[:_MAX_DIAL_CHARS], contexts)
+        for digits in (reading.dial, reading.strict):
+            key = (digits[:_MAX_DIAL_CHARS], tuple(contexts))
+            if digits and key not in self.judged:
+                self.judged.add(key)
+                self._judge_digits(key[0], contexts)
 
     def _judge_digits(self, digits: str, contexts: Sequence[str]) -> None:
         starts: list[tuple[str, frozenset[str]]] = []

@@ -190,6 +190,23 @@ def test_the_issues_dial_strings_are_refused(uri: str) -> None:
     assert reason(uri.format(h=HOST_PORT), "GB") == "emergency_number"
 
 
+@pytest.mark.parametrize(
+    ("uri", "home"),
+    [("sip:x11@{h}", "US"), ("sip:www@{h}", "GB"), ("sip:11c@{h}", "GB"), ("sip:yyy@{h}", "GB"),
+     ("sip:W-W-W@{h}", "GB"), ("tel:1-800-9-X11", "US"), ("sip:wx112@{h}", "DE")],
+)  # fmt: skip
+def test_keypad_letters_are_dialled_as_digits(uri: str, home: str) -> None:
+    """E.161: a phone or switch may dial letters (1-800-FLOWERS); 'x11' is 911."""
+    assert reason(uri.format(h=HOST_PORT), home) == "emergency_number"
+
+
+@pytest.mark.parametrize(
+    "uri", ["sip:ecpm-test@127.0.0.1\x00", "sip:ecpm-test@127.0.0.1\u200b:5060", "sip:ecpm\u2028test@h"]
+)
+def test_invisible_characters_anywhere_are_refused(uri: str) -> None:
+    assert reason(uri, "GB") == "unsupported_uri"
+
+
 def test_spains_police_and_guardia_civil_are_refused() -> None:
     for number in ("091", "092", "062"):
         assert reason(f"tel:+34{number}", "GB") == "emergency_number"
@@ -415,3 +432,9 @@ def test_refused_at_the_sip_send_and_nothing_reaches_the_listener() -> None:
         assert sink.received(0.5) == []
     finally:
         sink.close()
+
+
+def test_safety_doc_lists_every_supplementary_row() -> None:
+    text = (REPO / "docs" / "safety.md").read_text(encoding="utf-8")
+    for row in SUPPLEMENTARY_EMERGENCY_NUMBERS:
+        assert f"| {row.region} | `{row.number}` | {row.service} | {row.source} |" in text, row
