@@ -139,7 +139,6 @@ _PLAIN_CHARS: Final = frozenset("0123456789*#+ABCDabcdPWXpwx-.() ,")
 # Carrier selection / dial-around codes dialled before a number: NANP 101XXXX,
 # DE call-by-call 010XX and 0100XX, and the 10XX(X) codes of AT, CH, ES, IT and others.
 _CARRIER_SELECTION_RE: Final = re.compile(r"101[0-9]{4}|0100?[0-9]{2}|10[0-9]{2,3}")
-_ESCAPE_RE: Final = re.compile(r"%[0-9A-Fa-f]{2}")
 # ITU-T E.161 keypad letters: a switch (or the phone before it) may dial letters as digits.
 _KEYPAD: Final = str.maketrans(
     {
@@ -665,13 +664,12 @@ class _Judge:
     # -- forms
 
     def _levels(self, text: str) -> list[str]:
-        """``text`` at every percent-decoding level. Below the last level each escape is
-        read as one separator, never as its hex digits (``0%2011`` is not ``02011``):
-        the level above holds what it decodes to."""
+        """``text`` at every percent-decoding level, each read literally too: a switch
+        that does not decode reads ``11%20`` as 1120."""
         levels = _decodings(text)
         if levels is None:
             self.refuse("unsupported_uri", "is percent-encoded more deeply than a switch would")
-        return [_ESCAPE_RE.sub("\ufffd", level) for level in levels[:-1]] + levels[-1:]
+        return levels
 
     def _bare(self, text: str) -> None:
         levels = self._levels(text)
