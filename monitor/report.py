@@ -26,8 +26,8 @@ Time-weighted availability (from the monitor's recorded state timeline)
 Call-weighted availability
     ``passed / (passed + failed)`` over every ``invite`` test call placed in the period
     (scheduled, confirmation and on-demand alike; inconclusive calls count in neither).
-    Blocked dial attempts (reason ``guard_refused``) were never placed and are listed,
-    not counted. Met when ``>= 0.99999``.
+    Blocked dial attempts (reason ``guard_refused``: never placed, or ended because the
+    far end named a live number as the remote target) are listed, not counted. Met when ``>= 0.99999``.
 
 Buckets
     UTC quarter hours (Ofcom's benchmark granularity), clipped to the period. A result

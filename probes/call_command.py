@@ -1,7 +1,9 @@
 """``ecpm call URI``: place one test call (or OPTIONS) now and print the staged result.
 
-Exit codes: 0 pass; 1 fail or inconclusive (also when interrupted); 2 usage or
-config error, and a target the live-number guard refuses (nothing is sent).
+Exit codes: 0 pass; 1 fail or inconclusive (also when interrupted, and when the far
+end names a remote target the guard refuses: the call is ended, ``guard.where`` in the
+detail); 2 usage or config error, and a target the live-number guard refuses (nothing
+is sent).
 
 The URI on the command line counts as a declared test endpoint, but it still
 passes the guard inside the SIP engine like every other dial. ``-c probe.yaml
@@ -263,10 +265,16 @@ def run(args: argparse.Namespace) -> int:
     if outcome is None:
         print("ecpm call: interrupted; the call was hung up", file=sys.stderr)
         return EXIT_FAIL
-    if outcome.reason == "guard_refused":
+    if outcome.reason == "guard_refused" and "guard.where" not in outcome.detail:
         detail = outcome.detail.get("guard.detail", "refused")
         print(f"ecpm call: refused by the live-number guard, nothing was sent: {detail}", file=sys.stderr)
         return EXIT_USAGE
+    if outcome.reason == "guard_refused":  # the far end's remote target: the path failed
+        print(
+            f"ecpm call: the far end's {outcome.detail['guard.where']} was refused by the live-number "
+            f"guard; the call was ended without sending anything to it: {outcome.detail.get('guard.detail')}",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(to_json(target, outcome), indent=2, sort_keys=True))
     else:

@@ -42,6 +42,7 @@ from probes.sip import (
     NoCallSlot,
     OutgoingCall,
     Part,
+    RemoteRefusal,
     RtpStats,
     SipEngine,
     SipError,
@@ -166,6 +167,15 @@ def _refused(result: _Result, refusal: GuardRefusal) -> CheckOutcome:
     result.detail["guard.reason"] = refusal.reason
     result.detail["guard.detail"] = refusal.detail
     return result.done()
+
+
+def _refused_remote(result: _Result, refusal: RemoteRefusal, stage: str) -> None:
+    """The far end named a remote target the guard refused; the engine ended the call
+    without sending anything to it. ``guard.where`` says which header of which message."""
+    result.fail(stage, "guard_refused")
+    result.detail["guard.reason"] = refusal.reason
+    result.detail["guard.detail"] = refusal.detail
+    result.detail["guard.where"] = refusal.where
 
 
 # ---------------------------------------------------------------------- invite
@@ -331,7 +341,9 @@ def _signal_timings(result: _Result, d: _Dialog, start: float) -> None:
 
 def _ended_before_answer(result: _Result, d: _Dialog, event: CallEvent, shape: EmergencyShape | None) -> None:
     cause = event.cause
-    if cause == "engine_closed":
+    if cause == "guard_refused" and event.refusal is not None:
+        _refused_remote(result, event.refusal, "answer")
+    elif cause == "engine_closed":
         result.fail(None, "shutdown", outcome="inconclusive")
     elif cause == "max_duration":
         result.fail("answer" if d.first else "transport", "max_duration")
@@ -421,7 +433,9 @@ async def _media_and_teardown(
         result.time("media", media_start - answer_at + max(firsts))
     else:
         result.time("media", min(time.monotonic(), listen_until) - answer_at)
-    if remote_end is not None:
+    if remote_end is not None and remote_end.cause == "guard_refused" and remote_end.refusal is not None:
+        _refused_remote(result, remote_end.refusal, "media")  # a target refresh, ended by us
+    elif remote_end is not None:
         result.detail["hangup"] = "far end, during media"
     # a NENA test service may hang up after its loop-back; any other far end dropping the
     # call inside the media window is a call an emergency caller would have lost
@@ -444,6 +458,8 @@ async def _media_and_teardown(
             ended = await call.wait_ended(max(0.0, min(length + 0.3, deadline - time.monotonic())))
             if ended is not None:
                 remote_end = ended
+                if ended.cause == "guard_refused" and ended.refusal is not None:
+                    _refused_remote(result, ended.refusal, "media")
     if remote_end is not None or call.ended:
         return
     if time.monotonic() >= deadline:

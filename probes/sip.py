@@ -36,6 +36,19 @@ Safety
     first. A refusal is logged and counted by the guard, counted by the engine,
     raised as :class:`~probes.guard.GuardRefusal`, and nothing is sent.
 
+    The far end chooses the rest: the Contact of its 18x/2xx (or of its INVITE, for
+    an incoming call, and of every re-INVITE, UPDATE or other target refresh) becomes
+    the Request-URI of every later request in the dialog. :mod:`probes.sip_targets`
+    (a pjsip module) hands each such Contact to :meth:`_Core.judge_inbound`, which
+    runs :meth:`~probes.guard.Guard.check_remote_target`; a refused one never reaches
+    the dialog (a response is dropped, a request answered 403 statelessly), and the
+    call is ended locally (:meth:`_Core.end_refused`): ``pjsip_inv_terminate``, so
+    nothing at all is sent in that dialog — except, for a call not yet answered whose
+    18x was refused, the CANCEL, which goes to the INVITE's own Request-URI. The same
+    module judges the Request-URI of every request leaving the process
+    (:meth:`_Core.judge_outbound`) and refuses to send one that fails. The call ends
+    with cause ``guard_refused`` and the refusal in :attr:`CallEvent.refusal`.
+
 Errors::
 
     EcpmError
@@ -72,6 +85,7 @@ from ecpm.settings import Transport
 from probes.config import Auth, SipSettings
 from probes.guard import CarrierTestService, Guard, GuardRefusal
 from probes.media import wav_complete
+from probes.sip_targets import Inbound, LayoutError, Outbound, Screen
 
 logger = logging.getLogger(__name__)
 pjsip_logger = logging.getLogger("probes.sip.pjsip")
@@ -163,7 +177,19 @@ DisconnectCause = Literal[
     "transport",  # the transport failed (connect refused, TLS, ICMP)
     "max_duration",  # the engine's hard limit
     "engine_closed",
+    "guard_refused",  # the far end named a remote target the guard refused: ended locally
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRefusal:
+    """A URI the far end gave us to send to, refused by the guard (the call was ended)."""
+
+    uri: str
+    reason: str  # the guard's reason (probes.guard.REASONS)
+    detail: str  # the guard's sentence
+    where: str  # "Contact of 200 to INVITE", "Contact of re-INVITE", "Request-URI of BYE"
+    status: int | None = None  # the response that carried it
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +201,7 @@ class CallEvent:
     message: str | None = None  # "response": the whole SIP response as received
     media_active: bool | None = None  # "media": audio is flowing (per SDP)
     cause: DisconnectCause | None = None  # "disconnected"
+    refusal: RemoteRefusal | None = None  # "disconnected" with cause "guard_refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +388,9 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.hung_up = False
         self.cause_hint: DisconnectCause | None = None
         self.confirmed = False
+        self.sip_call_id = ""  # the Call-ID header, once pjsua has made it
+        self.refusal: RemoteRefusal | None = None
+        self.released = False
         account.calls += 1
 
     # callbacks -------------------------------------------------------------
@@ -429,7 +459,10 @@ class _Call(pj.Call):  # type: ignore[misc]
             status = int(info.lastStatusCode)
             reason = str(info.lastReason)
             cause = self._cause(prm.e, status)
-            self.core.release(self, CallEvent("disconnected", now, status, reason, cause=cause))
+            refusal = self.refusal if cause == "guard_refused" else None
+            self.core.release(
+                self, CallEvent("disconnected", now, status, reason, cause=cause, refusal=refusal)
+            )
 
     def _cause(self, e: Any, status: int) -> DisconnectCause:
         if self.cause_hint is not None:
@@ -640,6 +673,15 @@ class _Core:
         self.next_start = 0.0
         self.tags = itertools.count(1)
         self.placed = self.incoming = self.refused = self.options_sent = 0
+        # remote targets (probes.sip_targets): the screen, the dial each Call-ID belongs
+        # to (for the guard's target name and carrier opt-in), the dial being handed over
+        # right now, verdicts already reached, and calls to end
+        self.screen: Screen | None = None
+        self.contexts: dict[str, Dial] = {}
+        self.sending: Dial | None = None
+        self.passed: dict[tuple[str, str, CarrierTestService | None], None] = {}
+        self.verdicts: dict[tuple[str, str], RemoteRefusal] = {}
+        self.to_end: deque[tuple[str, RemoteRefusal, bool]] = deque()
 
     # thread entry ----------------------------------------------------------------
 
@@ -669,6 +711,8 @@ class _Core:
                         _post(self.loop, _reject, fut, EngineClosed("the SIP engine has stopped"))
 
     def turn(self) -> None:
+        if self.to_end:
+            self._guarded(self.end_refused, None)
         done = 0
         while self.commands and done < BATCH:
             fn, fut = self.commands.popleft()
@@ -750,6 +794,7 @@ class _Core:
         med.ptime = 20
         med.audioFramePtime = 20
         self.ep.libInit(cfg)
+        self._screen()  # before any transport exists: nothing is received or sent unjudged
         self.ep.audDevManager().setNullDev()
         self._transports()
         self.ep.libStart()
@@ -761,6 +806,15 @@ class _Core:
         _disable_tcp_switch(self.td)
         self.uas = self._new_account(("uas",), "ecpm", default=True)
         self.no_media = self._new_account(("no-media",), "ecpm-no-media", loop_media=True)
+
+    def _screen(self) -> None:
+        try:
+            screen = Screen(_clib(), inbound=self.judge_inbound, outbound=self.judge_outbound)
+            screen.check_layout()
+            screen.register()
+        except (LayoutError, OSError, AttributeError) as exc:
+            raise SipError(f"cannot judge remote targets with this pjsua2 build: {exc}") from None
+        self.screen = screen
 
     def _transports(self) -> None:
         s = self.settings
@@ -922,6 +976,9 @@ class _Core:
             except pj.Error as exc:
                 logger.warning("libDestroy: %s", _pj_error(exc))
             self.ep = None
+        if self.screen is not None:  # libDestroy has unregistered the module
+            self.screen.release()
+            self.screen = None
         self.writer = None
         gc.collect()
 
@@ -944,7 +1001,115 @@ class _Core:
             raise
         if dial.proxy is None and not dial.uri.lower().startswith(("sip:", "sips:")):
             raise CallSetupError(f"{dial.uri}: a non-SIP Request-URI (urn:, tel:) needs an outbound proxy")
-        return send(self.account_for(dial))
+        account = self.account_for(dial)
+        self.sending = dial  # requests leaving now belong to this dial (judge_outbound)
+        try:
+            return send(account)
+        finally:
+            self.sending = None
+
+    # remote targets (called by probes.sip_targets, inside pjsip) --------------------------
+
+    def _context(self, call_id: str) -> tuple[str, CarrierTestService | None, Dial | None]:
+        dial = self.contexts.get(call_id)
+        if dial is None and self.sending is not None and call_id:
+            dial = self.sending
+            if len(self.contexts) >= 256:  # OPTIONS leave no trace to drop them by
+                self.contexts.pop(next(iter(self.contexts)))
+            self.contexts[call_id] = dial
+        if dial is None:
+            return "remote", None, None
+        return dial.target, dial.carrier_test_service, dial
+
+    def _judge(self, uri: str, call_id: str, where: str, status: int | None) -> RemoteRefusal | None:
+        target, carrier, _ = self._context(call_id)
+        if (uri, target, carrier) in self.passed:
+            return None
+        known = self.verdicts.get((call_id, uri))
+        if known is not None:  # a retransmission: judged, logged and counted once
+            return known
+        try:
+            self.guard.check_remote_target(uri, target=target, carrier_test_service=carrier)
+        except GuardRefusal as refusal:
+            self.refused += 1
+            verdict = RemoteRefusal(refusal.uri, refusal.reason, refusal.detail, where, status)
+            if len(self.verdicts) >= 1024:
+                self.verdicts.clear()
+            self.verdicts[(call_id, uri)] = verdict
+            return verdict
+        if len(self.passed) >= 1024:
+            self.passed.clear()
+        self.passed[(uri, target, carrier)] = None
+        return None
+
+    def judge_inbound(self, msg: Inbound) -> bool:
+        """A Contact that would become a remote target: True refuses the message (the
+        screen drops it, or answers a request 403) and the call is ended."""
+        for uri in msg.contacts:
+            verdict = self._judge(uri, msg.call_id, msg.where, msg.status)
+            if verdict is not None:
+                provisional = not msg.request and msg.method == "INVITE" and (msg.status or 0) < 200
+                self._queue_end(msg.call_id, verdict, provisional=provisional)
+                return True
+        return False
+
+    def judge_outbound(self, msg: Outbound) -> bool:
+        """Every request about to be sent: True refuses to send it."""
+        verdict = self._judge(msg.uri, msg.call_id, msg.where, None)
+        if verdict is None:
+            return False
+        logger.error(
+            "not sending %s (Call-ID %s): its Request-URI was refused by the guard",
+            msg.method,
+            msg.call_id,
+            extra={"guard_reason": verdict.reason},
+        )
+        self._queue_end(msg.call_id, verdict, provisional=False)
+        return True
+
+    def _queue_end(self, call_id: str, verdict: RemoteRefusal, *, provisional: bool) -> None:
+        if call_id and not any(c == call_id for c, _, _ in self.to_end):
+            self.to_end.append((call_id, verdict, provisional))
+
+    def end_refused(self) -> None:
+        """End the calls whose remote target was refused, without sending to it: the
+        dialog's target never changed (the screen dropped the message), and nothing is
+        sent in the dialog at all — except the CANCEL of a call not yet answered that
+        has had a provisional response, which goes to the INVITE's own Request-URI."""
+        while self.to_end:
+            call_id, verdict, provisional = self.to_end.popleft()
+            call = next((c for c in self.calls.values() if c.sip_call_id == call_id), None)
+            if call is None or call.released:
+                continue
+            if call.refusal is None:
+                call.refusal = verdict
+            call.cause_hint = "guard_refused"
+            logger.warning(
+                "ending call %d: the far end's %s was refused by the guard", call.key, verdict.where
+            )
+            if provisional and call.outgoing and not call.confirmed and not call.hung_up and call.responses:
+                self.hangup(call, None, None)  # CANCEL (pjsua waits for a 1xx if none came)
+            else:
+                self._end_locally(call)
+
+    def _end_locally(self, call: _Call) -> None:
+        """``pjsip_inv_terminate``: the session is DISCONNECTED at once and nothing is sent
+        (no ACK, BYE or CANCEL); pjsua itself uses it to give up on a call."""
+        call.hung_up = True
+        clib = _clib()  # signatures set by probes.sip_targets
+        pcall, dlg = ctypes.c_void_p(), ctypes.c_void_p()
+        status = clib.acquire_call(
+            b"ecpm end_refused", int(call.getId()), ctypes.byref(pcall), ctypes.byref(dlg)
+        )
+        if status != 0 or not dlg.value:
+            logger.warning("call %d: no dialog to end (pj status %s)", call.key, status)
+            return
+        try:
+            inv = clib.pjsip_dlg_get_inv_session(dlg)
+            if inv:
+                clib.pjsip_inv_terminate(inv, 403, 1)
+        finally:
+            clib.pjsip_dlg_dec_lock(dlg)
 
     # calls (UAC) -------------------------------------------------------------------
 
@@ -1007,12 +1172,17 @@ class _Core:
             try:
                 call.makeCall(req.dial.uri, prm)
             except pj.Error as exc:
-                acc.calls -= 1
+                if not call.released:
+                    acc.calls -= 1
                 raise CallSetupError(
                     f"cannot call {req.dial.uri}: {_pj_error(exc)}", status=getattr(exc, "status", None)
                 ) from None
             finally:
                 _set_tsx_timeout(self.td)
+            if call.released:  # disconnected inside makeCall (a send that failed at once)
+                return started
+            call.sip_call_id = str(call.getInfo().callIdString)
+            self.contexts[call.sip_call_id] = req.dial
             self.calls[req.key] = call
             self.placed += 1
             if req.cancelled:  # the caller gave up while we were placing it
@@ -1035,9 +1205,13 @@ class _Core:
 
     def release(self, call: _Call, event: CallEvent) -> None:
         """DISCONNECTED: destroy the call's media, drop the wrapper, tell asyncio."""
+        if call.released:
+            return
+        call.released = True
         call.drop_media()
         call.account.calls -= 1
         self.calls.pop(call.key, None)
+        self.contexts.pop(call.sip_call_id, None)
         self.emit(call, event)
 
     def _enforce_limits(self) -> None:
@@ -1071,6 +1245,7 @@ class _Core:
     def on_incoming(self, acc: _Account, prm: Any) -> None:
         key = self.engine.new_key()
         call = _Call(self, acc, key, call_id=prm.callId, outgoing=False, deadline=time.monotonic() + 3600.0)
+        call.sip_call_id = str(call.getInfo().callIdString)
         self.calls[key] = call
         self.incoming += 1
         if self.closing or not self.accepting:
@@ -1662,6 +1837,7 @@ __all__ = [
     "OptionsReply",
     "OutgoingCall",
     "Part",
+    "RemoteRefusal",
     "RtpStats",
     "SipEngine",
     "SipError",

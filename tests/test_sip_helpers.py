@@ -87,7 +87,8 @@ def sink_fixture() -> Iterator[UdpSink]:
 
 
 class Sipp:
-    """SIPp as a UAS on 127.0.0.1, one scenario, ``calls`` calls, then it exits."""
+    """SIPp as a UAS on 127.0.0.1, one scenario, ``calls`` calls, then it exits; with
+    ``remote`` ("127.0.0.1:PORT") a UAC calling it."""
 
     def __init__(
         self,
@@ -99,6 +100,7 @@ class Sipp:
         calls: int = 1,
         timeout: float = 20.0,
         transport: str = "u1",
+        remote: str | None = None,
     ) -> None:
         self.port = free_port()
         self.media_port = free_port()
@@ -114,6 +116,8 @@ class Sipp:
         ]  # fmt: skip
         if rtp_echo:
             cmd.append("-rtp_echo")
+        if remote is not None:
+            cmd.append(remote)
         for key, value in (keys or {}).items():
             cmd += ["-key", key, value]
         self.proc = subprocess.Popen(
