@@ -44,6 +44,7 @@ was dialled under) and against the universal core. Any hit refuses the target.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -111,7 +112,8 @@ REASONS: tuple[str, ...] = ("undeclared", "emergency_number", "sos_service", "un
 _MAX_URI_CHARS: Final = 2048
 _MAX_DIAL_CHARS: Final = 64
 _MAX_DECODINGS: Final = 3
-_MAX_STATES: Final = 5000
+_MAX_STATES: Final = 5000  # per reading
+_MAX_TARGET_STATES: Final = 4000  # per target, all readings together
 _MAX_INTL_PREFIX: Final = 10
 
 _SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
@@ -120,6 +122,8 @@ _TEST_SOS_RE: Final = re.compile(r"(?:urn:service:)?test\.sos(?:\.[a-z0-9][a-z0-
 _WORD_RE: Final = re.compile(r"[a-z]+")
 _NON_DIGITS_RE: Final = re.compile(r"\D", re.ASCII)
 _DTMF_RE: Final = re.compile(r"[ABCD]")
+_PERCENT_U_RE: Final = re.compile(r"%[uU]([0-9A-Fa-f]{4})")
+_PAUSE_RE: Final = re.compile(r"[pPwWxX,]")
 _SERVICE_CODE_RE: Final = re.compile(r"[*#]{1,2}[0-9]{0,4}[*#]{0,2}")
 _PASSWORD_RE: Final = re.compile(r"^(\s*sips?:[^:@;?]*):[^@]*@", re.IGNORECASE)
 _PLAIN_DIGITS_RE: Final = re.compile(r"[0-9]+")
@@ -139,6 +143,9 @@ _PLAIN_CHARS: Final = frozenset("0123456789*#+ABCDabcdPWXpwx-.() ,")
 # Carrier selection / dial-around codes dialled before a number: NANP 101XXXX,
 # DE call-by-call 010XX and 0100XX, and the 10XX(X) codes of AT, CH, ES, IT and others.
 _CARRIER_SELECTION_RE: Final = re.compile(r"101[0-9]{4}|0100?[0-9]{2}|10[0-9]{2,3}")
+# Carrier selection written after the trunk prefix, judged in these regions only: BR
+# '0' or '90' and a two-digit carrier code (0 21 190... dials 190), CO '0' and its codes.
+_CARRIER_CODES: Final = {"BR": r"(?:0|90)[0-9]{2}", "CO": r"0(?:[3579]|4(?:[14]4|56))"}
 # ITU-T E.161 keypad letters: a switch (or the phone before it) may dial letters as digits.
 _KEYPAD: Final = str.maketrans(
     {
@@ -228,6 +235,9 @@ class _Context:
     trunk_prefixes: tuple[str, ...]
     trunk_patterns: tuple[re.Pattern[str], ...]
     intl: re.Pattern[str]  # '00' and the regions' international prefixes
+    # national_prefix_for_parsing with its transform rule (BR keeps what follows a carrier code)
+    transforms: tuple[tuple[re.Pattern[str], str], ...]
+    carrier_codes: re.Pattern[str] | None  # carrier selection after the trunk prefix (BR 0XX)
 
 
 @functools.cache
@@ -235,6 +245,8 @@ def _context(regions: frozenset[str]) -> _Context:
     emergency: list[str] = [re.escape(n) for n in UNIVERSAL_EMERGENCY_NUMBERS]
     trunk_prefixes: set[str] = set()
     trunk_patterns: set[str] = set()
+    transforms: set[tuple[str, str]] = set()
+    carrier_codes = [_CARRIER_CODES[r] for r in sorted(regions) if r in _CARRIER_CODES]
     intl: list[str] = ["00"]
     for region in sorted(regions):
         emergency.extend(_emergency_patterns(region))
@@ -246,6 +258,10 @@ def _context(regions: frozenset[str]) -> _Context:
             trunk_prefixes.add(str(prefix))
         if metadata.national_prefix_for_parsing:
             trunk_patterns.add(str(metadata.national_prefix_for_parsing))
+            if metadata.national_prefix_transform_rule:
+                transforms.add(
+                    (str(metadata.national_prefix_for_parsing), str(metadata.national_prefix_transform_rule))
+                )
         for attr in ("international_prefix", "preferred_international_prefix"):
             value = getattr(metadata, attr, None)
             if value and re.fullmatch(r"[0-9()|?:\[\]\-\\d]+", value):
@@ -259,6 +275,8 @@ def _context(regions: frozenset[str]) -> _Context:
         trunk_prefixes=tuple(sorted(trunk_prefixes)),
         trunk_patterns=tuple(re.compile(p, re.ASCII) for p in sorted(trunk_patterns)),
         intl=intl_re,
+        transforms=tuple((re.compile(p, re.ASCII), rule) for p, rule in sorted(transforms)),
+        carrier_codes=_compile_alternatives(carrier_codes),
     )
 
 
@@ -324,15 +342,16 @@ def _char(ch: str) -> _Char:
         if ch in _DIAL_SYMBOLS or upper in _DTMF_LETTERS:
             return _Char(upper, True, False, upper)
         return _Char("", plain, ch.isalpha() and upper not in _PAUSE_LETTERS)
-    # Anything else is a separator and never a letter ('℡' is not "TEL", '℃' not DTMF C),
-    # but the digits and dial symbols of its compatibility form count ('⒐' 9, '＋' '+').
+    # Anything else is a separator and never a letter of a name ('℡' is not "TEL"), but
+    # the digits, dial symbols and DTMF letters of its compatibility form count in the
+    # NFKC reading ('⒐' 9, '＋' '+', 'Ａ' A); the strict reading drops them.
     dial = []
     for c in unicodedata.normalize("NFKC", ch):
         value = _digit_value(c)
         if value is not None:
             dial.append(str(value))
-        elif c in _DIAL_SYMBOLS:
-            dial.append(c)
+        elif c in _DIAL_SYMBOLS or (c.isascii() and c.upper() in _DTMF_LETTERS):
+            dial.append(c.upper())
     return _Char("".join(dial), False, False)
 
 
@@ -360,15 +379,16 @@ def _read(text: str) -> _Reading:
 def _runs(text: str) -> tuple[str, ...]:
     """The pieces of ``text`` between letters if it is a name; all of it if not.
 
-    A name's digits are judged run by run (``test999`` dials 999), never run together
-    (``site11-pbx2`` does not dial 112).
+    A name's digits are judged run by run (``test999`` dials 999, and so does
+    ``test9p99``: a pause or DTMF letter does not end a run), never run together
+    (``site11-lab2`` does not dial 112).
     """
     if not _read(text).named:
         return (text,) if text else ()
     runs: list[str] = []
     current: list[str] = []
     for ch in text:
-        if ch.isascii() and ch.isalpha():
+        if _char(ch).name:
             runs.append("".join(current))
             current = []
         else:
@@ -388,14 +408,29 @@ def _segments(text: str) -> tuple[str, ...]:
 
 
 def _decodings(text: str) -> list[str] | None:
-    """``text`` at every percent-decoding level; None if nested too deep."""
+    """``text`` at every percent-decoding level (the last is fully decoded); None if
+    nested too deep. Escapes decoded as Latin-1 (``%B9`` is '¹') and IIS-style
+    ``%uXXXX`` are further readings, placed before the last level."""
     levels = [text]
     for _ in range(_MAX_DECODINGS):
         decoded = unquote(levels[-1])
         if decoded == levels[-1]:
-            return levels
+            break
         levels.append(decoded)
-    return levels if unquote(levels[-1]) == levels[-1] else None
+    else:
+        if unquote(levels[-1]) != levels[-1]:
+            return None
+    others = []
+    for level in levels:
+        if "%" in level:
+            for other in (unquote(level, encoding="latin-1"), _PERCENT_U_RE.sub(_percent_u, level)):
+                if other not in levels and other not in others:
+                    others.append(other)
+    return [*levels[:-1], *others, levels[-1]]
+
+
+def _percent_u(match: re.Match[str]) -> str:
+    return chr(int(match[1], 16))
 
 
 def _sos_word(text: str) -> str | None:
@@ -414,8 +449,10 @@ def _sos_word(text: str) -> str | None:
     return None
 
 
-def _display(uri: str) -> str:
+def _display(uri: object) -> str:
     """The URI for a log line: password hidden, control characters escaped, bounded."""
+    if not isinstance(uri, str):
+        return repr(uri)[:200]
     shown = _PASSWORD_RE.sub(r"\1:***@", uri)
     if len(shown) > 200:
         shown = shown[:200] + "..."
@@ -477,6 +514,15 @@ def _successors(
         match = pattern.match(state)
         if match is not None and match.end() > 0:
             yield state[match.end() :], regions
+    for pattern, rule in ctx.transforms:
+        match = pattern.match(state)
+        if match is not None and match.end() > 0:
+            with contextlib.suppress(re.error, IndexError):
+                yield match.expand(rule) + state[match.end() :], regions
+    if ctx.carrier_codes is not None:
+        for end in range(2, min(len(state), 4) + 1):
+            if ctx.carrier_codes.fullmatch(state, 0, end):
+                yield state[end:], regions
     # DTMF letters ignored, and the digits alone.
     without_dtmf = _DTMF_RE.sub("", state)
     if without_dtmf != state:
@@ -516,8 +562,10 @@ def _search(
     prefixes: tuple[str, ...],
     *,
     exact: bool = False,
+    budget: list[int] | None = None,
 ) -> _Hit | None:
-    """Breadth-first over every derivable candidate; the first emergency hit."""
+    """Breadth-first over every derivable candidate; the first emergency hit.
+    ``budget``: states left for the whole target (shared by all its readings)."""
     home_intl = _context(frozenset((home,))).intl
     queue = deque(starts)
     seen: set[tuple[str, frozenset[str]]] = set(queue)
@@ -532,6 +580,10 @@ def _search(
             if successor not in seen:
                 if len(seen) >= _MAX_STATES:
                     raise _TooComplex
+                if budget is not None:
+                    budget[0] -= 1
+                    if budget[0] < 0:
+                        raise _TooComplex
                 seen.add(successor)
                 queue.append(successor)
     return None
@@ -622,6 +674,10 @@ class _Judge:
         self.prefixes = prefixes
         self.opt_in = carrier_test_service
         self.judged: set[tuple[str, tuple[str, ...]]] = set()  # readings already judged
+        self.budget = [_MAX_TARGET_STATES]
+        # Reasons to refuse found while reading, given only if no reading is an emergency
+        # number (the most telling reason wins).
+        self.doubts: dict[str, str] = {}
 
     def refuse(self, reason: str, detail: str) -> NoReturn:
         raise GuardRefusal(self.uri, reason, f"{_display(self.uri)} {detail}")
@@ -629,6 +685,8 @@ class _Judge:
     # -- entry
 
     def run(self) -> None:
+        if not isinstance(self.uri, str):
+            self.refuse("unsupported_uri", "is not a string")
         text = self.uri.strip()
         if not text:
             self.refuse("unsupported_uri", "is empty")
@@ -640,7 +698,9 @@ class _Judge:
             self._dispatch(name_addr["uri"].strip())
             self.refuse("unsupported_uri", "is a name-addr; give the bare URI")
         self._dispatch(text)
-        for ch in text:
+        for doubt in self.doubts.values():
+            self.refuse("unsupported_uri", doubt)
+        for ch in self.uri:  # before .strip(): what reaches pjsua2 is the raw target
             if unicodedata.category(ch) in _INVISIBLE_CATEGORIES:
                 self.refuse("unsupported_uri", f"has the invisible or control character U+{ord(ch):04X}")
 
@@ -692,17 +752,16 @@ class _Judge:
             if _is_ip_hostport(hostport):
                 return
             levels = self._levels(hostport)
-            for level in levels:
+            for level in levels:  # no user part: a switch may dial the host (sip:999, sip:lab999)
                 self._check_sos(level)
-                if _read(level).named:  # a host name: only a number at its start is dialled
-                    self._judge(level[: next(i for i, ch in enumerate(level) if _char(ch).name)], ())
-                else:
-                    self._subscriber(level)
-            if not _read(levels[-1]).named:
-                self._plain(levels[-1], names=False)
+                self._subscriber(level)
+            if hostport.lstrip().startswith("["):
+                self.refuse("unsupported_uri", f"has the host {hostport!r}, which is not an IP literal")
+            self._plain(levels[-1], names=True)
             return
         # A parser may split at the first '@' or the last: judge both user parts.
         splits = [rest[:at] for at in dict.fromkeys((first, last))]
+        at_of = {rest[:at]: at for at in (first, last)}
         for userinfo in splits:
             for level in self._levels(userinfo):
                 # 'urn:service:sos' as a user part is split by its ':' into user and password.
@@ -712,7 +771,7 @@ class _Judge:
                 self._readings(level, ())  # 'user:password' as one dial string too
             user, _, password = userinfo.partition(":")
             for level in self._levels(user):
-                self._subscriber(level)
+                self._subscriber(level, _phone_contexts(rest[at_of[userinfo] + 1 :]))
             for level in self._levels(password) if password else ():
                 self._readings(level, ())
         hostport, params = _split_host(rest[first + 1 :])
@@ -751,12 +810,13 @@ class _Judge:
 
     # -- parts
 
-    def _subscriber(self, text: str) -> None:
+    def _subscriber(self, text: str, host_contexts: Sequence[str] = ()) -> None:
         """Every reading of a SIP user part, tel: body or bare dial string
-        (``number;param=value;...``) is judged for sos words and emergency numbers."""
+        (``number;param=value;...``) is judged for sos words and emergency numbers.
+        ``host_contexts``: phone-context values among the URI parameters after the host."""
         number, *params = text.split(";")
         self._check_sos(number)
-        contexts: list[str] = []
+        contexts: list[str] = list(host_contexts)
         for param in params:
             self._check_sos(param)
             name, _, value = param.partition("=")
@@ -772,12 +832,18 @@ class _Judge:
                 self._readings(level, ())
 
     def _readings(self, text: str, contexts: Sequence[str]) -> None:
+        if "complex" in self.doubts:
+            return  # out of budget: refused as too convoluted once dispatch ends
         for segment in _segments(text):
             for run in _runs(segment):
                 self._judge(run, contexts)
             vanity = segment.translate(_KEYPAD)
             if vanity != segment:  # letters dialled on a keypad: 'x11' is 911, 'www' 999
                 self._judge(vanity, contexts)
+            after_pause = _PAUSE_RE.split(segment)
+            for part in after_pause[1:]:  # dialled after a pause: '1234w999', '+44...x999'
+                for run in _runs(part):
+                    self._judge(run, ())
 
     def _check_sos(self, text: str) -> None:
         word = _sos_word(text)
@@ -829,6 +895,8 @@ class _Judge:
             if digits and key not in self.judged:
                 self.judged.add(key)
                 self._judge_digits(key[0], contexts)
+            if len(digits) > _MAX_DIAL_CHARS:  # judged as far as it goes, never cut silently
+                self.doubts.setdefault("long", f"has a dial string longer than {_MAX_DIAL_CHARS}")
 
     def _judge_digits(self, digits: str, contexts: Sequence[str]) -> None:
         starts: list[tuple[str, frozenset[str]]] = []
@@ -853,10 +921,13 @@ class _Judge:
         ):
             self._opt_in_still_safe()
             return
+        if "complex" in self.doubts:
+            return  # out of budget: refused once every other reading had its say
         try:
-            hit = _search(starts, self.home, self.prefixes)
+            hit = _search(starts, self.home, self.prefixes, budget=self.budget)
         except _TooComplex:
-            self.refuse("unsupported_uri", "is too convoluted to judge")
+            self.doubts["complex"] = "is too convoluted to judge"
+            return
         if hit is not None:
             dials = f"dials {hit.candidate}"
             if hit.matched != hit.candidate:
@@ -878,23 +949,37 @@ class _Judge:
             )
 
 
+def _phone_contexts(host: str) -> list[str]:
+    """``phone-context`` values among the URI parameters after the host, decoded."""
+    params = _split_host(host)[1].split("?", 1)[0]
+    found = []
+    for param in params.split(";"):
+        name, _, value = unquote(param).partition("=")
+        if name.strip().lower() == "phone-context":
+            found.append(value)
+    return found
+
+
 def _split_host(text: str) -> tuple[str, str]:
     """``host:port`` and what follows it (``;params?headers``)."""
     match = re.search(r"[;?]", text)
     return (text, "") if match is None else (text[: match.start()], text[match.start() :])
 
 
+_IP_HOSTPORT_RE: Final = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+))(?::[0-9]{1,5})?")
+
+
 def _is_ip_hostport(hostport: str) -> bool:
-    host = hostport.strip()
-    if host.startswith("["):
-        host = host[1 : host.find("]")] if "]" in host else host
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
+    """An IPv4 address or a bracketed IPv6 address (no zone), with an optional port,
+    and nothing else: ``sip:[::1]999`` and ``sip:::999`` are not."""
+    match = _IP_HOSTPORT_RE.fullmatch(hostport)
+    if match is None:
+        return False
     try:
-        ipaddress.ip_address(host)
+        address = ipaddress.ip_address(match["v6"] or match["v4"])
     except ValueError:
         return False
-    return True
+    return address.version == (6 if match["v6"] else 4)
 
 
 # --------------------------------------------------------------------- public
