@@ -85,7 +85,7 @@ from ecpm.settings import Transport
 from probes.config import Auth, SipSettings
 from probes.guard import CarrierTestService, Guard, GuardRefusal
 from probes.media import wav_complete
-from probes.sip_targets import Inbound, LayoutError, Outbound, Screen
+from probes.sip_targets import Inbound, LayoutError, Outbound, Screen, is_sip_uri
 
 logger = logging.getLogger(__name__)
 pjsip_logger = logging.getLogger("probes.sip.pjsip")
@@ -188,7 +188,7 @@ class RemoteRefusal:
     uri: str
     reason: str  # the guard's reason (probes.guard.REASONS)
     detail: str  # the guard's sentence
-    where: str  # "Contact of 200 to INVITE", "Contact of re-INVITE", "Request-URI of BYE"
+    where: str  # "Contact of 200 to INVITE", "Record-Route of 200 to INVITE", "Route of ACK", ...
     status: int | None = None  # the response that carried it
 
 
@@ -1021,15 +1021,23 @@ class _Core:
             return "remote", None, None
         return dial.target, dial.carrier_test_service, dial
 
-    def _judge(self, uri: str, call_id: str, where: str, status: int | None) -> RemoteRefusal | None:
+    def _judge(
+        self, uri: str, call_id: str, where: str, status: int | None, *, sip_only: bool = True
+    ) -> RemoteRefusal | None:
+        """The guard's verdict on one URI; with ``sip_only`` (a Contact, Record-Route or
+        Route: what pjsip routes by) anything but a sip:/sips: URI is refused as well,
+        even where the guard allows it — pjsip cannot send to it and asserts."""
         target, carrier, _ = self._context(call_id)
-        if (uri, target, carrier) in self.passed:
+        if (uri, target, carrier) in self.passed and (not sip_only or is_sip_uri(uri)):
             return None
         known = self.verdicts.get((call_id, uri))
         if known is not None:  # a retransmission: judged, logged and counted once
             return known
         try:
             self.guard.check_remote_target(uri, target=target, carrier_test_service=carrier)
+            if sip_only and not is_sip_uri(uri):
+                logger.warning("refused %s in the %s: not a sip: or sips: URI", uri[:200], where)
+                raise GuardRefusal(uri, "unsupported_uri", f"the {where} is not a sip: or sips: URI")
         except GuardRefusal as refusal:
             self.refused += 1
             verdict = RemoteRefusal(refusal.uri, refusal.reason, refusal.detail, where, status)
@@ -1043,10 +1051,11 @@ class _Core:
         return None
 
     def judge_inbound(self, msg: Inbound) -> bool:
-        """A Contact that would become a remote target: True refuses the message (the
-        screen drops it, or answers a request 403) and the call is ended."""
-        for uri in msg.contacts:
-            verdict = self._judge(uri, msg.call_id, msg.where, msg.status)
+        """A Contact that would become a remote target, or a Record-Route entry that would
+        join the route set: True refuses the message (the screen drops it, or answers a
+        request 403) and the call is ended."""
+        for where, uri in msg.targets():
+            verdict = self._judge(uri, msg.call_id, where, msg.status)
             if verdict is not None:
                 provisional = not msg.request and msg.method == "INVITE" and (msg.status or 0) < 200
                 self._queue_end(msg.call_id, verdict, provisional=provisional)
@@ -1054,14 +1063,20 @@ class _Core:
         return False
 
     def judge_outbound(self, msg: Outbound) -> bool:
-        """Every request about to be sent: True refuses to send it."""
-        verdict = self._judge(msg.uri, msg.call_id, msg.where, None)
+        """Every request about to be sent (its Request-URI and each Route URI): True
+        refuses to send it."""
+        verdict = None
+        for where, uri in msg.targets():
+            verdict = self._judge(uri, msg.call_id, where, None, sip_only=where != msg.where)
+            if verdict is not None:
+                break
         if verdict is None:
             return False
         logger.error(
-            "not sending %s (Call-ID %s): its Request-URI was refused by the guard",
+            "not sending %s (Call-ID %s): its %s was refused by the guard",
             msg.method,
             msg.call_id,
+            verdict.where.partition(" of ")[0],
             extra={"guard_reason": verdict.reason},
         )
         self._queue_end(msg.call_id, verdict, provisional=False)

@@ -6,28 +6,31 @@ re-INVITE, UPDATE, SUBSCRIBE, REFER or NOTIFY). Every later request of the dialo
 ACK, BYE, PRACK, re-INVITE — goes to it. A far end answering with
 ``Contact: <sip:999@...>`` would make the probe send its ACK and BYE to a live
 emergency number; ``Contact: <tel:999>`` made pjsip abort the whole process (its ACK
-cannot be routed, and ``inv_send_ack`` asserts).
+cannot be routed, and ``inv_send_ack`` asserts). The Record-Route of the same messages
+is the dialog's *route set*: with ``;lr`` its first entry is where those requests are
+sent, whatever the Contact, so it is judged exactly the same way.
 
 :class:`Screen` is a pjsip module registered through ``ctypes`` at priority 15: it sees
 every message *received* before the transaction layer (16) and the dialogs (32) do,
 and every request *sent* just before the transport prints it (8).
 
 On receipt
-    The Contact headers of a request or 101-299 response of the methods above are
-    printed by pjsip itself (the same parsed headers the dialog would use) and each URI
-    is handed to the owner's judge. A refused **response** is dropped: no transaction,
-    dialog or session ever sees it, so the remote target never changes and pjsip never
-    sends the ACK. A refused **request** is answered statelessly with 403 (to the
-    address in its Via, as every response is) and dropped. The owner then ends the
-    call locally.
+    The Contact and Record-Route headers of a request or 101-299 response of the
+    methods above are printed by pjsip itself (the same parsed headers the dialog would
+    use) and each URI of each entry is handed to the owner's judge, which also refuses
+    any that is not ``sip:``/``sips:`` (pjsip cannot route to it). A refused
+    **response** is dropped: no transaction, dialog or session ever sees it, so the
+    remote target and route set never change and pjsip never sends the ACK. A refused
+    **request** is answered statelessly with 403 (to the address in its Via, as every
+    response is) and dropped. The owner then ends the call locally.
 
 On sending
     Every request leaving the process (INVITE, ACK, BYE, CANCEL, OPTIONS, re-INVITE,
     UPDATE, PRACK, ...), each retransmission and each destination address included,
-    is printed by pjsip and its Request-URI judged. A refusal makes the transport
-    report an error (``PJSIP_EINVALIDREQURI``) instead of sending: the belt and braces
-    behind the receive side (it also catches a strict-routing Record-Route rewriting
-    the Request-URI).
+    is printed by pjsip and its Request-URI and every Route URI judged. A refusal
+    makes the transport report an error (``PJSIP_EINVALIDREQURI``) instead of sending:
+    the belt and braces behind the receive side (it also catches a strict-routing
+    Record-Route rewriting the Request-URI).
 
 Any error in here fails closed: the message is dropped or the request not sent.
 
@@ -66,11 +69,12 @@ RDATA_MSG: Final = 4440  # offsetof(pjsip_rx_data, msg_info.msg); msg_info.info 
 TDATA_INFO: Final = 56  # offsetof(pjsip_tx_data, info)
 TDATA_MSG: Final = 392  # offsetof(pjsip_tx_data, msg)
 HDR_NEXT: Final = 8  # offsetof(pjsip_hdr, next)
-H_CALL_ID, H_CONTACT, H_TO = 7, 9, 38  # pjsip_hdr_e
+H_CALL_ID, H_CONTACT, H_RECORD_ROUTE, H_ROUTE, H_TO = 7, 9, 29, 33, 38  # pjsip_hdr_e
 _PRINT_MAX: Final = 65536
 
 _RX_INFO_RE: Final = re.compile(r"(Request|Response) msg (?:(\d{3})/)?([^/\s]+)/cseq=")
 _TAG_RE: Final = re.compile(r";\s*tag\s*=", re.IGNORECASE)
+_SIP_RE: Final = re.compile(r"sips?:", re.IGNORECASE)
 
 
 class LayoutError(RuntimeError):
@@ -141,6 +145,19 @@ def header_value(printed: str) -> str:
     return printed.partition(":")[2].strip()
 
 
+def header_uris(printed: list[str]) -> tuple[str, ...]:
+    """Every bare URI of every entry of these printed Contact, Route or Record-Route
+    headers (``Record-Route: <sip:a;lr>, <sip:b;lr>`` gives both)."""
+    return tuple(uri for p in printed for c in split_contacts(header_value(p)) if (uri := contact_uri(c)))
+
+
+def is_sip_uri(uri: str) -> bool:
+    """Whether pjsip can route to this URI at all: only ``sip:`` and ``sips:``. A dialog
+    whose remote target or route set holds anything else (``tel:``, ``urn:``) makes pjsip
+    fail to send its ACK, and ``inv_send_ack`` asserts (the process aborts)."""
+    return _SIP_RE.match(uri.strip()) is not None
+
+
 # -------------------------------------------------------------------- what is judged
 
 
@@ -154,12 +171,25 @@ class Inbound:
     call_id: str
     in_dialog: bool  # a request with a To tag (a target refresh)
     contacts: tuple[str, ...]  # every Contact URI, bare
+    record_routes: tuple[str, ...] = ()  # every URI of every Record-Route entry, bare
 
     @property
     def where(self) -> str:
+        return self.where_in("Contact")
+
+    def where_in(self, header: str) -> str:
+        """``Contact of 200 to INVITE``, ``Record-Route of re-INVITE``, ..."""
         if self.request:
-            return f"Contact of {'re-' if self.in_dialog and self.method == 'INVITE' else ''}{self.method}"
-        return f"Contact of {self.status} to {self.method}"
+            return f"{header} of {'re-' if self.in_dialog and self.method == 'INVITE' else ''}{self.method}"
+        return f"{header} of {self.status} to {self.method}"
+
+    def targets(self) -> tuple[tuple[str, str], ...]:
+        """``(where, uri)`` of every URI pjsip would send to: each Contact (the remote
+        target) and each Record-Route entry (the route set; the first is where every
+        later request of the dialog goes, whatever the Contact)."""
+        return tuple((self.where_in("Contact"), uri) for uri in self.contacts) + tuple(
+            (self.where_in("Record-Route"), uri) for uri in self.record_routes
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +199,15 @@ class Outbound:
     method: str
     uri: str  # its Request-URI as it goes on the wire
     call_id: str
+    routes: tuple[str, ...] = ()  # every URI of every Route header (a loose route is sent to)
 
     @property
     def where(self) -> str:
         return f"Request-URI of {self.method}"
+
+    def targets(self) -> tuple[tuple[str, str], ...]:
+        """``(where, uri)``: the Request-URI, then each Route URI (``Route of ACK``)."""
+        return ((self.where, self.uri), *((f"Route of {self.method}", uri) for uri in self.routes))
 
 
 # ---------------------------------------------------------------- the pjsip module
@@ -320,6 +355,19 @@ def _request_line(text: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
+def _routes(text: str) -> tuple[str, ...]:
+    """Every URI of every ``Route`` header of a printed request, as it goes on the wire
+    (the text, not pjsip's typed headers: a Route added as a generic header counts too)."""
+    values = []
+    for line in text.split("\r\n")[1:]:
+        if not line:
+            break
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "route":
+            values.append(f"Route: {value.strip()}")
+    return header_uris(values)
+
+
 def _call_id(text: str) -> str:
     for line in text.split("\r\n")[1:]:
         if not line:
@@ -374,6 +422,7 @@ class Screen:
                 b"From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:b@127.0.0.1>;tag=2\r\n"
                 b"Call-ID: ecpm-layout@127.0.0.1\r\nCSeq: 7 INVITE\r\n"
                 b'Contact: "x, y" <sip:ecpm-layout@127.0.0.1:5>;expires=1, <tel:+441>\r\n'
+                b"Record-Route: <sip:rr1@127.0.0.1:6;lr>, <sip:rr2@127.0.0.1:7;lr>\r\n"
                 b"Content-Length: 0\r\n\r\n"
             )
             packet = ctypes.create_string_buffer(text)  # NUL-terminated, as pjsip's scanner wants
@@ -386,11 +435,14 @@ class Screen:
             described = ctypes.string_at(info).decode(errors="replace")
             contacts = self.printer.headers(msg, H_CONTACT)
             call_id = self.printer.headers(msg, H_CALL_ID)
+            record_routes = self.printer.headers(msg, H_RECORD_ROUTE)
             expect = ['Contact: "x, y" <sip:ecpm-layout@127.0.0.1:5>;expires=1', "Contact: <tel:+441>"]
             if not described.startswith("Response msg 200/INVITE/cseq=7") or contacts != expect:
                 raise LayoutError(f"parsed message reads back wrong: {described!r} {contacts[:3]!r}")
             if call_id != ["Call-ID: ecpm-layout@127.0.0.1"]:
                 raise LayoutError(f"Call-ID reads back wrong: {call_id!r}")
+            if header_uris(record_routes) != ("sip:rr1@127.0.0.1:6;lr", "sip:rr2@127.0.0.1:7;lr"):
+                raise LayoutError(f"Record-Route reads back wrong: {record_routes[:3]!r}")
         finally:
             clib.pjsip_endpt_release_pool(self.endpt, pool)
 
@@ -466,11 +518,9 @@ class Screen:
             if _ptr(rdata + RDATA_MSG + 8) != info_ptr:
                 raise LayoutError("pjsip_rx_data does not match its info")
             msg = _ptr(rdata + RDATA_MSG)
-            printed = self.printer.headers(msg, H_CONTACT)
-            uris = tuple(
-                uri for p in printed for c in split_contacts(header_value(p)) if (uri := contact_uri(c))
-            )
-            if not uris:
+            uris = header_uris(self.printer.headers(msg, H_CONTACT))
+            routes = header_uris(self.printer.headers(msg, H_RECORD_ROUTE))
+            if not uris and not routes:
                 return 0
             call_ids = self.printer.headers(msg, H_CALL_ID)
             to = self.printer.headers(msg, H_TO)
@@ -482,6 +532,7 @@ class Screen:
                 call_id=header_value(call_ids[0]) if call_ids else "",
                 in_dialog=bool(_TAG_RE.search(to_params)),
                 contacts=uris,
+                record_routes=routes,
             )
             if not self.inbound(inbound):
                 return 0
@@ -493,7 +544,7 @@ class Screen:
             self.errors += 1
             if not relevant:
                 return 0
-            logger.exception("cannot judge a received message's Contact: dropping it (fail closed)")
+            logger.exception("cannot judge a received Contact or Record-Route: dropping it (fail closed)")
             return 1
 
     # -- send
@@ -511,13 +562,13 @@ class Screen:
             info = ctypes.string_at(info_ptr).decode(errors="replace")
             if not info.startswith(f"Request msg {method}/"):
                 raise LayoutError(f"request line {method} does not match {info!r}")
-            if self.outbound(Outbound(method, uri, _call_id(text))):
+            if self.outbound(Outbound(method, uri, _call_id(text), _routes(text))):
                 self.refused_outbound += 1
                 return REFUSED_STATUS
             return 0
         except Exception:
             self.errors += 1
-            logger.exception("cannot judge an outgoing request's Request-URI: not sending it (fail closed)")
+            logger.exception("cannot judge a request's Request-URI or Route: not sending it (fail closed)")
             return REFUSED_STATUS
 
 
@@ -561,5 +612,7 @@ __all__ = [
     "Outbound",
     "Screen",
     "contact_uri",
+    "header_uris",
+    "is_sip_uri",
     "split_contacts",
 ]

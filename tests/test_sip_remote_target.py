@@ -120,6 +120,24 @@ def test_emergency_contact_in_180_is_cancelled_at_the_request_uri(tmp_path: Path
         trap.close()
 
 
+@pytest.mark.parametrize("contact", ["<tel:+441632960000>", "<urn:service:test.sos>"])
+def test_non_sip_contact_the_guard_allows_is_still_refused(tmp_path: Path, contact: str) -> None:
+    """Not an emergency number, but pjsip cannot route an ACK to it and would abort:
+    anything but sip:/sips: is refused as a remote target."""
+    sipp = Sipp(tmp_path, "uas_contact_200.xml", keys={"contact": contact, "header": "X-ECPM-Test: plain"},
+                rtp_echo=True, timeout=20)  # fmt: skip
+    try:
+        done, result = _probe(sipp.uri)
+        assert done.returncode == 1, done.stderr[-3000:]
+        sipp.wait(10)
+        assert _received(sipp) == [f"INVITE {sipp.uri} SIP/2.0"], _wire(sipp)
+        assert result["reason"] == "guard_refused", result
+        assert result["detail"]["guard.where"] == "Contact of 200 to INVITE", result
+        assert result["detail"]["guard.reason"] == "unsupported_uri", result
+    finally:
+        sipp.stop()
+
+
 def test_safe_contact_on_the_trap_is_used_normally(tmp_path: Path) -> None:
     """The control: the same scenario and trap with a harmless Contact. The call goes on,
     and its ACK and BYE reach the trap — so the silence above is the guard's doing."""
@@ -163,10 +181,46 @@ def test_emergency_contact_in_a_target_refresh_ends_the_call_locally(tmp_path: P
         trap.close()
 
 
-def test_strict_route_to_an_emergency_number_is_not_sent(tmp_path: Path) -> None:
-    """The last line: a Record-Route without ;lr makes pjsip put the route's URI into the
-    ACK's Request-URI (strict routing) — not a Contact, so only the check of every
-    request leaving the process stands between it and the wire."""
+# With the receive side blinded to Record-Route (in the probe's own process), only the
+# check of every request leaving the process stands between the route set and the wire.
+_SEND_SIDE_ONLY = (
+    "import sys; from probes import sip_targets as t; from ecpm.cli import main; "
+    "t.Inbound.targets = lambda self: tuple((self.where, u) for u in self.contacts); "
+    "sys.argv[0] = 'ecpm'; raise SystemExit(main())"
+)
+
+
+@pytest.mark.parametrize(
+    ("route", "where"),
+    [
+        ("<sip:999@127.0.0.1:TRAP>", "Request-URI of ACK"),  # strict: the route becomes the Request-URI
+        ("<sip:999@127.0.0.1:TRAP;lr>", "Route of ACK"),  # loose: sent to the Route
+    ],
+)
+def test_route_to_an_emergency_number_is_not_sent(tmp_path: Path, route: str, where: str) -> None:
+    """The Record-Route is refused on receipt (below); this is the second line behind it."""
+    trap = UdpSink()
+    keys = {
+        "contact": SAFE_CONTACT.replace("TRAP", str(trap.port)),
+        "header": f"Record-Route: {route.replace('TRAP', str(trap.port))}",
+    }
+    sipp = Sipp(tmp_path, "uas_contact_200.xml", keys=keys, rtp_echo=True, timeout=20)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _SEND_SIDE_ONLY, "call", sipp.uri, "--media-time", "2s", "--json"],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr[-3000:]
+        result = json.loads(done.stdout)
+        assert trap.received(1.0) == []
+        assert result["reason"] == "guard_refused", result
+        assert result["detail"]["guard.where"] == where, result
+    finally:
+        sipp.stop()
+        trap.close()
+
+
+def test_strict_record_route_to_an_emergency_number_is_refused_on_receipt(tmp_path: Path) -> None:
     trap = UdpSink()
     keys = {
         "contact": SAFE_CONTACT.replace("TRAP", str(trap.port)),
@@ -176,11 +230,135 @@ def test_strict_route_to_an_emergency_number_is_not_sent(tmp_path: Path) -> None
     try:
         _, result = _probe(sipp.uri)
         assert trap.received(1.0) == []
-        assert result["reason"] == "guard_refused", result
-        assert result["detail"]["guard.where"] == "Request-URI of ACK", result
+        _refused(result, "answer", "Record-Route of 200 to INVITE")
     finally:
         sipp.stop()
         trap.close()
+
+
+# ------------------------------------------------------------------ Record-Route
+
+# Every entry of every Record-Route joins the dialog's route set; with ;lr the first is
+# where every later request (ACK, PRACK, BYE) goes, whatever the Contact says.
+EMERGENCY_RECORD_ROUTES = [
+    ["Record-Route: <sip:999@127.0.0.1:TRAP;lr>"],
+    ["Record-Route: <sip:999@192.0.2.1:TRAP;maddr=127.0.0.1;lr>"],
+    ["Record-Route: <sip:127.0.0.1:SAFE;lr>, <sip:999@127.0.0.1:TRAP;lr>"],  # second entry
+    ["Record-Route: <sip:127.0.0.1:SAFE;lr>", "Record-Route: <sip:999@127.0.0.1:TRAP;lr>"],  # second header
+]
+
+
+def _scenario_200(tmp_path: Path, headers: list[str]) -> Path:
+    """uas_contact_200.xml with these header lines in place of [header]."""
+    text = (SIPP_DIR / "uas_contact_200.xml").read_text()
+    path = tmp_path / "uas_contact_200_routes.xml"
+    path.write_text(text.replace("[header]", "\n      ".join(headers)))
+    return path
+
+
+@pytest.mark.parametrize(
+    "headers", EMERGENCY_RECORD_ROUTES, ids=["single", "maddr", "second-entry", "second-header"]
+)
+def test_emergency_record_route_in_200_ends_the_call_and_nothing_reaches_it(
+    tmp_path: Path, headers: list[str]
+) -> None:
+    trap, proxy = UdpSink(), UdpSink()
+    lines = [h.replace("TRAP", str(trap.port)).replace("SAFE", str(proxy.port)) for h in headers]
+    keys = {"contact": SAFE_CONTACT.replace("TRAP", str(trap.port))}
+    sipp = Sipp(tmp_path, _scenario_200(tmp_path, lines), keys=keys, rtp_echo=True, timeout=20)
+    try:
+        done, result = _probe(sipp.uri)
+        assert trap.received(1.0) == [], "a request went to the far end's emergency Record-Route"
+        assert proxy.received(0.1) == [], "a request went to the route set the 200 would have made"
+        sipp.wait(10)
+        assert _received(sipp) == [f"INVITE {sipp.uri} SIP/2.0"], _wire(sipp)
+        assert _wire(sipp).count("SIP/2.0 200 OK") >= 2  # the retransmissions were dropped too
+        _refused(result, "answer", "Record-Route of 200 to INVITE")
+        assert done.returncode == 1
+    finally:
+        sipp.stop()
+        trap.close()
+        proxy.close()
+
+
+def test_emergency_record_route_in_a_reliable_183_sends_no_prack_to_it(tmp_path: Path) -> None:
+    trap = UdpSink()
+    sipp = Sipp(tmp_path, "uas_route_183.xml", keys={"route": f"<sip:999@{HOST}:{trap.port};lr>"},
+                rtp_echo=True, timeout=20)  # fmt: skip
+    try:
+        done, result = _probe(sipp.uri)
+        assert trap.received(1.0) == [], "a PRACK (or more) went to the far end's emergency Record-Route"
+        sipp.wait(10)
+        received = _received(sipp)
+        assert received[0] == f"INVITE {sipp.uri} SIP/2.0", _wire(sipp)
+        assert not any(line.startswith(("PRACK ", "BYE ")) for line in received), received
+        assert all(line.split(" ")[1] == sipp.uri for line in received if not line.startswith("SIP/")), (
+            received
+        )
+        _refused(result, "answer", "Record-Route of 183 to INVITE")
+        assert done.returncode == 1
+    finally:
+        sipp.stop()
+        trap.close()
+
+
+@pytest.mark.parametrize(
+    ("route", "reason"),
+    [
+        ("<tel:999;lr>", "emergency_number"),
+        ("<urn:service:sos>", "sos_service"),
+        ("<tel:+441632960000;lr>", "unsupported_uri"),  # harmless, but pjsip cannot route to it
+    ],
+)
+def test_unroutable_record_route_is_refused_and_does_not_kill_the_probe(
+    tmp_path: Path, route: str, reason: str
+) -> None:
+    """pjsip aborted the process on these (``inv_send_ack``: "Unable to send ACK!"):
+    now the 200 never reaches the dialog."""
+    trap = UdpSink()
+    keys = {"contact": SAFE_CONTACT.replace("TRAP", str(trap.port))}
+    sipp = Sipp(
+        tmp_path, _scenario_200(tmp_path, [f"Record-Route: {route}"]), keys=keys, rtp_echo=True, timeout=20
+    )
+    try:
+        done, result = _probe(sipp.uri)  # asserts exit 0 or 1: no signal
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert "Assertion" not in done.stderr, done.stderr[-3000:]
+        assert trap.received(1.0) == []
+        sipp.wait(10)
+        assert _received(sipp) == [f"INVITE {sipp.uri} SIP/2.0"], _wire(sipp)
+        assert result["outcome"] == "fail", result
+        assert result["reason"] == "guard_refused", result
+        assert result["detail"]["guard.where"] == "Record-Route of 200 to INVITE", result
+        assert result["detail"]["guard.reason"] == reason, result
+    finally:
+        sipp.stop()
+        trap.close()
+
+
+def test_safe_record_route_is_followed(tmp_path: Path) -> None:
+    """The control: a Record-Route naming a harmless proxy (a second UDP sink). The
+    call goes on, and its ACK and BYE reach the proxy with the Contact as Request-URI
+    and the route in a Route header — the route set is judged, not ignored."""
+    contact, proxy = UdpSink(), UdpSink()
+    route = f"<sip:{HOST}:{proxy.port};lr>"
+    keys = {"contact": f"<sip:ecpm-test@{HOST}:{contact.port}>", "header": f"Record-Route: {route}"}
+    sipp = Sipp(tmp_path, "uas_contact_200.xml", keys=keys, rtp_echo=True, timeout=20)
+    try:
+        done, result = _probe(sipp.uri)
+        packets = [p.decode(errors="replace") for p in proxy.received(1.0)]
+        lines = [p.split("\r\n", 1)[0] for p in packets]
+        target = f"sip:ecpm-test@{HOST}:{contact.port}"
+        assert f"ACK {target} SIP/2.0" in lines, lines
+        assert f"BYE {target} SIP/2.0" in lines, lines
+        assert all(f"Route: {route}" in p for p in packets), packets
+        assert contact.received(0.1) == []  # loose routing: sent to the route, not the Contact
+        assert result["outcome"] == "pass", result
+        assert done.returncode == 0
+    finally:
+        sipp.stop()
+        contact.close()
+        proxy.close()
 
 
 # ------------------------------------------------------------------ the responder

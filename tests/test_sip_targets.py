@@ -60,6 +60,38 @@ def test_where_names_the_header_and_message() -> None:
     assert Outbound("BYE", "sip:999@h", "c").where == "Request-URI of BYE"
 
 
+def test_record_route_and_route_are_judged_with_their_own_where() -> None:
+    msg = Inbound(False, "INVITE", 200, "c", False, ("sip:a@h",), ("sip:p@h;lr", "sip:999@h;lr"))
+    assert msg.targets() == (
+        ("Contact of 200 to INVITE", "sip:a@h"),
+        ("Record-Route of 200 to INVITE", "sip:p@h;lr"),
+        ("Record-Route of 200 to INVITE", "sip:999@h;lr"),
+    )
+    assert Inbound(True, "INVITE", None, "c", True, (), ("sip:p;lr",)).targets() == (
+        ("Record-Route of re-INVITE", "sip:p;lr"),
+    )
+    out = Outbound("ACK", "sip:a@h", "c", ("sip:999@h;lr",))
+    assert out.targets() == (("Request-URI of ACK", "sip:a@h"), ("Route of ACK", "sip:999@h;lr"))
+
+
+def test_routes_of_a_printed_request_every_entry_of_every_header() -> None:
+    text = (
+        "BYE sip:a@h SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\n"
+        'Route: <sip:p1@h;lr>, "x, y" <sip:999@h;lr>\r\nroute: <tel:112;lr>\r\n'
+        "Record-Route: <sip:not-a-route@h>\r\nContent-Length: 0\r\n\r\nRoute: <sip:body@h>"
+    )
+    assert sip_targets._routes(text) == ("sip:p1@h;lr", "sip:999@h;lr", "tel:112;lr")
+
+
+@pytest.mark.parametrize(
+    ("uri", "sip"),
+    [("sip:a@h", True), ("SIPS:a@h", True), (" sip:h;lr", True), ("tel:+441632960000", False),
+     ("urn:service:sos", False), ("sipx:a@h", False), ("", False), ('"x" <sip:a@h>', False)],
+)  # fmt: skip
+def test_is_sip_uri(uri: str, sip: bool) -> None:
+    assert sip_targets.is_sip_uri(uri) is sip
+
+
 def test_readable_never_touches_bad_memory() -> None:
     buf = ctypes.create_string_buffer(b"abcdefgh")
     assert sip_targets._readable(ctypes.addressof(buf), 8)
