@@ -152,6 +152,7 @@ async def ecpm_round(port: int, path: Path, batch: list[Result]) -> tuple[float,
                 probe_id="p1",
                 outbox=box,
                 on_command=lambda command: None,
+                key="bench-key",
                 targets=["t1"],
             )
             cpu, start = time.process_time(), time.monotonic()

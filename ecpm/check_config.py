@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ecpm.configfile import read_yaml, validate
+from ecpm.configfile import one_line, quote_value, read_yaml, validate
 from ecpm.errors import ConfigError
 
 # The top-level `kind:` key says which model a file is validated against.
@@ -31,11 +31,11 @@ def load_any(path: str | Path) -> Any:
     name = str(path)
     data, lines = read_yaml(path)
     kind = data.get("kind") if isinstance(data, dict) else None
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         line = lines.get(("kind",), 1)
         allowed = ", ".join(KINDS)
-        what = "is missing" if kind is None else f"'{kind}' is unknown"
-        raise ConfigError([f"{name}:{line}: kind: {what}; it must be one of {allowed}"])
+        what = "is missing" if kind is None else f"{quote_value(kind)} is unknown"
+        raise ConfigError([one_line(f"{name}:{line}: kind: {what}; it must be one of {allowed}")])
     return validate(name, data, lines, model_for(kind))
 
 

@@ -8,15 +8,35 @@ makes the broker keep QoS 1 messages for us while we are away. With
 calls ``ack(client, message)`` — after it has durably stored the message — so a
 crash between receipt and commit loses nothing: the broker redelivers.
 
+Bounded reading (``max_packet_size``, ``max_buffered``): what a client reads from the
+broker is bounded before it is read, not after.
+
+- ``max_packet_size`` is sent as the MQTT 5 CONNECT property Maximum Packet Size: a
+  compliant broker (mosquitto ≥ 1.6) drops a bigger message for this client instead of
+  sending it ("Dropping too large outgoing PUBLISH" in its log) and goes on with the
+  next. Where the broker does not honour it (MQTT 3.1.1, or a broker that ignores
+  it), the client itself reads socket data in chunks of at most 64 KiB and keeps only
+  the first ``max_packet_size`` bytes of a PUBLISH: the message still arrives (and is
+  acknowledged by its receiver, so it is not redelivered for ever) but with its payload
+  cut, longer than any payload limit the receiver applies, so it is rejected as
+  ``too_large`` after at most ``max_packet_size`` + 64 KiB were held.
+- ``max_buffered`` bounds the client's own incoming queue: when that many messages are
+  waiting for the application, the client stops reading its socket (TCP flow control
+  then holds the rest at the broker) and starts again at half. mosquitto 2.0.11 keeps
+  sending beyond the MQTT 5 Receive Maximum while acknowledgements flow (3,400 queued
+  in the client for Receive Maximum 200 in a 5,000-message backlog), so Receive
+  Maximum alone does not bound memory.
+
     aiomqtt.MqttError  ─▶ the caller's reconnect loop (with backoff)
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,6 +53,121 @@ logger = logging.getLogger(__name__)
 
 SESSION_EXPIRY = 7 * 86400  # seconds a broker keeps a persistent session's messages (MQTT 5)
 RECEIVE_MAXIMUM = 200  # QoS 1 messages in flight to a manual-ack client (MQTT 5)
+# What a PUBLISH adds to its payload at most, for a sane client: topic (≤ 65,535 bytes),
+# packet id, properties, fixed header. A receiver that accepts payloads up to N bytes asks
+# for packets of at most N + PACKET_HEADROOM (``packet_limit``).
+PACKET_HEADROOM = 64 * 1024 + 4096
+READ_CHUNK = 64 * 1024  # the most one socket read asks for (paho would ask for a whole packet)
+_PUBLISH = 0x30  # MQTT fixed-header packet type of PUBLISH (high nibble)
+
+
+def packet_limit(max_payload: int) -> int:
+    """The Maximum Packet Size for a receiver that accepts payloads of ``max_payload`` bytes.
+
+    Larger than the payload limit by ``PACKET_HEADROOM``: a message a little too big still
+    arrives and is rejected (and counted) by the receiver; one cut by the client-side
+    bound still has more than ``max_payload`` bytes of payload, so it is rejected too.
+    """
+    return max_payload + PACKET_HEADROOM
+
+
+class _WatchedQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's incoming queue, telling its client whenever a message is taken."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self.on_get: Callable[[], None] = lambda: None
+
+    def get_nowait(self) -> aiomqtt.Message:  # asyncio.Queue.get() ends here too
+        item = super().get_nowait()
+        self.on_get()
+        return item
+
+
+class BoundedClient(aiomqtt.Client):
+    """An ``aiomqtt.Client`` (2.x) whose reads are bounded: see the module docstring.
+
+    It replaces aiomqtt's socket-open hook with one that can pause the reader; the
+    rest is aiomqtt's own. ``paused_total`` counts the pauses (tests and benchmarks).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        max_buffered: int | None = None,
+        max_packet_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, queue_type=_WatchedQueue, **kwargs)
+        self._high = max_buffered
+        self._low = 0 if max_buffered is None else max_buffered // 2
+        self._reader: tuple[int, Callable[[], None]] | None = None
+        self._paused = False
+        self.paused_total = 0
+        queue = self._queue
+        assert isinstance(queue, _WatchedQueue)
+        queue.on_get = self._maybe_resume
+        if max_packet_size is not None:
+            _bound_reads(self._client, max_packet_size)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # As aiomqtt 2.5's own hook (called from the connecting executor thread), plus
+        # the pause when the queue is full.
+        def reader() -> None:
+            try:
+                while True:
+                    client.loop_read()
+                    pending = getattr(client.socket(), "pending", None)  # TLS: decoded bytes left
+                    if pending is not None and pending() > 0:
+                        continue
+                    break
+            except Exception as exc:
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+                return
+            if self._high is not None and self._queue.qsize() >= self._high and not self._paused:
+                self._loop.remove_reader(fileno)
+                self._paused = True
+                self.paused_total += 1
+
+        def start() -> None:
+            self._reader, self._paused = (fileno, reader), False
+            self._loop.add_reader(fileno, reader)
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        fileno = sock.fileno()
+        self._loop.call_soon_threadsafe(start)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._reader, self._paused = None, False
+        super()._on_socket_close(client, userdata, sock)
+
+    def _maybe_resume(self) -> None:
+        if self._paused and self._reader is not None and self._queue.qsize() <= self._low:
+            self._paused = False
+            self._loop.add_reader(*self._reader)
+
+
+def _bound_reads(client: paho.Client, limit: int) -> None:
+    """Make paho read in chunks and keep at most ``limit`` (+ one chunk) bytes of a PUBLISH.
+
+    paho 2.x reads a packet with ``_sock_recv(bytes still to come)`` into
+    ``_in_packet["packet"]``; this wraps that one method of this one instance. A PUBLISH
+    whose remaining length exceeds ``limit`` is cut to its first ``limit`` bytes (topic,
+    packet id and properties come first, so they survive; ``limit`` is at least 64 KiB +
+    the payload limit).
+    """
+    original = client._sock_recv
+
+    def recv(bufsize: int) -> bytes:
+        state = client._in_packet  # a new dict after every packet: look it up each time
+        if state["have_remaining"] and state["command"] & 0xF0 == _PUBLISH:
+            packet = state["packet"]
+            if len(packet) > limit:
+                del packet[limit:]
+        return original(min(bufsize, READ_CHUNK))
+
+    client._sock_recv = recv  # type: ignore[method-assign]
 
 
 def tls_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -67,16 +202,19 @@ def build_client(
     manual_ack: bool = False,
     tls: ssl.SSLContext | None = None,
     timeout: float = 10.0,
+    max_packet_size: int | None = None,
+    max_buffered: int | None = None,
     **extra: Any,
-) -> aiomqtt.Client:
+) -> BoundedClient:
     """The one place an MQTT client is made: credentials, TLS, protocol, session flags.
 
     ``tls`` is a context already built with ``tls_context`` (build it once, reuse it);
+    ``max_packet_size`` and ``max_buffered`` bound what it reads (module docstring);
     ``extra`` goes to ``aiomqtt.Client`` (e.g. ``max_queued_incoming_messages``, ``logger``).
     """
     v5 = protocol == aiomqtt.ProtocolVersion.V5
     properties = None
-    if v5 and (persistent or manual_ack):
+    if v5 and (persistent or manual_ack or max_packet_size is not None):
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if persistent:
             properties.SessionExpiryInterval = SESSION_EXPIRY
@@ -84,7 +222,10 @@ def build_client(
             # unacknowledged messages wait at the broker, not in our memory: without this,
             # a backlog (a long persistent-session queue) arrives all at once
             properties.ReceiveMaximum = RECEIVE_MAXIMUM
-    client = aiomqtt.Client(
+        if max_packet_size is not None:
+            # a compliant broker drops bigger messages for us instead of sending them
+            properties.MaximumPacketSize = max_packet_size
+    client = BoundedClient(
         settings.host,
         settings.port,
         identifier=identifier,
@@ -99,6 +240,8 @@ def build_client(
         clean_start=(not persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         properties=properties,
         timeout=timeout,
+        max_buffered=max_buffered,
+        max_packet_size=max_packet_size,
         **extra,
     )
     if manual_ack:
@@ -114,6 +257,11 @@ def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         client._client.ack(message.mid, message.qos)
 
 
+def ack_id(client: aiomqtt.Client, mid: int, qos: int = 1) -> None:
+    """``ack`` by packet id, for a caller that has let go of the message itself."""
+    client._client.ack(mid, qos)
+
+
 @asynccontextmanager
 async def connect(
     settings: MqttSettings,
@@ -122,7 +270,9 @@ async def connect(
     will: aiomqtt.Will | None = None,
     persistent: bool = False,
     manual_ack: bool = False,
-) -> AsyncIterator[aiomqtt.Client]:
+    max_packet_size: int | None = None,
+    max_buffered: int | None = None,
+) -> AsyncIterator[BoundedClient]:
     """Connect with the newest protocol the broker accepts; yield the connected client."""
     protocols = _protocols(settings)
     for i, protocol in enumerate(protocols):
@@ -133,6 +283,8 @@ async def connect(
             will=will,
             persistent=persistent,
             manual_ack=manual_ack,
+            max_packet_size=max_packet_size,
+            max_buffered=max_buffered,
         )
         try:
             await client.__aenter__()

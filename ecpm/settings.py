@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, Field, SecretStr, model_validator
 
-from ecpm.configfile import PositiveDuration, SecretFile, StrictModel, pick_secret
+from ecpm.configfile import Bool, SecretFile, StrictModel, duration, pick_secret
 
 # A name that also appears in MQTT topics and metric labels: no '/', '+', '#', spaces.
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
@@ -40,7 +40,7 @@ class TlsFiles(StrictModel):
     ca_file: str | None = None  # CA bundle to verify the peer; None = system store
     cert_file: str | None = None  # our certificate (client auth / TLS listener)
     key_file: str | None = None
-    verify_peer: bool = True
+    verify_peer: Bool = True
 
 
 class MqttSettings(StrictModel):
@@ -52,7 +52,7 @@ class MqttSettings(StrictModel):
     tls: TlsFiles | None = None
     topic_prefix: str = Field(default="ecpm/v1", pattern=r"^[^#+]+[^/#+]$")
     client_id: str | None = None  # default: ecpm-<role>-<id>
-    keepalive: PositiveDuration = 30.0
+    keepalive: Annotated[float, duration(at_most=65535.0)] = 30.0  # MQTT's own limit: 18h12m15s
     protocol: Literal["auto", "5", "3.1.1"] = "auto"  # auto: MQTT 5, falling back to 3.1.1
 
     @model_validator(mode="after")

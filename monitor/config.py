@@ -6,7 +6,18 @@ from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 
-from ecpm.configfile import Duration, Loc, PositiveDuration, SecretFile, StrictModel, pick_secret, secret_of
+from ecpm.configfile import (
+    DAY,
+    HOUR,
+    MINUTE,
+    Duration,
+    Loc,
+    SecretFile,
+    StrictModel,
+    duration,
+    pick_secret,
+    secret_of,
+)
 from ecpm.settings import Listen, MqttSettings, Name
 
 
@@ -29,26 +40,29 @@ class KnownProbe(StrictModel):
 
 class MonitoredTarget(StrictModel):
     id: Name
-    interval: PositiveDuration = 30.0  # the probes' invite interval for this target
+    interval: Annotated[float, duration(at_most=DAY)] = 30.0  # the probes' invite interval for this target
     description: str = ""
 
 
 class Reachability(StrictModel):
     confirm_results: int = Field(default=2, ge=1, le=10)  # K: latest K results all failed → down
-    min_failing_probes: int = Field(default=2, ge=1)  # M, when at least M probes cover the target
-    stale_after: float = Field(default=3.0, ge=1.0)  # × interval without a fresh result → unknown
-    gap_incident_after: PositiveDuration = 300.0  # a monitoring gap this long opens an incident
-    degraded_post_dial_delay: PositiveDuration = 3.0  # slower ringing on a pass → degraded
+    min_failing_probes: int = Field(default=2, ge=1, le=100)  # M, when at least M probes cover the target
+    stale_after: float = Field(default=3.0, ge=1.0, le=100.0)  # × interval without a fresh result → unknown
+    # a monitoring gap this long opens an incident
+    gap_incident_after: Annotated[float, duration(at_most=7 * DAY)] = 300.0
+    # slower ringing on a pass → degraded
+    degraded_post_dial_delay: Annotated[float, duration(at_most=5 * MINUTE)] = 3.0
     degraded_mos: float = Field(default=3.6, ge=1.0, le=4.5)  # lower MOS on a pass → degraded
-    probe_stale_after: PositiveDuration = 120.0  # a probe silent this long is not up
-    resolve_after: Annotated[Duration, Field(ge=0)] = 60.0  # out of down this long before it resolves
+    probe_stale_after: Annotated[float, duration(at_most=DAY)] = 120.0  # a probe silent this long is not up
+    # out of down this long before it resolves
+    resolve_after: Annotated[float, duration(at_most=DAY, zero_ok=True)] = 60.0
 
 
 class Store(StrictModel):
     backend: Literal["sqlite"] = "sqlite"
     path: str = "ecpm-monitor.db"
-    retention: PositiveDuration = 400 * 86400.0  # results older than this are pruned
-    commit_interval: PositiveDuration = 0.2  # batch commits at most this far apart
+    retention: Annotated[float, duration(at_most=3660 * DAY)] = 400 * DAY  # older results are pruned
+    commit_interval: Annotated[float, duration(at_most=10.0)] = 0.2  # batch commits at most this far apart
 
 
 class Http(StrictModel):
@@ -65,13 +79,18 @@ class Http(StrictModel):
 class Ingest(StrictModel):
     max_payload_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
     shared_group: str | None = "ecpm"  # $share/<group>/... ; None: plain subscription
+    # a result's times, against the monitor's clock when it arrives (docs/monitor.md, Bounds):
+    # finished no longer ago than max_result_age (an outbox drained after a long outage is
+    # still evidence), started and finished no further ahead than max_clock_ahead
+    max_result_age: Annotated[Duration, Field(ge=60, le=400 * 86400)] = 30 * 86400.0
+    max_clock_ahead: Annotated[Duration, Field(ge=1, le=86400)] = 900.0
 
 
 class _Notifier(StrictModel):
     name: Name
-    timeout: PositiveDuration = 5.0
+    timeout: Annotated[float, duration(at_most=5 * MINUTE)] = 5.0
     retries: int = Field(default=5, ge=0, le=20)
-    backoff: PositiveDuration = 2.0  # first retry delay; doubles each time
+    backoff: Annotated[float, duration(at_most=HOUR)] = 2.0  # first retry delay; doubles each time
 
 
 class WebhookNotifier(_Notifier):
@@ -113,9 +132,9 @@ class MonitorConfig(StrictModel):
     store: Store = Field(default_factory=Store)
     http: Http = Field(default_factory=Http)
     reachability: Reachability = Field(default_factory=Reachability)
-    probes: list[KnownProbe] = Field(min_length=1)
-    targets: list[MonitoredTarget] = Field(min_length=1)
-    notifiers: list[Notifier] = Field(default_factory=list)
+    probes: list[KnownProbe] = Field(min_length=1, max_length=500)
+    targets: list[MonitoredTarget] = Field(min_length=1, max_length=500)
+    notifiers: list[Notifier] = Field(default_factory=list, max_length=50)
 
     def config_problems(self) -> list[tuple[Loc, str]]:
         problems: list[tuple[Loc, str]] = []

@@ -2,22 +2,25 @@
 
 No network here: the MQTT loop (``monitor.service``) hands in topics and payloads,
 commits the store per batch, then acknowledges the messages. Every message is
-checked — size, JSON, schema, fields (``probes.result.parse_result``), known probe,
-topic matches payload, known target, signature — and a bad one is rejected with a
-bounded reason, counted and logged, never stored and never fatal.
+validated completely before anything is stored (``monitor.ingest``: size, JSON,
+schema, fields and value bounds, known probe, topic, signature, known target, times
+around the receive time, seq rules) and a bad one is rejected with a bounded reason,
+counted and logged, never stored and never fatal. A stored row that cannot be read
+(quarantined by the store) is skipped on restart, never fatal.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 
 from prometheus_client import CollectorRegistry
 
 from monitor.config import MonitorConfig
+from monitor.ingest import Rejected, ResultValidator
 from monitor.metrics import MonitorMetrics
 from monitor.model import (
     Incident,
@@ -30,8 +33,8 @@ from monitor.model import (
     TargetView,
 )
 from monitor.state import TargetTracker
-from monitor.store import ProbeStatus, Store, summarize
-from probes.result import ResultError, parse_result, verify
+from monitor.status_ingest import OrderMarks, StatusRejected, StatusValidator
+from monitor.store import ProbeStatus, Store
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,9 @@ class MonitorCore:
             probes=[p.id for p in config.probes],
             notifiers=[n.name for n in config.notifiers],
             snapshot=lambda: self._snapshot,
+            quarantined=lambda: len(store.quarantined()),
         )
+        self._ingest = ResultValidator(config, store)
         self._restore()
 
     # ------------------------------------------------------------ restart
@@ -143,61 +148,61 @@ class MonitorCore:
         return reason
 
     def _result(self, topic: str, payload: bytes) -> str | None:
-        if len(payload) > self.config.ingest.max_payload_bytes:
-            return self._reject("too_large", topic, f"{len(payload)} bytes")
-        try:
-            result = parse_result(payload)
-        except ResultError as exc:
-            return self._reject(exc.reason, topic, str(exc))
-        key = self._keys.get(result.probe)
-        if key is None:
-            return self._reject("unknown_probe", topic, f"probe {result.probe} is not configured")
-        if topic != f"{self._results_prefix}{result.probe}/{result.target}":
-            return self._reject("topic_mismatch", topic, f"payload says {result.probe}/{result.target}")
-        if not verify(result, key):
-            return self._reject("signature", topic, f"bad signature from {result.probe} seq {result.seq}")
-        tracker = self.trackers.get(result.target)
-        if tracker is None:
-            return self._reject("unknown_target", topic, f"target {result.target} is not configured")
+        """Validate completely (``monitor.ingest``), then store; nothing is written for a
+        rejected message, and nothing after the store can fail on what was stored."""
         now = self.clock()
-        if not self.store.add_result(result, now):
+        verdict = self._ingest.check(topic, payload, now)
+        if isinstance(verdict, Rejected):
+            return self._reject(verdict.reason, topic, verdict.detail)
+        result = verdict.result
+        if verdict.duplicate or not self.store.add_result(result, now):
             self.metrics.duplicates.inc()
             logger.debug("duplicate result %s from %s", result.id, result.probe)
             return None
-        last = self.store.last_seq(result.probe)
-        if last is not None and result.seq > last + 1:
-            missing = result.seq - last - 1
-            self.store.record_gap(result.probe, last, result.seq, now)
-            self.metrics.missing.labels(result.probe).inc(missing)
+        if verdict.gap is not None:
+            last, seq = verdict.gap
+            self.store.record_gap(result.probe, last, seq, now)
+            self.metrics.missing.labels(result.probe).inc(seq - last - 1)
             logger.warning(
-                "%d result(s) missing from %s: seq %d..%d", missing, result.probe, last + 1, result.seq - 1
+                "%d result(s) missing from %s: seq %d..%d", seq - last - 1, result.probe, last + 1, seq - 1
             )
-        if last is None or result.seq > last:
-            self.store.set_last_seq(result.probe, result.seq)
-        self.metrics.observe(result)
-        self._track(summarize(result), now)
+        if verdict.new_last_seq is not None:
+            self.store.set_last_seq(result.probe, verdict.new_last_seq)
+        try:
+            self.metrics.observe(result)
+        except (ValueError, TypeError, OverflowError) as exc:  # validated: never, but never fatal
+            logger.error("result %s stored but not counted in the metrics: %s", result.id, exc)
+        self._track(verdict.summary, now)
         return None
 
+    @cached_property
+    def _statuses(self) -> StatusValidator:
+        return StatusValidator(self.config, OrderMarks(self.store))
+
     def _status(self, topic: str, payload: bytes) -> str | None:
-        probe = topic[len(self._status_prefix) :]
-        if probe not in self._keys:
-            return self._reject("unknown_probe", topic, f"status of unconfigured probe {probe}")
-        try:
-            data = json.loads(payload)
-            online = data["online"]
-            if not isinstance(online, bool):
-                raise TypeError("online is not a boolean")
-        except (ValueError, KeyError, TypeError) as exc:
-            return self._reject("json", topic, f"bad status payload: {exc}")
-        targets = data.get("targets") if isinstance(data.get("targets"), list) else []
-        version = data.get("version") if isinstance(data.get("version"), str) else None
-        status = ProbeStatus(probe, online, self.clock(), version, tuple(str(t) for t in targets))
-        previous = self._probe_status.get(probe)
-        if online and (previous is None or not previous.online):
-            self._online_since[probe] = status.at
-        self._probe_status[probe] = status
-        self.store.set_probe_status(status)
-        logger.info("probe %s is %s", probe, "online" if online else "OFFLINE")
+        """A probe's signed status (``monitor.status_ingest``): only a verified status that is
+        newer than the last one accepted changes the probe's state or its coverage."""
+        now = self.clock()
+        verdict = self._statuses.check(topic, payload, now)
+        if isinstance(verdict, StatusRejected):
+            return self._reject(verdict.reason, topic, verdict.detail)
+        status = verdict.status
+        if verdict.duplicate:  # the retained copy again, on a resubscribe
+            logger.debug("status of %s seen already", status.probe)
+            return None
+        previous = self._probe_status.get(status.probe)
+        stored = ProbeStatus(status.probe, status.online, now, status.version, status.targets)
+        if status.online and (previous is None or not previous.online):
+            # coverage counts from when the probe signed that it came online, not from when
+            # the message arrived: an announcement delivered late covers nothing
+            self._online_since[status.probe] = min(status.at, now)
+        self._probe_status[status.probe] = stored
+        self.store.set_probe_status(stored)
+        self._statuses.record(status)
+        if status.online:
+            logger.info("probe %s is online (%d targets)", status.probe, len(status.targets))
+        else:
+            logger.info("probe %s is OFFLINE (%s)", status.probe, status.reason)
         return None
 
     # ------------------------------------------------------------ state and incidents

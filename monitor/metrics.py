@@ -13,20 +13,28 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from monitor.ingest import MONITOR_REASONS
 from monitor.model import TARGET_STATES, Snapshot
+from monitor.status_ingest import STATUS_MONITOR_REASONS
 from probes.outcome import STAGES
-from probes.result import REJECT_REASONS, Result
+from probes.result import CHECK_KINDS, REJECT_REASONS, Result
+from probes.status import REJECT_REASONS as STATUS_REJECT_REASONS
 
 NAMESPACE = "ecpm"
-CHECKS = ("invite", "options")
+CHECKS = CHECK_KINDS  # ingest refuses any other check kind (unknown_check)
 OUTCOMES = ("pass", "fail", "inconclusive")
 # SIP stages span a loopback INVITE (~1 ms) to timer B (32 s)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30)
-# ingest rejections beyond the result parser's own reasons
-MONITOR_REJECT_REASONS = ("unknown_probe", "unknown_target", "topic_mismatch")
+# every bounded reason a message can be rejected for: the results and status parsers' own,
+# then the monitor's checks on each (monitor.ingest, monitor.status_ingest)
+REJECT_LABELS = tuple(
+    dict.fromkeys((*REJECT_REASONS, *STATUS_REJECT_REASONS, *MONITOR_REASONS, *STATUS_MONITOR_REASONS))
+)
+# the failing-stage label: a stage from the wire that is not one of STAGES counts as this
+OTHER_STAGE = "other"
 NOTIFY_OUTCOMES = ("sent", "retry", "failed")
 
 
@@ -79,6 +87,20 @@ class StateCollector(Collector):
         yield from (up, state, last_ok, incidents, mos, probe_up)
 
 
+class QuarantineCollector(Collector):
+    """``ecpm_results_quarantined_total``: stored rows found unreadable and skipped."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_results_quarantined",
+            "Stored results found unreadable and skipped by every reader (each row once)",
+            value=float(self._count()),
+        )
+
+
 class MonitorMetrics:
     """Counters and histograms the ingest path updates, plus the snapshot collector."""
 
@@ -90,6 +112,7 @@ class MonitorMetrics:
         probes: Sequence[str],
         notifiers: Sequence[str],
         snapshot: Callable[[], Snapshot],
+        quarantined: Callable[[], int] = lambda: 0,
     ) -> None:
         self.checks = Counter(
             "checks",
@@ -141,7 +164,8 @@ class MonitorMetrics:
             registry=registry,
         )
         registry.register(StateCollector(snapshot))
-        for reason in (*REJECT_REASONS, *MONITOR_REJECT_REASONS):
+        registry.register(QuarantineCollector(quarantined))
+        for reason in REJECT_LABELS:
             self.rejected.labels(reason)
         for probe in probes:
             self.missing.labels(probe)
@@ -149,7 +173,7 @@ class MonitorMetrics:
                 for check in CHECKS:
                     for outcome in OUTCOMES:
                         self.checks.labels(target, probe, check, outcome)
-                    for stage in STAGES:
+                    for stage in (*STAGES, OTHER_STAGE):
                         self.failures.labels(target, probe, check, stage)
         for target in targets:
             for check in CHECKS:
@@ -162,7 +186,7 @@ class MonitorMetrics:
     def observe(self, result: Result) -> None:
         self.checks.labels(result.target, result.probe, result.check, result.outcome).inc()
         if result.outcome == "fail":
-            stage = result.stage if result.stage in STAGES else "other"  # bounded labels
+            stage = result.stage if result.stage in STAGES else OTHER_STAGE  # bounded labels
             self.failures.labels(result.target, result.probe, result.check, stage).inc()
         for stage, seconds in result.timings.items():
             if stage in STAGES:  # bounded labels: a stage name from the wire is not trusted blindly

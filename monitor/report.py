@@ -49,8 +49,8 @@ from typing import Any, Final, Literal, Protocol
 
 from ecpm import __version__
 from monitor.model import TARGET_STATES, Incident, ResultSummary, StateChange, TargetStateName
-from monitor.store import ChainReport, ProbeEvent, Verification
-from probes.result import ResultError, format_time
+from monitor.store import ChainReport, ProbeEvent, Quarantined, Verification
+from probes.result import ResultError, format_time, parse_time
 
 SCHEMA: Final = "ecpm.report/1"
 AVAILABILITY_TARGET: Final = 0.99999  # "five nines"
@@ -83,6 +83,7 @@ class ReportSource(Protocol):
     def verifications_between(self, start: datetime, end: datetime) -> list[Verification]: ...
     def verify_chain(self) -> ChainReport: ...
     def iter_chain(self) -> Iterator[tuple[int, str, str, str, str]]: ...
+    def quarantined(self) -> list[Quarantined]: ...
 
 
 # ---------------------------------------------------------------- the value
@@ -285,7 +286,9 @@ class VersionSeen:
 
 @dataclass(frozen=True, slots=True)
 class Unreadable:
-    """Stored results the report could not read (a damaged payload): never silently skipped."""
+    """Stored results the report could not read (a damaged payload, or one stored before
+    the value bounds existed): quarantined by the store, never silently skipped. ``problem``
+    names the row and the result id."""
 
     target: str
     start: datetime
@@ -437,6 +440,7 @@ def build_report(
     seq_gaps = tuple(SeqGap(p, a, n, m, at) for p, a, n, m, at in source.gaps_between(start, end))
     say("ledger: verifying the hash chain over every stored row")
     ledger = _ledger(source, start=start, end=end)
+    unreadable += _quarantined(source, wanted, start=start, end=end)
     return Report(
         schema=SCHEMA,
         generated_at=generated_at,
@@ -835,8 +839,31 @@ def _probe_outages(
 _FINISHED = '"finished_at":"'
 
 
-def _finished_text(payload: str) -> str:
+def _quarantined(
+    source: ReportSource, wanted: set[str], *, start: datetime, end: datetime
+) -> list[Unreadable]:
+    """The unreadable rows the store met while the report read the period (and the chain
+    walk), for the targets reported on, by their ``finished_at`` column."""
+    lo, hi = format_time(start), format_time(end)
+    out = []
+    for q in source.quarantined():
+        if q.target not in wanted:
+            continue
+        try:
+            moment = parse_time(q.finished_at)
+        except ValueError:
+            moment = start  # the column itself is damaged: name the row anyway
+        else:
+            if not lo <= q.finished_at < hi:
+                continue
+        out.append(Unreadable(q.target, moment, moment + _MS, f"row {q.row} (result {q.id}): {q.problem}"))
+    return out
+
+
+def _finished_text(payload: object) -> str:
     """``finished_at`` of a stored payload without parsing it (canonical JSON, sorted keys)."""
+    if not isinstance(payload, str):
+        return ""
     i = payload.find(_FINISHED)
     return "" if i < 0 else payload[i + len(_FINISHED) : i + len(_FINISHED) + 24]
 

@@ -167,6 +167,12 @@ def run(args: argparse.Namespace) -> int:
         store.close()
     for item in written:
         print(item)
+    if report.unreadable:
+        print(
+            f"ecpm report: {len(report.unreadable)} stored result(s) cannot be read (quarantined);"
+            " the report names them and counts none of them",
+            file=sys.stderr,
+        )
     if not report.ledger.ok:
         print(f"ecpm report: ledger {report.ledger.status}", file=sys.stderr)
         return 1

@@ -2,8 +2,10 @@
 
 - JSON: ``report.json``, following ``docs/schema/report-v1.json`` (``report_json``).
 - CSV: one file per table, each with a header row (``CSV_FILES``). Text cells that a
-  spreadsheet would run as a formula (starting ``= + - @``, tab or CR) get a leading
-  ``'``; numbers are written as numbers.
+  spreadsheet would run as a formula get a leading ``'`` (OWASP's rule, applied after
+  NFKC and past leading blanks: a cell starting with tab or CR, or whose first visible
+  character is ``= + - @`` — also after spaces, newlines, NBSP or zero-width characters,
+  and in fullwidth forms such as ``＝``); numbers are written as numbers.
 - HTML: ``report.html``, one file with inline CSS and inline SVG charts, no script and
   no external asset (its Content-Security-Policy allows nothing else); every value
   from the store is escaped. Prints to PDF with a page per target.
@@ -22,6 +24,7 @@ import math
 import re
 import statistics
 import string
+import unicodedata
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from html import escape
@@ -316,7 +319,24 @@ def write_json(report: Report, path: Path) -> Path:
 
 # ---------------------------------------------------------------- CSV
 
-_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA = ("=", "+", "-", "@")
+_BLANK_CATEGORIES = frozenset(("Cc", "Cf", "Zs", "Zl", "Zp"))  # controls, format chars, spaces
+
+
+def formula_like(text: str) -> bool:
+    """Would a spreadsheet run this cell as a formula? (OWASP CSV injection rule.)
+
+    A cell starting with tab or CR, or one whose first character after NFKC (so
+    fullwidth ``＝＋－＠`` count) and after leading whitespace, newlines, control and
+    format characters (NBSP, zero-width space, BOM...) is ``= + - @``."""
+    if text.startswith(("\t", "\r")):
+        return True
+    folded = unicodedata.normalize("NFKC", text)
+    for c in folded:
+        if c.isspace() or unicodedata.category(c) in _BLANK_CATEGORIES:
+            continue
+        return c in _FORMULA
+    return False
 
 
 def _cell(value: Any) -> Any:
@@ -328,7 +348,7 @@ def _cell(value: Any) -> Any:
         return format_time(value)
     if isinstance(value, float):
         return repr(round(value, 9)) if math.isfinite(value) else ""
-    if isinstance(value, str) and value.startswith(_FORMULA):
+    if isinstance(value, str) and formula_like(value):
         return "'" + value
     return value
 

@@ -6,7 +6,12 @@ Tasks, all in one asyncio loop:
   ``<prefix>/results/#`` and ``<prefix>/status/+``. Messages are handled in
   batches: handle each, commit the store once, *then* acknowledge them — a crash
   before the commit means the broker redelivers, and the store drops duplicates.
-  Reconnects with exponential backoff.
+  Reconnects with exponential backoff. Memory is bounded before anything is read: the
+  MQTT 5 CONNECT asks for packets of at most ``ingest.max_payload_bytes`` + 68 KiB
+  (``ecpm.mqtt.packet_limit``; a compliant broker drops bigger ones for us), the client
+  cuts any bigger PUBLISH it is sent anyway (3.1.1) so that it is rejected as
+  ``too_large``, and it stops reading its socket while ``MAX_BUFFERED`` messages wait
+  to be handled. A message in a batch is kept as its packet id only.
 - **tick**: re-evaluates every target each second (staleness and gaps need no message).
 - **pages**: the notifier dispatcher.
 - **http**: /metrics, /healthz, the JSON API and the status page.
@@ -28,7 +33,7 @@ import aiomqtt
 from prometheus_client import CollectorRegistry
 
 from ecpm.configfile import load_config, secret_text
-from ecpm.mqtt import ack, connect
+from ecpm.mqtt import ack_id, connect, packet_limit
 from ecpm.signals import run_until_signalled
 from monitor.config import MonitorConfig
 from monitor.core import MonitorCore
@@ -40,6 +45,7 @@ from monitor.web import create_app, serve
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 500
+MAX_BUFFERED = 256  # messages read from the socket and not yet handled (then reading pauses)
 Action = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -115,6 +121,8 @@ class MonitorService:
                     identifier=mqtt.client_id or f"ecpm-monitor-{self.config.id}",
                     persistent=True,
                     manual_ack=True,
+                    max_packet_size=packet_limit(self.config.ingest.max_payload_bytes),
+                    max_buffered=MAX_BUFFERED,
                 ) as client:
                     await client.subscribe(results, qos=1)
                     await client.subscribe(f"{prefix}/status/+", qos=1)
@@ -131,13 +139,15 @@ class MonitorService:
                 backoff = min(30.0, backoff * 2)
 
     async def _consume(self, client: aiomqtt.Client) -> None:
-        pending: list[aiomqtt.Message] = []
+        pending: list[tuple[int, int]] = []  # (packet id, QoS) handled, not yet acknowledged
         started = time.monotonic()
         interval = self.config.store.commit_interval
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             self.core.handle(message.topic.value, payload)
-            pending.append(message)
+            if message.qos > 0:
+                pending.append((message.mid, message.qos))
+            del message, payload  # a batch keeps packet ids, not payloads
             # commit when the queue is drained, the batch is big, or it has waited long enough
             if (
                 len(client.messages) == 0
@@ -145,8 +155,8 @@ class MonitorService:
                 or time.monotonic() - started >= interval
             ):
                 self.store.commit()
-                for m in pending:
-                    ack(client, m)
+                for mid, qos in pending:
+                    ack_id(client, mid, qos)
                 pending.clear()
                 started = time.monotonic()
                 self.core.evaluate()

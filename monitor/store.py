@@ -11,21 +11,31 @@ SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction
 survives the process being killed (the monitor acknowledges MQTT messages only after
 the commit), though not necessarily a power cut before the next checkpoint.
 Writes are batched: callers add many rows and ``commit()`` once per batch.
+
+Quarantine: ``add_result`` stores only a payload it can read back (``parse_result``),
+so every row the monitor writes is readable. A row that is not (written by an older
+version before the bounds existed, or by hand) stays in the chain — removing it
+would break every hash after it — but every read skips it: it is logged once,
+remembered (``quarantined()``, ``ecpm_results_quarantined_total``) and named by
+``ecpm ledger verify`` and the report. Nothing that reads results fails on it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from monitor.model import Incident, IncidentKind, Notification, ResultSummary, StateChange, TargetStateName
-from probes.result import Result, format_time, parse_result, parse_time
+from probes.result import Result, ResultError, format_time, parse_result, parse_time
+
+logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 SCHEMA_VERSION = 1
@@ -51,6 +61,7 @@ CREATE TABLE IF NOT EXISTS results (
 );
 CREATE INDEX IF NOT EXISTS results_target_time ON results (target, finished_at);
 CREATE INDEX IF NOT EXISTS results_request ON results (request_id) WHERE request_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS results_probe_seq ON results (probe, seq);
 CREATE TABLE IF NOT EXISTS probe_seq (probe TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seq_gaps (
     probe TEXT NOT NULL, after_seq INTEGER NOT NULL, next_seq INTEGER NOT NULL,
@@ -108,9 +119,31 @@ CREATE TABLE IF NOT EXISTS probe_status (
 """
 
 
-def _columns_match(result_id: str, columns: list[Any], payload: str) -> bool:
-    """Do a row's indexed columns (what queries select on) say what its hashed payload says?"""
-    data = json.loads(payload)
+# what a broken payload can throw at a reader, besides ResultError
+UNREADABLE = (ValueError, TypeError, OverflowError, RecursionError, AttributeError, KeyError)
+
+
+def read_payload(payload: object) -> Result:
+    """A stored payload back as a ``Result``; ``ResultError`` for anything unreadable."""
+    if not isinstance(payload, str):
+        raise ResultError("fields", f"the stored payload is {type(payload).__name__}, not text")
+    try:
+        return parse_result(payload.encode("utf-8"))
+    except ResultError:
+        raise
+    except UNREADABLE as exc:  # lone surrogates in the text; anything unforeseen
+        raise ResultError("fields", f"{type(exc).__name__}: {str(exc)[:160]}") from None
+
+
+def _columns_match(result_id: str, columns: list[Any], payload: str) -> bool | None:
+    """Do a row's indexed columns (what queries select on) say what its hashed payload says?
+    None when the payload is not a JSON object at all (the row is unreadable)."""
+    try:
+        data = json.loads(payload)
+    except UNREADABLE:
+        return None
+    if not isinstance(data, dict):
+        return None
     keys = ("probe", "target", "check", "seq", "started_at", "finished_at", "outcome")
     expected = [data.get(k) for k in keys] + [int(bool(data.get("confirm"))), data.get("request_id")]
     return result_id == data.get("id") and columns == expected
@@ -143,6 +176,17 @@ def summarize(result: Result) -> ResultSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class Quarantined:
+    """A stored result that cannot be read: kept in the chain, skipped by every reader."""
+
+    row: int
+    id: str
+    target: str  # the row's columns, as stored (the payload could not say)
+    finished_at: str
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChainReport:
     ok: bool
     rows: int  # rows checked
@@ -150,6 +194,9 @@ class ChainReport:
     first_broken_id: str | None
     problem: str | None
     last_hash: str  # hash of the last row (the anchor when empty)
+    # rows whose hash verifies but whose payload cannot be read (every row with
+    # ``read=True``; without it only those that are not even a JSON object)
+    quarantined: tuple[Quarantined, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +250,8 @@ class Store(Protocol):
     def set_last_seq(self, probe: str, seq: int) -> None: ...
     def record_gap(self, probe: str, after_seq: int, next_seq: int, at: datetime) -> None: ...
     def commit(self) -> None: ...
+    def mark(self, key: str) -> str | None: ...
+    def set_mark(self, key: str, value: str) -> None: ...
     def heartbeat(self) -> datetime | None: ...
     def set_heartbeat(self, at: datetime) -> None: ...
     def results_between(
@@ -252,8 +301,14 @@ class Store(Protocol):
     ) -> None: ...
     def verification(self, request_id: str) -> Verification | None: ...
     def verifications_between(self, start: datetime, end: datetime) -> list[Verification]: ...
+    def quarantined(self) -> list[Quarantined]: ...
+    def seq_stored(self, probe: str, seq: int) -> bool: ...
+    def in_gap(self, probe: str, seq: int) -> bool: ...
+    def has_result(self, result_id: str) -> bool: ...
     def prune(self, before: datetime) -> int: ...
-    def verify_chain(self) -> ChainReport: ...
+    def verify_chain(
+        self, *, read: bool = False, on_read: Callable[[int, str, Result], None] | None = None
+    ) -> ChainReport: ...
     def close(self) -> None: ...
 
 
@@ -284,22 +339,32 @@ class SqliteStore:
         )
         self._db.commit()
         self._tip = self._load_tip()
+        self._quarantined: dict[int, Quarantined] = {}  # unreadable rows met so far, by row
 
     def _load_tip(self) -> str:
         row = self._db.execute("SELECT hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
         return str(row[0]) if row else self._anchor()
 
+    def mark(self, key: str) -> str | None:
+        """A small named value kept with the data (``meta``), e.g. ``status_order/<probe>``."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_mark(self, key: str, value: str) -> None:
+        """Written in the store's transaction: committed with the batch that caused it."""
+        self._db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
     def heartbeat(self) -> datetime | None:
         """When the monitor last said it was running (``set_heartbeat``)."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'heartbeat'").fetchone()
-        return None if row is None else parse_time(str(row[0]))
+        text = self.mark("heartbeat")
+        return None if text is None else parse_time(text)
 
     def set_heartbeat(self, at: datetime) -> None:
-        self._db.execute(
-            "INSERT INTO meta (key, value) VALUES ('heartbeat', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (format_time(at),),
-        )
+        self.set_mark("heartbeat", format_time(at))
 
     def _anchor(self) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'chain_anchor'").fetchone()
@@ -308,10 +373,16 @@ class SqliteStore:
     # ------------------------------------------------------------ results
 
     def add_result(self, result: Result, received_at: datetime) -> bool:
-        """Append a verified result; False (and nothing stored) when its id is already there."""
-        if self._db.execute("SELECT 1 FROM results WHERE id = ?", (result.id,)).fetchone():
+        """Append a verified result; False (and nothing stored) when its id is already there.
+
+        The payload is read back before it is written: a result that would not come back
+        whole (``parse_result``) raises ``ResultError`` and nothing is stored, so no row
+        this writes can stop a later reader."""
+        if self.has_result(result.id):
             return False
         payload = result.to_json().decode("utf-8")
+        if read_payload(payload) != result:
+            raise ResultError("fields", f"result {result.id} does not read back as it was stored")
         digest = chain_hash(self._tip, payload)
         self._db.execute(
             "INSERT INTO results (id, probe, target, check_kind, seq, started_at, finished_at, outcome,"
@@ -337,6 +408,22 @@ class SqliteStore:
         self._tip = digest
         return True
 
+    def has_result(self, result_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM results WHERE id = ?", (result_id,)).fetchone() is not None
+
+    def seq_stored(self, probe: str, seq: int) -> bool:
+        """Is a result with this ``seq`` from this probe already stored (under any id)?"""
+        found = self._db.execute("SELECT 1 FROM results WHERE probe = ? AND seq = ? LIMIT 1", (probe, seq))
+        return found.fetchone() is not None
+
+    def in_gap(self, probe: str, seq: int) -> bool:
+        """Does ``seq`` fall in a gap recorded for this probe (a late or replayed result)?"""
+        found = self._db.execute(
+            "SELECT 1 FROM seq_gaps WHERE probe = ? AND after_seq < ? AND next_seq > ? LIMIT 1",
+            (probe, seq, seq),
+        )
+        return found.fetchone() is not None
+
     def last_seq(self, probe: str) -> int | None:
         row = self._db.execute("SELECT last_seq FROM probe_seq WHERE probe = ?", (probe,)).fetchone()
         return None if row is None else int(row[0])
@@ -358,13 +445,41 @@ class SqliteStore:
         self._db.commit()
 
     def _summaries(self, sql: str, args: Sequence[Any]) -> list[ResultSummary]:
-        return [summarize(parse_result(row[0].encode("utf-8"))) for row in self._db.execute(sql, args)]
+        """Summaries of the rows ``sql`` selects (row, id, target, finished_at, payload);
+        an unreadable row is quarantined and skipped."""
+        out = []
+        for row, result_id, target, finished_at, payload in self._db.execute(sql, args):
+            try:
+                out.append(summarize(read_payload(payload)))
+            except ResultError as exc:
+                self._quarantine(row, result_id, target, finished_at, str(exc))
+        return out
+
+    def _quarantine(
+        self, row: int, result_id: object, target: object, finished_at: object, problem: str
+    ) -> None:
+        if row in self._quarantined:
+            return
+        entry = Quarantined(row, str(result_id)[:64], str(target)[:64], str(finished_at)[:32], problem[:300])
+        self._quarantined[row] = entry
+        logger.error(
+            "stored result at row %d (id %s) cannot be read and is skipped (quarantined): %s",
+            row, entry.id, entry.problem,
+        )  # fmt: skip
+
+    def quarantined(self) -> list[Quarantined]:
+        """Unreadable rows met by this store's reads so far (``verify_chain(read=True)``
+        finds every one), oldest row first."""
+        return [self._quarantined[row] for row in sorted(self._quarantined)]
 
     def results_between(
         self, start: datetime, end: datetime, target: str | None = None
     ) -> list[ResultSummary]:
-        """Results that finished in [start, end), oldest first."""
-        sql = "SELECT payload FROM results WHERE finished_at >= ? AND finished_at < ?"
+        """Results that finished in [start, end), oldest first (unreadable rows skipped)."""
+        sql = (
+            "SELECT row, id, target, finished_at, payload FROM results"
+            " WHERE finished_at >= ? AND finished_at < ?"
+        )
         args: list[Any] = [format_time(start), format_time(end)]
         if target is not None:
             sql += " AND target = ?"
@@ -372,7 +487,10 @@ class SqliteStore:
         return self._summaries(sql + " ORDER BY finished_at, row", args)
 
     def result_by_request(self, request_id: str) -> list[ResultSummary]:
-        return self._summaries("SELECT payload FROM results WHERE request_id = ? ORDER BY row", [request_id])
+        return self._summaries(
+            "SELECT row, id, target, finished_at, payload FROM results WHERE request_id = ? ORDER BY row",
+            [request_id],
+        )
 
     def gaps_between(self, start: datetime, end: datetime) -> list[tuple[str, int, int, int, datetime]]:
         rows = self._db.execute(
@@ -684,8 +802,16 @@ class SqliteStore:
     def iter_chain(self) -> Iterator[tuple[int, str, str, str, str]]:
         yield from self._db.execute("SELECT row, id, payload, prev_hash, hash FROM results ORDER BY row")
 
-    def verify_chain(self) -> ChainReport:
+    def verify_chain(
+        self, *, read: bool = False, on_read: Callable[[int, str, Result], None] | None = None
+    ) -> ChainReport:
+        """Walk the chain: hashes, links and columns. With ``read``, also read every payload
+        back (``parse_result``, as every reader does) and list the unreadable ones — the
+        ledger command's full check; the report reads its period's rows anyway. ``on_read``
+        (row, id, result) sees every readable result of the walk (the ledger checks
+        signatures with it, in the same pass)."""
         prev, rows = self._anchor(), 0
+        quarantined: list[Quarantined] = []
         walk = self._db.execute(
             "SELECT row, id, payload, prev_hash, hash, probe, target, check_kind, seq, started_at,"
             " finished_at, outcome, confirm, request_id FROM results ORDER BY row"
@@ -693,16 +819,33 @@ class SqliteStore:
         for row, result_id, payload, prev_hash, digest, *columns in walk:
             rows += 1
             problem = None
-            if prev_hash != prev:
+            if not isinstance(payload, str):
+                problem = "the payload is not text (the row was altered)"
+            elif prev_hash != prev:
                 problem = "prev_hash does not match the previous row's hash (a row was removed or reordered)"
             elif chain_hash(prev, payload) != digest:
                 problem = "hash does not match the row's content (the row was altered)"
-            elif not _columns_match(result_id, columns, payload):
-                problem = "the row's columns differ from its hashed content (the row was altered)"
+            else:
+                match = _columns_match(result_id, columns, payload)
+                if match is False:
+                    problem = "the row's columns differ from its hashed content (the row was altered)"
+                elif match is None or read:
+                    unreadable = "the payload is not a JSON object" if match is None else None
+                    if unreadable is None:
+                        try:
+                            result = read_payload(payload)
+                        except ResultError as exc:
+                            unreadable = str(exc)
+                        else:
+                            if on_read is not None:
+                                on_read(row, result_id, result)
+                    if unreadable is not None:
+                        self._quarantine(row, result_id, columns[1], columns[5], unreadable)
+                        quarantined.append(self._quarantined[row])
             if problem:
-                return ChainReport(False, rows, row, result_id, problem, prev)
+                return ChainReport(False, rows, row, result_id, problem, prev, tuple(quarantined))
             prev = digest
-        return ChainReport(True, rows, None, None, None, prev)
+        return ChainReport(True, rows, None, None, None, prev, tuple(quarantined))
 
     def close(self) -> None:
         self._db.close()

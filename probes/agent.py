@@ -57,6 +57,7 @@ class ProbeAgent:
             probe_id=config.probe.id,
             outbox=self.outbox,
             on_command=self._command,
+            key=self._key,
             targets=[t.id for t in config.targets],
             version=__version__,
         )

@@ -53,6 +53,7 @@ ANNOUNCEMENT_TEXT: Final = "This is an automated network test call. There is no 
 ENGINE_MARGIN: Final = 10.0  # the engine's own hard limit is the check's max_duration + this
 TEARDOWN_WAIT: Final = 5.0  # BYE sent -> call released, or fail at teardown
 STATS_EVERY: Final = 0.25  # RTCP figures sampled this often while listening
+CONFIRM_WAIT: Final = 1.0  # 2xx received -> pjsua's CONFIRMED (ACK sent); media judges the call after it
 
 # Bounded reason codes (metric labels). docs/checks.md explains each one.
 REASONS: Final = (
@@ -253,6 +254,8 @@ async def invite_check(
                 return result.done()
             answer = dialog.answer
             result.sip_status, result.sip_reason = answer.status, answer.reason
+            if dialog.ended is not None:  # released before it was confirmed: no media to judge
+                return result.done()
             await _media_and_teardown(
                 call,
                 cfg,
@@ -281,11 +284,16 @@ async def _signalling(
         now = time.monotonic()
         if d.first is None:
             limit, why = start + cfg.first_response_timeout, "no_response"
-        else:
+        elif d.answer is None:
             limit, why = (d.sent_at or start) + cfg.answer_timeout, "answer_timeout"
+        else:  # a 2xx came: answered, whatever comes next; pjsua confirms it (ACK) at once
+            limit, why = d.answer.at + CONFIRM_WAIT, "confirm"
         if deadline < limit:
             limit, why = deadline, "max_duration"
         event = await call.next_event(limit - now)
+        if event is None and d.answer is not None:  # answered but not yet confirmed: the media
+            _signal_timings(result, d, start)  # stage judges the call (it has the deadline too)
+            return d
         if event is None:  # our own timer fired first
             stage = "transport" if d.first is None else "answer"
             last = d.last
@@ -359,6 +367,13 @@ def _ended_before_answer(result: _Result, d: _Dialog, event: CallEvent, shape: E
         # A 486 outside NENA test-call semantics is a failure: on a plain path it is call
         # admission refusing calls, which is what an emergency caller would meet.
         result.fail("answer", reason, outcome=outcome, status=status, sip_reason=final.reason)
+    elif d.answer is not None:  # a 2xx came, then pjsua ended the call before confirming it:
+        # its answer was unusable (e.g. no SDP in it: our stack reads at most 4000 bytes of
+        # a message, docs/checks.md), so there is no media to judge
+        unusable = event.status in (406, 415, 488)  # pjsua's SDP offer/answer failures
+        result.fail("answer", "not_acceptable" if unusable else "transport_error")
+        result.detail["local"] = f"{event.status} {event.reason}"
+        result.detail["answer_bytes"] = str(len(d.answer.message or ""))
     elif d.first is None and cause == "timeout":
         result.fail("transport", "no_response")
         result.detail["local"] = f"{event.status} {event.reason}"

@@ -11,7 +11,18 @@ from typing import Annotated, Literal, Self
 import phonenumbers
 from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 
-from ecpm.configfile import Loc, PositiveDuration, SecretFile, StrictModel, pick_secret, secret_of
+from ecpm.configfile import (
+    DAY,
+    HOUR,
+    MINUTE,
+    Bool,
+    Loc,
+    SecretFile,
+    StrictModel,
+    duration,
+    pick_secret,
+    secret_of,
+)
 from ecpm.settings import IPAddress, Listen, MqttSettings, Name, TlsFiles, Transport
 from probes.guard import (
     CarrierTestService,
@@ -35,7 +46,9 @@ Region = Annotated[str, AfterValidator(_region)]
 class SipSettings(StrictModel):
     bind: IPAddress = "127.0.0.1"
     port: int = Field(default=0, ge=0, lt=65536)  # 0: any free port
-    transports: list[Transport] = Field(default_factory=lambda: list[Transport](["udp", "tcp"]), min_length=1)
+    transports: list[Transport] = Field(
+        default_factory=lambda: list[Transport](["udp", "tcp"]), min_length=1, max_length=3
+    )
     tls: TlsFiles | None = None
     max_calls: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=WHEEL_MAX_CALLS)
     max_call_rate: float = Field(default=20.0, gt=0, le=40.0)  # new calls per second
@@ -52,7 +65,7 @@ class SipSettings(StrictModel):
 class GuardSettings(StrictModel):
     # Extra PBX access and CLI prefixes stripped before judging a number. They ADD to the
     # guard's built-in list (probes.guard.DEFAULT_DIAL_PREFIXES) and can never remove one.
-    dial_prefixes: list[str] = Field(default_factory=list)
+    dial_prefixes: list[str] = Field(default_factory=list, max_length=100)
 
 
 class Location(StrictModel):
@@ -60,27 +73,31 @@ class Location(StrictModel):
 
     latitude: float = Field(ge=-90, le=90)
     longitude: float = Field(ge=-180, le=180)
-    radius_m: float = Field(default=50.0, gt=0)
-    civic: dict[str, str] = Field(default_factory=dict)  # RFC 5139 elements: country, A1, RD, HNO, PC
+    radius_m: float = Field(default=50.0, gt=0, le=100_000)
+    # RFC 5139 elements: country, A1, RD, HNO, PC
+    civic: dict[str, str] = Field(default_factory=dict, max_length=40)
 
 
 class EmergencyShape(StrictModel):
     p_asserted_identity: str | None = None  # e.g. "sip:+441632960000@probe.example;user=phone"
     resource_priority: str | None = None  # e.g. "esnet.1"
     location: Location | None = None  # adds Geolocation: <cid:...> and a PIDF-LO body
-    expect_location_echo: bool = True  # NENA i3 test answer must echo the location sent
+    expect_location_echo: Bool = True  # NENA i3 test answer must echo the location sent
 
 
 class InviteCheck(StrictModel):
-    interval: PositiveDuration = 30.0
-    first_response_timeout: PositiveDuration = 5.0  # no response at all: fail at transport
-    answer_timeout: PositiveDuration = 15.0  # ringing without answer: CANCEL, fail at answer
-    media_time: PositiveDuration = 2.0  # how long to listen for tones after answer
-    max_duration: PositiveDuration = 30.0  # hard limit for the whole call
+    interval: Annotated[float, duration(at_most=DAY)] = 30.0
+    # no response at all: fail at transport
+    first_response_timeout: Annotated[float, duration(at_most=MINUTE)] = 5.0
+    # ringing without answer: CANCEL, fail at answer
+    answer_timeout: Annotated[float, duration(at_most=5 * MINUTE)] = 15.0
+    # how long to listen for tones after answer
+    media_time: Annotated[float, duration(at_most=5 * MINUTE)] = 2.0
+    max_duration: Annotated[float, duration(at_most=15 * MINUTE)] = 30.0  # hard limit for the whole call
     tone_hz: float = Field(default=1000.0, gt=100, lt=3900)  # what we send
     expect_tone_hz: float = Field(default=1400.0, gt=100, lt=3900)  # what the responder plays
-    expect_tone: bool = True  # the responder's tone must be heard; false for a plain echo endpoint
-    expect_echo: bool = True  # our tone must come back (two-way audio)
+    expect_tone: Bool = True  # the responder's tone must be heard; false for a plain echo endpoint
+    expect_echo: Bool = True  # our tone must come back (two-way audio)
 
     @model_validator(mode="after")
     def _tones_differ(self) -> Self:
@@ -94,9 +111,10 @@ class InviteCheck(StrictModel):
 
 
 class OptionsCheck(StrictModel):
-    interval: PositiveDuration = 10.0
-    timeout: PositiveDuration = 5.0
-    accept: list[int] = Field(default_factory=list)  # extra status codes that pass (2xx always do)
+    interval: Annotated[float, duration(at_most=DAY)] = 10.0
+    timeout: Annotated[float, duration(at_most=MINUTE)] = 5.0
+    # extra status codes that pass (2xx always do)
+    accept: list[Annotated[int, Field(ge=100, le=699)]] = Field(default_factory=list, max_length=100)
 
 
 class Checks(StrictModel):
@@ -138,12 +156,13 @@ class Target(StrictModel):
     id: Name
     uri: str
     # deny by default: you must declare the target a test endpoint (validated even when absent)
-    test_endpoint: bool = Field(default=False, validate_default=True)
+    test_endpoint: Bool = Field(default=False, validate_default=True)
     carrier_test_service: CarrierService | None = None
     transport: Transport = "udp"
     outbound_proxy: str | None = None  # e.g. "sip:127.0.0.1:5090;lr" (needed for urn: targets)
     auth: Auth | None = None
-    min_spacing: PositiveDuration = 2.0  # never start two calls to this target closer than this
+    # never start two calls to this target closer than this
+    min_spacing: Annotated[float, duration(at_most=HOUR)] = 2.0
     emergency: EmergencyShape | None = None
     checks: Checks = Field(default_factory=lambda: Checks(invite=InviteCheck()))
 
@@ -186,16 +205,18 @@ class ProbeIdentity(StrictModel):
 
 class OutboxSettings(StrictModel):
     path: str = "ecpm-probe-outbox.db"  # SQLite file (WAL); relative to the working directory
-    max_results: int = Field(default=100_000, ge=100)  # beyond it: loud log + counter, no silent drop
+    # beyond it: loud log + counter, no silent drop
+    max_results: int = Field(default=100_000, ge=100, le=10_000_000)
 
 
 class ScheduleSettings(StrictModel):
     max_concurrent_checks: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=64)
     jitter: float = Field(default=0.1, ge=0, le=0.5)  # fraction of the interval
-    first_check_at_start: bool = True
-    confirm_failures: bool = True  # one immediate confirmation check after a failure
-    backoff_after_busy: PositiveDuration = 300.0  # after a NENA 486 test-call limit
-    check_timeout_margin: PositiveDuration = 5.0  # hard timeout = check's own limit + this
+    first_check_at_start: Bool = True
+    confirm_failures: Bool = True  # one immediate confirmation check after a failure
+    backoff_after_busy: Annotated[float, duration(at_most=DAY)] = 300.0  # after a NENA 486 test-call limit
+    # hard timeout = check's own limit + this
+    check_timeout_margin: Annotated[float, duration(at_most=5 * MINUTE)] = 5.0
 
 
 class HealthSettings(StrictModel):
@@ -211,7 +232,7 @@ class ProbeConfig(StrictModel):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
-    targets: list[Target] = Field(min_length=1)
+    targets: list[Target] = Field(min_length=1, max_length=500)
 
     def config_problems(self) -> list[tuple[Loc, str]]:
         """Cross-field checks, located exactly: duplicate ids and the live-number guard."""
@@ -252,7 +273,9 @@ Fault = Literal["none", "answer_503", "never_answer", "no_media", "one_way_media
 class ResponderSip(StrictModel):
     bind: IPAddress = "127.0.0.1"
     port: int = Field(default=5090, gt=0, lt=65536)
-    transports: list[Transport] = Field(default_factory=lambda: list[Transport](["udp", "tcp"]), min_length=1)
+    transports: list[Transport] = Field(
+        default_factory=lambda: list[Transport](["udp", "tcp"]), min_length=1, max_length=3
+    )
     tls: TlsFiles | None = None
     log_level: int = Field(default=1, ge=0, le=6)
 
@@ -274,9 +297,10 @@ class ResponderConfig(StrictModel):
     mode: Literal["echo+tone", "echo", "tone"] = "echo+tone"
     tone_hz: float = Field(default=1400.0, gt=100, lt=3900)
     answering_point: str = "ecpm test responder"  # name in the NENA-style 200 body
-    ring_time: PositiveDuration = 0.05  # 180 Ringing this long before 200 OK
-    answer_delay: PositiveDuration = 20.0  # ring time used by the delayed_answer fault
+    ring_time: Annotated[float, duration(at_most=5 * MINUTE)] = 0.05  # 180 Ringing this long before 200 OK
+    # ring time of the delayed_answer fault
+    answer_delay: Annotated[float, duration(at_most=10 * MINUTE)] = 20.0
     max_calls: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=WHEEL_MAX_CALLS)  # 486 above it
-    max_call_duration: PositiveDuration = 60.0  # BYE after this
+    max_call_duration: Annotated[float, duration(at_most=HOUR)] = 60.0  # BYE after this
     fault: Fault = "none"  # initial fault mode; switch at run time via control
     control: ResponderControl = Field(default_factory=ResponderControl)

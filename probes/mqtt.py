@@ -3,8 +3,9 @@
 Topics (``prefix`` = ``MqttSettings.topic_prefix``, default ``ecpm/v1``)::
 
     {prefix}/results/{probe}/{target}   results, QoS 1, not retained
-    {prefix}/status/{probe}             retained QoS 1: {"online": true, ...} on connect,
-                                        {"online": false, ...} as Last Will and on clean stop
+    {prefix}/status/{probe}             retained QoS 1, signed (probes.status, ecpm.status/1):
+                                        online on connect and when targets change, offline
+                                        as Last Will and on a clean stop
     {prefix}/commands/{probe}           on-demand check requests (subscribed, QoS 1)
     {prefix}/commands/all               the same, for every probe
 
@@ -27,6 +28,15 @@ Connection
     the upper half), reset by a successful connection. While disconnected nothing is
     lost: checks go on and the outbox absorbs their results.
 
+Status
+    Signed with the probe's key like a result (``probes.status``). The Last Will is
+    signed when each session's CONNECT is made (it cannot change afterwards): its
+    ``connected_at`` and ``at`` are that moment, and every ``online`` of the session
+    has the same ``connected_at`` and a later ``at``; the monitor orders statuses by
+    (``connected_at``, offline after online, ``at``) and refuses anything not newer
+    than what it has, so an old status replayed cannot undo a newer one. The times
+    this publisher stamps only ever increase, even if the clock steps back.
+
 Commands
     ``{"target": "<target id>", "check": "invite"|"options", "request_id": "<id>"|null}``.
     A malformed command is refused with a bounded reason (``too_large``, ``encoding``,
@@ -41,6 +51,11 @@ Errors
     ``aiomqtt.MqttError`` (and ``OSError``) never escape ``run()``: they end a
     session and the backoff loop starts another. ``PublisherError`` is raised only
     at construction for bad TLS files.
+
+Size
+    Commands are at most ``MAX_COMMAND_BYTES``; the client asks the broker (MQTT 5
+    Maximum Packet Size) for nothing bigger and bounds its own reads
+    (``ecpm.mqtt.build_client``), so a flood of huge commands costs no memory.
 """
 
 from __future__ import annotations
@@ -55,7 +70,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import aiomqtt
@@ -64,10 +79,11 @@ from aiomqtt.exceptions import MqttConnectError
 
 from ecpm import __version__
 from ecpm.errors import ConfigError, EcpmError
-from ecpm.mqtt import build_client, tls_context
+from ecpm.mqtt import build_client, packet_limit, tls_context
 from ecpm.settings import MqttSettings
 from probes.outbox import Outbox, Pending
-from probes.result import NAME_RE, REQUEST_ID_RE, format_time
+from probes.result import NAME_RE, REQUEST_ID_RE
+from probes.status import Status
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +142,7 @@ def parse_command(payload: bytes, *, broadcast: bool) -> Command:
         data = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError:
         raise CommandRefused("encoding", "not UTF-8") from None
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError, or a number too long to convert
         raise CommandRefused("json", "not JSON") from None
     if not isinstance(data, dict):
         raise CommandRefused("json", "not a JSON object")
@@ -152,6 +168,7 @@ class Publisher:
         probe_id: str,
         outbox: Outbox,
         on_command: CommandHandler,
+        key: bytes | str,
         targets: Sequence[str] = (),
         version: str = __version__,
         max_in_flight: int = MAX_IN_FLIGHT,
@@ -165,6 +182,7 @@ class Publisher:
             raise ValueError(f"max_in_flight must be within 1..{MAX_IN_FLIGHT}")
         self._settings = settings
         self._probe = probe_id
+        self._key = key
         self._outbox = outbox
         self._on_command = on_command
         self._targets = list(targets)
@@ -179,7 +197,9 @@ class Publisher:
             self._tls = None if settings.tls is None else tls_context(settings.tls)
         except ConfigError as exc:
             raise PublisherError(str(exc)) from None
-        self._started_at = format_time(datetime.now(UTC))
+        self._last_stamp = datetime.min.replace(tzinfo=UTC)
+        self._started_at = self._stamp()
+        self._connected_at = self._started_at  # of the current (or last) session
         prefix = settings.topic_prefix
         self.status_topic = f"{prefix}/status/{probe_id}"
         self.command_topic = f"{prefix}/commands/{probe_id}"
@@ -293,29 +313,40 @@ class Publisher:
         with self._lock:
             self._last_error = text[:200]
 
-    def _status(self, online: bool, reason: str | None = None) -> bytes:
-        body: dict[str, Any] = {
-            "online": online,
-            "probe": self._probe,
-            "version": self._version,
-            "started_at": self._started_at,
-        }
-        if online:
-            body["targets"] = list(self._targets)
-        else:
-            body["reason"] = reason
-        body["at"] = format_time(datetime.now(UTC))
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    def _stamp(self) -> datetime:
+        """Now, to the millisecond, and always after the previous stamp (status order)."""
+        now = datetime.now(UTC)
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        self._last_stamp = max(now, self._last_stamp + timedelta(milliseconds=1))
+        return self._last_stamp
+
+    def _status(self, online: bool, reason: str | None = None, *, will: bool = False) -> bytes:
+        """A signed status of the current session; the Last Will is stamped at its connect."""
+        at = self._connected_at if will else self._stamp()
+        return Status.make(
+            probe=self._probe,
+            online=online,
+            reason=None if online else reason,
+            version=self._version,
+            started_at=self._started_at,
+            connected_at=self._connected_at,
+            at=at,
+            targets=self._targets,
+            key=self._key,
+        ).to_json()
 
     def _client(self, protocol: ProtocolVersion) -> aiomqtt.Client:
+        self._connected_at = self._stamp()  # a new session: its Last Will is signed now
+        last_will = self._status(False, "connection_lost", will=True)
         client = build_client(
             self._settings,
             identifier=self._settings.client_id or f"ecpm-probe-{self._probe}",
             protocol=protocol,
-            will=Will(self.status_topic, self._status(False, "connection_lost"), qos=1, retain=True),
+            will=Will(self.status_topic, last_will, qos=1, retain=True),
             tls=self._tls,
             timeout=self._connect_timeout,  # CONNACK, SUBACK; publishes pass their own
             max_queued_incoming_messages=100,
+            max_packet_size=packet_limit(MAX_COMMAND_BYTES),
             logger=logging.getLogger("probes.mqtt.paho"),
         )
         client.pending_calls_threshold = self._max_in_flight + 2

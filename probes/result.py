@@ -24,8 +24,6 @@ returns a bool (a bad signature is an expected value, not an exception).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import os
@@ -34,19 +32,36 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, Literal, get_args
 
 from ecpm import __version__
 from probes.outcome import CheckOutcome, MediaStats, Outcome
+from probes.wire import WireError, canonical, load_object, sign, signature_matches
 
 SCHEMA: Final = "ecpm.result/1"
 MAX_RESULT_BYTES: Final = 64 * 1024  # a result is ~1 KiB; anything this big is hostile
 
 # Bounded reasons for ``ResultError`` (the monitor's ecpm_results_rejected_total{reason}).
-RejectReason = Literal["too_large", "encoding", "json", "schema", "fields", "signature"]
+RejectReason = Literal[
+    "too_large", "encoding", "json", "schema", "fields", "unknown_check", "out_of_range", "time_order",
+    "signature",
+]  # fmt: skip
 REJECT_REASONS: Final[tuple[str, ...]] = get_args(RejectReason)
+
+# The check kinds a probe runs (probes.checks.CHECKS; tests keep the two in step). Only
+# these ever reach the monitor's metric labels.
+CHECK_KINDS: Final[tuple[str, ...]] = ("invite", "options")
+
+# Value bounds (docs/monitor.md "Bounds", docs/schema/result-v1.json). A value outside
+# them is not a measurement but nonsense (or an attack): ``out_of_range``.
+MAX_SEQ: Final = 2**53  # the largest integer every JSON reader holds exactly
+MAX_SECONDS: Final = 3600.0  # a stage timing, and a whole check (finished_at - started_at)
+MAX_PACKETS: Final = 10_000_000  # RTP packets in one call (an hour at 50/s is 180,000)
+MAX_MEDIA_MS: Final = 60_000.0  # jitter and round-trip time, milliseconds
+SIP_STATUS_RANGE: Final = (100, 699)
+MOS_RANGE: Final = (1.0, 5.0)
 
 # Patterns shared with docs/schema/result-v1.json (tests keep the two in step).
 NAME_RE: Final = r"^[a-z0-9][a-z0-9_.-]{0,62}$"  # probe and target ids (probes.config.Name)
@@ -59,6 +74,9 @@ SIG_RE: Final = r"^[0-9a-f]{64}$"
 MAX_SIP_REASON: Final = 256
 MAX_DETAIL_ITEMS: Final = 32
 MAX_DETAIL_VALUE: Final = 1024
+# all of ``detail`` as written (keys, values, JSON escapes): what a probe signs stays well
+# inside MAX_RESULT_BYTES whatever a far end put in the strings it copied
+MAX_DETAIL_BYTES: Final = 16 * 1024
 MAX_VERSION: Final = 64
 MAX_TIMINGS: Final = 32
 
@@ -101,13 +119,10 @@ MEDIA_FIELDS: Final = frozenset(
 )
 
 
-class ResultError(ValueError):
+class ResultError(WireError):
     """A payload is not a valid ``ecpm.result/1``; ``reason`` is a bounded code."""
 
-    def __init__(self, reason: RejectReason, detail: str) -> None:
-        self.reason: RejectReason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
+    reason: RejectReason
 
 
 # ---------------------------------------------------------------- small helpers
@@ -164,20 +179,24 @@ def _text(value: str, limit: int) -> str:
     return _SURROGATE.sub("\ufffd", value)[:limit]
 
 
+def _encoded_len(text: str) -> int:
+    """Bytes ``text`` takes in the canonical JSON, quotes and separators included."""
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) + 2
+
+
+def _fit(text: str, budget: int) -> str | None:
+    """``text`` cut so that it takes at most ``budget`` bytes written; None when nothing fits."""
+    if budget <= 2:
+        return None
+    while text and _encoded_len(text) > budget:
+        text = text[: max(0, min(len(text) - 1, len(text) * budget // _encoded_len(text)))]
+    return text
+
+
 def _finite(value: float | None) -> float | None:
     if value is None or not math.isfinite(value):
         return None
     return float(value)
-
-
-def _key_bytes(key: bytes | str) -> bytes:
-    return key.encode("utf-8") if isinstance(key, str) else key
-
-
-def _dumps(data: Mapping[str, Any]) -> bytes:
-    return json.dumps(
-        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
 
 
 # ---------------------------------------------------------------- the result
@@ -201,11 +220,11 @@ class Media:
         loss = _finite(stats.loss)
         mos = _finite(stats.mos)
         return cls(
-            rx_packets=max(0, int(stats.rx_packets)),
-            tx_packets=max(0, int(stats.tx_packets)),
+            rx_packets=min(MAX_PACKETS, max(0, int(stats.rx_packets))),
+            tx_packets=min(MAX_PACKETS, max(0, int(stats.tx_packets))),
             loss=None if loss is None else min(1.0, max(0.0, loss)),
-            jitter_ms=_nonneg(_finite(stats.jitter_ms)),
-            rtt_ms=_nonneg(_finite(stats.rtt_ms)),
+            jitter_ms=_milliseconds(_finite(stats.jitter_ms)),
+            rtt_ms=_milliseconds(_finite(stats.rtt_ms)),
             mos=None if mos is None else min(5.0, max(1.0, mos)),
             tone_heard=bool(stats.tone_heard),
             echo_heard=None if stats.echo_heard is None else bool(stats.echo_heard),
@@ -224,8 +243,11 @@ class Media:
         }
 
 
-def _nonneg(value: float | None) -> float | None:
-    return None if value is None else max(0.0, value)
+def _milliseconds(value: float | None) -> float | None:
+    """Non-negative; beyond ``MAX_MEDIA_MS`` it is no measurement (null)."""
+    if value is None or value > MAX_MEDIA_MS:
+        return None
+    return max(0.0, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,17 +291,22 @@ class Result:
     ) -> Result:
         """Number, stamp and sign what a check produced.
 
-        Measurements are normalised, never refused: non-finite floats become null,
-        negative or non-finite timings are dropped (and named in ``detail``), free text
-        is cut to its bound. Identifiers that come from ecpm itself (probe, target,
-        check, stage, reason, request_id) must already be valid: a bad one is a bug
+        Measurements are normalised, never refused, so that what a probe signs always
+        passes ``parse_result``: non-finite floats become null, negative, non-finite or
+        over-long (> ``MAX_SECONDS``) timings are dropped (and named in ``detail``),
+        media figures beyond their bounds are clamped (packet counts) or null (jitter,
+        RTT), a finish before the start (a clock stepped back) becomes the start, a check
+        longer than ``MAX_SECONDS`` is cut to its last ``MAX_SECONDS``, and free text is
+        cut to its bound. Identifiers that come from ecpm itself (probe, target, check
+        kind, stage, reason, request_id, seq) must already be valid: a bad one is a bug
         and raises ``ValueError``.
         """
         if version is None:
             version = __version__
         _require(_NAME, probe, "probe")
         _require(_NAME, target, "target")
-        _require(_CODE, outcome.check, "check")
+        if outcome.check not in CHECK_KINDS:
+            raise ValueError(f"check must be one of {list(CHECK_KINDS)}: {outcome.check!r}")
         if outcome.outcome not in _OUTCOMES:
             raise ValueError(f"outcome must be one of {sorted(_OUTCOMES)}: {outcome.outcome!r}")
         for name, code in (("stage", outcome.stage), ("reason", outcome.reason)):
@@ -287,8 +314,8 @@ class Result:
                 _require(_CODE, code, name)
         if request_id is not None:
             _require(_REQUEST_ID, request_id, "request_id")
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-            raise ValueError(f"seq must be an integer >= 1: {seq!r}")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= MAX_SEQ:
+            raise ValueError(f"seq must be an integer within 1..{MAX_SEQ}: {seq!r}")
         status = outcome.sip_status
         if status is not None and not 100 <= status <= 699:
             status = None
@@ -297,17 +324,32 @@ class Result:
         dropped: list[str] = []
         for stage, seconds in outcome.timings.items():
             value = _finite(seconds)
-            if value is None or value < 0 or not _CODE.match(stage) or len(timings) >= MAX_TIMINGS:
+            if (
+                value is None
+                or not 0 <= value <= MAX_SECONDS
+                or not _CODE.match(stage)
+                or len(timings) >= MAX_TIMINGS
+            ):
                 dropped.append(_text(str(stage), 64))
             else:
                 timings[stage] = value
         detail: dict[str, str] = {}
-        for k, v in outcome.detail.items():
-            if len(detail) >= MAX_DETAIL_ITEMS - 1 or not _DETAIL_KEY.match(k):
-                continue
-            detail[k] = _text(str(v), MAX_DETAIL_VALUE)
+        budget = MAX_DETAIL_BYTES
+        items = [(k, str(v)) for k, v in outcome.detail.items() if _DETAIL_KEY.match(k)]
+        items = items[: MAX_DETAIL_ITEMS - 1]
         if dropped:
-            detail["dropped_timings"] = _text(",".join(dropped), MAX_DETAIL_VALUE)
+            items.insert(0, ("dropped_timings", ",".join(dropped)))
+        for k, v in items:
+            cut = _fit(_text(v, MAX_DETAIL_VALUE), budget - _encoded_len(k))
+            if cut is None:
+                break
+            detail[k] = cut
+            budget -= _encoded_len(k) + _encoded_len(cut)
+
+        started, finished = _ms(outcome.started_at), _ms(outcome.finished_at)
+        finished = max(finished, started)  # a clock stepped back during the check
+        if finished - started > timedelta(seconds=MAX_SECONDS):
+            started = finished - timedelta(seconds=MAX_SECONDS)
 
         unsigned = cls(
             id=new_id() if result_id is None else result_id,
@@ -315,8 +357,8 @@ class Result:
             seq=seq,
             target=target,
             check=outcome.check,
-            started_at=_ms(outcome.started_at),
-            finished_at=_ms(outcome.finished_at),
+            started_at=started,
+            finished_at=finished,
             outcome=outcome.outcome,
             stage=outcome.stage,
             reason=outcome.reason,
@@ -361,15 +403,14 @@ class Result:
 
     def canonical(self) -> bytes:
         """The signed bytes: every field except ``sig``, canonical JSON, UTF-8."""
-        return _dumps(self.to_dict(with_sig=False))
+        return canonical(self.to_dict(with_sig=False))
 
     def to_json(self) -> bytes:
         """The payload published over MQTT (canonical JSON including ``sig``)."""
-        return _dumps(self.to_dict())
+        return canonical(self.to_dict())
 
     def signed(self, key: bytes | str) -> Result:
-        sig = hmac.new(_key_bytes(key), self.canonical(), hashlib.sha256).hexdigest()
-        return replace(self, sig=sig)
+        return replace(self, sig=sign(key, self.canonical()))
 
 
 def _require(pattern: re.Pattern[str], value: object, name: str) -> None:
@@ -379,47 +420,29 @@ def _require(pattern: re.Pattern[str], value: object, name: str) -> None:
 
 def verify(result: Result, key: bytes | str) -> bool:
     """True when ``sig`` is the HMAC-SHA256 of the canonical payload (constant time)."""
-    expected = hmac.new(_key_bytes(key), result.canonical(), hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected.encode("ascii"), result.sig.encode("utf-8", "replace"))
+    return signature_matches(key, result.canonical(), result.sig)
 
 
 # ---------------------------------------------------------------- parsing
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ResultError("json", f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise ResultError("json", f"{name} is not a JSON number")
-
-
 def parse_result(payload: bytes) -> Result:
-    """Decode and strictly check one payload; does not check the signature (``verify``)."""
-    if len(payload) > MAX_RESULT_BYTES:
-        raise ResultError("too_large", f"{len(payload)} bytes > {MAX_RESULT_BYTES}")
-    try:
-        text = bytes(payload).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ResultError("encoding", f"not UTF-8 at byte {exc.start}") from None
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise ResultError("json", f"line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except RecursionError:
-        raise ResultError("json", "nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ResultError("json", "the payload is not a JSON object")
-    if data.get("schema") != SCHEMA:
-        raise ResultError("schema", f"schema is {str(data.get('schema'))[:40]!r}, not {SCHEMA!r}")
+    """Decode and strictly check one payload; does not check the signature (``verify``).
+
+    Everything that can be judged from the payload alone: JSON, schema, every field's
+    type and pattern, the check kind, every number within its bound (``out_of_range``:
+    finite, ``MAX_*`` and the ranges above), ``finished_at >= started_at``
+    (``time_order``). What needs context (known probe and target, signature, times
+    around the receive time, seq rules) is the monitor's (``monitor.ingest``). A
+    payload this accepts can be stored, re-read and fed to every later step: no
+    number in it overflows a float, and every time is a real UTC instant.
+    """
+    data = load_object(payload, max_bytes=MAX_RESULT_BYTES, schema=SCHEMA, error=ResultError)
     try:
         return _from_dict(data)
-    except (ValueError, TypeError) as exc:
+    except ResultError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise ResultError("fields", str(exc)[:200]) from None
 
 
@@ -442,12 +465,33 @@ def _match(pattern: re.Pattern[str], value: Any, name: str) -> str:
     return value
 
 
-def _number(value: Any, name: str, *, nullable: bool = False) -> float | None:
+def _number(
+    value: Any, name: str, lo: float, hi: float, *, nullable: bool = False, integer: bool = False
+) -> Any:
+    """A JSON number within ``[lo, hi]``: a wrong type is ``fields``; NaN, infinity
+    (``1e400`` parses as one), a huge integer or any value outside is ``out_of_range``.
+    The value is returned as parsed (int or float), so the canonical bytes still match."""
     if value is None and nullable:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number")
-    return value
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and isinstance(value, float))
+    ):
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}")
+    number: int | float = value
+    if isinstance(number, float) and not math.isfinite(number):
+        raise ResultError("out_of_range", f"{name} is not finite")
+    if not lo <= number <= hi:  # exact for big integers too (no float conversion)
+        shown = f"{number:.6g}" if isinstance(number, float) else _int_text(number)
+        raise ResultError("out_of_range", f"{name} = {shown} is outside {lo:g}..{hi:g}")
+    return number
+
+
+def _int_text(value: int) -> str:
+    if abs(value) < 10**20:
+        return str(value)
+    return f"an integer of about {int(abs(value)).bit_length() * 0.30103:.0f} digits"
 
 
 def _from_dict(data: dict[str, Any]) -> Result:
@@ -455,15 +499,16 @@ def _from_dict(data: dict[str, Any]) -> Result:
     if keys != FIELDS:
         missing, extra = sorted(FIELDS - keys), sorted(keys - FIELDS)
         raise ValueError(f"missing {missing} unknown {[k[:40] for k in extra][:5]}")
-    seq = _get(data, "seq", int)
-    if seq < 1:
-        raise ValueError("seq must be >= 1")
+    seq = _number(data["seq"], "seq", 1, MAX_SEQ, integer=True)
+    check = _match(_CODE, data["check"], "check")
+    if check not in CHECK_KINDS:
+        raise ResultError("unknown_check", f"check {check[:64]!r} is not one of {', '.join(CHECK_KINDS)}")
     outcome = data["outcome"]
     if outcome not in _OUTCOMES:
         raise ValueError("outcome is not pass, fail or inconclusive")
     status = _opt(data, "sip_status", int)
-    if status is not None and not 100 <= status <= 699:
-        raise ValueError("sip_status out of range")
+    if status is not None:
+        _number(status, "sip_status", *SIP_STATUS_RANGE, integer=True)
     sip_reason = _opt(data, "sip_reason", str)
     if sip_reason is not None and len(sip_reason) > MAX_SIP_REASON:
         raise ValueError("sip_reason too long")
@@ -473,10 +518,7 @@ def _from_dict(data: dict[str, Any]) -> Result:
     timings: dict[str, float] = {}
     for k, v in timings_raw.items():
         _match(_CODE, k, "a timing key")
-        number = _number(v, f"timings.{k}")
-        if number is None or number < 0:
-            raise ValueError(f"timings.{k} must be >= 0")
-        timings[k] = number
+        timings[k] = _number(v, f"timings.{k}", 0, MAX_SECONDS)
     detail_raw = _get(data, "detail", dict)
     if len(detail_raw) > MAX_DETAIL_ITEMS:
         raise ValueError("too many detail items")
@@ -487,13 +529,16 @@ def _from_dict(data: dict[str, Any]) -> Result:
     version = _get(data, "version", str)
     if len(version) > MAX_VERSION:
         raise ValueError("version too long")
-    return Result(
+    for name, text in (("sip_reason", sip_reason or ""), ("version", version), *detail_raw.items()):
+        if _SURROGATE.search(text):  # a lone \ud800 escape: not text, and not encodable
+            raise ValueError(f"{name[:64]} holds a lone surrogate")
+    result = Result(
         schema=data["schema"],
         id=_match(_UUID, data["id"], "id"),
         probe=_match(_NAME, data["probe"], "probe"),
         seq=seq,
         target=_match(_NAME, data["target"], "target"),
-        check=_match(_CODE, data["check"], "check"),
+        check=check,
         started_at=parse_time(data["started_at"]),
         finished_at=parse_time(data["finished_at"]),
         outcome=outcome,
@@ -511,6 +556,14 @@ def _from_dict(data: dict[str, Any]) -> Result:
         version=version,
         sig=_match(_SIG, data["sig"], "sig"),
     )
+    took = result.finished_at - result.started_at
+    if took < timedelta(0):
+        raise ResultError(
+            "time_order", f"finished_at {data['finished_at']} is before started_at {data['started_at']}"
+        )
+    if took > timedelta(seconds=MAX_SECONDS):
+        raise ResultError("out_of_range", f"the check lasted {took}, more than {MAX_SECONDS:g} s")
+    return result
 
 
 def _media(raw: Any) -> Media | None:
@@ -520,21 +573,11 @@ def _media(raw: Any) -> Media | None:
         raise ValueError("media must be null or an object with exactly the media fields")
     counts = []
     for name in ("rx_packets", "tx_packets"):
-        value = raw[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"media.{name} must be an integer >= 0")
-        counts.append(value)
-    loss = _number(raw["loss"], "media.loss", nullable=True)
-    if loss is not None and not 0 <= loss <= 1:
-        raise ValueError("media.loss must be within 0..1")
-    mos = _number(raw["mos"], "media.mos", nullable=True)
-    if mos is not None and not 1 <= mos <= 5:
-        raise ValueError("media.mos must be within 1..5")
-    jitter = _number(raw["jitter_ms"], "media.jitter_ms", nullable=True)
-    rtt = _number(raw["rtt_ms"], "media.rtt_ms", nullable=True)
-    for name, value in (("jitter_ms", jitter), ("rtt_ms", rtt)):
-        if value is not None and value < 0:
-            raise ValueError(f"media.{name} must be >= 0")
+        counts.append(_number(raw[name], f"media.{name}", 0, MAX_PACKETS, integer=True))
+    loss = _number(raw["loss"], "media.loss", 0, 1, nullable=True)
+    mos = _number(raw["mos"], "media.mos", *MOS_RANGE, nullable=True)
+    jitter = _number(raw["jitter_ms"], "media.jitter_ms", 0, MAX_MEDIA_MS, nullable=True)
+    rtt = _number(raw["rtt_ms"], "media.rtt_ms", 0, MAX_MEDIA_MS, nullable=True)
     tone, echo = raw["tone_heard"], raw["echo_heard"]
     if not isinstance(tone, bool) or not (echo is None or isinstance(echo, bool)):
         raise ValueError("media.tone_heard / echo_heard must be booleans")

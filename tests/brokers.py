@@ -3,12 +3,18 @@
 Use the ``broker`` fixture (function scope) from a test marked
 ``@pytest.mark.peers("mosquitto")``, or build a ``Broker`` yourself. Its config is
 the four lines aiomqtt's own tests use, with ``max_queued_messages 0`` (mosquitto's
-default of 1000 *drops* QoS 1 messages for a subscriber that falls behind)::
+default of 1000 *drops* QoS 1 messages for a subscriber that falls behind), and a
+payload limit as in the shipped ``deploy/mosquitto/mosquitto.conf`` (but at 1 MiB, the
+largest ``ingest.max_payload_bytes``, so the monitor's own ``too_large`` stays testable)::
 
     listener PORT 127.0.0.1
     allow_anonymous true
     max_queued_messages 0
     persistence false
+    message_size_limit 1048576
+
+``message_size_limit=0`` lifts the limit (to test what reaches a client when the broker
+accepts anything, e.g. the monitor's MQTT 5 Maximum Packet Size).
 
 ``Broker(tmp_path, persistence=True)`` keeps its state (retained messages, sessions)
 in ``tmp_path`` across ``stop()``/``start()``. ``restart()`` comes back on the same
@@ -32,6 +38,7 @@ import pytest
 from tests.conftest import peer_path
 
 HOST = "127.0.0.1"
+MESSAGE_SIZE_LIMIT = 1024 * 1024  # bytes of payload the test brokers accept
 
 
 def free_port() -> int:
@@ -48,6 +55,7 @@ class Broker:
         port: int | None = None,
         persistence: bool = False,
         anonymous: bool = True,
+        message_size_limit: int = MESSAGE_SIZE_LIMIT,
         extra: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
@@ -55,6 +63,7 @@ class Broker:
         self.port = port if port is not None else free_port()
         self.persistence = persistence
         self.anonymous = anonymous
+        self.message_size_limit = message_size_limit
         self.extra = list(extra)
         self.conf = workdir / f"mosquitto-{self.port}.conf"
         self.log = workdir / f"mosquitto-{self.port}.log"
@@ -66,6 +75,7 @@ class Broker:
             f"allow_anonymous {'true' if self.anonymous else 'false'}",
             "max_queued_messages 0",
             f"persistence {'true' if self.persistence else 'false'}",
+            f"message_size_limit {self.message_size_limit}",
         ]
         if self.persistence:
             lines.append(f"persistence_location {self.workdir}/")

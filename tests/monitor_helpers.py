@@ -10,6 +10,7 @@ from typing import Any
 from monitor.config import MonitorConfig
 from probes.outcome import CheckOutcome, MediaStats
 from probes.result import Result
+from probes.status import Status
 
 T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -114,3 +115,50 @@ class ProbeSim:
 
     def topic(self, target: str, prefix: str = "ecpm/v1") -> str:
         return f"{prefix}/results/{self.probe}/{target}"
+
+
+class StatusSim:
+    """A probe's signed statuses as its publisher makes them (``probes.mqtt``): a session
+    starts at the first ``online`` after an ``offline`` (or ever), its Last Will is stamped
+    at that session's connect, later announcements of the session are stamped when made."""
+
+    def __init__(self, probe: str = "p1", *, key: str | None = None, version: str = "0.1.0") -> None:
+        self.probe = probe
+        self.key = key or key_for(probe)
+        self.version = version
+        self.started_at: datetime | None = None
+        self.connected_at: datetime | None = None  # of the open session, if any
+
+    def online(self, at: datetime, targets: Sequence[str] = ("t1",)) -> bytes:
+        if self.connected_at is None:
+            self.connected_at = at
+        return self._make(True, None, at, targets)
+
+    def offline(self, at: datetime, *, will: bool = True, targets: Sequence[str] = ("t1",)) -> bytes:
+        """The Last Will (stamped at the session's connect), or a clean stop's ``shutdown``."""
+        if self.connected_at is None:
+            self.connected_at = at
+        connected = self.connected_at
+        payload = self._make(
+            False, "connection_lost" if will else "shutdown", connected if will else at, targets
+        )
+        self.connected_at = None
+        return payload
+
+    def _make(self, online: bool, reason: str | None, at: datetime, targets: Sequence[str]) -> bytes:
+        assert self.connected_at is not None
+        self.started_at = self.started_at or self.connected_at
+        return Status.make(
+            probe=self.probe,
+            online=online,
+            reason=reason,
+            version=self.version,
+            started_at=min(self.started_at, self.connected_at),
+            connected_at=self.connected_at,
+            at=at,
+            targets=targets,
+            key=self.key,
+        ).to_json()
+
+    def topic(self, prefix: str = "ecpm/v1") -> str:
+        return f"{prefix}/status/{self.probe}"

@@ -29,6 +29,18 @@ from tests.test_sip_helpers import REPO, ResponderProcess, free_port
 HOST = "127.0.0.1"
 
 
+def run_ecpm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``ecpm ARGS`` as a user runs it, from the repository; ``timeout`` is a safety net."""
+    return subprocess.run(
+        [sys.executable, "-m", "ecpm", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``condition`` until it holds; fail the test naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout

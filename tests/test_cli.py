@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ecpm.cli import COMMANDS
+from tests.system import run_ecpm as ecpm
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def ecpm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ecpm", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_help_lists_every_command() -> None:

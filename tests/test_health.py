@@ -44,7 +44,9 @@ async def _sink(report: CheckReport) -> None:
 
 def _parts(tmp_path: Path) -> tuple[Outbox, Publisher, Scheduler]:
     box = Outbox(tmp_path / "o.db", max_results=100)
-    pub = Publisher(settings=MqttSettings(port=1), probe_id="p1", outbox=box, on_command=lambda c: None)
+    pub = Publisher(
+        settings=MqttSettings(port=1), probe_id="p1", outbox=box, on_command=lambda c: None, key="k"
+    )
     sched = Scheduler(
         targets=[_target("t1"), _target("t2")],
         settings=ScheduleSettings(confirm_failures=False, jitter=0),

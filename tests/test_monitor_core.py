@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from datetime import timedelta
@@ -14,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from monitor.core import MonitorCore
 from monitor.model import Incident
 from monitor.store import SqliteStore
-from tests.monitor_helpers import Clock, ProbeSim, monitor_config
+from tests.monitor_helpers import Clock, ProbeSim, StatusSim, monitor_config
 
 
 class Pages(list[tuple[int, str, str]]):
@@ -87,9 +86,8 @@ def test_two_probes_one_failing_is_degraded_never_down(tmp_path: Path) -> None:
 def test_a_probe_that_just_came_online_covers_the_target_before_its_first_result(tmp_path: Path) -> None:
     clock = Clock()
     core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
-    online = json.dumps({"online": True, "version": "0.1.0", "targets": ["t1"]}).encode()
-    core.handle("ecpm/v1/status/p1", online)
-    core.handle("ecpm/v1/status/p2", online)
+    assert core.handle("ecpm/v1/status/p1", StatusSim("p1").online(clock())) is None
+    assert core.handle("ecpm/v1/status/p2", StatusSim("p2").online(clock())) is None
     bad = ProbeSim("p2")
     feed(core, bad, "t1", "fail", clock)
     feed(core, bad, "t1", "fail", clock, confirm=True)
@@ -197,7 +195,7 @@ def test_payloads_that_trip_the_parser_are_rejected_not_fatal(tmp_path: Path, pa
     assert core.handle(sim.topic("t1"), payload) in ("fields", "json")
     good = sim.result("t1", "pass", clock())
     bad = good.to_json().replace(b'"jitter_ms":0.3', b'"jitter_ms":1e400')
-    assert core.handle(sim.topic("t1"), bad) in ("fields", "signature")
+    assert core.handle(sim.topic("t1"), bad) == "out_of_range"
     assert core.handle("ecpm/v1/status/p1", b"[" * 5000) in ("fields", "json")
     assert core.handle(sim.topic("t1"), good.to_json()) is None  # and it goes on
 
@@ -257,14 +255,13 @@ def test_restart_keeps_state_and_opens_no_duplicate_incident(tmp_path: Path) -> 
 def test_probe_status_from_last_will(tmp_path: Path) -> None:
     clock = Clock()
     core, registry, _ = make(tmp_path, clock)
-    sim = ProbeSim("p1")
-    core.handle(
-        "ecpm/v1/status/p1", json.dumps({"online": True, "version": "0.1.0", "targets": ["t1"]}).encode()
-    )
+    sim, status = ProbeSim("p1"), StatusSim("p1")
+    assert core.handle(status.topic(), status.online(clock())) is None
     feed(core, sim, "t1", "pass", clock)
     core.evaluate(clock())
     assert registry.get_sample_value("ecpm_probe_up", {"probe": "p1"}) == 1.0
-    core.handle("ecpm/v1/status/p1", b'{"online": false}')
+    clock.advance(5)
+    assert core.handle(status.topic(), status.offline(clock())) is None  # the Last Will
     core.evaluate(clock())
     assert registry.get_sample_value("ecpm_probe_up", {"probe": "p1"}) == 0.0
     assert core.handle("ecpm/v1/status/p1", b"offline") == "json"
@@ -306,15 +303,15 @@ def test_options_answering_while_calls_stopped_is_unknown_not_up(tmp_path: Path)
 def test_a_reannounced_probe_cannot_hold_down_off(tmp_path: Path) -> None:
     clock = Clock()
     core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
-    online = json.dumps({"online": True, "version": "0.1.0", "targets": ["t1"]}).encode()
-    core.handle("ecpm/v1/status/p2", online)  # p2 comes online, then never calls
+    p2 = StatusSim("p2")
+    assert core.handle(p2.topic(), p2.online(clock())) is None  # p2 comes online, then never calls
     bad = ProbeSim("p1")
     feed(core, bad, "t1", "fail", clock)
     feed(core, bad, "t1", "fail", clock, confirm=True)
     assert state(core, clock) == "degraded"  # p2's first call is due
     for _ in range(3):
         clock.advance(5)
-        core.handle("ecpm/v1/status/p2", online)  # reconnects re-announce, no transition
+        assert core.handle(p2.topic(), p2.online(clock())) is None  # re-announced, no transition
     feed(core, bad, "t1", "fail", clock)
     feed(core, bad, "t1", "fail", clock, confirm=True)
     assert state(core, clock) == "down"

@@ -125,6 +125,7 @@ def test_results_arrive_in_order_signed_without_gaps(broker: Broker, tmp_path: P
                 probe_id="p1",
                 outbox=box,
                 on_command=accept,
+                key=KEY,
                 targets=["t0", "t1", "t2"],
             )
             async with publishing(pub):
@@ -166,6 +167,7 @@ def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
                 probe_id="p1",
                 outbox=box,
                 on_command=accept,
+                key=KEY,
                 backoff_initial=0.2,
                 backoff_max=0.5,
             )
@@ -213,7 +215,8 @@ def test_a_killed_probe_goes_offline_by_last_will(broker: Broker, tmp_path: Path
         box = Outbox({str(tmp_path / "child.db")!r}, max_results=100)
         async def main():
             pub = Publisher(settings=MqttSettings(host={broker.host!r}, port={broker.port}, keepalive="60s"),
-                            probe_id="doomed", outbox=box, on_command=lambda c: None, targets=["t1"])
+                            probe_id="doomed", outbox=box, on_command=lambda c: None, targets=["t1"],
+                            key={KEY!r})
             await pub.run()
         asyncio.run(main())
         """
@@ -281,7 +284,9 @@ def test_commands_are_checked_counted_and_never_crash(broker: Broker, tmp_path: 
                 await sender.publish(
                     "ecpm/v1/commands/p1", json.dumps({"target": "t1", "check": "invite"}), qos=1, retain=True
                 )
-            pub = Publisher(settings=settings(broker), probe_id="p1", outbox=box, on_command=on_command)
+            pub = Publisher(
+                settings=settings(broker), probe_id="p1", outbox=box, on_command=on_command, key=KEY
+            )
             async with publishing(pub):
                 await eventually(lambda: pub.stats().connected)
                 async with aiomqtt.Client(broker.host, broker.port) as sender:
@@ -375,6 +380,7 @@ def test_auto_falls_back_to_mqtt_311(broker: Broker, tmp_path: Path) -> None:  #
                 probe_id="p1",
                 outbox=box,
                 on_command=accept,
+                key=KEY,
             )
             async with publishing(pub):
                 await box.add(maker())
@@ -386,6 +392,7 @@ def test_auto_falls_back_to_mqtt_311(broker: Broker, tmp_path: Path) -> None:  #
                 probe_id="p2",
                 outbox=box,
                 on_command=accept,
+                key=KEY,
                 backoff_initial=0.05,
             )
             async with publishing(strict):
@@ -401,7 +408,9 @@ def test_stop_while_the_broker_is_down_is_prompt(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", max_results=100)
 
     async def main() -> None:
-        pub = Publisher(settings=settings(b), probe_id="p1", outbox=box, on_command=accept, backoff_initial=5)
+        pub = Publisher(
+            settings=settings(b), probe_id="p1", outbox=box, on_command=accept, key=KEY, backoff_initial=5
+        )
         task = asyncio.create_task(pub.run())
         await eventually(lambda: pub.stats().connection_failures_total >= 1)
         await box.add(maker())
@@ -420,7 +429,12 @@ def test_set_targets_republishes_status(broker: Broker, tmp_path: Path) -> None:
     async def main() -> None:
         async with watching(broker) as w:
             pub = Publisher(
-                settings=settings(broker), probe_id="p1", outbox=box, on_command=accept, targets=["a"]
+                settings=settings(broker),
+                probe_id="p1",
+                outbox=box,
+                on_command=accept,
+                key=KEY,
+                targets=["a"],
             )
             async with publishing(pub):
                 await eventually(lambda: len(w.statuses()) == 1)
@@ -479,6 +493,7 @@ def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
             probe_id="p1",
             outbox=box,
             on_command=accept,
+            key=KEY,
         )
         async with publishing(good):
             await box.add(maker())
@@ -488,6 +503,7 @@ def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
             probe_id="p1",
             outbox=box,
             on_command=accept,
+            key=KEY,
             backoff_initial=0.05,
         )
         async with publishing(wrong):
@@ -498,6 +514,7 @@ def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
             probe_id="p1",
             outbox=box,
             on_command=accept,
+            key=KEY,
             backoff_initial=0.05,
             connect_timeout=0.5,  # the broker's TLS alert never becomes a CONNACK
         )
@@ -514,4 +531,5 @@ def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
             probe_id="p1",
             outbox=box,
             on_command=accept,
+            key=KEY,
         )

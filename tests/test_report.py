@@ -45,12 +45,12 @@ from monitor.core import MonitorCore
 from monitor.model import Incident
 from monitor.notify import incident_event
 from monitor.report import Report, TargetInfo, build_report
-from monitor.report_render import CSV_FILES, pct, write
+from monitor.report_render import CSV_FILES, formula_like, pct, write
 from monitor.store import SqliteStore, Verification
 from probes.outcome import CheckOutcome, MediaStats
 from probes.result import Result
 from tests import browser
-from tests.monitor_helpers import key_for, monitor_config
+from tests.monitor_helpers import StatusSim, key_for, monitor_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs/schema/report-v1.json").read_text())
@@ -166,10 +166,13 @@ def build_day(directory: Path) -> Day:
     core = MonitorCore(config, store, CollectorRegistry(), pager=page, clock=lambda: now[0])
     order = itertools.count()
     p1 = Probe("p1")
+    p1_status = StatusSim("p1")
 
     def status(online: bool) -> None:
-        body = {"online": online, "version": p1.version, "targets": ["uk-999", "ie-112"]}
-        assert core.handle("ecpm/v1/status/p1", json.dumps(body).encode()) is None
+        p1_status.version = p1.version
+        targets = ["uk-999", "ie-112"]
+        body = p1_status.online(now[0], targets) if online else p1_status.offline(now[0], targets=targets)
+        assert core.handle("ecpm/v1/status/p1", body) is None
 
     def deliver(result: Result) -> None:
         assert core.handle(f"ecpm/v1/results/p1/{result.target}", result.to_json()) is None
@@ -799,3 +802,53 @@ def test_the_module_plugs_into_any_parser() -> None:
         [],
         "html,json,csv",
     )
+
+
+# ------------------------------------------------------------------ CSV formula injection
+
+FORMULA_COUSINS = [
+    "=1+1",  # the plain forms
+    "+1",
+    "-1",
+    "@SUM(A1)",
+    "\t=1",
+    "\r=1",
+    ' =HYPERLINK("http://x")',  # past leading blanks: a spreadsheet trims them
+    "   +1",
+    "\n=1",
+    "\r\n@x",
+    "\u00a0=1",  # NBSP
+    "\u3000=1",  # ideographic space
+    "\u200b=1",  # zero-width space (a format character)
+    "\ufeff-1",  # a BOM
+    "\x0b=1",  # a control character
+    "\uff1d1+1",  # fullwidth ＝ ＋ － ＠: NFKC makes them = + - @
+    "\uff0b1",
+    "\uff0d1",
+    "\uff20SUM(A1)",
+    "\ufe661",  # small equals sign ﹦
+    " \u00a0\n\uff1d1",  # all of it at once
+]
+HARMLESS = ["BT 999 test route", "a=1", "x\n=1", "", "   ", "1-2", "'=already quoted"]
+
+
+@pytest.mark.parametrize("text", FORMULA_COUSINS)
+def test_csv_neutralises_every_formula_cousin(text: str) -> None:
+    assert formula_like(text)
+
+
+@pytest.mark.parametrize("text", HARMLESS)
+def test_csv_leaves_harmless_text_alone(text: str) -> None:
+    assert not formula_like(text)
+
+
+def test_csv_cells_from_the_store_are_quoted_in_the_file(day: Day, tmp_path: Path) -> None:
+    """End to end: target descriptions holding every cousin come out of summary.csv with
+    a leading quote (and the harmless ones unchanged)."""
+    texts = FORMULA_COUSINS + HARMLESS
+    targets = tuple(TargetInfo(f"t{i}", text) for i, text in enumerate(texts))
+    write(report_of(day.path, targets=targets), tmp_path, ["csv"])
+    got = {r["target"]: r["description"] for r in read_csv(tmp_path / "summary.csv")}
+    for i, text in enumerate(texts):
+        expected = "'" + text if text in FORMULA_COUSINS else text
+        assert got[f"t{i}"] == expected, (text, got[f"t{i}"])

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from probes import result as r
+from probes.checks import CHECKS
 from probes.outcome import STAGES, CheckOutcome, MediaStats
 from probes.result import Result, ResultError, parse_result, verify
 
@@ -46,7 +47,7 @@ media = st.builds(
 )
 outcomes = st.builds(
     CheckOutcome,
-    check=st.sampled_from(["invite", "options"]) | codes,
+    check=st.sampled_from(r.CHECK_KINDS),
     outcome=st.sampled_from(["pass", "fail", "inconclusive"]),
     started_at=moments,
     finished_at=moments,
@@ -229,6 +230,8 @@ def test_measurements_are_normalised_not_refused() -> None:
         ({}, {"stage": "Not A Code"}),
         ({}, {"reason": "x" * 100}),
         ({}, {"outcome": "maybe"}),
+        ({}, {"check": "register"}),
+        ({"seq": r.MAX_SEQ + 1}, {}),
     ],
 )
 def test_invalid_identifiers_are_bugs(kw: dict[str, Any], outcome_change: dict[str, Any]) -> None:
@@ -253,6 +256,14 @@ def _wire(**changes: Any) -> bytes:
 _DELETE = object()
 
 
+def _media(**changes: Any) -> dict[str, Any]:
+    return {
+        **{"rx_packets": 0, "tx_packets": 100, "loss": 1.0, "jitter_ms": 0.0, "rtt_ms": None},
+        **{"mos": None, "tone_heard": False, "echo_heard": False},
+        **changes,
+    }
+
+
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
@@ -264,7 +275,9 @@ _DELETE = object()
         (b'{"schema": "ecpm.result/1", "seq": NaN}', "json"),
         (b'{"schema": "ecpm.result/2"}', "schema"),
         (b"{}", "schema"),
-        (_wire(seq=0), "fields"),
+        (_wire(seq=0), "out_of_range"),
+        (_wire(seq=r.MAX_SEQ + 1), "out_of_range"),
+        (_wire(seq=10**400), "out_of_range"),
         (_wire(seq=True), "fields"),
         (_wire(seq="1"), "fields"),
         (_wire(confirm=1), "fields"),
@@ -276,11 +289,26 @@ _DELETE = object()
         (_wire(sig="XYZ"), "fields"),
         (_wire(id="not-a-uuid"), "fields"),
         (_wire(media={"rx_packets": 1}), "fields"),
-        (_wire(timings={"answer": -1}), "fields"),
+        (_wire(timings={"answer": -1}), "out_of_range"),
+        (_wire(timings={"ringing": 10**400}), "out_of_range"),
+        (_wire(timings={"ringing": 3600.001}), "out_of_range"),
+        (_wire(timings={"ringing": "1"}), "fields"),
+        (_wire(check="register"), "unknown_check"),
+        (_wire(check="INVITE"), "fields"),
+        (_wire(finished_at="2024-05-01T11:59:59.999Z"), "time_order"),
+        (_wire(started_at="2024-05-01T10:59:00.000Z"), "out_of_range"),
+        (_wire(media=_media(rx_packets=10**30)), "out_of_range"),
+        (_wire(media=_media(tx_packets=-1)), "out_of_range"),
+        (_wire(media=_media(rx_packets=1.5)), "fields"),
+        (_wire(media=_media(loss=1.01)), "out_of_range"),
+        (_wire(media=_media(mos=0.5)), "out_of_range"),
+        (_wire(media=_media(jitter_ms=60_000.5)), "out_of_range"),
+        (_wire(media=_media(rtt_ms=-0.1)), "out_of_range"),
+        (_wire(sip_status=99), "out_of_range"),
         (_wire(timings={"answer": True}), "fields"),
         (_wire(detail={"k": 1}), "fields"),
         (_wire(target="../etc"), "fields"),
-        (_wire(sip_status=700), "fields"),
+        (_wire(sip_status=700), "out_of_range"),
     ],
 )
 def test_rejections_have_bounded_reasons(payload: bytes, reason: str) -> None:
@@ -288,9 +316,14 @@ def test_rejections_have_bounded_reasons(payload: bytes, reason: str) -> None:
         parse_result(payload)
     assert caught.value.reason == reason
     assert reason in r.REJECT_REASONS
-    # what the parser refuses for a field reason, the published schema refuses too
-    # (except an impossible calendar date, which a pattern cannot see)
-    if reason == "fields" and b"02-30" not in payload:
+    # what the parser refuses for a field or range reason, the published schema refuses
+    # too (except an impossible calendar date, which a pattern cannot see, and the order
+    # and span of the two times, which a schema cannot compare)
+    if (
+        reason in ("fields", "out_of_range", "unknown_check")
+        and b"02-30" not in payload
+        and b"T10:59" not in payload
+    ):
         data = json.loads(payload)
         assert not VALIDATOR.is_valid(data)
 
@@ -307,6 +340,64 @@ def test_schema_patterns_match_the_module() -> None:
     assert set(SCHEMA["required"]) == r.FIELDS == set(props)
     media = props["media"]["oneOf"][1]
     assert set(media["required"]) == r.MEDIA_FIELDS == set(media["properties"])
+    # the bounds, in step with the module
+    assert props["check"]["enum"] == list(r.CHECK_KINDS)
+    assert props["seq"]["maximum"] == r.MAX_SEQ
+    assert props["timings"]["additionalProperties"]["maximum"] == r.MAX_SECONDS
+    assert media["properties"]["rx_packets"]["maximum"] == r.MAX_PACKETS
+    assert media["properties"]["tx_packets"]["maximum"] == r.MAX_PACKETS
+    for name in ("jitter_ms", "rtt_ms"):
+        assert media["properties"][name]["oneOf"][1]["maximum"] == r.MAX_MEDIA_MS
+    mos = media["properties"]["mos"]["oneOf"][1]
+    assert (mos["minimum"], mos["maximum"]) == r.MOS_RANGE
+    status = props["sip_status"]["oneOf"][1]
+    assert (status["minimum"], status["maximum"]) == r.SIP_STATUS_RANGE
+
+
+def test_check_kinds_are_the_probes_checks() -> None:
+    assert set(r.CHECK_KINDS) == set(CHECKS)
+
+
+def test_out_of_bound_measurements_and_times_are_normalised_at_the_probe() -> None:
+    t0 = datetime(2024, 1, 1, 12, tzinfo=UTC)
+    outcome = CheckOutcome(
+        check="invite",
+        outcome="pass",
+        started_at=t0,
+        finished_at=t0 - timedelta(seconds=3),  # the clock stepped back during the check
+        timings={"ringing": 0.5, "answer": 3600.5},
+        media=MediaStats(10**30, 5, 0.0, 90_000.0, 61_000.0, 4.0, True, None),
+    )
+    res = make(outcome)
+    assert res.finished_at == res.started_at == t0
+    assert dict(res.timings) == {"ringing": 0.5} and res.detail["dropped_timings"] == "answer"
+    assert res.media == r.Media(r.MAX_PACKETS, 5, 0.0, None, None, 4.0, True, None)
+    assert parse_result(res.to_json()) == res
+    long = make(replace(outcome, finished_at=t0 + timedelta(hours=3)))
+    assert long.finished_at - long.started_at == timedelta(seconds=r.MAX_SECONDS)
+    assert parse_result(long.to_json()) == long
+
+
+@pytest.mark.parametrize("char", ["\x01", "\u0080", "\U0001f4de", '"', "a"])
+def test_what_a_probe_signs_always_fits_the_parse_limit(char: str) -> None:
+    """The worst strings a far end can make a probe copy (each character written as a
+    six-byte escape, or four UTF-8 bytes) in every free-text field at its bound."""
+    t0 = datetime(2024, 1, 1, 12, tzinfo=UTC)
+    outcome = CheckOutcome(
+        check="invite",
+        outcome="fail",
+        started_at=t0,
+        finished_at=t0,
+        sip_reason=char * 10_000,
+        timings={f"s{i}{'x' * 60}": 1.0 for i in range(100)},  # too many: named in dropped_timings
+        detail={f"k{i:02d}": char * 10_000 for i in range(100)},
+    )
+    res = make(outcome)
+    payload = res.to_json()
+    assert len(payload) <= r.MAX_RESULT_BYTES
+    assert parse_result(payload) == res and verify(res, KEY)
+    assert len(res.detail) <= r.MAX_DETAIL_ITEMS and "dropped_timings" in res.detail
+    assert all(len(v) <= r.MAX_DETAIL_VALUE for v in res.detail.values())
 
 
 def test_importing_result_stays_light() -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.system import run_ecpm
 from tests.test_sip_helpers import (  # noqa: F401 (fixtures)
     REPO,
     ResponderProcess,
@@ -32,14 +33,7 @@ QUICK = [
 
 
 def ecpm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ecpm", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout,
-    )
+    return run_ecpm(*args, timeout=timeout)
 
 
 def test_call_passes_with_a_staged_report(clean_responder: ResponderProcess) -> None:

@@ -1,0 +1,113 @@
+"""Result ingest: the one validation a result passes, complete before anything is stored.
+
+``ResultValidator.check(topic, payload, now)`` judges one MQTT message on a results
+topic and returns ``Accepted`` (with every decision the store needs: duplicate or
+not, the gap to record, the new last ``seq``) or ``Rejected`` with a bounded reason.
+It reads the store (seq rules) and never writes it, so a rejected message leaves no
+trace but its counter and log line. Checks, in order; the first failure rejects:
+
+1. ``too_large`` — bigger than ``ingest.max_payload_bytes``.
+2. ``probes.result.parse_result``: ``encoding``, ``json``, ``schema``, ``fields``,
+   ``unknown_check``, ``out_of_range``, ``time_order`` (everything the payload alone
+   can show: shape, types, patterns, the check kind, every number within its bound,
+   ``finished_at >= started_at``, at most ``MAX_SECONDS`` apart).
+3. ``unknown_probe`` — the probe is not configured.
+4. ``topic_mismatch`` — the topic's probe/target differ from the payload's.
+5. ``signature`` — the HMAC does not verify with that probe's key.
+6. ``unknown_target`` — the target is not configured.
+7. ``too_old`` / ``in_future`` — ``finished_at`` more than ``ingest.max_result_age``
+   before the monitor's receive time, or ``started_at``/``finished_at`` more than
+   ``ingest.max_clock_ahead`` after it.
+8. the same ``id`` already stored: accepted as a duplicate (QoS 1 redelivery; stored once).
+9. ``seq_reused`` — the probe's ``seq`` is already stored under another id, or is at
+   or below the last one stored for the probe without filling a recorded gap (a probe
+   hands each number out once; a late result that fills a gap is accepted). A jump
+   forward records a gap.
+
+So only configured probes and targets and the known check kinds ever reach a metric
+label, and every stored row is one that every later step (metrics, state, report,
+ledger) can read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final, Literal, get_args
+
+from monitor.config import MonitorConfig
+from monitor.model import ResultSummary
+from monitor.store import Store, summarize
+from probes.result import Result, ResultError, format_time, parse_result, verify
+
+# ingest rejections beyond the result parser's own (probes.result.REJECT_REASONS)
+MonitorReason = Literal[
+    "unknown_probe", "topic_mismatch", "unknown_target", "too_old", "in_future", "seq_reused"
+]
+MONITOR_REASONS: Final[tuple[str, ...]] = get_args(MonitorReason)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    result: Result
+    summary: ResultSummary
+    duplicate: bool  # its id is already stored: count it, store nothing
+    gap: tuple[int, int] | None  # (last stored seq, this seq) when results are missing between
+    new_last_seq: int | None  # the probe's new highest seq, when this one raises it
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str  # one of REJECT_REASONS or MONITOR_REASONS: bounded
+    detail: str
+
+
+class ResultValidator:
+    def __init__(self, config: MonitorConfig, store: Store) -> None:
+        self._prefix = f"{config.mqtt.topic_prefix}/results/"
+        self._keys = {p.id: p.secret.get_secret_value().encode() for p in config.probes}
+        self._targets = frozenset(t.id for t in config.targets)
+        self._max_bytes = config.ingest.max_payload_bytes
+        self._max_age = timedelta(seconds=config.ingest.max_result_age)
+        self._ahead = timedelta(seconds=config.ingest.max_clock_ahead)
+        self._store = store
+
+    def check(self, topic: str, payload: bytes, now: datetime) -> Accepted | Rejected:
+        if len(payload) > self._max_bytes:
+            return Rejected("too_large", f"{len(payload)} bytes > {self._max_bytes}")
+        try:
+            result = parse_result(payload)
+        except ResultError as exc:
+            return Rejected(exc.reason, str(exc))
+        key = self._keys.get(result.probe)
+        if key is None:
+            return Rejected("unknown_probe", f"probe {result.probe} is not configured")
+        if topic != f"{self._prefix}{result.probe}/{result.target}":
+            return Rejected("topic_mismatch", f"payload says {result.probe}/{result.target}")
+        if not verify(result, key):
+            return Rejected("signature", f"bad signature from {result.probe} seq {result.seq}")
+        if result.target not in self._targets:
+            return Rejected("unknown_target", f"target {result.target} is not configured")
+        if result.finished_at < now - self._max_age:
+            return Rejected(
+                "too_old", f"finished {format_time(result.finished_at)}, received {format_time(now)}"
+            )
+        if result.finished_at > now + self._ahead:
+            return Rejected(
+                "in_future", f"finished {format_time(result.finished_at)}, received {format_time(now)}"
+            )
+        summary = summarize(result)
+        store = self._store
+        if store.has_result(result.id):
+            return Accepted(result, summary, duplicate=True, gap=None, new_last_seq=None)
+        probe, seq = result.probe, result.seq
+        if store.seq_stored(probe, seq):
+            return Rejected("seq_reused", f"{probe} seq {seq} is already stored with another id")
+        last = store.last_seq(probe)
+        if last is not None and seq <= last and not store.in_gap(probe, seq):
+            return Rejected(
+                "seq_reused", f"{probe} seq {seq} is at or below its last ({last}) and fills no gap"
+            )
+        gap = (last, seq) if last is not None and seq > last + 1 else None
+        new_last = seq if last is None or seq > last else None
+        return Accepted(result, summary, duplicate=False, gap=gap, new_last_seq=new_last)

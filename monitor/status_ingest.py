@@ -1,0 +1,122 @@
+"""Status ingest: a probe's signed status (``probes.status``), checked before it counts.
+
+``StatusValidator.check(topic, payload, now)`` judges one message on
+``<prefix>/status/<probe>`` and returns ``StatusAccepted`` or ``StatusRejected`` with
+a bounded reason; it writes nothing. ``record(status)`` then remembers the status's
+order for that probe (in the store's transaction, committed with the batch before the
+message is acknowledged). Checks, in order; the first failure rejects:
+
+1. ``too_large`` — bigger than ``probes.status.MAX_STATUS_BYTES`` (48 KiB).
+2. ``probes.status.parse_status``: ``encoding``, ``json``, ``schema``, ``fields``.
+3. ``unknown_probe`` — the probe is not configured.
+4. ``topic_mismatch`` — the topic's probe differs from the payload's.
+5. ``signature`` — the HMAC does not verify with that probe's key (an unsigned status
+   fails here or at ``schema``/``fields``).
+6. ``in_future`` — signed (``at``) more than ``ingest.max_clock_ahead`` after the
+   monitor's clock.
+7. ``stale`` — not newer (by ``Status.order``) than the last status accepted from that
+   probe: an old status replayed. The same status again (the retained copy the broker
+   sends on every subscribe) is accepted as a ``duplicate`` and changes nothing.
+
+Only an accepted status changes a probe's state or its coverage of a target.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final, Literal, get_args
+
+from monitor.config import MonitorConfig
+from monitor.store import Store
+from probes.status import (
+    MAX_STATUS_BYTES,
+    Order,
+    Status,
+    StatusError,
+    order_text,
+    parse_order,
+    parse_status,
+    verify_status,
+)
+
+logger = logging.getLogger(__name__)
+
+# reasons beyond probes.status.REJECT_REASONS (all bounded: ecpm_results_rejected_total{reason})
+StatusMonitorReason = Literal["unknown_probe", "topic_mismatch", "signature", "in_future", "stale"]
+STATUS_MONITOR_REASONS: Final[tuple[str, ...]] = get_args(StatusMonitorReason)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusAccepted:
+    status: Status
+    duplicate: bool  # the status already accepted, again: change nothing
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRejected:
+    reason: str
+    detail: str
+
+
+class OrderMarks:
+    """The last accepted status order per probe, kept in the store (``status_order/<probe>``)
+    so that a restart still refuses an old status replayed."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._memory: dict[str, Order] = {}
+
+    def get(self, probe: str) -> Order | None:
+        if probe in self._memory:
+            return self._memory[probe]
+        text = self._store.mark(f"status_order/{probe}")
+        if text is None:
+            return None
+        try:
+            order = parse_order(text)
+        except ValueError:
+            logger.error("unreadable status order for probe %s in the store: ignored", probe)
+            return None
+        self._memory[probe] = order
+        return order
+
+    def set(self, probe: str, order: Order) -> None:
+        self._memory[probe] = order
+        self._store.set_mark(f"status_order/{probe}", order_text(order))
+
+
+class StatusValidator:
+    def __init__(self, config: MonitorConfig, marks: OrderMarks) -> None:
+        self._prefix = f"{config.mqtt.topic_prefix}/status/"
+        self._keys = {p.id: p.secret.get_secret_value().encode() for p in config.probes}
+        self._ahead = timedelta(seconds=config.ingest.max_clock_ahead)
+        self._marks = marks
+
+    def check(self, topic: str, payload: bytes, now: datetime) -> StatusAccepted | StatusRejected:
+        if len(payload) > MAX_STATUS_BYTES:
+            return StatusRejected("too_large", f"status of {len(payload)} bytes > {MAX_STATUS_BYTES}")
+        try:
+            status = parse_status(payload)
+        except StatusError as exc:
+            return StatusRejected(exc.reason, f"status: {exc.detail}")
+        key = self._keys.get(status.probe)
+        if key is None:
+            return StatusRejected("unknown_probe", f"status of unconfigured probe {status.probe}")
+        if topic != f"{self._prefix}{status.probe}":
+            return StatusRejected("topic_mismatch", f"status says probe {status.probe}")
+        if not verify_status(status, key):
+            return StatusRejected("signature", f"bad signature on a status of {status.probe}")
+        if status.at > now + self._ahead:
+            return StatusRejected("in_future", f"status of {status.probe} signed at {status.at.isoformat()}")
+        mark = self._marks.get(status.probe)
+        if mark is not None and status.order < mark:
+            return StatusRejected(
+                "stale",
+                f"status of {status.probe} ({order_text(status.order)}) older than {order_text(mark)}",
+            )
+        return StatusAccepted(status, duplicate=mark is not None and status.order == mark)
+
+    def record(self, status: Status) -> None:
+        self._marks.set(status.probe, status.order)
