@@ -2,7 +2,7 @@
 
     Scheduler ──run(target, kind)──▶ checks (SIP engine, guard) ──CheckOutcome──▶
     sink: number, sign, store in the outbox (before anything is sent) ──▶
-    Publisher: drain the outbox over MQTT QoS 1, delete on PUBACK; Last Will; commands
+    Publisher: drain the outbox over MQTT QoS 1, keep until the monitor's ack; replay; Last Will; commands
 
 Signals: SIGTERM/SIGINT stop cleanly (in-flight calls are hung up, their results
 kept in the outbox); SIGHUP re-reads the config and swaps the targets only if the
@@ -44,7 +44,12 @@ class ProbeAgent:
         self.config_path = config_path
         self.guard = Guard(home_region=config.probe.region, dial_prefixes=config.guard.dial_prefixes)
         self._key = config.probe.secret.get_secret_value().encode()
-        self.outbox = Outbox(config.outbox.path, max_results=config.outbox.max_results)
+        self.outbox = Outbox(
+            config.outbox.path,
+            max_results=config.outbox.max_results,
+            keep_unconfirmed=config.outbox.keep_unconfirmed,
+            keep_for=config.outbox.keep_for,
+        )
         self.engine: SipEngine | None = None
         self.scheduler = Scheduler(
             targets=config.targets,

@@ -205,8 +205,12 @@ class ProbeIdentity(StrictModel):
 
 class OutboxSettings(StrictModel):
     path: str = "ecpm-probe-outbox.db"  # SQLite file (WAL); relative to the working directory
-    # beyond it: loud log + counter, no silent drop
+    # unpublished results beyond it: loud log + counter, no silent drop
     max_results: int = Field(default=100_000, ge=100, le=10_000_000)
+    # published results kept until the monitor confirms it stored them (its ack), for
+    # replay of what the broker lost; the oldest beyond either bound are evicted, counted
+    keep_unconfirmed: int = Field(default=100_000, ge=100, le=10_000_000)
+    keep_for: Annotated[float, duration(at_least=MINUTE, at_most=30 * DAY)] = 7 * DAY
 
 
 class ScheduleSettings(StrictModel):

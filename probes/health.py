@@ -18,6 +18,9 @@ ecpm_probe_outbox_oldest_age_seconds            gauge    (0 when empty)
 ecpm_probe_outbox_overflow_total                counter  results stored over the bound
 ecpm_probe_outbox_lost_total                    counter  results that could not be stored
 ecpm_probe_outbox_last_seq                      gauge
+ecpm_probe_outbox_unconfirmed                   gauge    published, kept until the monitor's ack
+ecpm_probe_outbox_confirmed_seq                 gauge    the monitor's last ack
+ecpm_probe_outbox_evicted_total                 counter  kept results dropped over the bound unconfirmed
 ecpm_probe_mqtt_connected                       gauge    (1 connected, 0 not)
 ecpm_probe_mqtt_published_total                 counter
 ecpm_probe_mqtt_publish_errors_total            counter
@@ -117,6 +120,17 @@ class ProbeCollector(Collector):
             )
             yield _counter(
                 "outbox_lost", "Results that could not be stored (a seq gap follows).", o.lost_total
+            )
+            yield _gauge(
+                "outbox_unconfirmed", "Published results kept until the monitor confirms them.", o.unconfirmed
+            )
+            yield _gauge(
+                "outbox_confirmed_seq", "The monitor's last ack (results stored up to it).", o.confirmed_seq
+            )
+            yield _counter(
+                "outbox_evicted",
+                "Published results dropped over keep_unconfirmed/keep_for before the monitor confirmed them.",
+                o.evicted_total,
             )
         if s.mqtt is not None:
             m = s.mqtt

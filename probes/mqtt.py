@@ -6,16 +6,23 @@ Topics (``prefix`` = ``MqttSettings.topic_prefix``, default ``ecpm/v1``)::
     {prefix}/status/{probe}             retained QoS 1, signed (probes.status, ecpm.status/1):
                                         online on connect and when targets change, offline
                                         as Last Will and on a clean stop
-    {prefix}/commands/{probe}           on-demand check requests (subscribed, QoS 1)
-    {prefix}/commands/all               the same, for every probe
+    {prefix}/commands/{probe}           on-demand check requests and replay requests
+                                        (ecpm.replay/1, signed by the monitor; subscribed, QoS 1)
+    {prefix}/commands/all               check requests for every probe
+    {prefix}/acks/{probe}               the monitor's signed ack (ecpm.ack/1, retained):
+                                        results up to its seq are stored (subscribed, QoS 1)
 
-Delivery
+Delivery (``probes.delivery``)
     Results leave the outbox in ``seq`` order, at most ``max_in_flight`` (≤ 10, where
     aiomqtt starts warning) unacknowledged at once; a QoS 1 publish returns after the
-    broker's PUBACK and only then is the result deleted from the outbox (acks are
-    batched into one transaction). Delivery is at-least-once: a PUBACK lost with the
-    connection means that result is sent again after reconnecting, so a subscriber can
-    see an id twice (the monitor deduplicates by id) but never misses one.
+    broker's PUBACK and the result is then marked published (batched), but kept: only
+    the monitor's ack deletes it. A replay request marks what is kept of its range
+    unpublished again, so it is sent again unchanged, and the next status names what
+    is gone. Delivery is at-least-once from outbox to store: a subscriber can see an id
+    twice (the monitor deduplicates by id) but a result the broker drops is sent again.
+    The status carries the outbox's health (``OutboxHealth``) and is published again
+    when that changes (a result lost, evicted, a storing error, a replay answered) and
+    every ``STATUS_EVERY`` seconds.
 
 Connection
     One session at a time, each with a fresh client (clean session: nothing is
@@ -81,7 +88,17 @@ from ecpm import __version__
 from ecpm.errors import ConfigError, EcpmError
 from ecpm.mqtt import build_client, packet_limit, tls_context
 from ecpm.settings import MqttSettings
-from probes.outbox import Outbox, Pending
+from probes.delivery import (
+    ACK_SCHEMA,
+    MAX_GONE_RANGES,
+    REPLAY_SCHEMA,
+    Ack,
+    DeliveryError,
+    OutboxHealth,
+    Replay,
+    parse_message,
+)
+from probes.outbox import Outbox, OutboxError, Pending
 from probes.result import NAME_RE, REQUEST_ID_RE
 from probes.status import Status
 
@@ -95,6 +112,7 @@ _NAME = re.compile(NAME_RE)
 _REQUEST_ID = re.compile(REQUEST_ID_RE)
 _RECENT_REQUESTS: Final = 1024
 _PREFETCH: Final = 200  # outbox rows read ahead of the publish window
+STATUS_EVERY: Final = 30.0  # seconds between statuses when nothing changed (outbox health)
 
 
 class PublisherError(EcpmError):
@@ -204,6 +222,7 @@ class Publisher:
         self.status_topic = f"{prefix}/status/{probe_id}"
         self.command_topic = f"{prefix}/commands/{probe_id}"
         self.broadcast_topic = f"{prefix}/commands/all"
+        self.ack_topic = f"{prefix}/acks/{probe_id}"
         self._result_prefix = f"{prefix}/results"
         self._v311_only = settings.protocol == "3.1.1"
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -223,6 +242,12 @@ class Publisher:
         self._refused: dict[str, int] = {}
         self._last_error: str | None = None
         self._connected_once = False  # the current session got past CONNACK
+        self._gone: tuple[tuple[int, int], ...] = ()  # the answer to the last replay request
+        self._rewind = False  # a replay reopened results: read the outbox from the start
+        self._reported: tuple[object, ...] | None = None  # outbox health in the last status
+        self._next_status = 0.0  # loop time of the next periodic status
+        self._replays = 0
+        self._acks = 0
         self._retry_now = False  # switch protocol and retry without backoff
 
     # ------------------------------------------------------------ public API
@@ -333,7 +358,38 @@ class Publisher:
             at=at,
             targets=self._targets,
             key=self._key,
+            outbox=self._health(),
         ).to_json()
+
+    def _health(self) -> OutboxHealth:
+        st = self._outbox.stats()
+        age = self._outbox.oldest_age()
+        return OutboxHealth(
+            unpublished=st.depth,
+            unconfirmed=st.unconfirmed,
+            last_seq=st.last_seq,
+            confirmed_seq=st.confirmed_seq,
+            lost=st.lost_total,
+            evicted=st.evicted_total,
+            overflow=st.overflow_total,
+            oldest_age=None if age is None else round(age, 3),
+            error=st.error,
+            gone=self._gone[:MAX_GONE_RANGES],
+        )
+
+    def _health_key(self) -> tuple[object, ...]:
+        """What makes a new status worth sending at once (not every depth change)."""
+        st = self._outbox.stats()
+        return (st.lost_total, st.evicted_total, st.error, st.overflow_total > 0, self._gone)
+
+    async def _publish_status(self, client: aiomqtt.Client) -> None:
+        self._status_stale = False
+        self._reported = self._health_key()
+        loop = asyncio.get_running_loop()
+        self._next_status = loop.time() + STATUS_EVERY
+        await client.publish(
+            self.status_topic, self._status(True), qos=1, retain=True, timeout=self._publish_timeout
+        )
 
     def _client(self, protocol: ProtocolVersion) -> aiomqtt.Client:
         self._connected_at = self._stamp()  # a new session: its Last Will is signed now
@@ -370,11 +426,10 @@ class Publisher:
                 self._outbox.depth(),
             )
             try:
-                self._status_stale = False
-                await client.publish(
-                    self.status_topic, self._status(True), qos=1, retain=True, timeout=self._publish_timeout
+                await self._publish_status(client)
+                await client.subscribe(
+                    [(self.command_topic, 1), (self.broadcast_topic, 1), (self.ack_topic, 1)]
                 )
-                await client.subscribe([(self.command_topic, 1), (self.broadcast_topic, 1)])
                 async with asyncio.TaskGroup() as tasks:
                     commands = tasks.create_task(self._read_commands(client))
                     tasks.create_task(self._drain(client, tasks, commands))
@@ -422,7 +477,56 @@ class Publisher:
 
     async def _read_commands(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            self._handle_command(str(message.topic), message.payload, bool(message.retain))
+            topic = str(message.topic)
+            raw = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            if topic == self.ack_topic:
+                self._handle_delivery(ACK_SCHEMA, raw)
+            elif topic == self.command_topic and REPLAY_SCHEMA.encode() in raw:
+                if not bool(message.retain):
+                    message_ = self._handle_delivery(REPLAY_SCHEMA, raw)
+                    if isinstance(message_, Replay):
+                        await self._replay(message_)
+            else:
+                self._handle_command(topic, raw, bool(message.retain))
+
+    def _handle_delivery(self, schema: str, raw: bytes) -> Ack | Replay | None:
+        """The monitor's ack (delete what it stored) or replay request, verified."""
+        try:
+            message = parse_message(raw, schema=schema, probe=self._probe, key=self._key)
+        except DeliveryError as exc:
+            kind = "ack" if schema == ACK_SCHEMA else "replay"
+            with self._lock:
+                self._refused[kind] = self._refused.get(kind, 0) + 1
+            logger.warning("MQTT %s refused: %s", kind, exc)
+            return None
+        if isinstance(message, Ack):
+            with self._lock:
+                self._acks += 1
+            with contextlib.suppress(OutboxError):  # closing: the next session gets it again
+                self._outbox.confirm_soon(message.seq)
+        return message
+
+    async def _replay(self, replay: Replay) -> None:
+        """Send what is kept of the range again; the next status names what is gone."""
+        try:
+            reopened = await self._outbox.reopen(replay.first, replay.last)
+        except OutboxError as exc:
+            logger.error("replay of seq %d..%d failed: %s", replay.first, replay.last, exc)
+            return
+        with self._lock:
+            self._replays += 1
+        logger.info(
+            "replay of seq %d..%d requested: %d result(s) sent again, %d range(s) gone",
+            replay.first,
+            replay.last,
+            reopened.again,
+            len(reopened.gone),
+        )
+        self._gone = reopened.gone[:MAX_GONE_RANGES]
+        self._rewind = True
+        self._status_stale = True
+        if self._wake is not None:
+            self._wake.set()
 
     def _handle_command(self, topic: str, payload: object, retained: bool) -> None:
         broadcast = topic == self.broadcast_topic
@@ -491,16 +595,15 @@ class Publisher:
                 if stop.is_set() and deadline is None:
                     deadline = loop.time() + self._drain_grace
                 late = deadline is not None and loop.time() >= deadline
+                if self._rewind:  # a replay reopened results below the cursor
+                    self._rewind = False
+                    buffer.clear()
+                    fetched = 0
+                if self._health_key() != self._reported or loop.time() >= self._next_status:
+                    self._status_stale = True
                 if not late and len(window) < self._max_in_flight:
                     if self._status_stale:
-                        self._status_stale = False
-                        await client.publish(
-                            self.status_topic,
-                            self._status(True),
-                            qos=1,
-                            retain=True,
-                            timeout=self._publish_timeout,
-                        )
+                        await self._publish_status(client)
                     if not buffer:
                         wake.clear()
                         buffer.extend(await self._outbox.pending(_PREFETCH, after_seq=fetched))
@@ -516,7 +619,9 @@ class Publisher:
                     waiters.add(asyncio.ensure_future(wake.wait()))
                 if deadline is None:
                     waiters.add(stop_waiter)
-                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                timeout = max(0.0, self._next_status - loop.time())
+                if deadline is not None:
+                    timeout = min(timeout, max(0.0, deadline - loop.time()))
                 await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in waiters - set(window) - {stop_waiter}:
                     waiter.cancel()
@@ -526,7 +631,7 @@ class Publisher:
                     if task.exception() is None:
                         acked.append(row.id)
                 if acked:
-                    self._outbox.ack_soon(acked)
+                    self._outbox.published_soon(acked)
                     with self._lock:
                         self._published += len(acked)
                 if late and window:

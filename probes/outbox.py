@@ -1,10 +1,27 @@
-"""The durable outbox: every result is on disk before it is published, and leaves only after PUBACK.
+"""The durable outbox: every result is on disk before it is published, and leaves only
+when the monitor confirms it stored it (``probes.delivery``).
 
-One SQLite file (WAL) holds the probe's sequence counter and the results not yet
-acknowledged by the broker::
+One SQLite file (WAL) holds the probe's sequence counter and the results the monitor
+has not confirmed::
 
-    meta(name PRIMARY KEY, value)        -- 'seq': the last number handed out
-    outbox(seq PRIMARY KEY, id UNIQUE, probe, target, created, payload)
+    meta(name PRIMARY KEY, value)        -- 'seq': the last number handed out,
+                                         -- 'confirmed': the monitor's last ack
+    outbox(seq PRIMARY KEY, id UNIQUE, probe, target, created, payload, published)
+
+A result's life
+    ``add`` stores it (``published`` 0) → the publisher sends it, and on the broker's
+    PUBACK ``mark_published`` sets ``published`` 1 (it is kept) → the monitor's ack
+    (``confirm(seq)``: everything up to ``seq`` is in its store) deletes it. A replay
+    request (``reopen(first, last)``) sets ``published`` back to 0 for what is kept in
+    that range, so the publisher sends it again unchanged, and names the seq numbers in
+    the range it no longer has (``gone``).
+
+The bound on what is kept (``keep_unconfirmed``, ``keep_for``)
+    Published results the monitor has not confirmed are kept at most
+    ``keep_unconfirmed`` (the oldest first go) and at most ``keep_for`` seconds; each
+    one dropped is counted (``evicted_total``, ``ecpm_probe_outbox_evicted_total``),
+    logged at ERROR and reported in the probe's status: a monitor that never confirms
+    (an old version, or one cut off for longer than the bound) costs replay, never disk.
 
 Sequence numbers
     ``add(make)`` runs in one ``BEGIN IMMEDIATE`` transaction: read the counter,
@@ -56,7 +73,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ecpm.errors import EcpmError
 from probes.result import Result
@@ -69,10 +86,16 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS outbox ("
     " seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, probe TEXT NOT NULL,"
-    " target TEXT NOT NULL, created REAL NOT NULL, payload BLOB NOT NULL)",
+    " target TEXT NOT NULL, created REAL NOT NULL, payload BLOB NOT NULL,"
+    " published INTEGER NOT NULL DEFAULT 0)",
     "INSERT OR IGNORE INTO meta (name, value) VALUES ('seq', 0)",
+    "INSERT OR IGNORE INTO meta (name, value) VALUES ('confirmed', 0)",
 )
+# an outbox written before results were kept until confirmed (every row: unpublished)
+_MIGRATE = "ALTER TABLE outbox ADD COLUMN published INTEGER NOT NULL DEFAULT 0"
+_INDEX = "CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox (published, seq)"
 _OVERFLOW_LOG_EVERY = 60.0  # seconds between ERROR lines while over the bound
+_TRIM_EVERY = 10.0  # seconds between checks of keep_for
 
 
 class OutboxError(EcpmError):
@@ -81,7 +104,7 @@ class OutboxError(EcpmError):
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """A stored result waiting for the broker's PUBACK."""
+    """A stored result waiting to be published (or published again)."""
 
     seq: int
     id: str
@@ -93,13 +116,27 @@ class Pending:
 
 @dataclass(frozen=True, slots=True)
 class OutboxStats:
-    depth: int
-    oldest_created: float | None
+    depth: int  # unpublished
+    unconfirmed: int  # published, kept until the monitor confirms
+    oldest_created: float | None  # of the unpublished
     last_seq: int
+    confirmed_seq: int
     added_total: int
-    acked_total: int
+    acked_total: int  # PUBACKs (first publish and replays)
+    confirmed_total: int  # deleted after the monitor's ack
     overflow_total: int
     lost_total: int
+    evicted_total: int
+    error: str | None  # a code while storing fails ("disk_full", "io_error"), else None
+
+
+@dataclass(frozen=True, slots=True)
+class Reopened:
+    """What ``reopen`` found in the range: how many it will send again, and the seq
+    numbers it no longer has, as (first, last) ranges."""
+
+    again: int
+    gone: tuple[tuple[int, int], ...]
 
 
 class Outbox:
@@ -110,10 +147,14 @@ class Outbox:
         path: str | Path,
         *,
         max_results: int,
+        keep_unconfirmed: int = 100_000,
+        keep_for: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._path = str(path)
         self._max = max_results
+        self._keep = keep_unconfirmed
+        self._keep_for = keep_for
         self._clock = clock
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ecpm-outbox")
         self._lock = threading.Lock()  # guards the snapshot below
@@ -121,12 +162,19 @@ class Outbox:
         self._closed = False
         self._db: sqlite3.Connection | None = None
         self._depth = 0
+        self._unconfirmed = 0
         self._oldest: float | None = None
         self._last_seq = 0
+        self._confirmed_seq = 0
         self._added = 0
         self._acked = 0
+        self._confirmed = 0
         self._overflow = 0
         self._lost = 0
+        self._evicted = 0
+        self._error: str | None = None
+        self._last_trim = float("-inf")
+        self._last_evict_log = float("-inf")
         self._unrecorded = 0  # numbers to skip so that a lost result leaves a gap
         self._last_overflow_log = float("-inf")
         try:
@@ -151,10 +199,13 @@ class Outbox:
             db.execute("BEGIN IMMEDIATE")  # takes (and keeps) the exclusive lock
             for statement in _SCHEMA:
                 db.execute(statement)
+            if "published" not in {row[1] for row in db.execute("PRAGMA table_info(outbox)")}:
+                db.execute(_MIGRATE)
+            db.execute(_INDEX)
             db.execute("COMMIT")
             self._last_seq = db.execute("SELECT value FROM meta WHERE name='seq'").fetchone()[0]
-            self._depth = db.execute("SELECT count(*) FROM outbox").fetchone()[0]
-            self._oldest = self._oldest_created(db)
+            self._confirmed_seq = db.execute("SELECT value FROM meta WHERE name='confirmed'").fetchone()[0]
+            self._count(db)
         except sqlite3.OperationalError as exc:
             db.close()
             if "locked" in str(exc):
@@ -177,10 +228,19 @@ class Outbox:
                 self._last_seq,
             )
 
-    @staticmethod
-    def _oldest_created(db: sqlite3.Connection) -> float | None:
-        row = db.execute("SELECT created FROM outbox ORDER BY seq LIMIT 1").fetchone()
-        return None if row is None else float(row[0])
+    def _count(self, db: sqlite3.Connection) -> None:
+        """Read the depths (at open) and the oldest unpublished result."""
+        depth, unconfirmed = db.execute(
+            "SELECT count(*) - coalesce(sum(published), 0), coalesce(sum(published), 0) FROM outbox"
+        ).fetchone()
+        with self._lock:
+            self._depth, self._unconfirmed = int(depth), int(unconfirmed)
+        self._find_oldest(db)
+
+    def _find_oldest(self, db: sqlite3.Connection) -> None:
+        row = db.execute("SELECT created FROM outbox WHERE published = 0 ORDER BY seq LIMIT 1").fetchone()
+        with self._lock:
+            self._oldest = None if row is None else float(row[0])
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -212,15 +272,18 @@ class Outbox:
             with self._lock:
                 self._lost += 1
                 self._unrecorded += 1
+                self._error = _error_code(exc)
             logger.error(
                 "outbox %s: a result could not be stored and is LOST (%s);"
                 " the next stored result will leave a seq gap",
                 self._path,
                 exc,
             )
+            self._notify()
             raise OutboxError(f"outbox {self._path}: cannot store a result: {exc}") from None
         with self._lock:
             self._unrecorded = 0
+            self._error = None
             self._last_seq = seq
             self._added += 1
             self._depth += 1
@@ -243,40 +306,152 @@ class Outbox:
                     self._max,
                     overflow,
                 )
+        self._notify()
+        return result
+
+    def _notify(self) -> None:
         for listener in list(self._listeners):
             try:
                 listener()
             except Exception:
                 logger.exception("outbox listener failed")
-        return result
 
     def _pending(self, limit: int, after_seq: int) -> list[Pending]:
         rows = self._conn().execute(
-            "SELECT seq, id, probe, target, created, payload FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, id, probe, target, created, payload FROM outbox"
+            " WHERE seq > ? AND published = 0 ORDER BY seq LIMIT ?",
             (after_seq, limit),
         )
         return [Pending(s, i, p, t, float(c), bytes(b)) for s, i, p, t, c, b in rows]
 
-    def _ack(self, ids: list[str]) -> int:
+    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
-            removed = 0
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                removed += db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk).rowcount
+            out = work(db)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        oldest = self._oldest_created(db)
+        return out
+
+    def _mark_published(self, ids: list[str]) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            marked = 0
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                marked += db.execute(
+                    f"UPDATE outbox SET published = 1 WHERE published = 0 AND id IN ({marks})", chunk
+                ).rowcount
+            return marked
+
+        marked = self._write(work)
         with self._lock:
-            self._depth -= removed
-            self._acked += removed
-            self._oldest = oldest
+            self._acked += marked
+            self._depth -= marked
+            self._unconfirmed += marked
+        self._find_oldest(self._conn())
+        self._trim()
+        return marked
+
+    def _trim(self) -> None:
+        """Drop published, unconfirmed results over ``keep_unconfirmed`` or older than
+        ``keep_for``, oldest first; count and report every one."""
+        now = self._clock()
+        with self._lock:
+            over = self._unconfirmed - self._keep
+        if over <= 0 and time.monotonic() - self._last_trim < _TRIM_EVERY:
+            return
+        self._last_trim = time.monotonic()
+
+        def work(db: sqlite3.Connection) -> int:
+            evicted = 0
+            if over > 0:
+                evicted += db.execute(
+                    "DELETE FROM outbox WHERE seq IN"
+                    " (SELECT seq FROM outbox WHERE published = 1 ORDER BY seq LIMIT ?)",
+                    (over,),
+                ).rowcount
+            evicted += db.execute(
+                "DELETE FROM outbox WHERE published = 1 AND created < ?", (now - self._keep_for,)
+            ).rowcount
+            return evicted
+
+        evicted = self._write(work)
+        if not evicted:
+            return
+        with self._lock:
+            self._unconfirmed -= evicted
+            self._evicted += evicted
+            total = self._evicted
+        if time.monotonic() - self._last_evict_log >= _OVERFLOW_LOG_EVERY:
+            self._last_evict_log = time.monotonic()
+            logger.error(
+                "outbox %s: dropped %d published result(s) the monitor never confirmed"
+                " (over keep_unconfirmed %d or older than keep_for %.0fs; %d so far);"
+                " a gap in them can no longer be repaired - is the monitor confirming?",
+                self._path,
+                evicted,
+                self._keep,
+                self._keep_for,
+                total,
+            )
+        self._notify()
+
+    def _confirm(self, seq: int) -> int:
+        with self._lock:
+            if seq <= self._confirmed_seq:
+                return 0
+            seq = min(seq, self._last_seq)  # an ack beyond what was handed out confirms no more
+
+        def work(db: sqlite3.Connection) -> tuple[int, int]:
+            total, published = db.execute(
+                "SELECT count(*), coalesce(sum(published), 0) FROM outbox WHERE seq <= ?", (seq,)
+            ).fetchone()
+            db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+            db.execute("UPDATE meta SET value = max(value, ?) WHERE name = 'confirmed'", (seq,))
+            return int(total), int(published)
+
+        removed, published = self._write(work)
+        with self._lock:
+            self._confirmed_seq = max(self._confirmed_seq, seq)
+            self._confirmed += removed
+            self._unconfirmed -= published
+            self._depth -= removed - published
+        if removed > published:
+            self._find_oldest(self._conn())
         return removed
+
+    def _reopen(self, first: int, last: int) -> Reopened:
+        with self._lock:
+            last = min(last, self._last_seq)  # numbers not handed out yet are not gone
+
+        def work(db: sqlite3.Connection) -> tuple[int, list[int]]:
+            again = db.execute(
+                "UPDATE outbox SET published = 0 WHERE published = 1 AND seq BETWEEN ? AND ?", (first, last)
+            ).rowcount
+            kept = [
+                row[0]
+                for row in db.execute("SELECT seq FROM outbox WHERE seq BETWEEN ? AND ?", (first, last))
+            ]
+            return int(again), kept
+
+        again, kept = self._write(work) if first <= last else (0, [])
+        gone: list[tuple[int, int]] = []
+        expected = first
+        for seq in [*kept, last + 1]:
+            if seq > expected:
+                gone.append((expected, seq - 1))
+            expected = seq + 1
+        if again:
+            with self._lock:
+                self._depth += again
+                self._unconfirmed -= again
+            self._find_oldest(self._conn())
+            self._notify()
+        return Reopened(again, tuple(gone))
 
     def _close(self) -> None:
         if self._db is not None:
@@ -300,37 +475,49 @@ class Outbox:
         return await self._call(self._add, make)
 
     async def pending(self, limit: int = 100, *, after_seq: int = 0) -> list[Pending]:
-        """Up to ``limit`` stored results with ``seq > after_seq``, in seq order."""
+        """Up to ``limit`` unpublished results with ``seq > after_seq``, in seq order."""
         return await self._call(self._pending, limit, after_seq)
 
-    async def ack(self, ids: Iterable[str]) -> int:
-        """Delete results the broker acknowledged (one transaction); return how many."""
+    async def mark_published(self, ids: Iterable[str]) -> int:
+        """Mark results the broker acknowledged as published (kept until confirmed)."""
         batch = list(ids)
         if not batch:
             return 0
-        return await self._call(self._ack, batch)
+        return await self._call(self._mark_published, batch)
 
-    def ack_soon(self, ids: Iterable[str]) -> Future[int]:
-        """Queue an ``ack`` without waiting for it (work queued later runs after it).
+    def published_soon(self, ids: Iterable[str]) -> Future[int]:
+        """Queue a ``mark_published`` without waiting for it (work queued later runs
+        after it). A failure is logged here; the results then are sent again."""
+        return self._soon(
+            "could not mark published results (they will be sent again)", self._mark_published, list(ids)
+        )
 
-        A failure is logged here; the results then stay stored and are sent again.
-        """
+    async def confirm(self, seq: int) -> int:
+        """The monitor stored everything up to ``seq``: delete it; return how many rows went."""
+        return await self._call(self._confirm, seq)
+
+    def confirm_soon(self, seq: int) -> Future[int]:
+        return self._soon("could not delete confirmed results (kept, harmless)", self._confirm, seq)
+
+    async def reopen(self, first: int, last: int) -> Reopened:
+        """Send ``first``..``last`` again (what is kept of it); name what is gone."""
+        return await self._call(self._reopen, first, last)
+
+    def _soon(self, failure: str, fn: Callable[..., object], *args: object) -> Future[Any]:
         if self._closed:
             raise OutboxError(f"outbox {self._path} is closed")
-        future = self._pool.submit(self._ack, list(ids))
-        future.add_done_callback(self._log_ack_failure)
+        future = self._pool.submit(fn, *args)
+
+        def log(done: Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                logger.error("outbox %s: %s", self._path, failure, exc_info=done.exception())
+
+        future.add_done_callback(log)
         return future
 
-    def _log_ack_failure(self, future: Future[int]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            logger.error(
-                "outbox %s: could not delete acknowledged results (they will be sent again)",
-                self._path,
-                exc_info=future.exception(),
-            )
-
     def add_listener(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` after each stored result (from the outbox thread)."""
+        """Call ``listener()`` after each stored (or lost) result, results reopened for
+        replay and results evicted (from the outbox thread)."""
         self._listeners.append(listener)
 
     def remove_listener(self, listener: Callable[[], None]) -> None:
@@ -361,12 +548,17 @@ class Outbox:
         with self._lock:
             return OutboxStats(
                 depth=self._depth,
+                unconfirmed=self._unconfirmed,
                 oldest_created=self._oldest,
                 last_seq=self._last_seq,
+                confirmed_seq=self._confirmed_seq,
                 added_total=self._added,
                 acked_total=self._acked,
+                confirmed_total=self._confirmed,
                 overflow_total=self._overflow,
                 lost_total=self._lost,
+                evicted_total=self._evicted,
+                error=self._error,
             )
 
     def close(self) -> None:
@@ -378,3 +570,13 @@ class Outbox:
             self._pool.submit(self._close).result()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def _error_code(exc: BaseException) -> str:
+    """A bounded code for a failure to store (reported in the probe's status)."""
+    text = str(exc).lower()
+    if "full" in text or getattr(exc, "errno", None) == 28:  # SQLITE_FULL, ENOSPC
+        return "disk_full"
+    if isinstance(exc, sqlite3.Error | OSError):
+        return "io_error"
+    return "write_failed"

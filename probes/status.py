@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Final, Literal, get_args
 
+from probes.delivery import OutboxHealth
 from probes.result import CODE_RE, MAX_VERSION, NAME_RE, SIG_RE, format_time, parse_time
 from probes.wire import WireError, canonical, load_object, sign, signature_matches
 
@@ -47,8 +48,11 @@ StatusRejectReason = Literal["too_large", "encoding", "json", "schema", "fields"
 REJECT_REASONS: Final[tuple[str, ...]] = get_args(StatusRejectReason)
 
 FIELDS: Final = frozenset(
-    {"schema", "probe", "online", "reason", "version", "started_at", "connected_at", "at", "targets", "sig"}
-)
+    {
+        "schema", "probe", "online", "reason", "version", "started_at", "connected_at", "at",
+        "targets", "outbox", "sig",
+    }
+)  # fmt: skip
 _NAME = re.compile(NAME_RE)
 _CODE = re.compile(CODE_RE)
 _SIG = re.compile(SIG_RE)
@@ -75,6 +79,7 @@ class Status:
     connected_at: datetime  # when this MQTT session's CONNECT (and Last Will) was made
     at: datetime  # when this status was signed
     targets: tuple[str, ...]
+    outbox: OutboxHealth | None = None  # the probe's outbox (probes.delivery); None: not known
     sig: str = ""
     schema: str = SCHEMA
 
@@ -91,6 +96,7 @@ class Status:
         at: datetime,
         targets: Sequence[str],
         key: bytes | str,
+        outbox: OutboxHealth | None = None,
     ) -> Status:
         """Sign a status. Everything here comes from ecpm itself: a bad value is a bug
         and raises ``ValueError`` (so a probe never publishes what a monitor refuses)."""
@@ -103,6 +109,7 @@ class Status:
             connected_at=connected_at,
             at=at,
             targets=tuple(targets),
+            outbox=outbox,
         )
         _check(status)
         return status.signed(key)
@@ -123,6 +130,7 @@ class Status:
             "connected_at": format_time(self.connected_at),
             "at": format_time(self.at),
             "targets": list(self.targets),
+            "outbox": None if self.outbox is None else self.outbox.to_dict(),
         }
         if with_sig:
             data["sig"] = self.sig
@@ -193,6 +201,7 @@ def _from_dict(data: Mapping[str, Any]) -> Status:
         connected_at=parse_time(data["connected_at"]),
         at=parse_time(data["at"]),
         targets=tuple(targets),
+        outbox=None if data["outbox"] is None else OutboxHealth.from_dict(data["outbox"]),
         sig=data["sig"],
     )
 

@@ -98,9 +98,10 @@ class Subscriber:
 
 
 def outbox_depth(path: Path) -> int:
-    """Rows waiting in a stopped probe's outbox (a running probe holds it locked)."""
+    """Unpublished rows in a stopped probe's outbox (a running probe holds it locked);
+    published ones stay until a monitor confirms them."""
     with contextlib.closing(sqlite3.connect(path)) as db:
-        return int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        return int(db.execute("SELECT COUNT(*) FROM outbox WHERE published = 0").fetchone()[0])
 
 
 def live_depth(health: str) -> int:
