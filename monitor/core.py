@@ -20,6 +20,7 @@ from functools import cached_property
 from prometheus_client import CollectorRegistry
 
 from monitor.config import MonitorConfig
+from monitor.delivery import Delivery
 from monitor.ingest import Rejected, ResultValidator
 from monitor.metrics import MonitorMetrics
 from monitor.model import (
@@ -35,6 +36,7 @@ from monitor.model import (
 from monitor.state import TargetTracker
 from monitor.status_ingest import OrderMarks, StatusRejected, StatusValidator
 from monitor.store import ProbeStatus, Store
+from probes.delivery import OutboxHealth
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class MonitorCore:
         self._probe_status = {s.probe: s for s in store.probe_statuses()}
         self._last_result_at: dict[str, datetime] = {}
         self._online_since: dict[str, datetime] = {}  # when each probe last went offline → online
+        self._outbox_health: dict[str, OutboxHealth] = {}  # from each probe's latest verified status
         self._left_down: dict[str, datetime] = {}  # when a target with an open down incident left down
         self._snapshot = Snapshot(at=clock(), targets={}, probes={}, open_incidents=(), timeline=())
         self.metrics = MonitorMetrics(
@@ -81,6 +84,7 @@ class MonitorCore:
             quarantined=lambda: len(store.quarantined()),
         )
         self._ingest = ResultValidator(config, store)
+        self.delivery = Delivery(config, store, self.metrics)
         self._restore()
 
     # ------------------------------------------------------------ restart
@@ -162,12 +166,11 @@ class MonitorCore:
         if verdict.gap is not None:
             last, seq = verdict.gap
             self.store.record_gap(result.probe, last, seq, now)
-            self.metrics.missing.labels(result.probe).inc(seq - last - 1)
-            logger.warning(
-                "%d result(s) missing from %s: seq %d..%d", seq - last - 1, result.probe, last + 1, seq - 1
-            )
+            self.delivery.gap(result.probe, last, seq, now)
         if verdict.new_last_seq is not None:
             self.store.set_last_seq(result.probe, verdict.new_last_seq)
+        else:  # at or below the last seq: accepted only because it fills a gap
+            self.delivery.filled(result.probe, result.seq, now)
         try:
             self.metrics.observe(result)
         except (ValueError, TypeError, OverflowError) as exc:  # validated: never, but never fatal
@@ -199,6 +202,9 @@ class MonitorCore:
         self._probe_status[status.probe] = stored
         self.store.set_probe_status(stored)
         self._statuses.record(status)
+        if status.outbox is not None:
+            self._outbox_health[status.probe] = status.outbox
+            self.delivery.status(status.probe, status.outbox, now)
         if status.online:
             logger.info("probe %s is online (%d targets)", status.probe, len(status.targets))
         else:
@@ -340,5 +346,7 @@ class MonitorCore:
                 up=bool(online) and reporting,
                 version=None if status is None else status.version,
                 targets=() if status is None else status.targets,
+                outbox=self._outbox_health.get(probe.id),
+                outstanding=self.delivery.outstanding.get(probe.id, 0),
             )
         return views

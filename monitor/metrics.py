@@ -82,9 +82,56 @@ class StateCollector(Collector):
                 if r.check == "invite" and r.probe not in seen and r.mos is not None:
                     seen.add(r.probe)
                     mos.add_metric([view.id, r.probe], r.mos)
+        outstanding = GaugeMetricFamily(
+            f"{NAMESPACE}_results_outstanding",
+            "Results found missing from a probe and neither repaired (replayed) nor known gone",
+            labels=["probe"],
+        )
+        outbox = GaugeMetricFamily(
+            f"{NAMESPACE}_probe_outbox_results",
+            "Results in the probe's outbox as its latest status reported: unpublished (not yet"
+            " acknowledged by the broker), unconfirmed (published, kept until the monitor's ack)",
+            labels=["probe", "state"],
+        )
+        outbox_error = GaugeMetricFamily(
+            f"{NAMESPACE}_probe_outbox_error",
+            "1 while the probe reports that it cannot store results (e.g. a full disk)",
+            labels=["probe"],
+        )
+        lost = CounterMetricFamily(
+            f"{NAMESPACE}_probe_results_lost",
+            "Results the probe could not store, as it reports them (since it started): unrecoverable",
+            labels=["probe"],
+        )
+        evicted = CounterMetricFamily(
+            f"{NAMESPACE}_probe_outbox_evicted",
+            "Published results the probe dropped over its keep bounds before the monitor's ack",
+            labels=["probe"],
+        )
         for probe in snap.probes.values():
             probe_up.add_metric([probe.id], 1.0 if probe.up else 0.0)
-        yield from (up, state, last_ok, incidents, mos, probe_up)
+            outstanding.add_metric([probe.id], float(probe.outstanding))
+            # every probe has these series from the start: NaN (gauges) and 0 (counters)
+            # until its first status with outbox health
+            h = probe.outbox
+            outbox.add_metric([probe.id, "unpublished"], math.nan if h is None else float(h.unpublished))
+            outbox.add_metric([probe.id, "unconfirmed"], math.nan if h is None else float(h.unconfirmed))
+            outbox_error.add_metric([probe.id], math.nan if h is None else float(h.error is not None))
+            lost.add_metric([probe.id], 0.0 if h is None else float(h.lost))
+            evicted.add_metric([probe.id], 0.0 if h is None else float(h.evicted))
+        yield from (
+            up,
+            state,
+            last_ok,
+            incidents,
+            mos,
+            probe_up,
+            outstanding,
+            outbox,
+            outbox_error,
+            lost,
+            evicted,
+        )
 
 
 class QuarantineCollector(Collector):
@@ -150,6 +197,20 @@ class MonitorMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.repaired = Counter(
+            "results_repaired",
+            "Missing results received later (replayed from the probe's outbox): a gap repaired",
+            ["probe"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.unrecoverable = Counter(
+            "results_unrecoverable",
+            "Missing results the probe no longer has (never stored, or evicted unconfirmed)",
+            ["probe"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         self.duplicates = Counter(
             "results_duplicate",
             "Results received again (QoS 1 redelivery), stored once",
@@ -169,6 +230,8 @@ class MonitorMetrics:
             self.rejected.labels(reason)
         for probe in probes:
             self.missing.labels(probe)
+            self.repaired.labels(probe)
+            self.unrecoverable.labels(probe)
             for target in targets:
                 for check in CHECKS:
                     for outcome in OUTCOMES:

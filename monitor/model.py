@@ -13,9 +13,31 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from probes.delivery import OutboxHealth
+
 TargetStateName = Literal["up", "degraded", "down", "unknown"]
 TARGET_STATES: tuple[TargetStateName, ...] = ("up", "degraded", "down", "unknown")
 IncidentKind = Literal["down", "gap"]
+
+
+@dataclass(frozen=True, slots=True)
+class SeqGap:
+    """Results found missing from a probe (seq ``after_seq`` + 1 .. ``next_seq`` - 1), and
+    what became of them: ``repaired`` arrived later (replayed), ``unrecoverable`` the probe
+    no longer has; ``closed_at`` when none was left outstanding (None: still open)."""
+
+    probe: str
+    after_seq: int
+    next_seq: int
+    missing: int
+    detected_at: datetime
+    repaired: int = 0
+    unrecoverable: int = 0
+    closed_at: datetime | None = None
+
+    @property
+    def outstanding(self) -> int:
+        return self.missing - self.repaired - self.unrecoverable
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +86,8 @@ class ProbeView:
     up: bool  # online and reporting on time
     version: str | None
     targets: tuple[str, ...]  # as the probe announced them
+    outbox: OutboxHealth | None = None  # as its latest verified status reported it
+    outstanding: int = 0  # its results found missing, neither repaired nor gone
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,7 +48,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, Protocol
 
 from ecpm import __version__
-from monitor.model import TARGET_STATES, Incident, ResultSummary, StateChange, TargetStateName
+from monitor.model import TARGET_STATES, Incident, ResultSummary, SeqGap, StateChange, TargetStateName
 from monitor.store import ChainReport, ProbeEvent, Quarantined, Verification
 from probes.result import ResultError, format_time, parse_time
 
@@ -78,7 +78,7 @@ class ReportSource(Protocol):
     def state_before(self, target: str, moment: datetime) -> TargetStateName | None: ...
     def latest_states(self) -> dict[str, tuple[TargetStateName, datetime]]: ...
     def incidents_between(self, start: datetime, end: datetime) -> list[Incident]: ...
-    def gaps_between(self, start: datetime, end: datetime) -> list[tuple[str, int, int, int, datetime]]: ...
+    def gaps_between(self, start: datetime, end: datetime) -> list[SeqGap]: ...
     def probe_events(self, start: datetime, end: datetime) -> list[ProbeEvent]: ...
     def verifications_between(self, start: datetime, end: datetime) -> list[Verification]: ...
     def verify_chain(self) -> ChainReport: ...
@@ -267,15 +267,6 @@ class ProbeOutage:
 
 
 @dataclass(frozen=True, slots=True)
-class SeqGap:
-    probe: str
-    after_seq: int
-    next_seq: int
-    missing: int
-    detected_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
 class VersionSeen:
     probe: str
     version: str
@@ -437,7 +428,7 @@ def build_report(
         )
     say("probe outages and sequence gaps")
     outages = _probe_outages(source.probe_events(start, until), start=start, until=until)
-    seq_gaps = tuple(SeqGap(p, a, n, m, at) for p, a, n, m, at in source.gaps_between(start, end))
+    seq_gaps = tuple(source.gaps_between(start, end))
     say("ledger: verifying the hash chain over every stored row")
     ledger = _ledger(source, start=start, end=end)
     unreadable += _quarantined(source, wanted, start=start, end=end)

@@ -289,6 +289,9 @@ def report_json(report: Report) -> dict[str, Any]:
                     "next_seq": g.next_seq,
                     "missing": g.missing,
                     "detected_at": _t(g.detected_at),
+                    "repaired": g.repaired,
+                    "unrecoverable": g.unrecoverable,
+                    "closed_at": _t(g.closed_at) if g.closed_at is not None else None,
                 }
                 for g in report.seq_gaps
             ],
@@ -453,8 +456,8 @@ def _csv_tables(report: Report) -> list[tuple[str, list[str], Rows]]:
         ),
         (
             "sequence_gaps.csv",
-            ["probe", "after_seq", "next_seq", "missing", "detected_at"],
-            ((g.probe, g.after_seq, g.next_seq, g.missing, g.detected_at) for g in report.seq_gaps),
+            list(GAP_FIELDS),
+            (tuple(getattr(g, name) for name in GAP_FIELDS) for g in report.seq_gaps),
         ),
         ("verifications.csv", VERIFICATION_HEADER, _verification_rows(report)),
         (
@@ -1079,13 +1082,27 @@ def _buckets_html(t: TargetReport) -> str:
     )  # fmt: skip
 
 
+GAP_FIELDS = (
+    "probe", "after_seq", "next_seq", "missing", "detected_at", "repaired", "unrecoverable", "closed_at",
+)  # fmt: skip
+
+
 def _probes_html(report: Report) -> str:
     outages = [
         [_e(o.probe), _time(o.start), _time(o.end), _e(duration(o.seconds)), _e(_span_note(o))]
         for o in report.probe_outages[:HTML_ROWS]
     ]
     gaps = [
-        [_e(g.probe), str(g.after_seq), str(g.next_seq), str(g.missing), _time(g.detected_at)]
+        [
+            _e(g.probe),
+            str(g.after_seq),
+            str(g.next_seq),
+            str(g.missing),
+            _time(g.detected_at),
+            str(g.repaired),
+            str(g.unrecoverable),
+            _time(g.closed_at) if g.closed_at is not None else f"open: {g.outstanding} outstanding",
+        ]
         for g in report.seq_gaps[:HTML_ROWS]
     ]
     versions = [
@@ -1117,9 +1134,12 @@ def _probes_html(report: Report) -> str:
             total=len(report.probe_outages),
             csv_name="probe_outages.csv",
         )
-        + "<h3>Missing results (gaps in a probe's sequence numbers)</h3>"
+        + "<h3>Missing results (gaps in a probe's sequence numbers), and their repair</h3>"
         + _table(
-            [("Probe", ""), ("After seq", "num"), ("Next seq", "num"), ("Missing", "num"), ("Noticed", "t")],
+            [
+                *(("Probe", ""), ("After seq", "num"), ("Next seq", "num"), ("Missing", "num")),
+                *(("Noticed", "t"), ("Repaired", "num"), ("Unrecoverable", "num"), ("Closed", "t")),
+            ],
             gaps,
             empty="No result went missing.",
             name="sequence-gaps",

@@ -12,7 +12,11 @@ Tasks, all in one asyncio loop:
   cuts any bigger PUBLISH it is sent anyway (3.1.1) so that it is rejected as
   ``too_large``, and it stops reading its socket while ``MAX_BUFFERED`` messages wait
   to be handled. A message in a batch is kept as its packet id only.
-- **tick**: re-evaluates every target each second (staleness and gaps need no message).
+- **tick**: re-evaluates every target each second (staleness and gaps need no message)
+  and sends replay requests again while results are outstanding.
+- **delivery** (``monitor.delivery``): after each committed batch, a signed ack per probe
+  (``<prefix>/acks/<probe>``, retained: what the store holds, so the probe may delete it)
+  and a replay request (``<prefix>/commands/<probe>``) for each seq range found missing.
 - **pages**: the notifier dispatcher.
 - **http**: /metrics, /healthz, the JSON API and the status page.
 - **retention**: prunes results older than ``store.retention`` hourly.
@@ -37,6 +41,7 @@ from ecpm.mqtt import ack_id, connect, packet_limit
 from ecpm.signals import run_until_signalled
 from monitor.config import MonitorConfig
 from monitor.core import MonitorCore
+from monitor.delivery import Outgoing
 from monitor.notify import Dispatcher
 from monitor.store import SqliteStore
 from monitor.verification import Verifier
@@ -46,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH = 500
 MAX_BUFFERED = 256  # messages read from the socket and not yet handled (then reading pauses)
+MAX_OUTGOING = 1024  # acks and replay requests waiting to be published
 Action = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -63,6 +69,7 @@ class MonitorService:
             status_url=f"http://{config.http.listen}/",
         )
         self.connected = asyncio.Event()
+        self._outgoing: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=MAX_OUTGOING)
         self.mqtt_client: aiomqtt.Client | None = None  # for actions that publish (ecpm verify)
         verifier = Verifier(
             core=self.core, store=self.store, publish=self._publish, topic_prefix=config.mqtt.topic_prefix
@@ -88,6 +95,7 @@ class MonitorService:
         tasks: list[asyncio.Task[Any]] = [
             asyncio.create_task(self._mqtt(), name="mqtt"),
             asyncio.create_task(self._tick(), name="tick"),
+            asyncio.create_task(self._send_delivery(), name="delivery"),
             asyncio.create_task(self.dispatcher.run(), name="pages"),
             asyncio.create_task(serve(app, self.config.http.listen), name="http"),
             asyncio.create_task(self._retention(), name="retention"),
@@ -128,6 +136,7 @@ class MonitorService:
                     await client.subscribe(f"{prefix}/status/+", qos=1)
                     logger.info("connected to MQTT %s:%d, subscribed to %s", mqtt.host, mqtt.port, results)
                     self.mqtt_client = client
+                    self.core.delivery.resend_acks()  # the broker may have lost the retained ones
                     self.connected.set()
                     backoff = 1.0
                     await self._consume(client)
@@ -160,6 +169,30 @@ class MonitorService:
                 pending.clear()
                 started = time.monotonic()
                 self.core.evaluate()
+                self._queue_delivery()
+
+    def _queue_delivery(self) -> None:
+        """Acks and replay requests (monitor.delivery), computed right after a commit with no
+        await in between, so an ack never covers a row a crash could still lose."""
+        self.store.commit()
+        for out in self.core.delivery.outgoing(self.core.clock()):
+            if self._outgoing.full():
+                logger.warning("delivery queue full: %s dropped (sent again later)", out.topic)
+                continue
+            self._outgoing.put_nowait(out)
+
+    async def _send_delivery(self) -> None:
+        """Publish what ``_queue_delivery`` queued. A task of its own: waiting for a PUBACK
+        inside the consume loop would deadlock while the client has paused reading."""
+        while True:
+            out = await self._outgoing.get()
+            client = self.mqtt_client
+            if client is None:
+                continue  # acks are sent again on connect, replays asked again
+            try:
+                await client.publish(out.topic, out.payload, qos=1, retain=out.retain, timeout=10)
+            except aiomqtt.MqttError as exc:
+                logger.warning("MQTT: could not send %s: %s", out.topic, exc)
 
     # ------------------------------------------------------------ periodic work
 
@@ -167,6 +200,8 @@ class MonitorService:
         while True:
             self.core.evaluate()
             self.core.beat()  # a restart after silence records the time away as unknown
+            if self.mqtt_client is not None:
+                self._queue_delivery()  # replay requests are asked again while outstanding
             await asyncio.sleep(1.0)
 
     async def _retention(self) -> None:

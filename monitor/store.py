@@ -32,12 +32,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from monitor.model import Incident, IncidentKind, Notification, ResultSummary, StateChange, TargetStateName
+from monitor.model import (
+    Incident,
+    IncidentKind,
+    Notification,
+    ResultSummary,
+    SeqGap,
+    StateChange,
+    TargetStateName,
+)
 from probes.result import Result, ResultError, format_time, parse_result, parse_time
 
 logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
+# the open gaps of a probe that overlap (after_seq < ?, next_seq > ?)
+_OPEN_GAPS_OVER = (
+    "SELECT rowid FROM seq_gaps WHERE probe = ? AND after_seq < ? AND next_seq > ? AND closed_at IS NULL"
+)
+# columns added after a store was first written: (table, column, declaration), applied at open
+_ADDED_COLUMNS = (
+    ("seq_gaps", "repaired", "INTEGER NOT NULL DEFAULT 0"),
+    ("seq_gaps", "gone", "INTEGER NOT NULL DEFAULT 0"),
+    ("seq_gaps", "closed_at", "TEXT"),
+)
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -65,7 +83,12 @@ CREATE INDEX IF NOT EXISTS results_probe_seq ON results (probe, seq);
 CREATE TABLE IF NOT EXISTS probe_seq (probe TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seq_gaps (
     probe TEXT NOT NULL, after_seq INTEGER NOT NULL, next_seq INTEGER NOT NULL,
-    missing INTEGER NOT NULL, detected_at TEXT NOT NULL
+    missing INTEGER NOT NULL, detected_at TEXT NOT NULL,
+    repaired INTEGER NOT NULL DEFAULT 0, gone INTEGER NOT NULL DEFAULT 0, closed_at TEXT
+);
+CREATE TABLE IF NOT EXISTS seq_gone (
+    probe TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, at TEXT NOT NULL,
+    PRIMARY KEY (probe, first_seq, last_seq)
 );
 CREATE TABLE IF NOT EXISTS incidents (
     id INTEGER PRIMARY KEY,
@@ -249,6 +272,11 @@ class Store(Protocol):
     def last_seq(self, probe: str) -> int | None: ...
     def set_last_seq(self, probe: str, seq: int) -> None: ...
     def record_gap(self, probe: str, after_seq: int, next_seq: int, at: datetime) -> None: ...
+    def fill_gap(self, probe: str, seq: int, at: datetime) -> bool: ...
+    def mark_gone(self, probe: str, ranges: Sequence[tuple[int, int]], at: datetime) -> int: ...
+    def missing_ranges(self, probe: str, limit: int) -> list[tuple[int, int]]: ...
+    def contiguous_seq(self, probe: str) -> int | None: ...
+    def outstanding(self) -> dict[str, int]: ...
     def commit(self) -> None: ...
     def mark(self, key: str) -> str | None: ...
     def set_mark(self, key: str, value: str) -> None: ...
@@ -290,7 +318,7 @@ class Store(Protocol):
     def add_state_change(self, target: str, state: TargetStateName, at: datetime, why: str) -> None: ...
     def state_changes(self, since: datetime, until: datetime | None = None) -> list[StateChange]: ...
     def state_before(self, target: str, moment: datetime) -> TargetStateName | None: ...
-    def gaps_between(self, start: datetime, end: datetime) -> list[tuple[str, int, int, int, datetime]]: ...
+    def gaps_between(self, start: datetime, end: datetime) -> list[SeqGap]: ...
     def latest_states(self) -> dict[str, tuple[TargetStateName, datetime]]: ...
     def set_probe_status(self, status: ProbeStatus) -> None: ...
     def probe_events(self, start: datetime, end: datetime) -> list[ProbeEvent]: ...
@@ -334,6 +362,9 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        for table, column, declaration in _ADDED_COLUMNS:
+            if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         self._db.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
@@ -441,6 +472,111 @@ class SqliteStore:
             (probe, after_seq, next_seq, next_seq - after_seq - 1, format_time(at)),
         )
 
+    # ------------------------------------------------------------ gap repair (probes.delivery)
+
+    def fill_gap(self, probe: str, seq: int, at: datetime) -> bool:
+        """A result stored with ``seq`` inside an open gap: recount that gap (it closes when
+        every missing seq is stored or gone). True if it was in an open gap."""
+        rows = self._db.execute(_OPEN_GAPS_OVER, (probe, seq, seq)).fetchall()
+        for (rowid,) in rows:
+            self._recount_gap(rowid, at)
+        return bool(rows)
+
+    def mark_gone(self, probe: str, ranges: Sequence[tuple[int, int]], at: datetime) -> int:
+        """The probe no longer has these seq numbers: what of them is missing is unrecoverable.
+        Returns how many missing results this made unrecoverable (0 for an answer seen before)."""
+        before = self._gone_total(probe)
+        for first, last in ranges:
+            self._db.execute(
+                "INSERT OR IGNORE INTO seq_gone (probe, first_seq, last_seq, at) VALUES (?, ?, ?, ?)",
+                (probe, first, last, format_time(at)),
+            )
+            for (rowid,) in self._db.execute(_OPEN_GAPS_OVER, (probe, last, first)).fetchall():
+                self._recount_gap(rowid, at)
+        return self._gone_total(probe) - before
+
+    def _gone_total(self, probe: str) -> int:
+        row = self._db.execute(
+            "SELECT coalesce(sum(gone), 0) FROM seq_gaps WHERE probe = ?", (probe,)
+        ).fetchone()
+        return int(row[0])
+
+    def _stored_seqs(self, probe: str, first: int, last: int) -> list[int]:
+        rows = self._db.execute(
+            "SELECT DISTINCT seq FROM results WHERE probe = ? AND seq BETWEEN ? AND ? ORDER BY seq",
+            (probe, first, last),
+        )
+        return [int(r[0]) for r in rows]
+
+    def _gone_ranges(self, probe: str, first: int, last: int) -> list[tuple[int, int]]:
+        """The probe's gone answers overlapping ``first..last``, merged and clipped."""
+        rows = self._db.execute(
+            "SELECT first_seq, last_seq FROM seq_gone WHERE probe = ? AND first_seq <= ? AND last_seq >= ?"
+            " ORDER BY first_seq",
+            (probe, last, first),
+        )
+        merged: list[tuple[int, int]] = []
+        for low, high in rows:
+            a, b = max(int(low), first), min(int(high), last)
+            if merged and a <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        return merged
+
+    def _recount_gap(self, rowid: int, at: datetime) -> None:
+        probe, after, nxt, missing = self._db.execute(
+            "SELECT probe, after_seq, next_seq, missing FROM seq_gaps WHERE rowid = ?", (rowid,)
+        ).fetchone()
+        stored = set(self._stored_seqs(probe, after + 1, nxt - 1))
+        gone = sum(
+            (b - a + 1) - sum(1 for s in stored if a <= s <= b)
+            for a, b in self._gone_ranges(probe, after + 1, nxt - 1)
+        )
+        closed = format_time(at) if len(stored) + gone >= missing else None
+        self._db.execute(
+            "UPDATE seq_gaps SET repaired = ?, gone = ?, closed_at = ? WHERE rowid = ?",
+            (len(stored), gone, closed, rowid),
+        )
+
+    def missing_ranges(self, probe: str, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` seq ranges still missing from the probe's open gaps (neither
+        stored nor gone), oldest first: what a replay request asks for."""
+        out: list[tuple[int, int]] = []
+        for after, nxt in self._db.execute(
+            "SELECT after_seq, next_seq FROM seq_gaps WHERE probe = ? AND closed_at IS NULL"
+            " ORDER BY after_seq",
+            (probe,),
+        ).fetchall():
+            have = [(s, s) for s in self._stored_seqs(probe, after + 1, nxt - 1)]
+            have += self._gone_ranges(probe, after + 1, nxt - 1)
+            expected = after + 1
+            for a, b in [*sorted(have), (nxt, nxt)]:
+                if a > expected:
+                    out.append((expected, a - 1))
+                    if len(out) >= limit:
+                        return out
+                expected = max(expected, b + 1)
+        return out
+
+    def contiguous_seq(self, probe: str) -> int | None:
+        """The highest seq up to which every result of the probe is stored or known gone:
+        what the monitor acknowledges to the probe (``probes.delivery``)."""
+        row = self._db.execute(
+            "SELECT min(after_seq) FROM seq_gaps WHERE probe = ? AND closed_at IS NULL", (probe,)
+        ).fetchone()
+        if row[0] is not None:
+            return int(row[0])
+        return self.last_seq(probe)
+
+    def outstanding(self) -> dict[str, int]:
+        """Missing results per probe, neither repaired nor gone (open gaps only)."""
+        rows = self._db.execute(
+            "SELECT probe, sum(missing - repaired - gone) FROM seq_gaps"
+            " WHERE closed_at IS NULL GROUP BY probe"
+        )
+        return {str(p): int(n) for p, n in rows}
+
     def commit(self) -> None:
         self._db.commit()
 
@@ -492,13 +628,18 @@ class SqliteStore:
             [request_id],
         )
 
-    def gaps_between(self, start: datetime, end: datetime) -> list[tuple[str, int, int, int, datetime]]:
+    def gaps_between(self, start: datetime, end: datetime) -> list[SeqGap]:
+        """Gaps detected in [start, end) or still open then, oldest first."""
         rows = self._db.execute(
-            "SELECT probe, after_seq, next_seq, missing, detected_at FROM seq_gaps"
-            " WHERE detected_at >= ? AND detected_at < ? ORDER BY detected_at",
-            (format_time(start), format_time(end)),
+            "SELECT probe, after_seq, next_seq, missing, detected_at, repaired, gone, closed_at FROM seq_gaps"
+            " WHERE detected_at < ? AND (detected_at >= ? OR closed_at IS NULL OR closed_at >= ?)"
+            " ORDER BY detected_at",
+            (format_time(end), format_time(start), format_time(start)),
         )
-        return [(p, a, n, m, parse_time(d)) for p, a, n, m, d in rows]
+        return [
+            SeqGap(p, a, n, m, parse_time(d), r, g, None if c is None else parse_time(c))
+            for p, a, n, m, d, r, g, c in rows
+        ]
 
     # ------------------------------------------------------------ incidents
 

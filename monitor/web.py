@@ -306,7 +306,30 @@ def probe_json(p: ProbeView) -> dict[str, Any]:
         "last_result_at": _time(p.last_result_at),
         "version": p.version,
         "targets": list(p.targets),
+        "outbox": None if p.outbox is None else p.outbox.to_dict(),
+        "results_outstanding": p.outstanding,
     }
+
+
+def delivery_trouble(p: ProbeView) -> bool:
+    """The probe cannot store results, lost or evicted some, or results are outstanding."""
+    o = p.outbox
+    return p.outstanding > 0 or (o is not None and (o.error is not None or o.lost > 0 or o.evicted > 0))
+
+
+def delivery_text(p: ProbeView) -> str:
+    """One line on the probe's outbox and the results missing from it."""
+    o = p.outbox
+    parts = [] if o is None else [f"{o.unpublished} unpublished", f"{o.unconfirmed} unconfirmed"]
+    if o is not None and o.error is not None:
+        parts.insert(0, f"cannot store results ({o.error})")
+    if o is not None and o.lost:
+        parts.append(f"{o.lost} lost")
+    if o is not None and o.evicted:
+        parts.append(f"{o.evicted} evicted unconfirmed")
+    if p.outstanding:
+        parts.append(f"{p.outstanding} missing, being replayed")
+    return ", ".join(parts) or "—"
 
 
 def notification_json(n: Notification) -> dict[str, Any]:
@@ -788,19 +811,22 @@ _PROBE_BADGE: Final[Mapping[str, tuple[str, str]]] = {
 def _probes(snap: Snapshot, now: datetime) -> Markup:
     if not snap.probes:
         return html(el("h2", "Probes"), el("p", "No probes known.", class_="empty"))
-    table = _Table("Probe", "Status", "Last result", "Last status message", "Version", "Targets")
+    table = _Table("Probe", "Status", "Last result", "Last status message", "Delivery", "Version", "Targets")
     for p in snap.probes.values():
         status = probe_status(p)
         css, mark = _PROBE_BADGE[status]
+        trouble = delivery_trouble(p)
         table.row(
             el("span", p.id, class_="mono"),
             el("span", f"{mark} {status}", class_=f"badge {css}"),
             when(p.last_result_at, now, missing="never"),
             when(p.status_at, now, missing="never"),
+            el("span", delivery_text(p), class_="badge s-down" if trouble else ""),
             p.version or "—",
             ", ".join(p.targets) or "—",
             data_probe=p.id,
             data_status=status,
+            data_delivery="trouble" if trouble else "ok",
         )
     return html(el("h2", "Probes"), table.render())
 

@@ -175,7 +175,7 @@ def test_seq_going_backwards_is_rejected_not_recorded_as_a_gap(tmp_path: Path) -
     assert send(1) == "seq_reused"
     assert send(9) is None
     gaps = core.store.gaps_between(T0 - timedelta(days=1), T0 + timedelta(days=1))
-    assert [(p, a, n, m) for p, a, n, m, _ in gaps] == [("p1", 5, 8, 2)]
+    assert [(g.probe, g.after_seq, g.next_seq, g.missing, g.repaired) for g in gaps] == [("p1", 5, 8, 2, 2)]
     assert registry.get_sample_value("ecpm_results_missing_total", {"probe": "p1"}) == 2.0
     assert rejected(registry, "seq_reused") == 5.0
     assert [row[3] for row in rows(core.config.store.path)] == [5, 8, 6, 7, 9]

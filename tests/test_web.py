@@ -343,7 +343,8 @@ def test_api_probes_status() -> None:
         "lon-1": "online", "man-1": "online", "edi-1": "stale", "bel-1": "offline", "new-1": "unknown"
     }  # fmt: skip
     assert set(by_id["lon-1"]) == {
-        "id", "status", "online", "up", "status_at", "last_result_at", "version", "targets"
+        "id", "status", "online", "up", "status_at", "last_result_at", "version", "targets",
+        "outbox", "results_outstanding",
     }  # fmt: skip
     assert by_id["new-1"]["status_at"] is None and by_id["new-1"]["online"] is None
     assert by_id["lon-1"]["targets"] == ["uk-999", "uk-112", "ie-112"]

@@ -1,0 +1,122 @@
+"""The monitor's half of end-to-end delivery (``probes.delivery``): acks and replay requests.
+
+After each committed batch the service asks ``outgoing(now)`` for what to publish:
+
+- an ``ecpm.ack/1`` per probe whose highest contiguous stored seq
+  (``Store.contiguous_seq``) moved since it was last sent (all of them again after a
+  reconnect, ``resend_acks``): the probe then deletes what the store holds;
+- an ``ecpm.replay/1`` per range still missing (``Store.missing_ranges``) for a probe
+  with a new gap, and again every ``REPLAY_EVERY`` while anything is outstanding.
+
+What arrives in return is handled by the core: a result filling a gap (``filled``)
+counts as repaired; a status naming seq ranges the probe no longer has (``status``)
+makes them unrecoverable; a status announcing a higher ``last_seq`` than the store has,
+with nothing left unpublished, records the tail as a gap (the probe lost or the broker
+dropped its newest results and nothing newer has come to show it).
+
+All of it is bookkeeping in the store (``seq_gaps``, ``seq_gone``), so a restart loses
+nothing: acks are sent again on connect, open gaps are asked for again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from monitor.config import MonitorConfig
+from monitor.metrics import MonitorMetrics
+from monitor.store import Store
+from probes.delivery import MAX_REPLAY, OutboxHealth, make_ack, make_replay
+
+logger = logging.getLogger(__name__)
+
+REPLAY_EVERY = timedelta(seconds=10)  # asking again while results are outstanding
+MAX_RANGES = 16  # replay requests per probe per round
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Delivery:
+    def __init__(self, config: MonitorConfig, store: Store, metrics: MonitorMetrics) -> None:
+        prefix = config.mqtt.topic_prefix
+        self._acks = f"{prefix}/acks/"
+        self._commands = f"{prefix}/commands/"
+        self._keys = {p.id: p.secret.get_secret_value().encode() for p in config.probes}
+        self._store = store
+        self._metrics = metrics
+        self._sent_ack: dict[str, int] = {}  # last ack published per probe (this connection)
+        self._replay_due: dict[str, datetime] = {}  # probe -> when to ask (again)
+        self.outstanding: dict[str, int] = store.outstanding()
+        for probe in self.outstanding:
+            self._replay_due[probe] = datetime.min.replace(tzinfo=UTC)
+
+    # ------------------------------------------------------------ from ingest
+
+    def gap(self, probe: str, after: int, nxt: int, now: datetime) -> None:
+        """Record a gap (the store row is the caller's) and ask for it at the next round."""
+        self._metrics.missing.labels(probe).inc(nxt - after - 1)
+        logger.warning("%d result(s) missing from %s: seq %d..%d", nxt - after - 1, probe, after + 1, nxt - 1)
+        self._replay_due[probe] = now
+        self._refresh()
+
+    def filled(self, probe: str, seq: int, now: datetime) -> None:
+        if self._store.fill_gap(probe, seq, now):
+            self._metrics.repaired.labels(probe).inc()
+            self._refresh()
+
+    def status(self, probe: str, health: OutboxHealth, now: datetime) -> None:
+        """A verified status: what the probe says is gone, and a tail it published unseen."""
+        if health.gone:
+            lost = self._store.mark_gone(probe, health.gone, now)
+            if lost:
+                self._metrics.unrecoverable.labels(probe).inc(lost)
+                logger.error(
+                    "%d missing result(s) from %s are unrecoverable (the probe no longer has them)",
+                    lost,
+                    probe,
+                )
+            self._refresh()
+        last = self._store.last_seq(probe)
+        if health.unpublished == 0 and last is not None and health.last_seq > last:
+            self._store.record_gap(probe, last, health.last_seq + 1, now)
+            self._store.set_last_seq(probe, health.last_seq)
+            self.gap(probe, last, health.last_seq + 1, now)
+
+    def _refresh(self) -> None:
+        self.outstanding = self._store.outstanding()
+
+    # ------------------------------------------------------------ to the probes
+
+    def resend_acks(self) -> None:
+        """After a reconnect: the broker may have lost the retained acks."""
+        self._sent_ack.clear()
+
+    def outgoing(self, now: datetime) -> list[Outgoing]:
+        """Acks and replay requests due now; call after the store committed."""
+        out: list[Outgoing] = []
+        for probe, key in self._keys.items():
+            seq = self._store.contiguous_seq(probe)
+            if seq is not None and self._sent_ack.get(probe) != seq:
+                out.append(Outgoing(f"{self._acks}{probe}", make_ack(probe, seq, now, key), retain=True))
+                self._sent_ack[probe] = seq
+            due = self._replay_due.get(probe)
+            if due is None or due > now:
+                continue
+            ranges = self._store.missing_ranges(probe, MAX_RANGES)
+            if not ranges:
+                del self._replay_due[probe]
+                continue
+            for first, last in ranges:
+                upto = min(last, first + MAX_REPLAY - 1)
+                out.append(
+                    Outgoing(f"{self._commands}{probe}", make_replay(probe, first, upto, now, key), False)
+                )
+            logger.info("asking %s to replay %d range(s) from seq %d", probe, len(ranges), ranges[0][0])
+            self._replay_due[probe] = now + REPLAY_EVERY
+        return out
