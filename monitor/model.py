@@ -39,6 +39,21 @@ class ResultSummary:
     confirm: bool
     request_id: str | None
     version: str
+    # when the monitor judges it finished (``monitor.skew``: the probe's time corrected by its
+    # clock skew, never later than it arrived), decided at ingest and stored with the row;
+    # None only for a summary never judged (then ``finished_at`` stands in)
+    judged_at: datetime | None = None
+    clock_skew: float | None = None  # the probe's estimated skew it was judged with, seconds
+
+    @property
+    def judged(self) -> datetime:
+        """The time every freshness, staleness and last-success decision uses."""
+        return self.finished_at if self.judged_at is None else self.judged_at
+
+    @property
+    def judged_start(self) -> datetime:
+        """``started_at`` moved by the same correction as the finish."""
+        return self.started_at + (self.judged - self.finished_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +79,7 @@ class ProbeView:
     up: bool  # online and reporting on time
     version: str | None
     targets: tuple[str, ...]  # as the probe announced them
+    clock_skew: float | None = None  # estimated clock skew, seconds (probe ahead > 0); None: not known
 
 
 @dataclass(frozen=True, slots=True)
