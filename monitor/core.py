@@ -32,7 +32,7 @@ from monitor.model import (
     TargetStateName,
     TargetView,
 )
-from monitor.skew import WINDOW, SkewEstimator, judge
+from monitor.skew import WINDOW, SkewEstimator, judge, skewed
 from monitor.state import TargetTracker
 from monitor.status_ingest import OrderMarks, StatusRejected, StatusValidator
 from monitor.store import ProbeStatus, Store
@@ -80,6 +80,7 @@ class MonitorCore:
             notifiers=[n.name for n in config.notifiers],
             snapshot=lambda: self._snapshot,
             quarantined=lambda: len(store.quarantined()),
+            max_clock_skew=config.ingest.max_clock_skew,
         )
         self._ingest = ResultValidator(config, store)
         self.skew = SkewEstimator()  # each probe's clock skew: results are judged by it (monitor.skew)
@@ -283,6 +284,7 @@ class MonitorCore:
             probes=self._probe_views(now),
             open_incidents=tuple(sorted(open_by_key.values(), key=lambda i: i.id)),
             timeline=self._timeline(now),
+            max_clock_skew=self.config.ingest.max_clock_skew,
         )
         return self._snapshot
 
@@ -337,6 +339,7 @@ class MonitorCore:
         for probe in self.config.probes:
             status = self._probe_status.get(probe.id)
             last = self._last_result_at.get(probe.id)
+            skew = self.skew.estimate(probe.id, now)
             reporting = last is not None and now - last <= stale
             online = None if status is None else status.online
             views[probe.id] = ProbeView(
@@ -347,6 +350,7 @@ class MonitorCore:
                 up=bool(online) and reporting,
                 version=None if status is None else status.version,
                 targets=() if status is None else status.targets,
-                clock_skew=self.skew.estimate(probe.id, now),
+                clock_skew=skew,
+                clock_skewed=skewed(skew, self.config.ingest.max_clock_skew),
             )
         return views

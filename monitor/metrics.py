@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -66,6 +66,11 @@ class StateCollector(Collector):
         probe_up = GaugeMetricFamily(
             f"{NAMESPACE}_probe_up", "1 when the probe is online and reporting on time", labels=["probe"]
         )
+        skew = GaugeMetricFamily(
+            f"{NAMESPACE}_probe_clock_skew_seconds",
+            "Estimated clock skew of the probe (probe minus monitor, > 0 ahead), NaN until known",
+            labels=["probe"],
+        )
         open_by_target: dict[str, int] = {}
         for incident in snap.open_incidents:
             open_by_target[incident.target] = open_by_target.get(incident.target, 0) + 1
@@ -84,7 +89,8 @@ class StateCollector(Collector):
                     mos.add_metric([view.id, r.probe], r.mos)
         for probe in snap.probes.values():
             probe_up.add_metric([probe.id], 1.0 if probe.up else 0.0)
-        yield from (up, state, last_ok, incidents, mos, probe_up)
+            skew.add_metric([probe.id], math.nan if probe.clock_skew is None else probe.clock_skew)
+        yield from (up, state, last_ok, incidents, mos, probe_up, skew)
 
 
 class QuarantineCollector(Collector):
@@ -113,6 +119,7 @@ class MonitorMetrics:
         notifiers: Sequence[str],
         snapshot: Callable[[], Snapshot],
         quarantined: Callable[[], int] = lambda: 0,
+        max_clock_skew: float = 30.0,
     ) -> None:
         self.checks = Counter(
             "checks",
@@ -163,6 +170,13 @@ class MonitorMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.max_clock_skew = Gauge(
+            "ingest_max_clock_skew_seconds",
+            "ingest.max_clock_skew: a probe clock skew beyond this is alerted on (EcpmProbeClockSkew)",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.max_clock_skew.set(max_clock_skew)
         registry.register(StateCollector(snapshot))
         registry.register(QuarantineCollector(quarantined))
         for reason in REJECT_LABELS:

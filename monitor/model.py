@@ -80,6 +80,7 @@ class ProbeView:
     version: str | None
     targets: tuple[str, ...]  # as the probe announced them
     clock_skew: float | None = None  # estimated clock skew, seconds (probe ahead > 0); None: not known
+    clock_skewed: bool = False  # the skew is beyond ingest.max_clock_skew
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,3 +130,4 @@ class Snapshot:
     probes: Mapping[str, ProbeView]
     open_incidents: tuple[Incident, ...]
     timeline: tuple[StateChange, ...]  # state changes of the last 24 h, oldest first
+    max_clock_skew: float = 30.0  # ingest.max_clock_skew: a skew beyond it is marked
