@@ -4,15 +4,19 @@ clock skew — virtual time, real signed results, real SQLite (a restart is a ne
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import jsonschema
 from prometheus_client import CollectorRegistry
 
 from monitor.core import MonitorCore
+from monitor.report import TargetInfo, build_report
+from monitor.report_render import write
 from monitor.skew import SkewEstimator, judge
 from monitor.store import _SCHEMA as store_schema
 from monitor.store import SqliteStore
@@ -22,6 +26,9 @@ from tests.monitor_helpers import T0, Clock, ProbeSim, monitor_config
 from tests.test_monitor_core import Pages, make, state
 
 FIVE_MIN = timedelta(minutes=5)
+REPORT_SCHEMA = json.loads(
+    (Path(__file__).resolve().parent.parent / "docs/schema/report-v1.json").read_text()
+)
 
 
 def send(core: MonitorCore, sim: ProbeSim, outcome: str, stamped: datetime, **kw: object) -> None:
@@ -290,3 +297,88 @@ def test_a_store_from_before_judged_time_is_migrated(tmp_path: Path) -> None:
     assert core.snapshot().targets["t1"].state == "unknown"  # the future stamp is not fresh
     assert core.store.verify_chain(read=True).ok  # the chain covers the payload only
     assert core.store.quarantined() == []
+
+
+# ------------------------------------------------------------------ the evidence
+
+
+def test_the_report_uses_judged_time_and_marks_skewed_results(tmp_path: Path) -> None:
+    """p1 on time, then p2 five minutes ahead; the monitor then hears nothing and (as if
+    it were not running) records nothing. The report counts p2's results where they
+    arrived, not five minutes later, and marks every one of them as judged with a skew."""
+    clock = Clock()
+    core, _, _ = make(tmp_path, clock, probes=("p1", "p2"), ingest={"max_clock_skew": "30s"})
+    p1, p2 = ProbeSim("p1"), ProbeSim("p2")
+    for _ in range(20):
+        send(core, p1, "pass", clock.now)
+        core.evaluate(clock())
+        clock.advance(3)
+    ahead = []
+    for _ in range(100):
+        result = p2.result("t1", "pass", clock.now + FIVE_MIN)
+        assert core.handle(p2.topic("t1"), result.to_json()) is None
+        core.store.commit()
+        ahead.append((result, clock.now))
+        core.evaluate(clock())
+        clock.advance(3)
+    last_arrival = ahead[-1][1]
+    clock.advance(600)
+    core.store.close()
+
+    store = SqliteStore(tmp_path / "monitor.db")
+    try:
+        report = build_report(
+            store,
+            start=T0,
+            end=T0 + timedelta(hours=1),
+            targets=[TargetInfo("t1", fresh_within=30.0)],
+            generated_at=clock.now,
+            max_clock_skew=30.0,
+        )
+    finally:
+        store.close()
+    (t,) = report.targets
+    # fresh until 30 s after the last arrival; by the probe's stamps it would be 5 min more
+    assert t.time.up_seconds == (last_arrival + timedelta(seconds=30) - T0).total_seconds()
+    coverage = {c.probe: c for c in t.coverage}
+    assert (coverage["p2"].first_at, coverage["p2"].last_at) == (ahead[0][1], last_arrival)
+    on_time, fast = report.clock_skew
+    assert (on_time.probe, on_time.results, on_time.estimated, on_time.skewed) == ("p1", 20, 20, 0)
+    assert (on_time.min_seconds, on_time.max_seconds, on_time.listed) == (0.0, 0.0, ())
+    assert (fast.probe, fast.results, fast.skewed, fast.min_seconds, fast.max_seconds) == (
+        "p2",
+        100,
+        100,
+        300.0,
+        300.0,
+    )
+    assert (fast.first_skewed_at, fast.last_skewed_at) == (ahead[0][1], last_arrival)
+    assert [(x.id, x.finished_at, x.judged_at, x.clock_skew) for x in fast.listed] == [
+        (r.id, r.finished_at, received, 300.0) for r, received in ahead
+    ]
+
+    out = tmp_path / "report"
+    write(report, out, ["html", "json", "csv"])
+    data = json.loads((out / "report.json").read_text())
+    jsonschema.Draft202012Validator(REPORT_SCHEMA).validate(data)
+    assert data["definitions"]["max_clock_skew_seconds"] == 30.0
+    by_probe = {k["probe"]: k for k in data["probes"]["clock_skew"]}
+    assert (by_probe["p1"]["skewed"], by_probe["p2"]["skewed"]) == (0, 100)
+    first = by_probe["p2"]["skewed_results"][0]
+    assert first == {
+        "result_id": ahead[0][0].id,
+        "target": "t1",
+        "seq": 1,
+        "finished_at": format_time(ahead[0][0].finished_at),
+        "judged_at": format_time(ahead[0][1]),
+        "clock_skew_seconds": 300.0,
+    }
+    with (out / "clock_skew.csv").open(newline="") as f:
+        rows = {r["probe"]: r for r in csv.DictReader(f)}
+    assert (rows["p1"]["skewed"], rows["p2"]["skewed"], rows["p2"]["max_seconds"]) == ("0", "100", "300.0")
+    with (out / "skewed_results.csv").open(newline="") as f:
+        listed = list(csv.DictReader(f))
+    assert [r["result_id"] for r in listed] == [r.id for r, _ in ahead]
+    html = (out / "report.html").read_text()
+    assert 'data-table="clock-skew"' in html and 'data-table="skewed-results"' in html
+    assert "+300.000 s" in html and "beyond 30 s" in html
