@@ -84,6 +84,9 @@ class Ingest(StrictModel):
     # still evidence), started and finished no further ahead than max_clock_ahead
     max_result_age: Annotated[Duration, Field(ge=60, le=400 * 86400)] = 30 * 86400.0
     max_clock_ahead: Annotated[Duration, Field(ge=1, le=86400)] = 900.0
+    # a probe clock skew (monitor.skew) beyond this, either way, is marked in the evidence and
+    # alerted on (EcpmProbeClockSkew); results are judged by the monitor's clock whatever it is
+    max_clock_skew: Annotated[Duration, Field(ge=1, le=3600)] = 30.0
 
 
 class _Notifier(StrictModel):

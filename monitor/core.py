@@ -33,6 +33,7 @@ from monitor.model import (
     TargetStateName,
     TargetView,
 )
+from monitor.skew import WINDOW, SkewEstimator, judge, skewed
 from monitor.state import TargetTracker
 from monitor.status_ingest import OrderMarks, StatusRejected, StatusValidator
 from monitor.store import ProbeStatus, Store
@@ -82,9 +83,11 @@ class MonitorCore:
             notifiers=[n.name for n in config.notifiers],
             snapshot=lambda: self._snapshot,
             quarantined=lambda: len(store.quarantined()),
+            max_clock_skew=config.ingest.max_clock_skew,
         )
         self._ingest = ResultValidator(config, store)
         self.delivery = Delivery(config, store, self.metrics)
+        self.skew = SkewEstimator()  # each probe's clock skew: results are judged by it (monitor.skew)
         self._restore()
 
     # ------------------------------------------------------------ restart
@@ -93,6 +96,8 @@ class MonitorCore:
         """Rebuild in-memory state from the store: a restart changes nothing visible, except
         that the time the monitor was not running is recorded as what it was: unknown."""
         now = self.clock()
+        probes = [p.id for p in self.config.probes]
+        self.skew.restore(self.store.skew_samples(now - WINDOW), self.store.last_clock_skews(probes))
         longest = max(t.window for t in self.trackers.values())
         for r in self.store.results_between(now - max(longest, TIMELINE), now + timedelta(days=1)):
             self._track(r, now)
@@ -109,15 +114,16 @@ class MonitorCore:
         self.evaluate(now)
 
     def _track(self, summary: ResultSummary, now: datetime) -> None:
-        """Feed a result to its target's tracker, judged by the monitor's clock: a probe
-        whose clock runs ahead cannot keep a result "fresh" into the future."""
-        if summary.finished_at > now:
-            summary = replace(summary, finished_at=now, started_at=min(summary.started_at, now))
+        """Feed a result to its target's tracker at its judged time (``monitor.skew``),
+        never later than now: a probe whose clock runs ahead cannot keep a result "fresh"
+        into the future, before or after a restart."""
+        if summary.judged > now:  # a monitor clock stepped back since it was judged
+            summary = replace(summary, judged_at=now)
         tracker = self.trackers.get(summary.target)
         if tracker is not None:
             tracker.add(summary)
-        latest = self._last_result_at.get(summary.probe, summary.finished_at)
-        self._last_result_at[summary.probe] = max(summary.finished_at, latest)
+        latest = self._last_result_at.get(summary.probe, summary.judged)
+        self._last_result_at[summary.probe] = max(summary.judged, latest)
 
     def beat(self, now: datetime | None = None) -> None:
         """Record that the monitor is running (the service calls this every second)."""
@@ -159,7 +165,9 @@ class MonitorCore:
         if isinstance(verdict, Rejected):
             return self._reject(verdict.reason, topic, verdict.detail)
         result = verdict.result
-        if verdict.duplicate or not self.store.add_result(result, now):
+        skew = None if verdict.duplicate else self.skew.observe(result.probe, result.finished_at, now)
+        judged = judge(result.finished_at, now, skew)
+        if verdict.duplicate or not self.store.add_result(result, now, judged_at=judged, clock_skew=skew):
             self.metrics.duplicates.inc()
             logger.debug("duplicate result %s from %s", result.id, result.probe)
             return None
@@ -175,7 +183,7 @@ class MonitorCore:
             self.metrics.observe(result)
         except (ValueError, TypeError, OverflowError) as exc:  # validated: never, but never fatal
             logger.error("result %s stored but not counted in the metrics: %s", result.id, exc)
-        self._track(verdict.summary, now)
+        self._track(replace(verdict.summary, judged_at=judged, clock_skew=skew), now)
         return None
 
     @cached_property
@@ -270,7 +278,7 @@ class MonitorCore:
                 state=state,
                 since=since,
                 why=verdict.why,
-                last_success_at=None if last_ok is None else last_ok.finished_at,
+                last_success_at=None if last_ok is None else last_ok.judged,
                 covering_probes=verdict.covering_probes,
                 latest=tuple(latest.values()),
                 open_incident=None if current is None else current.id,
@@ -282,6 +290,7 @@ class MonitorCore:
             probes=self._probe_views(now),
             open_incidents=tuple(sorted(open_by_key.values(), key=lambda i: i.id)),
             timeline=self._timeline(now),
+            max_clock_skew=self.config.ingest.max_clock_skew,
         )
         return self._snapshot
 
@@ -336,6 +345,7 @@ class MonitorCore:
         for probe in self.config.probes:
             status = self._probe_status.get(probe.id)
             last = self._last_result_at.get(probe.id)
+            skew = self.skew.estimate(probe.id, now)
             reporting = last is not None and now - last <= stale
             online = None if status is None else status.online
             views[probe.id] = ProbeView(
@@ -348,5 +358,7 @@ class MonitorCore:
                 targets=() if status is None else status.targets,
                 outbox=self._outbox_health.get(probe.id),
                 outstanding=self.delivery.outstanding.get(probe.id, 0),
+                clock_skew=skew,
+                clock_skewed=skewed(skew, self.config.ingest.max_clock_skew),
             )
         return views

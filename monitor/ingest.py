@@ -27,6 +27,10 @@ trace but its counter and log line. Checks, in order; the first failure rejects:
 So only configured probes and targets and the known check kinds ever reach a metric
 label, and every stored row is one that every later step (metrics, state, report,
 ledger) can read.
+
+These checks decide what is accepted. When an accepted result counts as having finished
+is decided after them, by the monitor (``monitor.skew``: its judged time, stored with
+the row), never by the probe's stamp alone.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -65,6 +65,11 @@ class StateCollector(Collector):
         )
         probe_up = GaugeMetricFamily(
             f"{NAMESPACE}_probe_up", "1 when the probe is online and reporting on time", labels=["probe"]
+        )
+        skew = GaugeMetricFamily(
+            f"{NAMESPACE}_probe_clock_skew_seconds",
+            "Estimated clock skew of the probe (probe minus monitor, > 0 ahead), NaN until known",
+            labels=["probe"],
         )
         open_by_target: dict[str, int] = {}
         for incident in snap.open_incidents:
@@ -119,19 +124,9 @@ class StateCollector(Collector):
             outbox_error.add_metric([probe.id], math.nan if h is None else float(h.error is not None))
             lost.add_metric([probe.id], 0.0 if h is None else float(h.lost))
             evicted.add_metric([probe.id], 0.0 if h is None else float(h.evicted))
-        yield from (
-            up,
-            state,
-            last_ok,
-            incidents,
-            mos,
-            probe_up,
-            outstanding,
-            outbox,
-            outbox_error,
-            lost,
-            evicted,
-        )
+            skew.add_metric([probe.id], math.nan if probe.clock_skew is None else probe.clock_skew)
+        yield from (up, state, last_ok, incidents, mos, probe_up, skew)
+        yield from (outstanding, outbox, outbox_error, lost, evicted)
 
 
 class QuarantineCollector(Collector):
@@ -160,6 +155,7 @@ class MonitorMetrics:
         notifiers: Sequence[str],
         snapshot: Callable[[], Snapshot],
         quarantined: Callable[[], int] = lambda: 0,
+        max_clock_skew: float = 30.0,
     ) -> None:
         self.checks = Counter(
             "checks",
@@ -224,6 +220,13 @@ class MonitorMetrics:
             namespace=NAMESPACE,
             registry=registry,
         )
+        self.max_clock_skew = Gauge(
+            "ingest_max_clock_skew_seconds",
+            "ingest.max_clock_skew: a probe clock skew beyond this is alerted on (EcpmProbeClockSkew)",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.max_clock_skew.set(max_clock_skew)
         registry.register(StateCollector(snapshot))
         registry.register(QuarantineCollector(quarantined))
         for reason in REJECT_LABELS:

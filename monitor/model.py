@@ -61,6 +61,21 @@ class ResultSummary:
     confirm: bool
     request_id: str | None
     version: str
+    # when the monitor judges it finished (``monitor.skew``: the probe's time corrected by its
+    # clock skew, never later than it arrived), decided at ingest and stored with the row;
+    # None only for a summary never judged (then ``finished_at`` stands in)
+    judged_at: datetime | None = None
+    clock_skew: float | None = None  # the probe's estimated skew it was judged with, seconds
+
+    @property
+    def judged(self) -> datetime:
+        """The time every freshness, staleness and last-success decision uses."""
+        return self.finished_at if self.judged_at is None else self.judged_at
+
+    @property
+    def judged_start(self) -> datetime:
+        """``started_at`` moved by the same correction as the finish."""
+        return self.started_at + (self.judged - self.finished_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +103,8 @@ class ProbeView:
     targets: tuple[str, ...]  # as the probe announced them
     outbox: OutboxHealth | None = None  # as its latest verified status reported it
     outstanding: int = 0  # its results found missing, neither repaired nor gone
+    clock_skew: float | None = None  # estimated clock skew, seconds (probe ahead > 0); None: not known
+    clock_skewed: bool = False  # the skew is beyond ingest.max_clock_skew
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +154,4 @@ class Snapshot:
     probes: Mapping[str, ProbeView]
     open_incidents: tuple[Incident, ...]
     timeline: tuple[StateChange, ...]  # state changes of the last 24 h, oldest first
+    max_clock_skew: float = 30.0  # ingest.max_clock_skew: a skew beyond it is marked

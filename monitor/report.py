@@ -31,7 +31,16 @@ Call-weighted availability
 
 Buckets
     UTC quarter hours (Ofcom's benchmark granularity), clipped to the period. A result
-    belongs to the bucket its ``finished_at`` falls in, as everywhere in ecpm.
+    belongs to the bucket its judged time falls in, as everywhere in ecpm.
+
+Judged time and clock skew
+    Every time the report takes from a result (which period, which bucket, freshness,
+    coverage, versions, silences) is the monitor-judged time stored with it
+    (``monitor.skew``: the probe's ``finished_at`` corrected by the probe's estimated clock
+    skew, never later than the monitor received it), not the probe's own stamp. Per probe
+    the report shows the skew seen and every result judged with a skew beyond
+    ``ingest.max_clock_skew`` (``clock_skew``; the first ``SKEWED_LISTED`` per probe are
+    listed, all are counted).
 
 Efficiency: results are streamed one target and one UTC day at a time; per-bucket
 post-dial delays are reduced to median and maximum as soon as a bucket is complete.
@@ -49,6 +58,7 @@ from typing import Any, Final, Literal, Protocol
 
 from ecpm import __version__
 from monitor.model import TARGET_STATES, Incident, ResultSummary, SeqGap, StateChange, TargetStateName
+from monitor.skew import skewed
 from monitor.store import ChainReport, ProbeEvent, Quarantined, Verification
 from probes.result import ResultError, format_time, parse_time
 
@@ -59,6 +69,8 @@ GUARD_REFUSED: Final = "guard_refused"  # probes.checks: the live-number guard r
 STATE_RANK: Final[dict[TargetStateName, int]] = {"up": 0, "degraded": 1, "unknown": 2, "down": 3}
 AVAILABLE: Final[frozenset[TargetStateName]] = frozenset({"up", "degraded"})
 DEFAULT_FRESH_WITHIN: Final = 3 * 30.0  # Reachability.stale_after x MonitoredTarget.interval defaults
+DEFAULT_MAX_CLOCK_SKEW: Final = 30.0  # Ingest.max_clock_skew default
+SKEWED_LISTED: Final = 1000  # skewed results listed per probe (all are counted)
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
@@ -288,6 +300,63 @@ class Unreadable:
 
 
 @dataclass(frozen=True, slots=True)
+class SkewedResult:
+    """A result the monitor judged with a probe clock skew beyond ``ingest.max_clock_skew``."""
+
+    id: str
+    probe: str
+    target: str
+    seq: int
+    finished_at: datetime  # the probe's own stamp
+    judged_at: datetime  # the time the report (and the monitor) used
+    clock_skew: float  # the probe's estimated skew it was judged with, seconds (> 0: ahead)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeSkew:
+    """One probe's clock over the period, as the monitor estimated it at each result."""
+
+    probe: str
+    results: int  # results of the period from this probe (targets reported on)
+    estimated: int  # of them, judged with a known skew estimate
+    min_seconds: float | None  # lowest and highest skew estimate seen
+    max_seconds: float | None
+    skewed: int  # judged with a skew beyond the bound
+    first_skewed_at: datetime | None  # judged time of the first and last of them
+    last_skewed_at: datetime | None
+    listed: tuple[SkewedResult, ...]  # up to SKEWED_LISTED of them (first met), by judged time
+
+
+@dataclass(slots=True)
+class _SkewSeen:
+    results: int = 0
+    estimated: int = 0
+    low: float | None = None
+    high: float | None = None
+    skewed: int = 0
+    first: datetime | None = None
+    last: datetime | None = None
+    listed: list[SkewedResult] = field(default_factory=list)
+
+    def add(self, r: ResultSummary, bound: float) -> None:
+        self.results += 1
+        skew = r.clock_skew
+        if skew is None:
+            return
+        self.estimated += 1
+        self.low = skew if self.low is None else min(self.low, skew)
+        self.high = skew if self.high is None else max(self.high, skew)
+        if skewed(skew, bound):
+            self.skewed += 1
+            self.first = r.judged if self.first is None else min(self.first, r.judged)
+            self.last = r.judged if self.last is None else max(self.last, r.judged)
+            if len(self.listed) < SKEWED_LISTED:
+                self.listed.append(
+                    SkewedResult(r.id, r.probe, r.target, r.seq, r.finished_at, r.judged, skew)
+                )
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerCheck:
     """The hash chain of the stored results, verified over **every** row in the store."""
 
@@ -324,12 +393,14 @@ class Report:
     availability_target: float
     bucket_seconds: int
     pdd_threshold: float  # seconds: slower ringing on a pass makes a target degraded
+    max_clock_skew: float  # seconds: ingest.max_clock_skew, a skew beyond it is marked
     ledger: LedgerCheck
     targets: tuple[TargetReport, ...]
     probe_outages: tuple[ProbeOutage, ...]
     seq_gaps: tuple[SeqGap, ...]
     versions: tuple[VersionSeen, ...]
     unreadable: tuple[Unreadable, ...]
+    clock_skew: tuple[ProbeSkew, ...] = ()  # per probe with results in the period
 
 
 # ---------------------------------------------------------------- time helpers
@@ -383,6 +454,7 @@ def build_report(
     generated_at: datetime,
     store_name: str = "",
     pdd_threshold: float = 3.0,
+    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
     progress: Progress | None = None,
 ) -> Report:
     """The report for ``[start, end)`` over ``targets``; reads ``source``, never writes it."""
@@ -407,6 +479,7 @@ def build_report(
             verifications[v.target].append(v)
 
     versions: dict[tuple[str, str], list[Any]] = {}  # (probe, version) -> [first, last, count]
+    skews: dict[str, _SkewSeen] = {}
     unreadable: list[Unreadable] = []
     reports = []
     for n, info in enumerate(targets, 1):
@@ -422,6 +495,8 @@ def build_report(
                 incidents=incidents[info.id],
                 verifications=verifications[info.id],
                 versions=versions,
+                skews=skews,
+                max_clock_skew=max_clock_skew,
                 unreadable=unreadable,
                 say=say,
             )
@@ -443,6 +518,7 @@ def build_report(
         availability_target=AVAILABILITY_TARGET,
         bucket_seconds=BUCKET_SECONDS,
         pdd_threshold=pdd_threshold,
+        max_clock_skew=max_clock_skew,
         ledger=ledger,
         targets=tuple(reports),
         probe_outages=outages,
@@ -454,6 +530,22 @@ def build_report(
             )
         ),
         unreadable=tuple(unreadable),
+        clock_skew=tuple(_probe_skew(probe, seen) for probe, seen in sorted(skews.items())),
+    )
+
+
+def _probe_skew(probe: str, seen: _SkewSeen) -> ProbeSkew:
+    listed = tuple(sorted(seen.listed, key=lambda x: (x.judged_at, x.target, x.seq)))
+    return ProbeSkew(
+        probe=probe,
+        results=seen.results,
+        estimated=seen.estimated,
+        min_seconds=seen.low,
+        max_seconds=seen.high,
+        skewed=seen.skewed,
+        first_skewed_at=seen.first,
+        last_skewed_at=seen.last,
+        listed=listed,
     )
 
 
@@ -651,6 +743,8 @@ def _target_report(
     incidents: Sequence[Incident],
     verifications: Sequence[Verification],
     versions: dict[tuple[str, str], list[Any]],
+    skews: dict[str, _SkewSeen],
+    max_clock_skew: float,
     unreadable: list[Unreadable],
     say: Progress,
 ) -> TargetReport:
@@ -659,7 +753,7 @@ def _target_report(
     fresh = _Fresh(round(info.fresh_within * 1000))
     for r in _read(source, info.id, start_ms - fresh.window, start_ms, unreadable):
         if r.reason != GUARD_REFUSED:
-            fresh.add(_ms(r.finished_at))  # a result just before the period still counts
+            fresh.add(_ms(r.judged))  # a result just before the period still counts
 
     calls = {"placed": 0, "passed": 0, "failed": 0, "inconclusive": 0}
     kinds = {"scheduled": 0, "confirmations": 0, "on_demand": 0}
@@ -677,23 +771,25 @@ def _target_report(
         if days > 1:
             say(f"target {info.id}: {format_time(_at(chunk))[:10]} (day {day}/{days})")
         for r in _read(source, info.id, chunk, stop, unreadable):
-            at = _ms(r.finished_at)
+            judged = r.judged  # the monitor's time for it, never the probe's own stamp
+            at = _ms(judged)
             if at - last_seen > silence[1] - silence[0]:
                 silence = (last_seen, at)
             last_seen = max(last_seen, at)
             seen = coverage.get(r.probe)
             if seen is None:
-                coverage[r.probe] = [1, r.finished_at, r.finished_at]
+                coverage[r.probe] = [1, judged, judged]
             else:
                 seen[0] += 1
-                seen[2] = r.finished_at
+                seen[2] = judged
             version = versions.get((r.probe, r.version))
             if version is None:
-                versions[(r.probe, r.version)] = [r.finished_at, r.finished_at, 1]
+                versions[(r.probe, r.version)] = [judged, judged, 1]
             else:
-                version[0] = min(version[0], r.finished_at)
-                version[1] = max(version[1], r.finished_at)
+                version[0] = min(version[0], judged)
+                version[1] = max(version[1], judged)
                 version[2] += 1
+            skews.setdefault(r.probe, _SkewSeen()).add(r, max_clock_skew)
             if r.reason == GUARD_REFUSED:
                 refusals.append(r)
                 continue

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ecpm.configfile import load_config
 from ecpm.errors import UsageError
-from monitor.config import MonitorConfig, Reachability
+from monitor.config import Ingest, MonitorConfig, Reachability
 from monitor.report import TargetInfo, build_report, known_targets
 from monitor.report_render import FORMATS, write
 from monitor.store import SqliteStore
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     configured: list[TargetInfo] = []
     rules = Reachability()
+    ingest = Ingest()
     if args.config:
         config = load_config(args.config, MonitorConfig)
         path = config.store.path
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             for t in config.targets
         ]
         rules = config.reachability
+        ingest = config.ingest
     else:
         path = args.db
     if not Path(path).is_file():
@@ -153,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             generated_at=now,
             store_name=str(path),
             pdd_threshold=rules.degraded_post_dial_delay,
+            max_clock_skew=ingest.max_clock_skew,
             progress=progress,
         )
         if progress is not None:

@@ -38,6 +38,7 @@ from monitor.report import (
     LedgerCheck,
     Notice,
     ProbeOutage,
+    ProbeSkew,
     Report,
     Span,
     TargetReport,
@@ -221,7 +222,7 @@ def _target(t: TargetReport) -> dict[str, Any]:
         "verifications": [_verification(v) for v in t.verifications],
         "refusals": [
             {
-                "at": _t(r.finished_at),
+                "at": _t(r.judged),
                 "probe": r.probe,
                 "check": r.check,
                 "stage": r.stage,
@@ -263,6 +264,10 @@ def report_json(report: Report) -> dict[str, Any]:
             "availability_target": report.availability_target,
             "bucket_seconds": report.bucket_seconds,
             "pdd_threshold_seconds": report.pdd_threshold,
+            "max_clock_skew_seconds": report.max_clock_skew,
+            "judged_time": "every time taken from a result is the monitor-judged time: the probe's "
+            "finished_at corrected by the probe's estimated clock skew, never later than the monitor "
+            "received it",
             "time_weighted": "(up + degraded) / (up + degraded + down) seconds of the recorded state "
             "timeline; unknown, and any time without a result within fresh_within_seconds, is "
             "unmonitored and excluded (see monitored_fraction, lower_bound)",
@@ -295,6 +300,7 @@ def report_json(report: Report) -> dict[str, Any]:
                 }
                 for g in report.seq_gaps
             ],
+            "clock_skew": [_probe_skew(k) for k in report.clock_skew],
             "versions": [
                 {
                     "probe": v.probe,
@@ -309,6 +315,30 @@ def report_json(report: Report) -> dict[str, Any]:
         "unreadable": [
             {"target": u.target, "start": _t(u.start), "end": _t(u.end), "problem": u.problem}
             for u in report.unreadable
+        ],
+    }
+
+
+def _probe_skew(k: ProbeSkew) -> dict[str, Any]:
+    return {
+        "probe": k.probe,
+        "results": k.results,
+        "estimated": k.estimated,
+        "min_seconds": k.min_seconds,
+        "max_seconds": k.max_seconds,
+        "skewed": k.skewed,
+        "first_skewed_at": _t(k.first_skewed_at),
+        "last_skewed_at": _t(k.last_skewed_at),
+        "skewed_results": [
+            {
+                "result_id": x.id,
+                "target": x.target,
+                "seq": x.seq,
+                "finished_at": _t(x.finished_at),
+                "judged_at": _t(x.judged_at),
+                "clock_skew_seconds": x.clock_skew,
+            }
+            for x in k.listed
         ],
     }
 
@@ -469,7 +499,7 @@ def _csv_tables(report: Report) -> list[tuple[str, list[str], Rows]]:
             "refusals.csv",
             ["target", "at", "probe", "check", "stage", "result_id", "request_id", "confirm"],
             (
-                (t.id, r.finished_at, r.probe, r.check, r.stage, r.id, r.request_id, r.confirm)
+                (t.id, r.judged, r.probe, r.check, r.stage, r.id, r.request_id, r.confirm)
                 for t in ts
                 for r in t.refusals
             ),
@@ -478,6 +508,33 @@ def _csv_tables(report: Report) -> list[tuple[str, list[str], Rows]]:
             "coverage.csv",
             ["target", "probe", "results", "first_at", "last_at"],
             ((t.id, c.probe, c.results, c.first_at, c.last_at) for t in ts for c in t.coverage),
+        ),
+        (
+            "clock_skew.csv",
+            CLOCK_SKEW_HEADER,
+            (
+                (
+                    k.probe,
+                    k.results,
+                    k.estimated,
+                    k.min_seconds,
+                    k.max_seconds,
+                    k.skewed,
+                    k.first_skewed_at,
+                    k.last_skewed_at,
+                    report.max_clock_skew,
+                )
+                for k in report.clock_skew
+            ),
+        ),
+        (
+            "skewed_results.csv",
+            ["probe", "target", "seq", "result_id", "finished_at", "judged_at", "clock_skew_seconds"],
+            (
+                (x.probe, x.target, x.seq, x.id, x.finished_at, x.judged_at, x.clock_skew)
+                for k in report.clock_skew
+                for x in k.listed
+            ),
         ),
         (
             "unreadable.csv",
@@ -490,8 +547,12 @@ def _csv_tables(report: Report) -> list[tuple[str, list[str], Rows]]:
 CSV_FILES: Final = (
     "summary.csv", "ledger.csv", "buckets.csv", "timeline.csv", "incidents.csv", "notifications.csv",
     "gaps.csv", "probe_outages.csv", "sequence_gaps.csv", "verifications.csv", "versions.csv",
-    "refusals.csv", "coverage.csv", "unreadable.csv",
+    "refusals.csv", "coverage.csv", "clock_skew.csv", "skewed_results.csv", "unreadable.csv",
 )  # fmt: skip
+CLOCK_SKEW_HEADER: Final = [
+    "probe", "results", "estimated", "min_seconds", "max_seconds", "skewed", "first_skewed_at",
+    "last_skewed_at", "max_clock_skew_seconds",
+]  # fmt: skip
 
 
 def write_csv(report: Report, directory: Path) -> list[Path]:
@@ -1115,6 +1176,42 @@ def _probes_html(report: Report) -> str:
         ]
         for v in report.versions
     ]
+    bound = report.max_clock_skew
+    skews = [
+        [
+            _e(k.probe),
+            str(k.results),
+            _e(_skew_range(k)),
+            f'<span class="bad">{k.skewed}</span>' if k.skewed else "0",
+            _time(k.first_skewed_at) if k.first_skewed_at else "—",
+            _time(k.last_skewed_at) if k.last_skewed_at else "—",
+        ]
+        for k in report.clock_skew
+    ]
+    listed = [x for k in report.clock_skew for x in k.listed]
+    skewed_rows = [
+        [
+            _e(x.probe),
+            _e(x.target),
+            str(x.seq),
+            f"<code>{_e(x.id)}</code>",
+            _time(x.finished_at),
+            _time(x.judged_at),
+            _e(f"{x.clock_skew:+.3f} s"),
+        ]
+        for x in listed[:HTML_ROWS]
+    ]
+    skewed_table = ""
+    if skewed_rows:
+        skewed_table = _table(
+            [("Probe", ""), ("Target", ""), ("Seq", "num"), ("Result", ""), ("Probe's stamp", "t"),
+             ("Judged", "t"), ("Skew", "num")],
+            skewed_rows,
+            empty="",
+            name="skewed-results",
+            total=sum(k.skewed for k in report.clock_skew),
+            csv_name="skewed_results.csv",
+        )  # fmt: skip
     unreadable = ""
     if report.unreadable:
         unreadable = "<h3>Stored results that could not be read</h3>" + _table(
@@ -1146,6 +1243,23 @@ def _probes_html(report: Report) -> str:
             total=len(report.seq_gaps),
             csv_name="sequence_gaps.csv",
         )
+        + f"<h3>Probe clocks (results judged with a skew beyond {_e(duration(bound))} are marked)</h3>"
+        + "<p>Every time in this report is the monitor's judged time: the probe's own stamp corrected"
+        " by the probe's estimated clock skew, never later than the monitor received it.</p>"
+        + _table(
+            [
+                ("Probe", ""),
+                ("Results", "num"),
+                ("Skew seen", "num"),
+                ("Beyond the bound", "num"),
+                ("First", "t"),
+                ("Last", "t"),
+            ],
+            skews,
+            empty="No results in the period.",
+            name="clock-skew",
+        )
+        + skewed_table
         + "<h3>Software versions seen (from the signed results)</h3>"
         + _table(
             [("Probe", ""), ("Version", ""), ("First seen", "t"), ("Last seen", "t"), ("Results", "num")],
@@ -1156,6 +1270,14 @@ def _probes_html(report: Report) -> str:
         + unreadable
         + "</section>"
     )
+
+
+def _skew_range(k: ProbeSkew) -> str:
+    if k.min_seconds is None or k.max_seconds is None:
+        return "not known"
+    if k.min_seconds == k.max_seconds:
+        return f"{k.min_seconds:+.3f} s"
+    return f"{k.min_seconds:+.3f} … {k.max_seconds:+.3f} s"
 
 
 def _ledger_detail(report: Report) -> str:
@@ -1210,7 +1332,11 @@ def _definitions(report: Report) -> str:
         " (scheduled, confirmation and on-demand); inconclusive calls and blocked dial attempts count in"
         f" neither. Met at {target} or better.",
         "Quarter hours": f"{report.bucket_seconds // 60}-minute buckets aligned to UTC quarter hours; a call"
-        " belongs to the bucket in which it finished.",
+        " belongs to the bucket in which it finished, by the monitor's judged time.",
+        "Judged time": "the time a result finished as the monitor judges it: the probe's own stamp"
+        " corrected by the probe's estimated clock skew (the largest stamp − arrival difference over"
+        " the last 5 minutes of results), never later than the monitor received it. A probe clock"
+        f" off by more than {duration(report.max_clock_skew)} (ingest.max_clock_skew) is marked.",
         "Detection latency": "detected (incident opened) − start of the first failed call.",
         "Time to notify": "first trigger page delivered by the monitor's own notifiers − detected.",
         "Blocked dial attempts": "results whose reason is guard_refused: the live-number guard refused"

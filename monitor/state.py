@@ -10,6 +10,7 @@ Pure logic, no I/O: the service feeds results and asks for a verdict at a time.
   first result is still due). One flaky probe never makes a target down when another
   probe gets through; a probe that only pings OPTIONS or only gets 486 does not cover.
 - ``unknown``: no fresh result within ``stale_after × interval`` — a monitoring gap.
+  Fresh is by each result's judged time (``monitor.skew``), never the probe's own stamp.
 - ``degraded``: not down, but something is wrong: some probe's latest call failed,
   the latest results are inconclusive, or a pass had poor media or slow post-dial delay.
 - ``up``: otherwise.
@@ -65,11 +66,11 @@ class TargetTracker:
 
     def add(self, result: ResultSummary) -> None:
         self.seen_invite = self.seen_invite or result.check == "invite"
-        # results arrive nearly in order; keep the deque sorted by finish time
-        if not self._results or result.finished_at >= self._results[-1].finished_at:
+        # results arrive nearly in order; keep the deque sorted by judged time (monitor.skew)
+        if not self._results or result.judged >= self._results[-1].judged:
             self._results.append(result)
             return
-        items = sorted([*self._results, result], key=lambda r: r.finished_at)
+        items = sorted([*self._results, result], key=lambda r: r.judged)
         self._results = deque(items[-MAX_KEPT:], maxlen=MAX_KEPT)
 
     def recent(self) -> list[ResultSummary]:
@@ -100,9 +101,9 @@ class TargetTracker:
         failing probe cannot make a target down while another is still starting (but only
         for one interval: a probe that never calls cannot hold ``down`` off)."""
         rules = self.rules
-        fresh = [r for r in self.recent() if r.finished_at >= now - self.window]
+        fresh = [r for r in self.recent() if r.judged >= now - self.window]
         if not fresh:
-            last = self._results[-1].finished_at if self._results else None
+            last = self._results[-1].judged if self._results else None
             age = "never" if last is None else f"{format_duration((now - last).total_seconds())} ago"
             return Verdict(
                 "unknown",

@@ -12,6 +12,15 @@ survives the process being killed (the monitor acknowledges MQTT messages only a
 the commit), though not necessarily a power cut before the next checkpoint.
 Writes are batched: callers add many rows and ``commit()`` once per batch.
 
+Judged time: each row also carries ``judged_at``, the time the monitor judged the result
+finished (``monitor.skew``: ``min(received_at, finished_at - clock_skew)``), and the
+``clock_skew`` it was judged with. They are the monitor's own judgement, not the probe's
+signed word, so they sit outside the hash chain (which covers the payload only) and
+``verify_chain`` does not check them. Every time-range read (``results_between``) selects
+and orders by ``judged_at``. A store written before these columns existed gets them on
+open (``_migrate``), and so does any row found without a judged time (written by an older
+version): ``judged_at = min(finished_at, received_at)``, ``clock_skew`` NULL (not known).
+
 Quarantine: ``add_result`` stores only a payload it can read back (``parse_result``),
 so every row the monitor writes is readable. A row that is not (written by an older
 version before the bounds existed, or by hand) stays in the chain — removing it
@@ -41,6 +50,7 @@ from monitor.model import (
     StateChange,
     TargetStateName,
 )
+from monitor.skew import judge
 from probes.result import Result, ResultError, format_time, parse_result, parse_time
 
 logger = logging.getLogger(__name__)
@@ -52,6 +62,8 @@ _OPEN_GAPS_OVER = (
 )
 # columns added after a store was first written: (table, column, declaration), applied at open
 _ADDED_COLUMNS = (
+    ("results", "judged_at", "TEXT"),
+    ("results", "clock_skew", "REAL"),
     ("seq_gaps", "repaired", "INTEGER NOT NULL DEFAULT 0"),
     ("seq_gaps", "gone", "INTEGER NOT NULL DEFAULT 0"),
     ("seq_gaps", "closed_at", "TEXT"),
@@ -75,7 +87,9 @@ CREATE TABLE IF NOT EXISTS results (
     received_at TEXT NOT NULL,
     payload TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
+    hash TEXT NOT NULL,
+    judged_at TEXT,  -- the monitor-judged time (monitor.skew); added by _migrate to older stores
+    clock_skew REAL  -- the probe's estimated skew it was judged with, seconds; NULL: not known
 );
 CREATE INDEX IF NOT EXISTS results_target_time ON results (target, finished_at);
 CREATE INDEX IF NOT EXISTS results_request ON results (request_id) WHERE request_id IS NOT NULL;
@@ -176,7 +190,9 @@ def chain_hash(prev_hash: str, payload: str) -> str:
     return hashlib.sha256(f"{prev_hash}\n{payload}".encode()).hexdigest()
 
 
-def summarize(result: Result) -> ResultSummary:
+def summarize(
+    result: Result, *, judged_at: datetime | None = None, clock_skew: float | None = None
+) -> ResultSummary:
     return ResultSummary(
         id=result.id,
         probe=result.probe,
@@ -195,6 +211,8 @@ def summarize(result: Result) -> ResultSummary:
         confirm=result.confirm,
         request_id=result.request_id,
         version=result.version,
+        judged_at=judged_at,
+        clock_skew=clock_skew,
     )
 
 
@@ -268,7 +286,16 @@ class ProbeStatus:
 class Store(Protocol):
     """What the monitor needs from storage; SQLite here, PostgreSQL can follow."""
 
-    def add_result(self, result: Result, received_at: datetime) -> bool: ...
+    def add_result(
+        self,
+        result: Result,
+        received_at: datetime,
+        *,
+        judged_at: datetime | None = None,
+        clock_skew: float | None = None,
+    ) -> bool: ...
+    def skew_samples(self, since: datetime) -> list[tuple[str, datetime, datetime]]: ...
+    def last_clock_skews(self, probes: Sequence[str]) -> dict[str, float]: ...
     def last_seq(self, probe: str) -> int | None: ...
     def set_last_seq(self, probe: str, seq: int) -> None: ...
     def record_gap(self, probe: str, after_seq: int, next_seq: int, at: datetime) -> None: ...
@@ -348,6 +375,24 @@ def _dt(text: str | None) -> datetime | None:
     return None if text is None else parse_time(text)
 
 
+def _judged(value: object) -> datetime | None:
+    """A stored ``judged_at``; None (the probe's time stands in) when missing or damaged."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_time(value)
+    except ValueError:
+        return None
+
+
+def _skew(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# what _summaries reads of a row
+_SUMMARY_COLUMNS = "row, id, target, finished_at, payload, judged_at, clock_skew"
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -362,15 +407,26 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
-        for table, column, declaration in _ADDED_COLUMNS:
-            if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self._migrate()
         self._db.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
         self._db.commit()
         self._tip = self._load_tip()
         self._quarantined: dict[int, Quarantined] = {}  # unreadable rows met so far, by row
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older version up to this schema (idempotent)."""
+        for table, column, declaration in _ADDED_COLUMNS:
+            if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS results_judged ON results (judged_at)")
+        self._db.execute("CREATE INDEX IF NOT EXISTS results_target_judged ON results (target, judged_at)")
+        # rows without a judged time (stored by an older version): no skew is known for
+        # them, so the probe's time, never later than the monitor received it
+        self._db.execute(
+            "UPDATE results SET judged_at = MIN(finished_at, received_at) WHERE judged_at IS NULL"
+        )
 
     def _load_tip(self) -> str:
         row = self._db.execute("SELECT hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
@@ -403,8 +459,17 @@ class SqliteStore:
 
     # ------------------------------------------------------------ results
 
-    def add_result(self, result: Result, received_at: datetime) -> bool:
+    def add_result(
+        self,
+        result: Result,
+        received_at: datetime,
+        *,
+        judged_at: datetime | None = None,
+        clock_skew: float | None = None,
+    ) -> bool:
         """Append a verified result; False (and nothing stored) when its id is already there.
+        ``judged_at``: the monitor-judged time (``monitor.skew.judge``; without it, the
+        probe's time never later than ``received_at``), ``clock_skew`` the estimate used.
 
         The payload is read back before it is written: a result that would not come back
         whole (``parse_result``) raises ``ResultError`` and nothing is stored, so no row
@@ -417,8 +482,8 @@ class SqliteStore:
         digest = chain_hash(self._tip, payload)
         self._db.execute(
             "INSERT INTO results (id, probe, target, check_kind, seq, started_at, finished_at, outcome,"
-            " confirm, request_id, received_at, payload, prev_hash, hash)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " confirm, request_id, received_at, payload, prev_hash, hash, judged_at, clock_skew)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 result.id,
                 result.probe,
@@ -434,10 +499,42 @@ class SqliteStore:
                 payload,
                 self._tip,
                 digest,
+                format_time(judge(result.finished_at, received_at, None) if judged_at is None else judged_at),
+                None if clock_skew is None else round(clock_skew, 3),
             ),
         )
         self._tip = digest
         return True
+
+    def skew_samples(self, since: datetime) -> list[tuple[str, datetime, datetime]]:
+        """(probe, finished_at, received_at) of the rows received at or after ``since``, in
+        the order received (``monitor.skew`` rebuilds its window from them on restart).
+        Rows are appended as they arrive, so this walks back from the newest row only."""
+        limit = format_time(since)
+        out = []
+        for probe, finished_at, received_at in self._db.execute(
+            "SELECT probe, finished_at, received_at FROM results ORDER BY row DESC"
+        ):
+            if not isinstance(received_at, str) or received_at < limit:
+                break
+            try:
+                out.append((str(probe), parse_time(finished_at), parse_time(received_at)))
+            except (ValueError, TypeError):
+                continue  # a damaged row (quarantined by the readers) says nothing about a clock
+        out.reverse()
+        return out
+
+    def last_clock_skews(self, probes: Sequence[str]) -> dict[str, float]:
+        """Each probe's skew estimate as stored with its newest result (highest ``seq``)."""
+        out = {}
+        for probe in probes:
+            row = self._db.execute(
+                "SELECT clock_skew FROM results WHERE probe = ? ORDER BY seq DESC LIMIT 1", (probe,)
+            ).fetchone()
+            skew = None if row is None else _skew(row[0])
+            if skew is not None:
+                out[probe] = skew
+        return out
 
     def has_result(self, result_id: str) -> bool:
         return self._db.execute("SELECT 1 FROM results WHERE id = ?", (result_id,)).fetchone() is not None
@@ -581,12 +678,13 @@ class SqliteStore:
         self._db.commit()
 
     def _summaries(self, sql: str, args: Sequence[Any]) -> list[ResultSummary]:
-        """Summaries of the rows ``sql`` selects (row, id, target, finished_at, payload);
-        an unreadable row is quarantined and skipped."""
+        """Summaries of the rows ``sql`` selects (row, id, target, finished_at, payload,
+        judged_at, clock_skew); an unreadable row is quarantined and skipped."""
         out = []
-        for row, result_id, target, finished_at, payload in self._db.execute(sql, args):
+        for row, result_id, target, finished_at, payload, judged_at, skew in self._db.execute(sql, args):
             try:
-                out.append(summarize(read_payload(payload)))
+                result = read_payload(payload)
+                out.append(summarize(result, judged_at=_judged(judged_at), clock_skew=_skew(skew)))
             except ResultError as exc:
                 self._quarantine(row, result_id, target, finished_at, str(exc))
         return out
@@ -611,20 +709,17 @@ class SqliteStore:
     def results_between(
         self, start: datetime, end: datetime, target: str | None = None
     ) -> list[ResultSummary]:
-        """Results that finished in [start, end), oldest first (unreadable rows skipped)."""
-        sql = (
-            "SELECT row, id, target, finished_at, payload FROM results"
-            " WHERE finished_at >= ? AND finished_at < ?"
-        )
+        """Results judged (``judged_at``) in [start, end), oldest first (unreadable rows skipped)."""
+        sql = f"SELECT {_SUMMARY_COLUMNS} FROM results WHERE judged_at >= ? AND judged_at < ?"
         args: list[Any] = [format_time(start), format_time(end)]
         if target is not None:
             sql += " AND target = ?"
             args.append(target)
-        return self._summaries(sql + " ORDER BY finished_at, row", args)
+        return self._summaries(sql + " ORDER BY judged_at, row", args)
 
     def result_by_request(self, request_id: str) -> list[ResultSummary]:
         return self._summaries(
-            "SELECT row, id, target, finished_at, payload FROM results WHERE request_id = ? ORDER BY row",
+            f"SELECT {_SUMMARY_COLUMNS} FROM results WHERE request_id = ? ORDER BY row",
             [request_id],
         )
 
@@ -663,9 +758,9 @@ class SqliteStore:
                     kind,
                     format_time(at),
                     None if last_good is None else last_good.id,
-                    None if last_good is None else format_time(last_good.finished_at),
+                    None if last_good is None else format_time(last_good.judged),
                     None if first_failed is None else first_failed.id,
-                    None if first_failed is None else format_time(first_failed.started_at),
+                    None if first_failed is None else format_time(first_failed.judged_start),
                     summary,
                 ),
             )

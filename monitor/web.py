@@ -21,10 +21,16 @@ milliseconds (``"2025-06-25T14:03:11.250Z"``); durations are seconds in fields n
   latest`` [Result], the latest result per (probe, check), newest first.
 - Result: ``id, probe, target, check, seq, started_at, finished_at, outcome``
   (pass|fail|inconclusive)``, stage, reason, sip_status, sip_reason,
-  post_dial_delay_seconds, mos, confirm, request_id, version``.
+  post_dial_delay_seconds, mos, confirm, request_id, version, judged_at,
+  clock_skew_seconds``. ``started_at``/``finished_at`` are the probe's own stamps;
+  ``judged_at`` is when the monitor judges it finished (``monitor.skew``), the time every
+  freshness decision and ``last_success_at`` use; ``clock_skew_seconds`` the probe's
+  estimated skew it was judged with (null: not known).
 - Probe: ``id, status`` (online|stale|offline|unknown: online but not reporting on time is
   stale; never heard of is unknown)``, online`` (bool or null)``, up, status_at,
-  last_result_at, version, targets`` [str].
+  last_result_at`` (judged time)``, version, targets`` [str]``, clock_skew_seconds``
+  (estimated, probe minus monitor; null until known)``, clock_skewed`` (beyond
+  ``ingest.max_clock_skew``)``.
 - Incident: ``id, target, kind`` (down|gap)``, state`` (open|resolved)``, opened_at``
   (= detected)``, resolved_at, last_good_id, last_good_at, first_failed_id,
   first_failed_at, detection_latency_seconds, summary, notifications`` [Notification].
@@ -77,6 +83,7 @@ from monitor.model import (
     TargetStateName,
     TargetView,
 )
+from monitor.skew import skewed
 
 __all__ = ["Action", "ActionError", "ListenError", "create_app", "serve"]
 
@@ -269,6 +276,8 @@ def result_json(r: ResultSummary) -> dict[str, Any]:
         "confirm": r.confirm,
         "request_id": r.request_id,
         "version": r.version,
+        "judged_at": _time(r.judged),
+        "clock_skew_seconds": _finite(r.clock_skew),
     }
 
 
@@ -308,6 +317,8 @@ def probe_json(p: ProbeView) -> dict[str, Any]:
         "targets": list(p.targets),
         "outbox": None if p.outbox is None else p.outbox.to_dict(),
         "results_outstanding": p.outstanding,
+        "clock_skew_seconds": _finite(p.clock_skew),
+        "clock_skewed": p.clock_skewed,
     }
 
 
@@ -616,7 +627,7 @@ def _target_card(t: TargetView, snap: Snapshot, now: datetime) -> Markup:
         el("p", t.why, class_="why"),
         el("div", facts, class_="facts"),
         _timeline(t, snap),
-        _results(t.latest, now),
+        _results(t.latest, now, snap.max_clock_skew),
         class_=f"card st-{t.state}",
         id=f"target-{t.id}",
         data_target=t.id,
@@ -648,7 +659,15 @@ class _Table:
         return el("div", table, class_="panel")
 
 
-def _results(results: Sequence[ResultSummary], now: datetime) -> Markup:
+def _skew_tag(skew: float | None, bound: float) -> Markup | None:
+    """A mark on a result judged with a clock skew beyond ``ingest.max_clock_skew``."""
+    if not skewed(skew, bound):
+        return None
+    assert skew is not None
+    return el("span", f"probe clock {skew:+.1f} s", class_="tag", title="judged by the monitor's clock")
+
+
+def _results(results: Sequence[ResultSummary], now: datetime, bound: float = 30.0) -> Markup:
     if not results:
         return el("p", "No results yet.", class_="empty")
     table = _Table(
@@ -666,6 +685,7 @@ def _results(results: Sequence[ResultSummary], now: datetime) -> Markup:
         tags = [
             el("span", "confirm", class_="tag") if r.confirm else None,
             el("span", "on demand", class_="tag", title=f"request {r.request_id}") if r.request_id else None,
+            _skew_tag(r.clock_skew, bound),
         ]
         table.row(
             el("span", r.probe, class_="mono"),
@@ -675,7 +695,7 @@ def _results(results: Sequence[ResultSummary], now: datetime) -> Markup:
             _sip(r.sip_status, r.sip_reason),
             _num(r.post_dial_delay, ".2f", " s"),
             _num(r.mos, ".2f"),
-            when(r.finished_at, now, short=True),
+            when(r.judged, now, short=True),
             data_probe=r.probe,
             data_check=r.check,
             data_outcome=r.outcome,
@@ -811,7 +831,16 @@ _PROBE_BADGE: Final[Mapping[str, tuple[str, str]]] = {
 def _probes(snap: Snapshot, now: datetime) -> Markup:
     if not snap.probes:
         return html(el("h2", "Probes"), el("p", "No probes known.", class_="empty"))
-    table = _Table("Probe", "Status", "Last result", "Last status message", "Delivery", "Version", "Targets")
+    table = _Table(
+        "Probe",
+        "Status",
+        "Last result",
+        "Last status message",
+        "Delivery",
+        "Clock skew",
+        "Version",
+        "Targets",
+    )
     for p in snap.probes.values():
         status = probe_status(p)
         css, mark = _PROBE_BADGE[status]
@@ -822,6 +851,11 @@ def _probes(snap: Snapshot, now: datetime) -> Markup:
             when(p.last_result_at, now, missing="never"),
             when(p.status_at, now, missing="never"),
             el("span", delivery_text(p), class_="badge s-down" if trouble else ""),
+            html(
+                _num(p.clock_skew, "+.1f", " s"),
+                " ",
+                el("span", f"beyond {snap.max_clock_skew:g} s", class_="tag") if p.clock_skewed else None,
+            ),
             p.version or "—",
             ", ".join(p.targets) or "—",
             data_probe=p.id,

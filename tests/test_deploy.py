@@ -58,6 +58,7 @@ ALERTS = {
     "EmergencyMonitorDown": ("page", False),
     "EcpmProbeOutboxTrouble": ("ticket", False),
     "EcpmResultsUnrepaired": ("ticket", False),
+    "EcpmProbeClockSkew": ("ticket", False),
 }
 
 

@@ -310,6 +310,7 @@ TARGET_FIELDS = {
 RESULT_FIELDS = {
     "id", "probe", "target", "check", "seq", "started_at", "finished_at", "outcome", "stage", "reason",
     "sip_status", "sip_reason", "post_dial_delay_seconds", "mos", "confirm", "request_id", "version",
+    "judged_at", "clock_skew_seconds",
 }  # fmt: skip
 
 
@@ -344,7 +345,7 @@ def test_api_probes_status() -> None:
     }  # fmt: skip
     assert set(by_id["lon-1"]) == {
         "id", "status", "online", "up", "status_at", "last_result_at", "version", "targets",
-        "outbox", "results_outstanding",
+        "outbox", "results_outstanding", "clock_skew_seconds", "clock_skewed",
     }  # fmt: skip
     assert by_id["new-1"]["status_at"] is None and by_id["new-1"]["online"] is None
     assert by_id["lon-1"]["targets"] == ["uk-999", "uk-112", "ie-112"]
@@ -617,3 +618,35 @@ def test_page_with_nothing_known_yet() -> None:
     fresh = replace(healthy(), timeline=())  # no state changes recorded: the strip starts at `since`
     card = browser.parse(request(make_app(fresh), "GET", "/").text).find("article", data_target="uk-112")
     assert [r.attrs["class"] for r in card.find_all("rect")] == ["s-none", "s-degraded"]
+
+
+def test_clock_skew_on_the_api_and_the_status_page() -> None:
+    """A probe whose clock is off: its estimated skew is in the API and on the page, and a
+    result judged with a skew beyond ingest.max_clock_skew is marked; times shown are judged."""
+    snap = healthy()
+    skewed = replace(
+        snap.targets["uk-999"].latest[0],
+        finished_at=ago(minutes=-5),
+        judged_at=ago(seconds=4),
+        clock_skew=300.0,
+    )
+    uk = replace(snap.targets["uk-999"], latest=(skewed, *snap.targets["uk-999"].latest[1:]))
+    probes = {**PROBES, "lon-1": replace(PROBES["lon-1"], clock_skew=300.0, clock_skewed=True)}
+    snap = replace(snap, targets={**snap.targets, "uk-999": uk}, probes=probes, max_clock_skew=30.0)
+    app = make_app(snap)
+    by_id = {p["id"]: p for p in request(app, "GET", "/api/v1/probes").json()["probes"]}
+    assert (by_id["lon-1"]["clock_skew_seconds"], by_id["lon-1"]["clock_skewed"]) == (300.0, True)
+    assert (by_id["man-1"]["clock_skew_seconds"], by_id["man-1"]["clock_skewed"]) == (None, False)
+    latest = request(app, "GET", "/api/v1/targets").json()["targets"][0]["latest"][0]
+    assert latest["clock_skew_seconds"] == 300.0
+    assert latest["judged_at"] < latest["finished_at"]  # the probe's stamp is 5 min ahead
+
+    dom = browser.parse(request(app, "GET", "/").text)
+    row = dom.find("tr", data_probe="lon-1", data_status="online")
+    assert "+300.0 s" in row.text and "beyond 30 s" in row.text
+    assert "—" in dom.find("tr", data_probe="man-1", data_status="online").text
+    card = dom.find("article", data_target="uk-999")
+    first = card.find("tr", data_probe="lon-1", data_check="invite")
+    assert "probe clock +300.0 s" in first.text
+    assert first.find("time").attrs["datetime"] == latest["judged_at"]  # shown at its judged time
+    assert "probe clock" not in card.find("tr", data_probe="man-1").text
