@@ -21,6 +21,8 @@ ecpm_probe_outbox_last_seq                      gauge
 ecpm_probe_outbox_unconfirmed                   gauge    published, kept until the monitor's ack
 ecpm_probe_outbox_confirmed_seq                 gauge    the monitor's last ack
 ecpm_probe_outbox_evicted_total                 counter  kept results dropped over the bound unconfirmed
+ecpm_probe_mqtt_acks_total                      counter  the monitor's verified acks
+ecpm_probe_mqtt_replays_total                   counter  replay requests answered
 ecpm_probe_mqtt_connected                       gauge    (1 connected, 0 not)
 ecpm_probe_mqtt_published_total                 counter
 ecpm_probe_mqtt_publish_errors_total            counter
@@ -137,6 +139,8 @@ class ProbeCollector(Collector):
             yield _gauge("mqtt_connected", "1 while connected to the MQTT broker.", 1 if m.connected else 0)
             yield _counter("mqtt_published", "Results acknowledged by the broker.", m.published_total)
             yield _counter("mqtt_publish_errors", "Result publishes that failed.", m.publish_errors_total)
+            yield _counter("mqtt_acks", "Signed acks from the monitor (results it stored).", m.acks_total)
+            yield _counter("mqtt_replays", "Replay requests from the monitor answered.", m.replays_total)
             yield _counter(
                 "mqtt_connection_failures",
                 "Failed attempts to connect to the broker.",

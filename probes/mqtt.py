@@ -148,8 +148,10 @@ class PublisherStats:
     published_total: int
     publish_errors_total: int
     commands_accepted_total: int
-    commands_refused_total: Mapping[str, int]  # reason -> count
+    commands_refused_total: Mapping[str, int]  # reason -> count ("ack"/"replay": a bad one)
     last_error: str | None
+    acks_total: int = 0  # the monitor's verified acks
+    replays_total: int = 0  # replay requests answered
 
 
 def parse_command(payload: bytes, *, broadcast: bool) -> Command:
@@ -274,6 +276,8 @@ class Publisher:
                 commands_accepted_total=self._accepted,
                 commands_refused_total=dict(self._refused),
                 last_error=self._last_error,
+                acks_total=self._acks,
+                replays_total=self._replays,
             )
 
     async def run(self) -> None:
