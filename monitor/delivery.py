@@ -6,7 +6,9 @@ After each committed batch the service asks ``outgoing(now)`` for what to publis
   (``Store.contiguous_seq``) moved since it was last sent (all of them again after a
   reconnect, ``resend_acks``): the probe then deletes what the store holds;
 - an ``ecpm.replay/1`` per range still missing (``Store.missing_ranges``) for a probe
-  with a new gap, and again every ``REPLAY_EVERY`` while anything is outstanding.
+  with a new gap, and again every ``REPLAY_EVERY`` while anything is outstanding and
+  nothing replayed has arrived for that long (asking again while the probe is still
+  sending would restart it from the first range).
 
 What arrives in return is handled by the core: a result filling a gap (``filled``)
 counts as repaired; a status naming seq ranges the probe no longer has (``status``)
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 REPLAY_EVERY = timedelta(seconds=10)  # asking again while results are outstanding
 MAX_RANGES = 16  # replay requests per probe per round
+JOIN = 64  # missing ranges at most this far apart are asked for as one
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class Delivery:
         self._metrics = metrics
         self._sent_ack: dict[str, int] = {}  # last ack published per probe (this connection)
         self._replay_due: dict[str, datetime] = {}  # probe -> when to ask (again)
+        self._progress: dict[str, datetime] = {}  # probe -> when a replayed result last filled a gap
         self.outstanding: dict[str, int] = store.outstanding()
         for probe in self.outstanding:
             self._replay_due[probe] = datetime.min.replace(tzinfo=UTC)
@@ -68,6 +72,7 @@ class Delivery:
     def filled(self, probe: str, seq: int, now: datetime) -> None:
         if self._store.fill_gap(probe, seq, now):
             self._metrics.repaired.labels(probe).inc()
+            self._progress[probe] = now
             self._refresh()
 
     def status(self, probe: str, health: OutboxHealth, now: datetime) -> None:
@@ -108,15 +113,18 @@ class Delivery:
             due = self._replay_due.get(probe)
             if due is None or due > now:
                 continue
-            ranges = self._store.missing_ranges(probe, MAX_RANGES)
+            progress = self._progress.get(probe)
+            if progress is not None and now - progress < REPLAY_EVERY:
+                continue  # the probe is still sending what it was asked for: do not restart it
+            ranges = self._store.missing_ranges(probe, MAX_RANGES, join=JOIN, span=MAX_REPLAY)
             if not ranges:
                 del self._replay_due[probe]
                 continue
-            for first, last in ranges:
-                upto = min(last, first + MAX_REPLAY - 1)
-                out.append(
-                    Outgoing(f"{self._commands}{probe}", make_replay(probe, first, upto, now, key), False)
-                )
+            for first, last in ranges:  # one request names at most MAX_REPLAY seq numbers
+                for start in range(first, last + 1, MAX_REPLAY):
+                    end = min(last, start + MAX_REPLAY - 1)
+                    payload = make_replay(probe, start, end, now, key)
+                    out.append(Outgoing(f"{self._commands}{probe}", payload, False))
             logger.info("asking %s to replay %d range(s) from seq %d", probe, len(ranges), ranges[0][0])
             self._replay_due[probe] = now + REPLAY_EVERY
         return out

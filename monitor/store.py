@@ -301,7 +301,9 @@ class Store(Protocol):
     def record_gap(self, probe: str, after_seq: int, next_seq: int, at: datetime) -> None: ...
     def fill_gap(self, probe: str, seq: int, at: datetime) -> bool: ...
     def mark_gone(self, probe: str, ranges: Sequence[tuple[int, int]], at: datetime) -> int: ...
-    def missing_ranges(self, probe: str, limit: int) -> list[tuple[int, int]]: ...
+    def missing_ranges(
+        self, probe: str, limit: int, *, join: int = 0, span: int = 0
+    ) -> list[tuple[int, int]]: ...
     def contiguous_seq(self, probe: str) -> int | None: ...
     def outstanding(self) -> dict[str, int]: ...
     def commit(self) -> None: ...
@@ -636,9 +638,14 @@ class SqliteStore:
             (len(stored), gone, closed, rowid),
         )
 
-    def missing_ranges(self, probe: str, limit: int) -> list[tuple[int, int]]:
+    def missing_ranges(
+        self, probe: str, limit: int, *, join: int = 0, span: int = 0
+    ) -> list[tuple[int, int]]:
         """Up to ``limit`` seq ranges still missing from the probe's open gaps (neither
-        stored nor gone), oldest first: what a replay request asks for."""
+        stored nor gone), oldest first: what a replay request asks for. Ranges at most
+        ``join`` apart become one (of at most ``span`` seq numbers, when given): many
+        small gaps — a stranded session took every other result — are asked for in a
+        few requests, at the cost of resending what lies between."""
         out: list[tuple[int, int]] = []
         for after, nxt in self._db.execute(
             "SELECT after_seq, next_seq FROM seq_gaps WHERE probe = ? AND closed_at IS NULL"
@@ -650,9 +657,13 @@ class SqliteStore:
             expected = after + 1
             for a, b in [*sorted(have), (nxt, nxt)]:
                 if a > expected:
-                    out.append((expected, a - 1))
-                    if len(out) >= limit:
+                    first, last = expected, a - 1
+                    if out and first - out[-1][1] - 1 <= join and (not span or last - out[-1][0] < span):
+                        out[-1] = (out[-1][0], last)
+                    elif len(out) >= limit:
                         return out
+                    else:
+                        out.append((first, last))
                 expected = max(expected, b + 1)
         return out
 

@@ -178,6 +178,28 @@ def test_a_gap_is_asked_for_repaired_or_gone_and_then_acked(tmp_path: Path) -> N
     assert [o.topic for o in out] == ["ecpm/v1/acks/p1"]
 
 
+def test_many_small_gaps_are_asked_for_in_few_requests_and_big_ones_split(tmp_path: Path) -> None:
+    """A retired monitor's stranded session took every other result; one huge gap."""
+    clock = Clock()
+    config = monitor_config(tmp_path)
+    core = MonitorCore(config, SqliteStore(config.store.path), CollectorRegistry(), clock=clock)
+    sim = ProbeSim("p1")
+    for r in [sim.result("t1", "pass", clock.advance(1)) for _ in range(400)][::2]:  # 1, 3, 5, ...
+        assert core.handle(sim.topic("t1"), r.to_json()) is None
+    sim.seq += 2 * d.MAX_REPLAY + 10
+    assert core.handle(sim.topic("t1"), sim.result("t1", "pass", clock.advance(1)).to_json()) is None
+    core.store.commit()
+    asked = [
+        d.parse_message(o.payload, schema=d.REPLAY_SCHEMA, probe="p1", key=KEY)
+        for o in core.delivery.outgoing(clock.now)
+        if "/commands/" in o.topic
+    ]
+    ranges = [(a.first, a.last) for a in asked if isinstance(a, d.Replay)]
+    assert ranges[0] == (2, 398)  # 199 gaps of one: one request (what lies between is sent again)
+    assert all(last - first < d.MAX_REPLAY for first, last in ranges)
+    assert ranges[1:] == [(400, 100_399), (100_400, 200_399), (200_400, 200_410)]  # split
+
+
 def test_a_tail_the_monitor_never_saw_is_a_gap(tmp_path: Path) -> None:
     """The broker dropped the probe's newest results and the probe then went quiet: its
     status (nothing unpublished, last_seq 8) shows what is missing."""
