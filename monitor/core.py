@@ -7,6 +7,11 @@ schema, fields and value bounds, known probe, topic, signature, known target, ti
 around the receive time, seq rules) and a bad one is rejected with a bounded reason,
 counted and logged, never stored and never fatal. A stored row that cannot be read
 (quarantined by the store) is skipped on restart, never fatal.
+
+Constructing a core restores its state from the store but evaluates nothing and so
+never pages: the first ``evaluate()`` (the caller's, once its pager can take a page)
+opens whatever incident the stored state calls for — e.g. a gap after the monitor was
+away longer than ``gap_incident_after`` — stored and paged like any other.
 """
 
 from __future__ import annotations
@@ -87,7 +92,8 @@ class MonitorCore:
 
     def _restore(self) -> None:
         """Rebuild in-memory state from the store: a restart changes nothing visible, except
-        that the time the monitor was not running is recorded as what it was: unknown."""
+        that the time the monitor was not running is recorded as what it was: unknown.
+        Nothing is evaluated here (module docstring): the caller's first ``evaluate()``."""
         now = self.clock()
         longest = max(t.window for t in self.trackers.values())
         for r in self.store.results_between(now - max(longest, TIMELINE), now + timedelta(days=1)):
@@ -102,7 +108,7 @@ class MonitorCore:
                 self._states[target] = ("unknown", last_beat, "the monitor was not running")
             else:
                 self._states[target] = (state, since, "restored after restart")
-        self.evaluate(now)
+        self.store.commit()
 
     def _track(self, summary: ResultSummary, now: datetime) -> None:
         """Feed a result to its target's tracker, judged by the monitor's clock: a probe

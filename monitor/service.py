@@ -54,6 +54,9 @@ class MonitorService:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.store = SqliteStore(config.store.path)
+        # the core restores its state but evaluates nothing (so pages nothing) until run():
+        # by then the dispatcher exists, and an incident the stored state opens at once
+        # (e.g. a gap after a long stop) is stored and paged like any other
         self.core = MonitorCore(config, self.store, self.registry, pager=self._page)
         self.dispatcher = Dispatcher(
             store=self.store,
@@ -78,6 +81,7 @@ class MonitorService:
         await asyncio.wait_for(self.mqtt_client.publish(topic, payload, qos=1), timeout=10)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.core.evaluate()  # the first evaluation after a (re)start: the pager exists now
         app = create_app(
             snapshot=self.core.snapshot,
             registry=self.registry,

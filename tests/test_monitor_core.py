@@ -243,7 +243,7 @@ def test_restart_keeps_state_and_opens_no_duplicate_incident(tmp_path: Path) -> 
     core.store.close()
     clock.advance(3)
     again, _, pages_after = make(tmp_path, clock)
-    view = again.snapshot().targets["t1"]
+    view = again.evaluate(clock()).targets["t1"]
     assert (view.state, view.since) == ("down", since)
     assert pages_after == []  # the open incident was found, not re-opened
     assert len(again.store.open_incidents()) == 1
@@ -338,7 +338,13 @@ def test_time_the_monitor_was_not_running_is_unknown(tmp_path: Path) -> None:
     stopped_at = clock()
     core.store.close()
     clock.advance(7200)  # two hours down
-    again, _, _ = make(tmp_path, clock)
+    again, _, pages = make(tmp_path, clock, reachability={"gap_incident_after": "5m"})
     changes = again.store.state_changes(stopped_at - timedelta(seconds=1))
-    assert (changes[0].state, changes[0].at) == ("unknown", stopped_at)  # not two hours of "up"
-    assert again.snapshot().targets["t1"].state == "unknown"
+    assert (changes[-1].state, changes[-1].at) == ("unknown", stopped_at)  # not two hours of "up"
+    assert pages == []  # constructing a core evaluates nothing, so pages nothing
+    assert again.evaluate(clock()).targets["t1"].state == "unknown"
+    # two hours unknown > gap_incident_after: the first evaluation opens a gap, paged once
+    assert [(kind, event) for _, kind, event in pages] == [("gap", "trigger")]
+    assert [i.kind for i in again.store.open_incidents()] == ["gap"]
+    again.evaluate(clock.advance(1))
+    assert len(pages) == 1
