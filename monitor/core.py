@@ -40,6 +40,7 @@ from monitor.model import (
 from monitor.state import TargetTracker
 from monitor.status_ingest import OrderMarks, StatusRejected, StatusValidator
 from monitor.store import ProbeStatus, Store
+from probes.result import format_time
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class MonitorCore:
         self._last_result_at: dict[str, datetime] = {}
         self._online_since: dict[str, datetime] = {}  # when each probe last went offline → online
         self._left_down: dict[str, datetime] = {}  # when a target with an open down incident left down
+        self._cut_off: str | None = None  # why the monitor itself hears nothing (broker_connection)
+        self._ever_connected = False
         self._snapshot = Snapshot(at=clock(), targets={}, probes={}, open_incidents=(), timeline=())
         self.metrics = MonitorMetrics(
             registry,
@@ -125,6 +128,21 @@ class MonitorCore:
         """Record that the monitor is running (the service calls this every second)."""
         self.store.set_heartbeat(now or self.clock())
         self.store.commit()
+
+    def broker_connection(self, connected: bool, at: datetime | None = None) -> None:
+        """The service reports its MQTT connection (connected = subscribed). While the monitor
+        is cut off, an unknown target's reason — its state change, its gap incident and page —
+        names that cause and when it began, not only the missing results."""
+        self.metrics.mqtt_connected.set(1.0 if connected else 0.0)
+        if connected:
+            self._cut_off, self._ever_connected = None, True
+        elif self._cut_off is None:
+            when = format_time(at or self.clock())
+            self._cut_off = (
+                f"the monitor lost its MQTT connection at {when}"
+                if self._ever_connected
+                else f"the monitor has not reached its MQTT broker since {when}"
+            )
 
     # ------------------------------------------------------------ ingest
 
@@ -222,6 +240,8 @@ class MonitorCore:
         for target_id, tracker in self.trackers.items():
             since_online = now - timedelta(seconds=tracker.target.interval)
             verdict = tracker.evaluate(now, self._expected(target_id, since_online))
+            if verdict.state == "unknown" and self._cut_off is not None:  # silence we caused
+                verdict = replace(verdict, why=f"{self._cut_off}; {verdict.why}")
             previous = self._states.get(target_id)
             if previous is None or previous[0] != verdict.state:
                 self.store.add_state_change(target_id, verdict.state, now, verdict.why)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -160,6 +160,20 @@ class MonitorMetrics:
             "notifications",
             "Pages sent by the monitor's own notifiers",
             ["notifier", "outcome"],
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        # the monitor's own broker connection (set by the service): when it is cut off, every
+        # target goes unknown for a reason that is not the probes'
+        self.mqtt_connected = Gauge(
+            "monitor_mqtt_connected",
+            "1 while the monitor is connected to its MQTT broker and subscribed, else 0",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.mqtt_last_message = Gauge(
+            "monitor_mqtt_last_message_timestamp_seconds",
+            "Unix time of the last MQTT message the monitor received (0: none since it started)",
             namespace=NAMESPACE,
             registry=registry,
         )
