@@ -922,3 +922,17 @@ def publish(broker: Broker, messages: Sequence[tuple[str, bytes]]) -> None:
                 await client.publish(topic, payload, qos=1)
 
     asyncio.run(go())
+
+
+def test_the_tests_brokers_queue_and_keep_sessions_like_the_shipped_one(tmp_path: Path) -> None:
+    def settings(text: str) -> dict[str, str]:
+        lines = (line.split(None, 1) for line in text.splitlines() if line and not line.startswith("#"))
+        return {k: v.strip() for k, v in (pair for pair in lines if len(pair) == 2)}
+
+    shipped = settings((DEPLOY / "mosquitto" / "mosquitto.conf").read_text(encoding="utf-8"))
+    ours = settings(Broker(tmp_path, persistence=True).config_text())
+    for key in (
+        "max_queued_messages", "max_queued_bytes", "max_inflight_messages",
+        "persistent_client_expiration", "persistence", "autosave_interval",
+    ):  # fmt: skip
+        assert ours[key] == shipped[key], key
