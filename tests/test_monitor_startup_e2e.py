@@ -44,3 +44,39 @@ def test_a_monitor_away_longer_than_gap_incident_after_starts_and_pages_once(tmp
         assert monitor.proc.poll() is None, monitor.text()[-3000:]
         assert system.receiver.events() == [("trigger", 1)]
         assert len(system.api("/api/v1/incidents")["incidents"]) == 1
+
+
+def _metric(system: System, name: str) -> float | None:
+    body = system.get("/metrics")
+    if body is None:
+        return None
+    for line in body.decode().splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return None
+
+
+def test_a_broker_outage_is_named_as_the_monitor_cut_off_and_it_resubscribes(tmp_path: Path) -> None:
+    with System(tmp_path, reachability={"gap_incident_after": "3s"}) as system:
+        system.add_responder("r1")
+        system.add_probe("p1", {"t1": "r1"})
+        system.start_monitor()  # default ingest.shared_group: ecpm, a shared subscription
+        system.wait_state("t1", "up")
+        assert _metric(system, "ecpm_monitor_mqtt_connected") == 1.0
+        heard = _metric(system, "ecpm_monitor_mqtt_last_message_timestamp_seconds")
+        assert heard is not None and heard > 0
+        system.broker.stop()
+        system.wait_for(lambda: _metric(system, "ecpm_monitor_mqtt_connected") == 0.0, 20, "connected 0")
+        system.wait_state("t1", "unknown", timeout=20)
+        system.wait_for(lambda: system.receiver.events() == [("trigger", 1)], 15, "one gap page")
+        summary = system.receiver.bodies[0]["incident"]["summary"]
+        assert summary.startswith("the monitor lost its MQTT connection at "), summary
+        target = system.api("/api/v1/targets")["targets"][0]
+        assert target["why"].startswith("the monitor lost its MQTT connection at "), target
+        system.broker.start()  # persistence on: the session is back, its shared subscription is not
+        system.wait_for(lambda: _metric(system, "ecpm_monitor_mqtt_connected") == 1.0, 20, "connected 1")
+        system.wait_state("t1", "up", timeout=30)  # results reach it again: subscribed anew
+        system.wait_for(lambda: len(system.receiver.events()) == 2, 15, "the resolve page")
+        assert system.receiver.events() == [("trigger", 1), ("resolve", 1)]
+        later = _metric(system, "ecpm_monitor_mqtt_last_message_timestamp_seconds")
+        assert later is not None and later > heard
