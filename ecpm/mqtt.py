@@ -2,8 +2,16 @@
 
 ``connect()`` speaks MQTT 5 where the broker has it and falls back to 3.1.1 when
 ``protocol: auto`` (e.g. amqtt, the demo's embedded broker, speaks only 3.1.1).
-A *persistent* session (fixed client id, no clean start, long session expiry)
-makes the broker keep QoS 1 messages for us while we are away. With
+A *persistent* session (fixed client id, no clean start, a session expiry the caller
+chooses: the monitor's ``mqtt.session_expiry``) makes the broker keep QoS 1 messages for
+us while we are away. On MQTT 3.1.1 a client cannot say how long: the broker keeps such
+a session until its own ``persistent_client_expiration`` (mosquitto: for ever unless set).
+
+A restored session is not trusted to hold the subscriptions: mosquitto 2.0.11 restores
+a persistent session after its own restart (persistence on) without its *shared*
+subscriptions (it never writes them to its persistence file), and says
+``session present`` all the same. A subscriber therefore subscribes again on every
+connect, whatever ``session present`` says (the monitor does). With
 ``manual_ack`` the PUBACK for a received message is sent only when the caller
 calls ``ack(client, message)`` — after it has durably stored the message — so a
 crash between receipt and commit loses nothing: the broker redelivers.
@@ -51,7 +59,7 @@ from ecpm.settings import MqttSettings, TlsFiles
 
 logger = logging.getLogger(__name__)
 
-SESSION_EXPIRY = 7 * 86400  # seconds a broker keeps a persistent session's messages (MQTT 5)
+SESSION_EXPIRY = 86400  # default seconds a broker keeps a persistent session (MQTT 5)
 RECEIVE_MAXIMUM = 200  # QoS 1 messages in flight to a manual-ack client (MQTT 5)
 # What a PUBLISH adds to its payload at most, for a sane client: topic (≤ 65,535 bytes),
 # packet id, properties, fixed header. A receiver that accepts payloads up to N bytes asks
@@ -199,6 +207,7 @@ def build_client(
     protocol: aiomqtt.ProtocolVersion,
     will: aiomqtt.Will | None = None,
     persistent: bool = False,
+    session_expiry: int = SESSION_EXPIRY,
     manual_ack: bool = False,
     tls: ssl.SSLContext | None = None,
     timeout: float = 10.0,
@@ -208,6 +217,8 @@ def build_client(
 ) -> BoundedClient:
     """The one place an MQTT client is made: credentials, TLS, protocol, session flags.
 
+    ``session_expiry``: seconds the broker keeps a ``persistent`` session after a
+    disconnect (MQTT 5 Session Expiry Interval; 3.1.1 cannot send it);
     ``tls`` is a context already built with ``tls_context`` (build it once, reuse it);
     ``max_packet_size`` and ``max_buffered`` bound what it reads (module docstring);
     ``extra`` goes to ``aiomqtt.Client`` (e.g. ``max_queued_incoming_messages``, ``logger``).
@@ -217,7 +228,7 @@ def build_client(
     if v5 and (persistent or manual_ack or max_packet_size is not None):
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if persistent:
-            properties.SessionExpiryInterval = SESSION_EXPIRY
+            properties.SessionExpiryInterval = session_expiry
         if manual_ack:
             # unacknowledged messages wait at the broker, not in our memory: without this,
             # a backlog (a long persistent-session queue) arrives all at once
@@ -269,6 +280,7 @@ async def connect(
     identifier: str,
     will: aiomqtt.Will | None = None,
     persistent: bool = False,
+    session_expiry: int = SESSION_EXPIRY,
     manual_ack: bool = False,
     max_packet_size: int | None = None,
     max_buffered: int | None = None,
@@ -282,6 +294,7 @@ async def connect(
             protocol=protocol,
             will=will,
             persistent=persistent,
+            session_expiry=session_expiry,
             manual_ack=manual_ack,
             max_packet_size=max_packet_size,
             max_buffered=max_buffered,

@@ -65,6 +65,15 @@ class Store(StrictModel):
     commit_interval: Annotated[float, duration(at_most=10.0)] = 0.2  # batch commits at most this far apart
 
 
+class MonitorMqtt(MqttSettings):
+    # MQTT 5 Session Expiry Interval: how long the broker keeps this monitor's session —
+    # its subscriptions' queue of results — after it disconnects. Long enough to cover a
+    # monitor restart or a day's outage; not for ever, because a monitor that is retired
+    # or renamed leaves a session that goes on taking results (docs/deploy.md). MQTT 3.1.1
+    # cannot send it: there the broker's persistent_client_expiration decides.
+    session_expiry: Annotated[float, duration(at_least=MINUTE, at_most=7 * DAY)] = DAY
+
+
 class Http(StrictModel):
     listen: Listen = "127.0.0.1:9470"
     token: SecretStr | None = None  # bearer token for endpoints that change state
@@ -130,7 +139,7 @@ Notifier = Annotated[WebhookNotifier | PagerDutyNotifier | SlackNotifier, Field(
 class MonitorConfig(StrictModel):
     kind: Literal["monitor"]
     id: Name = "monitor"
-    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    mqtt: MonitorMqtt = Field(default_factory=MonitorMqtt)
     ingest: Ingest = Field(default_factory=Ingest)
     store: Store = Field(default_factory=Store)
     http: Http = Field(default_factory=Http)

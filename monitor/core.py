@@ -7,6 +7,11 @@ schema, fields and value bounds, known probe, topic, signature, known target, ti
 around the receive time, seq rules) and a bad one is rejected with a bounded reason,
 counted and logged, never stored and never fatal. A stored row that cannot be read
 (quarantined by the store) is skipped on restart, never fatal.
+
+Constructing a core restores its state from the store but evaluates nothing and so
+never pages: the first ``evaluate()`` (the caller's, once its pager can take a page)
+opens whatever incident the stored state calls for — e.g. a gap after the monitor was
+away longer than ``gap_incident_after`` — stored and paged like any other.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from monitor.state import TargetTracker
 from monitor.status_ingest import OrderMarks, StatusRejected, StatusValidator
 from monitor.store import ProbeStatus, Store
 from probes.delivery import OutboxHealth
+from probes.result import format_time
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,8 @@ class MonitorCore:
         self._online_since: dict[str, datetime] = {}  # when each probe last went offline → online
         self._outbox_health: dict[str, OutboxHealth] = {}  # from each probe's latest verified status
         self._left_down: dict[str, datetime] = {}  # when a target with an open down incident left down
+        self._cut_off: str | None = None  # why the monitor itself hears nothing (broker_connection)
+        self._ever_connected = False
         self._snapshot = Snapshot(at=clock(), targets={}, probes={}, open_incidents=(), timeline=())
         self.metrics = MonitorMetrics(
             registry,
@@ -94,7 +102,8 @@ class MonitorCore:
 
     def _restore(self) -> None:
         """Rebuild in-memory state from the store: a restart changes nothing visible, except
-        that the time the monitor was not running is recorded as what it was: unknown."""
+        that the time the monitor was not running is recorded as what it was: unknown.
+        Nothing is evaluated here (module docstring): the caller's first ``evaluate()``."""
         now = self.clock()
         probes = [p.id for p in self.config.probes]
         self.skew.restore(self.store.skew_samples(now - WINDOW), self.store.last_clock_skews(probes))
@@ -111,7 +120,7 @@ class MonitorCore:
                 self._states[target] = ("unknown", last_beat, "the monitor was not running")
             else:
                 self._states[target] = (state, since, "restored after restart")
-        self.evaluate(now)
+        self.store.commit()
 
     def _track(self, summary: ResultSummary, now: datetime) -> None:
         """Feed a result to its target's tracker at its judged time (``monitor.skew``),
@@ -129,6 +138,21 @@ class MonitorCore:
         """Record that the monitor is running (the service calls this every second)."""
         self.store.set_heartbeat(now or self.clock())
         self.store.commit()
+
+    def broker_connection(self, connected: bool, at: datetime | None = None) -> None:
+        """The service reports its MQTT connection (connected = subscribed). While the monitor
+        is cut off, an unknown target's reason — its state change, its gap incident and page —
+        names that cause and when it began, not only the missing results."""
+        self.metrics.mqtt_connected.set(1.0 if connected else 0.0)
+        if connected:
+            self._cut_off, self._ever_connected = None, True
+        elif self._cut_off is None:
+            when = format_time(at or self.clock())
+            self._cut_off = (
+                f"the monitor lost its MQTT connection at {when}"
+                if self._ever_connected
+                else f"the monitor has not reached its MQTT broker since {when}"
+            )
 
     # ------------------------------------------------------------ ingest
 
@@ -230,6 +254,8 @@ class MonitorCore:
         for target_id, tracker in self.trackers.items():
             since_online = now - timedelta(seconds=tracker.target.interval)
             verdict = tracker.evaluate(now, self._expected(target_id, since_online))
+            if verdict.state == "unknown" and self._cut_off is not None:  # silence we caused
+                verdict = replace(verdict, why=f"{self._cut_off}; {verdict.why}")
             previous = self._states.get(target_id)
             if previous is None or previous[0] != verdict.state:
                 self.store.add_state_change(target_id, verdict.state, now, verdict.why)

@@ -227,6 +227,20 @@ class MonitorMetrics:
             registry=registry,
         )
         self.max_clock_skew.set(max_clock_skew)
+        # the monitor's own broker connection (set by the service): when it is cut off, every
+        # target goes unknown for a reason that is not the probes'
+        self.mqtt_connected = Gauge(
+            "monitor_mqtt_connected",
+            "1 while the monitor is connected to its MQTT broker and subscribed, else 0",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
+        self.mqtt_last_message = Gauge(
+            "monitor_mqtt_last_message_timestamp_seconds",
+            "Unix time of the last MQTT message the monitor received (0: none since it started)",
+            namespace=NAMESPACE,
+            registry=registry,
+        )
         registry.register(StateCollector(snapshot))
         registry.register(QuarantineCollector(quarantined))
         for reason in REJECT_LABELS:

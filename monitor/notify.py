@@ -4,9 +4,15 @@ A page is first written to the store's ``notifications`` table (one row per
 incident, notifier and event — trigger or resolve), then delivered by
 ``Dispatcher.run``: explicit timeouts, retries with exponential backoff for
 network errors, 429 and 5xx, no retry for other 4xx (the request itself is wrong).
-A restart resumes from the table, so no page is lost; the row's uniqueness means
-none is sent twice for the same incident event. The stored row holds the neutral
-event; the notifier-specific body, with its secrets, is built only at send time.
+A restart resumes from the table, so no page is lost, and the row's uniqueness means
+a page is queued once per incident event. Delivery is **at-least-once**, not
+exactly-once: a monitor that dies after a receiver took a POST but before the row
+was marked sent (or a response lost on the way back, then retried) sends that page
+again. Every request therefore names its incident event stably across retries and
+restarts (``event_key``): the webhook's ``Idempotency-Key`` header and body, PagerDuty's
+``dedup_key`` (a repeated trigger or resolve is a no-op there); Slack has no such key,
+so a Slack channel may show a repeat. The stored row holds the neutral event; the
+notifier-specific body, with its secrets, is built only at send time.
 
     httpx.HTTPError (network, timeout)  ─┐
     HTTP 429 / 5xx                       ─┼─▶ retry (attempts ≤ retries), else failed
@@ -59,6 +65,12 @@ def incident_event(incident: Incident, event: str, *, monitor: str, status_url: 
     }
 
 
+def event_key(event: dict[str, Any]) -> str:
+    """The stable key of one incident event (``<dedup_key>-<trigger|resolve>``): the same
+    for every retry and after every restart, since it is built from the stored event."""
+    return f"{event['dedup_key']}-{event['event']}"
+
+
 def _title(event: dict[str, Any]) -> str:
     inc = event["incident"]
     what = "emergency path DOWN" if inc["kind"] == "down" else "monitoring GAP (no fresh results)"
@@ -67,10 +79,14 @@ def _title(event: dict[str, Any]) -> str:
     return f"{inc['target']}: {what} — {inc['summary']}"
 
 
-def build_request(notifier: Notifier, event: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(url, JSON body) for one notifier; secrets are read here, never stored."""
+def build_request(notifier: Notifier, event: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """(url, JSON body, extra headers) for one notifier; secrets are read here, never stored.
+
+    A webhook gets ``Idempotency-Key: <event_key>``: a receiver that has seen that key
+    already can drop the repeat an at-least-once delivery may bring (module docstring).
+    """
     if isinstance(notifier, WebhookNotifier):
-        return notifier.url, event
+        return notifier.url, event, {"Idempotency-Key": event_key(event)}
     if isinstance(notifier, PagerDutyNotifier):
         body: dict[str, Any] = {
             "routing_key": secret_text(notifier, "routing_key"),
@@ -90,7 +106,7 @@ def build_request(notifier: Notifier, event: dict[str, Any]) -> tuple[str, dict[
             }
             if event.get("status_url"):
                 body["links"] = [{"href": event["status_url"], "text": "ecpm status page"}]
-        return notifier.url, body
+        return notifier.url, body, {}
     if isinstance(notifier, SlackNotifier):
         url = secret_text(notifier, "url")
         assert url is not None  # checked at config load
@@ -98,7 +114,7 @@ def build_request(notifier: Notifier, event: dict[str, Any]) -> tuple[str, dict[
         text = f"{icon} {_title(event)}"
         if event.get("status_url"):
             text += f" <{event['status_url']}|status page>"
-        return url, {"text": text}
+        return url, {"text": text}, {}
     raise TypeError(f"unknown notifier {notifier!r}")
 
 
@@ -163,10 +179,10 @@ class Dispatcher:
                 item.id, state="failed", attempts=attempts, at=now, error="notifier no longer configured"
             )
             return
-        url, body = build_request(notifier, item.payload)
+        url, body, headers = build_request(notifier, item.payload)
         retry, error = False, None
         try:
-            response = await client.post(url, json=body, timeout=notifier.timeout)
+            response = await client.post(url, json=body, headers=headers, timeout=notifier.timeout)
         except httpx.HTTPError as exc:
             retry, error = True, f"{type(exc).__name__}: {exc}"[:300]
         except Exception as exc:  # e.g. httpx.InvalidURL: this page can never be sent as configured

@@ -12,6 +12,13 @@ Tasks, all in one asyncio loop:
   cuts any bigger PUBLISH it is sent anyway (3.1.1) so that it is rejected as
   ``too_large``, and it stops reading its socket while ``MAX_BUFFERED`` messages wait
   to be handled. A message in a batch is kept as its packet id only.
+  It subscribes on **every** connect, whatever ``session present`` says: mosquitto 2.0.11
+  restores a persistent session after its own restart without its shared subscriptions
+  (``ecpm.mqtt``). It retries every ``RECONNECT_MAX`` seconds at most, so that after a
+  broker outage it is usually subscribed again before the probes' outboxes drain (what
+  the broker dropped meanwhile is a seq gap). ``ecpm_monitor_mqtt_connected`` and
+  ``ecpm_monitor_mqtt_last_message_timestamp_seconds`` export the connection, and while it
+  is down an unknown target's reason says the monitor is cut off.
 - **tick**: re-evaluates every target each second (staleness and gaps need no message)
   and sends replay requests again while results are outstanding.
 - **delivery** (``monitor.delivery``): after each committed batch, a signed ack per probe
@@ -52,6 +59,8 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 500
 MAX_BUFFERED = 256  # messages read from the socket and not yet handled (then reading pauses)
 MAX_OUTGOING = 1024  # acks and replay requests waiting to be published
+RECONNECT_MAX = 2.0  # seconds between reconnect attempts at most (1 s doubling, with jitter)
+RECONNECT_LOG_EVERY = 60.0  # while the broker stays away, a warning this often, not per attempt
 Action = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -60,6 +69,9 @@ class MonitorService:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.store = SqliteStore(config.store.path)
+        # the core restores its state but evaluates nothing (so pages nothing) until run():
+        # by then the dispatcher exists, and an incident the stored state opens at once
+        # (e.g. a gap after a long stop) is stored and paged like any other
         self.core = MonitorCore(config, self.store, self.registry, pager=self._page)
         self.dispatcher = Dispatcher(
             store=self.store,
@@ -85,6 +97,7 @@ class MonitorService:
         await asyncio.wait_for(self.mqtt_client.publish(topic, payload, qos=1), timeout=10)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.core.evaluate()  # the first evaluation after a (re)start: the pager exists now
         app = create_app(
             snapshot=self.core.snapshot,
             registry=self.registry,
@@ -122,36 +135,50 @@ class MonitorService:
         group = self.config.ingest.shared_group
         results = f"$share/{group}/{prefix}/results/#" if group else f"{prefix}/results/#"
         backoff = 1.0
+        failing_since: float | None = None  # monotonic time of the first failure of a run
+        logged_at = 0.0
         while True:
             try:
                 async with connect(
                     mqtt,
                     identifier=mqtt.client_id or f"ecpm-monitor-{self.config.id}",
                     persistent=True,
+                    session_expiry=round(mqtt.session_expiry),
                     manual_ack=True,
                     max_packet_size=packet_limit(self.config.ingest.max_payload_bytes),
                     max_buffered=MAX_BUFFERED,
                 ) as client:
+                    # every connect, whatever "session present" says: a broker may restore the
+                    # session without its (shared) subscriptions (ecpm.mqtt)
                     await client.subscribe(results, qos=1)
                     await client.subscribe(f"{prefix}/status/+", qos=1)
                     logger.info("connected to MQTT %s:%d, subscribed to %s", mqtt.host, mqtt.port, results)
                     self.mqtt_client = client
                     self.core.delivery.resend_acks()  # the broker may have lost the retained ones
                     self.connected.set()
-                    backoff = 1.0
+                    self.core.broker_connection(True)
+                    backoff, failing_since = 1.0, None
                     await self._consume(client)
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 self.mqtt_client = None
-                logger.warning("MQTT: %s; reconnecting in %.1fs", exc, backoff)
+                self.core.broker_connection(False)
+                now = time.monotonic()
+                if failing_since is None or now - logged_at >= RECONNECT_LOG_EVERY:
+                    away = "" if failing_since is None else f" (for {now - failing_since:.0f}s)"
+                    logger.warning("MQTT: %s%s; reconnecting every %.0fs at most", exc, away, RECONNECT_MAX)
+                    logged_at = now
+                failing_since = now if failing_since is None else failing_since
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(30.0, backoff * 2)
+                backoff = min(RECONNECT_MAX, backoff * 2)
 
     async def _consume(self, client: aiomqtt.Client) -> None:
         pending: list[tuple[int, int]] = []  # (packet id, QoS) handled, not yet acknowledged
         started = time.monotonic()
         interval = self.config.store.commit_interval
+        last_message = self.core.metrics.mqtt_last_message
         async for message in client.messages:
+            last_message.set(time.time())
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             self.core.handle(message.topic.value, payload)
             if message.qos > 0:

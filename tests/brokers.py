@@ -2,24 +2,32 @@
 
 Use the ``broker`` fixture (function scope) from a test marked
 ``@pytest.mark.peers("mosquitto")``, or build a ``Broker`` yourself. Its config is
-the four lines aiomqtt's own tests use, with ``max_queued_messages 0`` (mosquitto's
-default of 1000 *drops* QoS 1 messages for a subscriber that falls behind), and a
-payload limit as in the shipped ``deploy/mosquitto/mosquitto.conf`` (but at 1 MiB, the
-largest ``ingest.max_payload_bytes``, so the monitor's own ``too_large`` stays testable)::
+the four lines aiomqtt's own tests use plus the queue and session settings of the shipped
+``deploy/mosquitto/mosquitto.conf`` (reasons in docs/deploy.md, "The broker: what it keeps
+and what it drops"), and a payload limit as there (but at 1 MiB, the largest
+``ingest.max_payload_bytes``, so the monitor's own ``too_large`` stays testable)::
 
     listener PORT 127.0.0.1
     allow_anonymous true
-    max_queued_messages 0
+    max_queued_messages 200000        # mosquitto's default of 1000 drops QoS 1 messages
+    max_queued_bytes 536870912        # ... for a subscriber that falls behind; these hold hours
+    max_inflight_messages 20
+    persistent_client_expiration 1d   # a 3.1.1 persistent session, as the monitor's MQTT 5 one
     persistence false
+    autosave_interval 60
     message_size_limit 1048576
 
+``max_queued_messages`` is a parameter (e.g. 50, to make a queue overflow);
 ``message_size_limit=0`` lifts the limit (to test what reaches a client when the broker
 accepts anything, e.g. the monitor's MQTT 5 Maximum Packet Size).
 
-``Broker(tmp_path, persistence=True)`` keeps its state (retained messages, sessions)
-in ``tmp_path`` across ``stop()``/``start()``. ``restart()`` comes back on the same
-port. ``extra`` lines are appended (e.g. TLS listener options, ``password_file``;
-with ``anonymous=False`` a client must authenticate).
+``Broker(tmp_path, persistence=True)`` keeps its state (retained messages, sessions and
+their queued messages, plain subscriptions) in ``tmp_path`` across ``stop()``/``start()``
+— mosquitto writes it on a clean stop (SIGTERM) and every ``autosave_interval``; a
+``stop(kill=True)`` loses what changed since. mosquitto 2.0.11 does **not** keep shared
+subscriptions across a restart, even with persistence (tests/test_mqtt_resubscribe.py).
+``restart()`` comes back on the same port. ``extra`` lines are appended (e.g. TLS
+listener options, ``password_file``; with ``anonymous=False`` a client must authenticate).
 """
 
 from __future__ import annotations
@@ -39,6 +47,12 @@ from tests.conftest import peer_path
 
 HOST = "127.0.0.1"
 MESSAGE_SIZE_LIMIT = 1024 * 1024  # bytes of payload the test brokers accept
+# as deploy/mosquitto/mosquitto.conf (tests/test_deploy.py keeps the two in step)
+MAX_QUEUED_MESSAGES = 200_000
+MAX_QUEUED_BYTES = 512 * 1024 * 1024
+MAX_INFLIGHT_MESSAGES = 20
+PERSISTENT_CLIENT_EXPIRATION = "1d"
+AUTOSAVE_INTERVAL = 60
 
 
 def free_port() -> int:
@@ -56,6 +70,7 @@ class Broker:
         persistence: bool = False,
         anonymous: bool = True,
         message_size_limit: int = MESSAGE_SIZE_LIMIT,
+        max_queued_messages: int = MAX_QUEUED_MESSAGES,
         extra: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
@@ -64,6 +79,7 @@ class Broker:
         self.persistence = persistence
         self.anonymous = anonymous
         self.message_size_limit = message_size_limit
+        self.max_queued_messages = max_queued_messages
         self.extra = list(extra)
         self.conf = workdir / f"mosquitto-{self.port}.conf"
         self.log = workdir / f"mosquitto-{self.port}.log"
@@ -73,8 +89,12 @@ class Broker:
         lines = [
             f"listener {self.port} {self.host}",
             f"allow_anonymous {'true' if self.anonymous else 'false'}",
-            "max_queued_messages 0",
+            f"max_queued_messages {self.max_queued_messages}",
+            f"max_queued_bytes {MAX_QUEUED_BYTES}",
+            f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
+            f"persistent_client_expiration {PERSISTENT_CLIENT_EXPIRATION}",
             f"persistence {'true' if self.persistence else 'false'}",
+            f"autosave_interval {AUTOSAVE_INTERVAL}",
             f"message_size_limit {self.message_size_limit}",
         ]
         if self.persistence:

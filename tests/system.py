@@ -52,19 +52,34 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 class Receiver:
-    """A real HTTP server that records every JSON body POSTed to it."""
+    """A real HTTP server that records every JSON body POSTed to it, and its headers.
+
+    While ``hold`` is cleared, a request is recorded but not answered until it is set
+    (a POST in flight when its sender dies)."""
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self.headers: list[dict[str, str]] = []
         self.statuses: list[int] = []  # answer these first, in order; then 200
-        received, paths, statuses = self.bodies, self.paths, self.statuses
+        self.hold = threading.Event()
+        self.hold.set()
+        received, paths, headers, statuses, hold = (
+            self.bodies,
+            self.paths,
+            self.headers,
+            self.statuses,
+            self.hold,
+        )
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
-                received.append(json.loads(self.rfile.read(length)))
+                body = json.loads(self.rfile.read(length))
+                headers.append({k.lower(): v for k, v in self.headers.items()})  # names: lower case
+                received.append(body)
                 paths.append(self.path)
+                hold.wait(30)
                 status = statuses.pop(0) if statuses else 200
                 self.send_response(status)
                 self.end_headers()
@@ -83,6 +98,7 @@ class Receiver:
         return [(b["event"], b["incident"]["id"]) for b in self.bodies]
 
     def close(self) -> None:
+        self.hold.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -59,6 +59,7 @@ ALERTS = {
     "EcpmProbeOutboxTrouble": ("ticket", False),
     "EcpmResultsUnrepaired": ("ticket", False),
     "EcpmProbeClockSkew": ("ticket", False),
+    "EcpmMonitorBrokerDisconnected": ("page", False),
 }
 
 
@@ -134,6 +135,7 @@ def test_alert_rules_follow_the_contract() -> None:
     monitor_down = rules["EmergencyMonitorDown"]["expr"]
     assert 'up{job="ecpm-monitor"} == 0' in monitor_down
     assert 'absent(up{job="ecpm-monitor"})' in monitor_down
+    assert rules["EcpmMonitorBrokerDisconnected"]["expr"] == "ecpm_monitor_mqtt_connected == 0"
     jobs = [j["job_name"] for j in yaml.safe_load(PROM_CONFIG.read_text())["scrape_configs"]]
     assert "ecpm-monitor" in jobs
 
@@ -150,6 +152,7 @@ def test_amtool_checks_config_and_routes_pages_and_tickets() -> None:
     routes = {
         ("severity=page", "alertname=EmergencyPathDown", "target=t1"): "pagerduty,slack,ops-webhook",
         ("severity=page", "alertname=EmergencyMonitorDown"): "pagerduty,slack,ops-webhook",
+        ("severity=page", "alertname=EcpmMonitorBrokerDisconnected"): "pagerduty,slack,ops-webhook",
         ("severity=ticket", "alertname=EmergencyPathDegraded", "target=t1"): "slack,ops-webhook",
         ("severity=ticket", "alertname=EmergencyProbeDown", "probe=p1"): "slack,ops-webhook",
         ("alertname=SomethingElse",): "ops-webhook",
@@ -203,6 +206,41 @@ def test_alertmanager_inhibits_as_documented(tmp_path: Path) -> None:
             ("EmergencyPathDegraded", "t2"): "suppressed",
             ("EmergencyProbeDown", "p1"): "suppressed",
             ("SomethingElse", "t3"): "active",  # not ecpm's to hide
+        }
+
+
+@pytest.mark.peers("prometheus-alertmanager")
+def test_a_monitor_cut_off_from_its_broker_pages_once_not_per_path(tmp_path: Path) -> None:
+    """BrokerDisconnected hides that monitor's gap and probe alerts, not its path pages and
+    not another monitor's alerts."""
+    with Proc.alertmanager(tmp_path, AM_CONFIG) as am, httpx.Client(base_url=am.url, timeout=5) as http:
+
+        def post(*alerts: dict[str, str]) -> None:
+            http.post("/api/v2/alerts", json=[{"labels": a} for a in alerts]).raise_for_status()
+
+        def states() -> dict[tuple[str, str, str], str]:
+            return {
+                (a["labels"]["alertname"], a["labels"].get("target") or a["labels"].get("probe", ""),
+                 a["labels"]["instance"]): a["status"]["state"]
+                for a in http.get("/api/v2/alerts").json()
+            }  # fmt: skip
+
+        one = {"job": "ecpm-monitor", "instance": "monitor:9470"}
+        two = {"job": "ecpm-monitor", "instance": "monitor-2:9470"}
+        post(
+            {"alertname": "EcpmMonitorBrokerDisconnected", "severity": "page", **one},
+            {"alertname": "EmergencyMonitoringGap", "severity": "page", "target": "t1", **one},
+            {"alertname": "EmergencyProbeDown", "severity": "ticket", "probe": "p1", **one},
+            {"alertname": "EmergencyPathDown", "severity": "page", "target": "t2", **one},
+            {"alertname": "EmergencyMonitoringGap", "severity": "page", "target": "t1", **two},
+        )
+        wait_for(lambda: len(states()) == 5, 10, "alerts accepted")
+        assert states() == {
+            ("EcpmMonitorBrokerDisconnected", "", "monitor:9470"): "active",
+            ("EmergencyMonitoringGap", "t1", "monitor:9470"): "suppressed",
+            ("EmergencyProbeDown", "p1", "monitor:9470"): "suppressed",
+            ("EmergencyPathDown", "t2", "monitor:9470"): "active",
+            ("EmergencyMonitoringGap", "t1", "monitor-2:9470"): "active",
         }
 
 
@@ -888,3 +926,17 @@ def publish(broker: Broker, messages: Sequence[tuple[str, bytes]]) -> None:
                 await client.publish(topic, payload, qos=1)
 
     asyncio.run(go())
+
+
+def test_the_tests_brokers_queue_and_keep_sessions_like_the_shipped_one(tmp_path: Path) -> None:
+    def settings(text: str) -> dict[str, str]:
+        lines = (line.split(None, 1) for line in text.splitlines() if line and not line.startswith("#"))
+        return {k: v.strip() for k, v in (pair for pair in lines if len(pair) == 2)}
+
+    shipped = settings((DEPLOY / "mosquitto" / "mosquitto.conf").read_text(encoding="utf-8"))
+    ours = settings(Broker(tmp_path, persistence=True).config_text())
+    for key in (
+        "max_queued_messages", "max_queued_bytes", "max_inflight_messages",
+        "persistent_client_expiration", "persistence", "autosave_interval",
+    ):  # fmt: skip
+        assert ours[key] == shipped[key], key

@@ -98,7 +98,7 @@ def test_a_signed_result_with_an_impossible_number_is_rejected_before_anything_i
     # and a restart, the report and the ledger all go on as if it had never arrived
     core.store.close()
     again, _ = make(tmp_path, clock)
-    assert again.snapshot().targets["t1"].state == "unknown"
+    assert again.evaluate(clock()).targets["t1"].state == "unknown"
     good = sim.result("t1", "pass", clock())
     assert again.handle(sim.topic("t1"), good.to_json()) is None
     again.store.commit()
@@ -309,7 +309,7 @@ def test_an_unreadable_stored_row_is_quarantined_everywhere_never_fatal(tmp_path
 
     # a restart reads the last 24 h: both rows are skipped, counted and remembered
     again, registry = make(tmp_path, clock)
-    assert again.snapshot().targets["t1"].state == "up"
+    assert again.evaluate(clock()).targets["t1"].state == "up"
     assert registry.get_sample_value("ecpm_results_quarantined_total") == 1.0  # the JSON row is in the window
     assert [q.row for q in again.store.quarantined()] == [bad_row]
     clock.advance(1)

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from monitor.core import MonitorCore
 from monitor.model import Incident
 from monitor.store import SqliteStore
+from probes.result import format_time
 from tests.monitor_helpers import Clock, ProbeSim, StatusSim, monitor_config
 
 
@@ -243,7 +244,7 @@ def test_restart_keeps_state_and_opens_no_duplicate_incident(tmp_path: Path) -> 
     core.store.close()
     clock.advance(3)
     again, _, pages_after = make(tmp_path, clock)
-    view = again.snapshot().targets["t1"]
+    view = again.evaluate(clock()).targets["t1"]
     assert (view.state, view.since) == ("down", since)
     assert pages_after == []  # the open incident was found, not re-opened
     assert len(again.store.open_incidents()) == 1
@@ -338,7 +339,47 @@ def test_time_the_monitor_was_not_running_is_unknown(tmp_path: Path) -> None:
     stopped_at = clock()
     core.store.close()
     clock.advance(7200)  # two hours down
-    again, _, _ = make(tmp_path, clock)
+    again, _, pages = make(tmp_path, clock, reachability={"gap_incident_after": "5m"})
     changes = again.store.state_changes(stopped_at - timedelta(seconds=1))
-    assert (changes[0].state, changes[0].at) == ("unknown", stopped_at)  # not two hours of "up"
-    assert again.snapshot().targets["t1"].state == "unknown"
+    assert (changes[-1].state, changes[-1].at) == ("unknown", stopped_at)  # not two hours of "up"
+    assert pages == []  # constructing a core evaluates nothing, so pages nothing
+    assert again.evaluate(clock()).targets["t1"].state == "unknown"
+    # two hours unknown > gap_incident_after: the first evaluation opens a gap, paged once
+    assert [(kind, event) for _, kind, event in pages] == [("gap", "trigger")]
+    assert [i.kind for i in again.store.open_incidents()] == ["gap"]
+    again.evaluate(clock.advance(1))
+    assert len(pages) == 1
+
+
+def test_a_gap_while_the_monitor_is_cut_off_from_its_broker_names_that_cause(tmp_path: Path) -> None:
+    clock = Clock()
+    core, registry, pages = make(tmp_path, clock, reachability={"gap_incident_after": "30s"})
+    assert registry.get_sample_value("ecpm_monitor_mqtt_connected") == 0.0  # not yet connected
+    core.broker_connection(True, clock())
+    assert registry.get_sample_value("ecpm_monitor_mqtt_connected") == 1.0
+    feed(core, ProbeSim("p1"), "t1", "pass", clock)
+    assert state(core, clock) == "up"
+    lost_at = clock.advance(5)
+    core.broker_connection(False, lost_at)
+    core.broker_connection(False, clock.advance(2))  # a failed reconnect: the cause keeps its time
+    assert registry.get_sample_value("ecpm_monitor_mqtt_connected") == 0.0
+    clock.advance(30)  # 3 × 10 s without a result
+    view = core.evaluate(clock()).targets["t1"]
+    assert view.state == "unknown"
+    assert view.why.startswith("the monitor lost its MQTT connection at 2026-")
+    assert format_time(lost_at) in view.why and "no fresh result within 30s" in view.why
+    core.evaluate(clock.advance(30))
+    [(_, kind, event)] = pages
+    assert (kind, event) == ("gap", "trigger")
+    [gap] = core.store.open_incidents()
+    assert gap.summary.startswith(f"the monitor lost its MQTT connection at {format_time(lost_at)}")
+    core.broker_connection(True, clock())  # back: a silence from now on is the probes' again
+    assert not core.evaluate(clock.advance(1)).targets["t1"].why.startswith("the monitor")
+
+
+def test_a_monitor_that_never_reached_its_broker_says_so(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, _ = make(tmp_path, clock)
+    core.broker_connection(False, clock())
+    why = core.evaluate(clock()).targets["t1"].why
+    assert why.startswith(f"the monitor has not reached its MQTT broker since {format_time(clock())}; no ")

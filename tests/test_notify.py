@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ def test_webhook_pagerduty_and_slack_bodies(tmp_path: Path) -> None:
         assert pd["dedup_key"] == hook["dedup_key"]
         assert pd["payload"]["severity"] == "critical" and pd["payload"]["component"] == "t1"
         assert slack["text"].startswith(":rotating_light: t1: emergency path DOWN")
+        headers = dict(zip(receiver.paths, receiver.headers, strict=True))
+        assert headers["/hook"]["idempotency-key"] == "ecpm-m1-incident-1-trigger"
+        assert "idempotency-key" not in headers["/slack"]  # Slack has no such key: repeats possible
+        assert "idempotency-key" not in headers["/pd"]  # PagerDuty dedups by the body's dedup_key
         # nothing secret was stored with the queued page
         stored = core.store._db.execute("SELECT payload FROM notifications").fetchall()
         assert all("R0UTING" not in row[0] for row in stored)
@@ -180,5 +185,43 @@ def test_an_unusable_url_fails_the_page_without_stopping_the_dispatcher(tmp_path
         deliver(
             core, pages, lambda: sent(core, "hook", "sent") == 1.0 and sent(core, "broken", "failed") == 1.0
         )
+    finally:
+        receiver.close()
+
+
+def test_a_webhook_retry_carries_the_same_idempotency_key(tmp_path: Path) -> None:
+    receiver = Receiver()
+    receiver.statuses.extend([503, 500])
+    try:
+        core, pages = outage(
+            tmp_path, [{"type": "webhook", "name": "hook", "url": receiver.url, "backoff": "50ms"}]
+        )
+        deliver(core, pages, lambda: sent(core, "hook", "sent") == 1.0)
+        assert len(receiver.headers) == 3  # two refused, the third delivered
+        assert [h.get("idempotency-key") for h in receiver.headers] == ["ecpm-m1-incident-1-trigger"] * 3
+    finally:
+        receiver.close()
+
+
+def test_a_page_in_flight_when_the_monitor_dies_is_sent_again_with_the_same_key(tmp_path: Path) -> None:
+    """At-least-once: the receiver took the POST, the monitor died before marking it sent."""
+    receiver = Receiver()
+    receiver.hold.clear()  # take the POST, do not answer it
+    try:
+        notifiers = [{"type": "webhook", "name": "hook", "url": receiver.url, "timeout": "20s"}]
+        core, pages = outage(tmp_path, notifiers)
+        deliver(core, pages, lambda: len(receiver.bodies) == 1)  # cancelled mid-POST: the "crash"
+        assert core.store.incidents()[0].notifications[0].state == "pending"
+        core.store.close()
+        receiver.hold.set()
+        config = monitor_config(tmp_path, notifiers=notifiers)
+        again = MonitorCore(config, SqliteStore(config.store.path), CollectorRegistry(), clock=Clock())
+        deliver(again, [], lambda: sent(again, "hook", "sent") == 1.0)
+        assert [b["event"] for b in receiver.bodies] == ["trigger", "trigger"]  # a repeat, as documented
+        keys = [h["idempotency-key"] for h in receiver.headers]
+        assert keys == ["ecpm-m1-incident-1-trigger"] * 2
+        resolved = replace(again.store.incidents()[0], resolved_at=Clock()())
+        deliver(again, [(resolved, "resolve")], lambda: len(receiver.bodies) == 3)
+        assert receiver.headers[2]["idempotency-key"] == "ecpm-m1-incident-1-resolve"
     finally:
         receiver.close()
