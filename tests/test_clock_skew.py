@@ -23,12 +23,20 @@ from monitor.store import SqliteStore
 from probes.result import format_time
 from tests.hostile import append_raw_row
 from tests.monitor_helpers import T0, Clock, ProbeSim, monitor_config
-from tests.test_monitor_core import Pages, make, state
+from tests.test_monitor_core import Pages, state
+from tests.test_monitor_core import make as make_core
 
 FIVE_MIN = timedelta(minutes=5)
 REPORT_SCHEMA = json.loads(
     (Path(__file__).resolve().parent.parent / "docs/schema/report-v1.json").read_text()
 )
+
+
+def make(tmp_path: Path, clock: Clock, **kw: object) -> tuple[MonitorCore, CollectorRegistry, Pages]:
+    """A core as the service starts it: built, then evaluated once (its first snapshot)."""
+    core, registry, pages = make_core(tmp_path, clock, **kw)
+    core.evaluate()
+    return core, registry, pages
 
 
 def send(core: MonitorCore, sim: ProbeSim, outcome: str, stamped: datetime, **kw: object) -> None:
@@ -290,6 +298,7 @@ def test_a_store_from_before_judged_time_is_migrated(tmp_path: Path) -> None:
     core = MonitorCore(
         config, SqliteStore(config.store.path), CollectorRegistry(), pager=Pages(), clock=clock
     )
+    core.evaluate()
     assert [(judged, skew) for _, _, judged, skew in stored(core)] == [
         (format_time(T0), None),
         (format_time(T0 - timedelta(seconds=5)), None),
