@@ -16,6 +16,9 @@ largest ``ingest.max_payload_bytes``, so the monitor's own ``too_large`` stays t
 ``message_size_limit=0`` lifts the limit (to test what reaches a client when the broker
 accepts anything, e.g. the monitor's MQTT 5 Maximum Packet Size).
 
+``max_queued_messages`` (default 0, unlimited) sets mosquitto's per-client queue bound, e.g. 50
+to make a queue overflow on purpose (tests/faults). ``pid`` is the running broker's pid.
+
 ``Broker(tmp_path, persistence=True)`` keeps its state (retained messages, sessions)
 in ``tmp_path`` across ``stop()``/``start()``. ``restart()`` comes back on the same
 port. ``extra`` lines are appended (e.g. TLS listener options, ``password_file``;
@@ -56,6 +59,7 @@ class Broker:
         persistence: bool = False,
         anonymous: bool = True,
         message_size_limit: int = MESSAGE_SIZE_LIMIT,
+        max_queued_messages: int = 0,
         extra: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
@@ -64,6 +68,7 @@ class Broker:
         self.persistence = persistence
         self.anonymous = anonymous
         self.message_size_limit = message_size_limit
+        self.max_queued_messages = max_queued_messages
         self.extra = list(extra)
         self.conf = workdir / f"mosquitto-{self.port}.conf"
         self.log = workdir / f"mosquitto-{self.port}.log"
@@ -73,7 +78,7 @@ class Broker:
         lines = [
             f"listener {self.port} {self.host}",
             f"allow_anonymous {'true' if self.anonymous else 'false'}",
-            "max_queued_messages 0",
+            f"max_queued_messages {self.max_queued_messages}",
             f"persistence {'true' if self.persistence else 'false'}",
             f"message_size_limit {self.message_size_limit}",
         ]
@@ -82,6 +87,10 @@ class Broker:
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to 'mosquitto', who cannot write here
         return "\n".join([*lines, *self.extra, ""])
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
 
     @property
     def running(self) -> bool:
