@@ -57,7 +57,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 class Receiver:
     """A real HTTP server that records every JSON body POSTed to it.
 
-    ``headers`` holds each request's headers and ``answered`` the status each got (None
+    ``headers`` holds each request's headers (names in lower case) and ``answered`` the status each got (None
     while it is held or when the answer could not be written: the sender was gone).
     ``hold()`` makes it keep every later POST open, recorded but unanswered, until
     ``release()`` (or ``max_hold`` seconds): a page POST in flight, for tests that kill
@@ -81,7 +81,7 @@ class Receiver:
                 body = json.loads(self.rfile.read(length))
                 with lock:
                     index = len(received)
-                    headers.append(dict(self.headers.items()))
+                    headers.append({k.lower(): v for k, v in self.headers.items()})
                     answered.append(None)
                     paths.append(self.path)
                     received.append(body)
