@@ -123,12 +123,16 @@ class Receiver:
 class Process:
     """``python -m ecpm <role> -c <config>`` with its output in a log file."""
 
-    def __init__(self, role: str, config: dict[str, Any], workdir: Path, name: str) -> None:
+    def __init__(
+        self, role: str, config: dict[str, Any], workdir: Path, name: str, *, start: bool = True
+    ) -> None:
         self.role, self.name = role, name
         self.config_path = workdir / f"{name}.yaml"
         self.write(config)
         self.log_path = workdir / f"{name}.log"
-        self.start()
+        self.proc: subprocess.Popen[bytes] | None = None
+        if start:
+            self.start()
 
     def write(self, config: dict[str, Any] | str) -> None:
         """(Re)write the config file; a str is written as it is (e.g. a broken file)."""
@@ -143,12 +147,12 @@ class Process:
         )  # fmt: skip
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
 
     @property
     def running(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None
 
     def text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -158,6 +162,8 @@ class Process:
         return self.stop(signal.SIGKILL)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None:
+            return 0  # never started
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
@@ -240,11 +246,13 @@ class System:
         check: str = "invite",
         health: bool = False,
         outbox: Path | None = None,
+        start: bool = True,
     ) -> Process:
         """A probe checking each target (id → responder name) every ``interval``: real
         INVITE calls (``check="invite"``) or OPTIONS pings (``"options"``, cheaper).
         ``health`` serves the probe's own /metrics (``self.health[probe]``); ``outbox`` puts
-        its outbox file elsewhere (e.g. on a small tmpfs)."""
+        its outbox file elsewhere (e.g. on a small tmpfs). ``start=False``: started later by
+        ``start_probes()`` (e.g. after the monitor, so that it sees every result from seq 1)."""
         self.targets.update(targets)
         self.outboxes[probe] = outbox or self.workdir / f"{probe}-outbox.db"
         checks: dict[str, Any] = (
@@ -273,8 +281,14 @@ class System:
         if health:
             self.health[probe] = f"{HOST}:{free_port()}"
             config["health"] = {"listen": self.health[probe]}
-        self.probes[probe] = Process("probe", config, self.workdir, probe)
+        self.probes[probe] = Process("probe", config, self.workdir, probe, start=start)
         return self.probes[probe]
+
+    def start_probes(self) -> None:
+        """Start every probe added with ``start=False`` (and not started since)."""
+        for probe in self.probes.values():
+            if probe.proc is None:
+                probe.start()
 
     def add_sim_probe(self, probe: str, targets: list[str]) -> ProbeSim:
         """A probe the monitor knows (its key) whose results a test crafts and publishes."""
@@ -317,9 +331,8 @@ class System:
 
         def up() -> bool:
             if not monitor.running:
-                raise AssertionError(
-                    f"the monitor exited ({monitor.proc.returncode}):\n{monitor.text()[-3000:]}"
-                )
+                code = monitor.proc and monitor.proc.returncode
+                raise AssertionError(f"the monitor exited ({code}):\n{monitor.text()[-3000:]}")
             return self.get("/healthz") is not None
 
         self.wait_for(up, timeout, "the monitor's /healthz")

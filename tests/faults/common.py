@@ -73,7 +73,7 @@ def metric_of(system: System, name: str, probe: str) -> float:
 
 
 def settle(
-    system: System, *, repair: bool = False, lost: dict[str, int] | None = None, timeout: float = 90
+    system: System, *, repair: bool = False, lost: dict[str, int] | None = None, timeout: float | None = None
 ) -> Ledger:
     """Let delivery finish, stop the probes, and assert the ledger: nothing lost (beyond
     ``lost``: probe → how many results its disk could not keep, each a seq that must be
@@ -95,7 +95,7 @@ def settle(
 
     what = "every gap repaired (outstanding 0, no hole in the store)" if repair else "no hole in the store"
     try:
-        system.wait_for(caught_up, timeout, what)
+        system.wait_for(caught_up, timeout or (90 if repair else 30), what)
     except AssertionError as error:
         stored = stored_by_probe(system)
         report = {p: holes(stored.get(p, ()))[:20] for p in probes}

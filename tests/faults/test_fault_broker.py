@@ -35,9 +35,10 @@ def test_broker_stopped_60s_and_restarted_loses_nothing(tmp_path: Path, persiste
     # session without it, or (no persistence) forget the session; the monitor subscribes again
     with System(tmp_path, persistence=persistence) as system:
         system.add_responder("r1")
-        system.add_probe("p1", {"t1": "r1"}, check="options")
-        system.add_probe("p2", {"t1": "r1"}, check="options")
+        system.add_probe("p1", {"t1": "r1"}, check="options", start=False)
+        system.add_probe("p2", {"t1": "r1"}, check="options", start=False)
         system.start_monitor()
+        system.start_probes()  # after the monitor: it sees every result from seq 1
         system.wait_state("t1", "up")
         system.wait_for(lambda: system.metric(MQTT_CONNECTED) == 1, 20, f"{MQTT_CONNECTED} 1")
         system.broker.stop()
@@ -64,9 +65,10 @@ def test_monitor_stopped_while_the_broker_queue_overflows_every_gap_is_repaired(
     with System(tmp_path, interval="1s", max_queued_messages=50) as system:
         system.add_responder("r1")
         targets = {"t1": "r1", "t2": "r1", "t3": "r1"}
-        system.add_probe("p1", targets, check="options", health=True)
-        system.add_probe("p2", targets, check="options", health=True)
+        system.add_probe("p1", targets, check="options", health=True, start=False)
+        system.add_probe("p2", targets, check="options", health=True, start=False)
         monitor = system.start_monitor()
+        system.start_probes()  # after the monitor: it sees every result from seq 1
         for target in targets:
             system.wait_state(target, "up")
 

@@ -27,9 +27,10 @@ def test_monitor_kill_9_in_steady_flow_loses_nothing(tmp_path: Path) -> None:
     with System(tmp_path) as system:
         system.add_responder("r1")
         system.add_responder("r2")
-        system.add_probe("p1", {"t1": "r1"}, health=True)
-        system.add_probe("p2", {"t1": "r2"}, health=True)
+        system.add_probe("p1", {"t1": "r1"}, health=True, start=False)
+        system.add_probe("p2", {"t1": "r2"}, health=True, start=False)
         monitor = system.start_monitor()
+        system.start_probes()  # after the monitor: it sees every result from seq 1
         system.wait_state("t1", "up")
         for _ in range(2):  # twice: the second start replays the first one's unacknowledged batch
             monitor.kill()
@@ -54,8 +55,9 @@ def test_monitor_kill_9_during_a_page_post_pages_again_with_the_same_idempotency
     # the webhook timeout is long: the POST is still in flight when the monitor dies
     with System(tmp_path, notifier={"timeout": "30s"}) as system:
         responder = system.add_responder("r1")
-        system.add_probe("p1", {"t1": "r1"})
+        system.add_probe("p1", {"t1": "r1"}, start=False)
         monitor = system.start_monitor()
+        system.start_probes()  # after the monitor: it sees every result from seq 1
         system.wait_state("t1", "up")
         receiver = system.receiver
         receiver.hold()
@@ -89,8 +91,9 @@ def test_monitor_down_longer_than_gap_incident_after_starts_and_pages_once(tmp_p
     gap_after, interval, stale_after = 4.0, 2.0, 3  # the reachability rules below
     with System(tmp_path, reachability={"gap_incident_after": f"{gap_after:g}s"}) as system:
         system.add_responder("r1")
-        probe = system.add_probe("p1", {"t1": "r1"}, check="options")
+        probe = system.add_probe("p1", {"t1": "r1"}, check="options", start=False)
         monitor = system.start_monitor()
+        system.start_probes()  # after the monitor: it sees every result from seq 1
         system.wait_state("t1", "up")
         monitor.stop()
         probe.stop()

@@ -42,9 +42,10 @@ def online(system: System, probe: str) -> bool | None:
 def test_probe_kill_9_last_will_and_seq_continuous_after_restart(tmp_path: Path) -> None:
     with System(tmp_path) as system:
         system.add_responder("r1")
-        probe = system.add_probe("p1", {"t1": "r1"}, check="options")
-        system.add_probe("p2", {"t1": "r1"}, check="options")  # t1 stays covered meanwhile
+        probe = system.add_probe("p1", {"t1": "r1"}, check="options", start=False)
+        system.add_probe("p2", {"t1": "r1"}, check="options", start=False)  # t1 stays covered meanwhile
         system.start_monitor()
+        system.start_probes()  # after the monitor: it sees every result from seq 1
         system.wait_state("t1", "up")
         system.wait_for(lambda: online(system, "p1") is True, 20, "p1 online")
         probe.kill()
@@ -103,8 +104,11 @@ def test_probe_outbox_on_a_full_disk_is_visible_at_the_monitor_within_one_interv
 ) -> None:
     with System(tmp_path) as system:
         system.add_responder("r1")
-        system.add_probe("p1", {"t1": "r1"}, check="options", health=True, outbox=small_disk / "outbox.db")
+        system.add_probe(
+            "p1", {"t1": "r1"}, check="options", health=True, outbox=small_disk / "outbox.db", start=False
+        )
         system.start_monitor()
+        system.start_probes()  # after the monitor: it sees every result from seq 1
         system.wait_state("t1", "up")
         system.wait_for(lambda: system.metric(OUTBOX_ERROR, probe="p1") == 0, 20, f"{OUTBOX_ERROR} 0")
         filler = fill(small_disk)
