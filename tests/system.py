@@ -8,6 +8,7 @@ and an HTTP receiver standing in for a pager — every piece its own process, as
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import sqlite3
@@ -273,7 +274,7 @@ class System:
                     "uri": self.responders[responder].uri,
                     "test_endpoint": True,
                     "min_spacing": "500ms",
-                    "checks": checks,
+                    "checks": copy.deepcopy(checks),  # no YAML aliases: the config loader refuses them
                 }
                 for target, responder in targets.items()
             ],
