@@ -58,11 +58,11 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 class Receiver:
     """A real HTTP server that records every JSON body POSTed to it.
 
-    ``headers`` holds each request's headers (names in lower case) and ``answered`` the status each got (None
-    while it is held or when the answer could not be written: the sender was gone).
-    ``hold()`` makes it keep every later POST open, recorded but unanswered, until
-    ``release()`` (or ``max_hold`` seconds): a page POST in flight, for tests that kill
-    the monitor at that moment."""
+    ``headers`` holds each request's headers (names in lower case) and ``answered`` the
+    status each got (None: never answered). ``hold(n)`` makes it keep the next ``n``
+    POSTs open, recorded but unanswered, until ``release()`` (or ``max_hold`` seconds),
+    and then drop their connections without an answer: a page POST in flight that never
+    completes, for tests that kill the monitor at that moment. Later POSTs are answered."""
 
     def __init__(self, *, max_hold: float = 60.0) -> None:
         self.bodies: list[dict[str, Any]] = []
@@ -70,10 +70,12 @@ class Receiver:
         self.headers: list[dict[str, str]] = []
         self.answered: list[int | None] = []
         self.statuses: list[int] = []  # answer these first, in order; then 200
+        self._to_hold = 0
         self._release = threading.Event()
         self._release.set()
         received, paths, statuses = self.bodies, self.paths, self.statuses
         headers, answered, release = self.headers, self.answered, self._release
+        receiver = self
         lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -86,7 +88,12 @@ class Receiver:
                     answered.append(None)
                     paths.append(self.path)
                     received.append(body)
-                release.wait(max_hold)
+                    held = receiver._to_hold > 0
+                    receiver._to_hold -= held
+                if held:
+                    release.wait(max_hold)
+                    self.close_connection = True
+                    return  # no answer at all
                 status = statuses.pop(0) if statuses else 200
                 try:
                     self.send_response(status)
@@ -94,7 +101,7 @@ class Receiver:
                     self.wfile.write(b"ok" if status == 200 else b"nope")
                     self.wfile.flush()
                 except OSError:
-                    return  # the sender is gone (killed while we held its POST)
+                    return
                 answered[index] = status
 
             def log_message(self, *args: object) -> None:
@@ -106,8 +113,9 @@ class Receiver:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def hold(self) -> None:
+    def hold(self, count: int = 1) -> None:
         self._release.clear()
+        self._to_hold = count
 
     def release(self) -> None:
         self._release.set()

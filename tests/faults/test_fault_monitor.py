@@ -60,11 +60,10 @@ def test_monitor_kill_9_during_a_page_post_pages_again_with_the_same_idempotency
         system.start_probes()  # after the monitor: it sees every result from seq 1
         system.wait_state("t1", "up")
         receiver = system.receiver
-        receiver.hold()
+        receiver.hold(1)  # the first page POST: recorded, never answered
         responder.set_fault("answer_503")
         system.wait_for(lambda: len(receiver.bodies) == 1, 30, "the trigger POST (held open)")
         monitor.kill()
-        receiver.release()  # the held POST's answer goes to a dead socket
         monitor.start()
         system.wait_monitor()
         system.wait_for(lambda: 200 in receiver.answered, 30, "the trigger page answered 200")
@@ -72,6 +71,7 @@ def test_monitor_kill_9_during_a_page_post_pages_again_with_the_same_idempotency
         system.wait_state("t1", "up", timeout=30)
         system.wait_for(lambda: any(b["event"] == "resolve" for b in receiver.bodies), 20, "the resolve page")
         settle(system)
+        receiver.release()
         assert incidents(system) == [(1, "t1", "down", True)]
         triggers = [i for i, b in enumerate(receiver.bodies) if b["event"] == "trigger"]
         resolves = [i for i, b in enumerate(receiver.bodies) if b["event"] == "resolve"]
