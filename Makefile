@@ -40,11 +40,14 @@ pytest: $(STAMP)
 
 test: peers lint typecheck pytest
 
-# tests/faults is left out of the default collection (pyproject.toml norecursedirs) and run here
+# tests/faults is left out of the default collection (pyproject.toml norecursedirs) and run here;
+# the fuzz runs even when a fault case failed, and the target fails if either did
 faults: peers $(STAMP)
-	$(PY) -m pytest tests/faults -p no:cacheprovider $(FAULTS_ARGS)
+	@status=0; \
+	$(PY) -m pytest tests/faults -p no:cacheprovider $(FAULTS_ARGS) || status=1; \
 	ECPM_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest tests/test_ingest_fuzz.py -p no:cacheprovider \
-		--timeout 1200 $(FAULTS_ARGS)
+		--timeout 1200 $(FAULTS_ARGS) || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
