@@ -28,6 +28,7 @@ their queued messages, plain subscriptions) in ``tmp_path`` across ``stop()``/``
 subscriptions across a restart, even with persistence (tests/test_mqtt_resubscribe.py).
 ``restart()`` comes back on the same port. ``extra`` lines are appended (e.g. TLS
 listener options, ``password_file``; with ``anonymous=False`` a client must authenticate).
+``pid`` is the running broker's pid.
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ class Broker:
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to 'mosquitto', who cannot write here
         return "\n".join([*lines, *self.extra, ""])
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
 
     @property
     def running(self) -> bool:

@@ -8,8 +8,10 @@ and an HTTP receiver standing in for a pager — every piece its own process, as
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,8 +24,10 @@ from types import TracebackType
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.brokers import Broker
+from tests.monitor_helpers import ProbeSim
 from tests.test_sip_helpers import REPO, ResponderProcess, free_port
 
 HOST = "127.0.0.1"
@@ -52,38 +56,53 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 class Receiver:
-    """A real HTTP server that records every JSON body POSTed to it, and its headers.
+    """A real HTTP server that records every JSON body POSTed to it.
 
-    While ``hold`` is cleared, a request is recorded but not answered until it is set
-    (a POST in flight when its sender dies)."""
+    ``headers`` holds each request's headers (names in lower case) and ``answered`` the
+    status each got (None: never answered). ``hold(n)`` makes it keep the next ``n``
+    POSTs open, recorded but unanswered, until ``release()`` (or ``max_hold`` seconds),
+    and then drop their connections without an answer: a page POST in flight that never
+    completes, for tests that kill the monitor at that moment. Later POSTs are answered."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_hold: float = 60.0) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
         self.headers: list[dict[str, str]] = []
+        self.answered: list[int | None] = []
         self.statuses: list[int] = []  # answer these first, in order; then 200
-        self.hold = threading.Event()
-        self.hold.set()
-        received, paths, headers, statuses, hold = (
-            self.bodies,
-            self.paths,
-            self.headers,
-            self.statuses,
-            self.hold,
-        )
+        self._to_hold = 0
+        self._release = threading.Event()
+        self._release.set()
+        received, paths, statuses = self.bodies, self.paths, self.statuses
+        headers, answered, release = self.headers, self.answered, self._release
+        receiver = self
+        lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length))
-                headers.append({k.lower(): v for k, v in self.headers.items()})  # names: lower case
-                received.append(body)
-                paths.append(self.path)
-                hold.wait(30)
+                with lock:
+                    index = len(received)
+                    headers.append({k.lower(): v for k, v in self.headers.items()})
+                    answered.append(None)
+                    paths.append(self.path)
+                    received.append(body)
+                    held = receiver._to_hold > 0
+                    receiver._to_hold -= held
+                if held:
+                    release.wait(max_hold)
+                    self.close_connection = True
+                    return  # no answer at all
                 status = statuses.pop(0) if statuses else 200
-                self.send_response(status)
-                self.end_headers()
-                self.wfile.write(b"ok" if status == 200 else b"nope")
+                try:
+                    self.send_response(status)
+                    self.end_headers()
+                    self.wfile.write(b"ok" if status == 200 else b"nope")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                answered[index] = status
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -94,11 +113,18 @@ class Receiver:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def hold(self, count: int = 1) -> None:
+        self._release.clear()
+        self._to_hold = count
+
+    def release(self) -> None:
+        self._release.set()
+
     def events(self) -> list[tuple[str, int]]:
         return [(b["event"], b["incident"]["id"]) for b in self.bodies]
 
     def close(self) -> None:
-        self.hold.set()
+        self._release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -106,12 +132,16 @@ class Receiver:
 class Process:
     """``python -m ecpm <role> -c <config>`` with its output in a log file."""
 
-    def __init__(self, role: str, config: dict[str, Any], workdir: Path, name: str) -> None:
+    def __init__(
+        self, role: str, config: dict[str, Any], workdir: Path, name: str, *, start: bool = True
+    ) -> None:
         self.role, self.name = role, name
         self.config_path = workdir / f"{name}.yaml"
         self.write(config)
         self.log_path = workdir / f"{name}.log"
-        self.start()
+        self.proc: subprocess.Popen[bytes] | None = None
+        if start:
+            self.start()
 
     def write(self, config: dict[str, Any] | str) -> None:
         """(Re)write the config file; a str is written as it is (e.g. a broken file)."""
@@ -125,10 +155,24 @@ class Process:
             cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
 
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    def kill(self) -> int:
+        """``kill -9`` this process (by its pid) and reap it."""
+        return self.stop(signal.SIGKILL)
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is None:
+            return 0  # never started
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
@@ -136,39 +180,63 @@ class Process:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return code
 
 
 class System:
+    """Every piece as its own process. ``persistence`` and ``max_queued_messages`` shape the
+    broker; ``notifier`` adds keys to the webhook notifier's config, ``monitor`` to the
+    monitor's (top-level sections, e.g. ``{"ingest": {"shared_group": None}}``)."""
+
     def __init__(
-        self, workdir: Path, *, interval: str = "2s", reachability: dict[str, Any] | None = None
+        self,
+        workdir: Path,
+        *,
+        interval: str = "2s",
+        reachability: dict[str, Any] | None = None,
+        persistence: bool = True,
+        max_queued_messages: int = 0,
+        notifier: dict[str, Any] | None = None,
+        monitor: dict[str, Any] | None = None,
     ) -> None:
         self.workdir = workdir
         self.interval = interval
         self.reachability = {"resolve_after": "1s", **(reachability or {})}
-        self.broker = Broker(workdir, persistence=True)
+        self.broker = Broker(workdir, persistence=persistence, max_queued_messages=max_queued_messages)
         self.receiver = Receiver()
         self.responders: dict[str, ResponderProcess] = {}
         self.probes: dict[str, Process] = {}
+        self.sim_probes: list[str] = []  # known to the monitor, played by a test (ProbeSim)
+        self.outboxes: dict[str, Path] = {}
+        self.health: dict[str, str] = {}  # probe → host:port of its /metrics
         self.monitor: Process | None = None
         self.http = f"{HOST}:{free_port()}"
         self.targets: set[str] = set()
         self.token = "system-test-token"
+        self.notifier = dict(notifier or {})
+        self.monitor_sections = dict(monitor or {})
 
     def __enter__(self) -> System:
         self.broker.start()
         return self
 
     def __exit__(self, *exc: object | TracebackType | None) -> None:
-        for probe in self.probes.values():
-            probe.stop()
+        # every process is stopped by its pid, whatever else fails
+        stops: list[Callable[[], object]] = [p.stop for p in self.probes.values()]
         if self.monitor is not None:
-            self.monitor.stop()
-        for responder in self.responders.values():
-            responder.stop()
-        self.receiver.close()
-        self.broker.stop()
+            stops.append(self.monitor.stop)
+        stops += [r.stop for r in self.responders.values()]
+        stops += [self.receiver.close, self.broker.stop]
+        errors: list[BaseException] = []
+        for stop in stops:
+            try:
+                stop()
+            except Exception as error:  # keep stopping the others
+                errors.append(error)
+        if errors and exc[0] is None:
+            raise errors[0]
 
     # ------------------------------------------------------------ pieces
 
@@ -179,14 +247,34 @@ class System:
     def probe_key(self, probe: str) -> str:
         return f"key-{probe}"
 
-    def add_probe(self, probe: str, targets: dict[str, str]) -> Process:
-        """A probe calling each target (id → responder name) every ``interval``."""
+    def add_probe(
+        self,
+        probe: str,
+        targets: dict[str, str],
+        *,
+        check: str = "invite",
+        health: bool = False,
+        outbox: Path | None = None,
+        start: bool = True,
+    ) -> Process:
+        """A probe checking each target (id → responder name) every ``interval``: real
+        INVITE calls (``check="invite"``) or OPTIONS pings (``"options"``, cheaper).
+        ``health`` serves the probe's own /metrics (``self.health[probe]``); ``outbox`` puts
+        its outbox file elsewhere (e.g. on a small tmpfs). ``start=False``: started later by
+        ``start_probes()`` (e.g. after the monitor, so that it sees every result from seq 1)."""
         self.targets.update(targets)
-        config = {
+        self.outboxes[probe] = outbox or self.workdir / f"{probe}-outbox.db"
+        checks: dict[str, Any] = (
+            {"invite": {"interval": self.interval, "media_time": "500ms", "answer_timeout": "3s",
+                        "first_response_timeout": "2s", "max_duration": "8s"}}
+            if check == "invite"
+            else {"options": {"interval": self.interval, "timeout": "2s"}}
+        )  # fmt: skip
+        config: dict[str, Any] = {
             "kind": "probe",
             "probe": {"id": probe, "region": "GB", "key": self.probe_key(probe)},
             "mqtt": {"host": self.broker.host, "port": self.broker.port, "keepalive": "5s"},
-            "outbox": {"path": str(self.workdir / f"{probe}-outbox.db")},
+            "outbox": {"path": str(self.outboxes[probe])},
             "schedule": {"jitter": 0.0},
             "targets": [
                 {
@@ -194,18 +282,31 @@ class System:
                     "uri": self.responders[responder].uri,
                     "test_endpoint": True,
                     "min_spacing": "500ms",
-                    "checks": {
-                        "invite": {"interval": self.interval, "media_time": "500ms", "answer_timeout": "3s",
-                                   "first_response_timeout": "2s", "max_duration": "8s"},
-                    },
+                    "checks": copy.deepcopy(checks),  # no YAML aliases: the config loader refuses them
                 }
                 for target, responder in targets.items()
             ],
-        }  # fmt: skip
-        self.probes[probe] = Process("probe", config, self.workdir, probe)
+        }
+        if health:
+            self.health[probe] = f"{HOST}:{free_port()}"
+            config["health"] = {"listen": self.health[probe]}
+        self.probes[probe] = Process("probe", config, self.workdir, probe, start=start)
         return self.probes[probe]
 
+    def start_probes(self) -> None:
+        """Start every probe added with ``start=False`` (and not started since)."""
+        for probe in self.probes.values():
+            if probe.proc is None:
+                probe.start()
+
+    def add_sim_probe(self, probe: str, targets: list[str]) -> ProbeSim:
+        """A probe the monitor knows (its key) whose results a test crafts and publishes."""
+        self.targets.update(targets)
+        self.sim_probes.append(probe)
+        return ProbeSim(probe, key=self.probe_key(probe))
+
     def monitor_config(self) -> dict[str, Any]:
+        probes = [*self.probes, *self.sim_probes]
         return {
             "kind": "monitor",
             "id": "m1",
@@ -213,22 +314,43 @@ class System:
             "store": {"path": str(self.workdir / "monitor.db"), "commit_interval": "100ms"},
             "http": {"listen": self.http, "token": self.token},
             "reachability": self.reachability,
-            "probes": [{"id": p, "key": self.probe_key(p)} for p in self.probes]
-            or [{"id": "none", "key": "x"}],
+            "probes": [{"id": p, "key": self.probe_key(p)} for p in probes] or [{"id": "none", "key": "x"}],
             "targets": [{"id": t, "interval": self.interval} for t in sorted(self.targets)],
-            "notifiers": [{"type": "webhook", "name": "hook", "url": self.receiver.url, "backoff": "200ms"}],
+            "notifiers": [
+                {
+                    "type": "webhook",
+                    "name": "hook",
+                    "url": self.receiver.url,
+                    "backoff": "200ms",
+                    **self.notifier,
+                }
+            ],
+            **self.monitor_sections,
         }
 
     def start_monitor(self) -> Process:
         self.monitor = Process("monitor", self.monitor_config(), self.workdir, "monitor")
-        self.wait_for(lambda: self.get("/healthz") is not None, 20, "the monitor's /healthz")
+        self.wait_monitor()
         return self.monitor
+
+    def wait_monitor(self, timeout: float = 20) -> None:
+        """Until the monitor answers /healthz; fails at once (with its log) if it exits."""
+        monitor = self.monitor
+        assert monitor is not None
+
+        def up() -> bool:
+            if not monitor.running:
+                code = monitor.proc and monitor.proc.returncode
+                raise AssertionError(f"the monitor exited ({code}):\n{monitor.text()[-3000:]}")
+            return self.get("/healthz") is not None
+
+        self.wait_for(up, timeout, "the monitor's /healthz")
 
     # ------------------------------------------------------------ observing
 
-    def get(self, path: str) -> bytes | None:
+    def get(self, path: str, base: str | None = None) -> bytes | None:
         try:
-            with urllib.request.urlopen(f"http://{self.http}{path}", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://{base or self.http}{path}", timeout=2) as resp:
                 return bytes(resp.read())
         except OSError:
             return None
@@ -237,6 +359,52 @@ class System:
         body = self.get(path)
         assert body is not None, f"GET {path} failed"
         return dict(json.loads(body))
+
+    def metrics(self, base: str | None = None) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Every sample of the monitor's /metrics (or ``base``'s, e.g. a probe's health
+        endpoint) by (sample name, labels); empty when it does not answer."""
+        body = self.get("/metrics", base)
+        if body is None:
+            return {}
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+        }
+
+    def metric(self, name: str, base: str | None = None, **labels: str) -> float | None:
+        """One sample (``name`` as exposed, e.g. ``ecpm_results_missing_total``), or None."""
+        return self.metrics(base).get((name, frozenset(labels.items())))
+
+    def probe_metric(self, probe: str, name: str, **labels: str) -> float | None:
+        """A sample of a probe's own /metrics (the probe was added with ``health=True``)."""
+        return self.metric(name, self.health[probe], **labels)
+
+    def stored(self) -> list[tuple[str, int, str]]:
+        """(probe, seq, id) of every result row in the monitor's store (read with sqlite3)."""
+        path = self.workdir / "monitor.db"
+        if not path.exists():
+            return []
+        db = sqlite3.connect(path, timeout=10)
+        try:
+            return [(str(p), int(q), str(i)) for p, q, i in db.execute("SELECT probe, seq, id FROM results")]
+        except sqlite3.OperationalError:  # not created yet
+            return []
+        finally:
+            db.close()
+
+    def outbox_numbers(self, probe: str) -> tuple[int, set[int]]:
+        """What a stopped probe's outbox numbered (seq 1..N: returns N) and the seqs it still
+        holds (not yet published, or not yet acknowledged by the monitor). The outbox is
+        locked while its probe runs: stop the probe first."""
+        assert not self.probes[probe].running, f"stop {probe} before reading its outbox"
+        db = sqlite3.connect(self.outboxes[probe], timeout=10)
+        try:
+            last = int(db.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()[0])
+            held = {int(row[0]) for row in db.execute("SELECT seq FROM outbox")}
+        finally:
+            db.close()
+        return last, held
 
     def state(self, target: str) -> str | None:
         body = self.get("/api/v1/targets")

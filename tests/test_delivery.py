@@ -320,7 +320,7 @@ def test_the_probe_deletes_on_ack_and_replays_unchanged(tmp_path: Path) -> None:
 def test_a_broker_that_drops_while_the_monitor_is_away_loses_nothing(tmp_path: Path) -> None:
     """The monitor stops; its broker queue holds 5 messages and drops the rest (mosquitto's
     max_queued_messages); the monitor comes back, sees the gap, asks, and gets every result."""
-    b = Broker(tmp_path, extra=["max_queued_messages 5"])
+    b = Broker(tmp_path, max_queued_messages=5)
     b.start()
     box = Outbox(tmp_path / "o.db", max_results=1000)
     config = monitor_config(

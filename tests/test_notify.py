@@ -206,14 +206,14 @@ def test_a_webhook_retry_carries_the_same_idempotency_key(tmp_path: Path) -> Non
 def test_a_page_in_flight_when_the_monitor_dies_is_sent_again_with_the_same_key(tmp_path: Path) -> None:
     """At-least-once: the receiver took the POST, the monitor died before marking it sent."""
     receiver = Receiver()
-    receiver.hold.clear()  # take the POST, do not answer it
+    receiver.hold(1)  # take the POST, do not answer it
     try:
         notifiers = [{"type": "webhook", "name": "hook", "url": receiver.url, "timeout": "20s"}]
         core, pages = outage(tmp_path, notifiers)
         deliver(core, pages, lambda: len(receiver.bodies) == 1)  # cancelled mid-POST: the "crash"
         assert core.store.incidents()[0].notifications[0].state == "pending"
         core.store.close()
-        receiver.hold.set()
+        receiver.release()
         config = monitor_config(tmp_path, notifiers=notifiers)
         again = MonitorCore(config, SqliteStore(config.store.path), CollectorRegistry(), clock=Clock())
         deliver(again, [], lambda: sent(again, "hook", "sent") == 1.0)
