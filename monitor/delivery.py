@@ -14,7 +14,9 @@ What arrives in return is handled by the core: a result filling a gap (``filled`
 counts as repaired; a status naming seq ranges the probe no longer has (``status``)
 makes them unrecoverable; a status announcing a higher ``last_seq`` than the store has,
 with nothing left unpublished, records the tail as a gap (the probe lost or the broker
-dropped its newest results and nothing newer has come to show it).
+dropped its newest results and nothing newer has come to show it), and a probe whose
+lowest stored seq is above the ``confirmed_seq`` it reports has a head gap (results it
+published before this monitor first subscribed, which no store has confirmed).
 
 All of it is bookkeeping in the store (``seq_gaps``, ``seq_gone``), so a restart loses
 nothing: acks are sent again on connect, open gaps are asked for again.
@@ -88,10 +90,18 @@ class Delivery:
                 )
             self._refresh()
         last = self._store.last_seq(probe)
-        if health.unpublished == 0 and last is not None and health.last_seq > last:
-            self._store.record_gap(probe, last, health.last_seq + 1, now)
+        confirmed = health.confirmed_seq
+        first = self._store.first_seq(probe)
+        if first is not None and first > confirmed + 1 and not self._store.in_gap(probe, first - 1):
+            # a head nobody saw: published before this monitor first heard of the probe (no
+            # subscriber yet) and never confirmed, by this store or any other
+            self._store.record_gap(probe, confirmed, first, now)
+            self.gap(probe, confirmed, first, now)
+        if health.unpublished == 0 and health.last_seq > (confirmed if last is None else last):
+            after = confirmed if last is None else last
+            self._store.record_gap(probe, after, health.last_seq + 1, now)
             self._store.set_last_seq(probe, health.last_seq)
-            self.gap(probe, last, health.last_seq + 1, now)
+            self.gap(probe, after, health.last_seq + 1, now)
 
     def _refresh(self) -> None:
         self.outstanding = self._store.outstanding()

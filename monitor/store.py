@@ -304,6 +304,7 @@ class Store(Protocol):
     def missing_ranges(
         self, probe: str, limit: int, *, join: int = 0, span: int = 0
     ) -> list[tuple[int, int]]: ...
+    def first_seq(self, probe: str) -> int | None: ...
     def contiguous_seq(self, probe: str) -> int | None: ...
     def outstanding(self) -> dict[str, int]: ...
     def commit(self) -> None: ...
@@ -666,6 +667,11 @@ class SqliteStore:
                         out.append((first, last))
                 expected = max(expected, b + 1)
         return out
+
+    def first_seq(self, probe: str) -> int | None:
+        """The lowest seq stored for the probe (None: nothing stored)."""
+        row = self._db.execute("SELECT min(seq) FROM results WHERE probe = ?", (probe,)).fetchone()
+        return None if row[0] is None else int(row[0])
 
     def contiguous_seq(self, probe: str) -> int | None:
         """The highest seq up to which every result of the probe is stored or known gone:

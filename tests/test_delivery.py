@@ -226,6 +226,30 @@ def test_a_tail_the_monitor_never_saw_is_a_gap(tmp_path: Path) -> None:
     assert gauge(core, registry, "ecpm_results_outstanding") == 0.0
 
 
+def test_a_head_published_before_the_monitor_subscribed_is_a_gap(tmp_path: Path) -> None:
+    """Probes started first: their first results went to a broker with no subscriber."""
+    clock = Clock()
+    registry = CollectorRegistry()
+    config = monitor_config(tmp_path)
+    core = MonitorCore(config, SqliteStore(config.store.path), registry, clock=clock)
+    sim, status = ProbeSim("p1"), StatusSim("p1")
+    results = [sim.result("t1", "pass", clock.advance(1)) for _ in range(6)]
+    for r in results[3:]:  # 4, 5, 6 arrive; 1..3 went nowhere
+        assert core.handle(sim.topic("t1"), r.to_json()) is None
+    assert core.handle(status.topic(), status_with(status, clock.advance(1), health(last_seq=6))) is None
+    core.store.commit()
+    asked = next(o for o in core.delivery.outgoing(clock.now) if "/commands/" in o.topic)
+    replay = d.parse_message(asked.payload, schema=d.REPLAY_SCHEMA, probe="p1", key=KEY)
+    assert (replay.first, replay.last) == (1, 3)  # type: ignore[union-attr]
+    for r in results[:3]:
+        assert core.handle(sim.topic("t1"), r.to_json()) is None
+    assert value(registry, "ecpm_results_repaired_total") == 3.0
+    # a probe whose earlier results another store confirmed has no head gap here
+    again = status_with(status, clock.advance(1), health(last_seq=6, confirmed_seq=6))
+    assert core.handle(status.topic(), again) is None
+    assert value(registry, "ecpm_results_missing_total") == 3.0
+
+
 # ------------------------------------------------------------------ the probe's publisher, real broker
 
 
