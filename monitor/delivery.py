@@ -58,8 +58,8 @@ class Delivery:
         self._sent_ack: dict[str, int] = {}  # last ack published per probe (this connection)
         self._replay_due: dict[str, datetime] = {}  # probe -> when to ask (again)
         self._progress: dict[str, datetime] = {}  # probe -> when a replayed result last filled a gap
-        self.outstanding: dict[str, int] = store.outstanding()
-        for probe in self.outstanding:
+        self._outstanding: dict[str, int] | None = None  # recomputed when asked after a change
+        for probe in store.outstanding():
             self._replay_due[probe] = datetime.min.replace(tzinfo=UTC)
 
     # ------------------------------------------------------------ from ingest
@@ -104,7 +104,15 @@ class Delivery:
             self.gap(probe, after, health.last_seq + 1, now)
 
     def _refresh(self) -> None:
-        self.outstanding = self._store.outstanding()
+        self._outstanding = None
+
+    @property
+    def outstanding(self) -> dict[str, int]:
+        """Missing results per probe, neither repaired nor gone (read once per change: a
+        replay of thousands fills as many gaps, and the snapshot asks once per batch)."""
+        if self._outstanding is None:
+            self._outstanding = self._store.outstanding()
+        return self._outstanding
 
     # ------------------------------------------------------------ to the probes
 

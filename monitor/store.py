@@ -578,9 +578,22 @@ class SqliteStore:
         """A result stored with ``seq`` inside an open gap: recount that gap (it closes when
         every missing seq is stored or gone). True if it was in an open gap."""
         rows = self._db.execute(_OPEN_GAPS_OVER, (probe, seq, seq)).fetchall()
-        for (rowid,) in rows:
-            self._recount_gap(rowid, at)
-        return bool(rows)
+        if not rows:
+            return False
+        # ingest stores a seq once, so this one is new to the gap: count it, O(1) however big
+        # the gap is (a seq the probe had said was gone, and that arrives after all, moves
+        # from gone to repaired)
+        was_gone = self._db.execute(
+            "SELECT 1 FROM seq_gone WHERE probe = ? AND first_seq <= ? AND last_seq >= ? LIMIT 1",
+            (probe, seq, seq),
+        ).fetchone()
+        self._db.execute(
+            "UPDATE seq_gaps SET repaired = repaired + 1, gone = max(0, gone - ?),"
+            " closed_at = CASE WHEN repaired + 1 + max(0, gone - ?) >= missing THEN ? END"
+            " WHERE rowid IN (" + ",".join("?" * len(rows)) + ")",
+            (int(was_gone is not None), int(was_gone is not None), format_time(at), *[r[0] for r in rows]),
+        )
+        return True
 
     def mark_gone(self, probe: str, ranges: Sequence[tuple[int, int]], at: datetime) -> int:
         """The probe no longer has these seq numbers: what of them is missing is unrecoverable.

@@ -178,6 +178,25 @@ def test_a_gap_is_asked_for_repaired_or_gone_and_then_acked(tmp_path: Path) -> N
     assert [o.topic for o in out] == ["ecpm/v1/acks/p1"]
 
 
+def test_a_result_said_gone_that_arrives_after_all_counts_as_repaired(tmp_path: Path) -> None:
+    """The probe no longer had seq 3, but a stranded broker session still held it."""
+    clock = Clock()
+    config = monitor_config(tmp_path)
+    core = MonitorCore(config, SqliteStore(config.store.path), CollectorRegistry(), clock=clock)
+    sim, status = ProbeSim("p1"), StatusSim("p1")
+    results = [sim.result("t1", "pass", clock.advance(1)) for _ in range(4)]
+    for r in (results[0], results[3]):
+        assert core.handle(sim.topic("t1"), r.to_json()) is None
+    gone = status_with(status, clock.advance(1), health(last_seq=4, gone=((3, 3),)))
+    assert core.handle(status.topic(), gone) is None
+    gap = core.store.gaps_between(T0, clock.now)[0]
+    assert (gap.repaired, gap.unrecoverable, gap.closed_at) == (0, 1, None)
+    for r in (results[2], results[1]):
+        assert core.handle(sim.topic("t1"), r.to_json()) is None
+    gap = core.store.gaps_between(T0, clock.now)[0]
+    assert (gap.repaired, gap.unrecoverable, gap.closed_at) == (2, 0, clock.now)
+
+
 def test_many_small_gaps_are_asked_for_in_few_requests_and_big_ones_split(tmp_path: Path) -> None:
     """A retired monitor's stranded session took every other result; one huge gap."""
     clock = Clock()
