@@ -1,6 +1,6 @@
 """Repairing what a broker dropped (replay from the probe's outbox) vs draining what it kept.
 
-    .venv/bin/python bench/replay.py [--n 20000] [--rounds 2]
+    .venv/bin/python bench/replay.py [--n 20000] [--rounds 2] [--queued 1000]
 
 Both runs: a real mosquitto, a real ``ecpm monitor`` subprocess (default config: shared
 subscription, persistent session) and a probe's real ``Publisher`` and ``Outbox``
@@ -8,9 +8,11 @@ in this process. The monitor stores seq 1, stops; the probe publishes N more res
 while it is away; the monitor starts again, one more result follows, and the clock
 runs from that start until the monitor's store holds every seq 1..N+2.
 
-- **replay**: the broker queues at most 50 messages for the absent monitor
-  (``max_queued_messages 50``) and drops the rest: the monitor sees the gap, asks the
-  probe to replay it, and the probe sends what it kept again (``probes.delivery``).
+- **replay**: the broker queues at most ``--queued`` messages for the absent monitor
+  (``max_queued_messages``; mosquitto's default 1,000) and drops the rest: the monitor
+  sees the gap, asks the probe to replay it, and the probe sends what it kept again
+  (``probes.delivery``). The same bound applies while the replay flows: what the probe
+  sends faster than the monitor stores overflows it again and is asked for again.
 - **peer, backlog**: the broker queues everything (the shipped 200,000): the monitor
   drains its persistent session, nothing to repair.
 
@@ -109,9 +111,12 @@ async def one(tmp: Path, n: int, queued: int) -> tuple[float, int]:
         on_command=accept,
         key=KEY,
     )
-    task = asyncio.create_task(pub.run())
     proc = monitor()
+    logged = tmp / "monitor.log"
+    task = asyncio.create_task(asyncio.sleep(0))
     try:
+        await until(lambda: "connected to MQTT" in logged.read_text(errors="replace"), 30, "the monitor")
+        task = asyncio.create_task(pub.run())
         await box.add(make)
         await until(lambda: stored(db) == 1, 30, "the first result")
         proc.send_signal(signal.SIGTERM)
@@ -126,6 +131,9 @@ async def one(tmp: Path, n: int, queued: int) -> tuple[float, int]:
         await until(lambda: stored(db) == n + 2, 600, "a complete store")
         took = time.monotonic() - started
         return took, repaired(db)
+    except SystemExit:
+        print((tmp / "monitor.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+        raise
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -136,12 +144,12 @@ async def one(tmp: Path, n: int, queued: int) -> tuple[float, int]:
         log.close()
 
 
-async def main(n: int, rounds: int) -> None:
+async def main(n: int, rounds: int, queued: int) -> None:
     best: dict[str, tuple[float, int]] = {}
     for i in range(rounds):
-        for name, queued in (("replay", 50), ("backlog", 200_000))[:: 1 if i % 2 == 0 else -1]:
+        for name, bound in (("replay", queued), ("backlog", 200_000))[:: 1 if i % 2 == 0 else -1]:
             with tempfile.TemporaryDirectory(prefix="ecpm-bench-") as tmp:
-                took, fixed = await one(Path(tmp), n, queued)
+                took, fixed = await one(Path(tmp), n, bound)
             print(f"round {i + 1} {name}: {took:.1f} s, {n / took:,.0f} results/s, repaired {fixed}")
             if name not in best or took < best[name][0]:
                 best[name] = (took, fixed)
@@ -156,5 +164,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--queued", type=int, default=1000)
     args = parser.parse_args()
-    asyncio.run(main(args.n, args.rounds))
+    asyncio.run(main(args.n, args.rounds, args.queued))
