@@ -1,7 +1,8 @@
 """The checks a probe runs: ``invite`` (the test call) and ``options`` (a ping).
 
-Shape (blackbox_exporter's): every check is ``async (engine, target) -> CheckOutcome``
-and is registered in :data:`CHECKS`; a failure is a value with a failing stage and
+Shape (blackbox_exporter's): every check is ``async (engine, target, settings) ->
+CheckOutcome`` and has one entry in the registry, ``probes.check_kinds.REGISTRY``
+(its settings model, stages and reasons); a failure is a value with a failing stage and
 a bounded reason, never an exception. One attempt, no retry: a retry hides an
 outage. docs/checks.md defines every stage, timer and reason.
 
@@ -23,11 +24,10 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final
 
 from probes import media, nena
 from probes.config import EmergencyShape, InviteCheck, OptionsCheck, Target
@@ -55,15 +55,22 @@ TEARDOWN_WAIT: Final = 5.0  # BYE sent -> call released, or fail at teardown
 STATS_EVERY: Final = 0.25  # RTCP figures sampled this often while listening
 CONFIRM_WAIT: Final = 1.0  # 2xx received -> pjsua's CONFIRMED (ACK sent); media judges the call after it
 
-# Bounded reason codes (metric labels). docs/checks.md explains each one.
-REASONS: Final = (
-    "guard_refused", "call_setup", "no_call_slot", "no_response", "transport_error",
-    "redirected", "auth_failed", "forbidden", "not_found", "unsupported_service",
-    "timeout", "unavailable", "busy", "test_call_limit", "cancelled", "not_acceptable",
-    "rejected", "service_unavailable", "server_timeout", "server_error", "declined",
-    "answer_timeout", "no_location_echo", "location_mismatch", "no_media", "no_rtp",
-    "no_tone", "no_echo", "remote_hangup", "teardown_timeout", "max_duration", "shutdown",
-    "hard_timeout", "internal_error",  # set by the scheduler around a check
+# Bounded reason codes (the registry's per-kind ``reasons``; docs/checks.md explains each)
+# Every check: the guard refused the target, pjsua2 refused the request, no response,
+# a transport failure, the probe stopped mid-check
+SETUP_REASONS: Final = ("guard_refused", "call_setup", "no_response", "transport_error", "shutdown")
+# What reason_for_status gives a final error status (tests check every status 300..699)
+STATUS_REASONS: Final = (
+    "redirected", "auth_failed", "forbidden", "not_found", "timeout", "unavailable", "busy",
+    "cancelled", "not_acceptable", "rejected", "service_unavailable", "server_timeout",
+    "server_error", "declined",
+)  # fmt: skip
+# What nena.score_answer gives an emergency-shaped call's answer
+NENA_REASONS: Final = ("unsupported_service", "test_call_limit", "no_location_echo", "location_mismatch")
+# The invite check's own: a call slot, the answer timer, media and teardown, the hard cap
+CALL_REASONS: Final = (
+    "no_call_slot", "answer_timeout", "no_media", "no_rtp", "no_tone", "no_echo", "remote_hangup",
+    "teardown_timeout", "max_duration",
 )  # fmt: skip
 
 
@@ -106,10 +113,6 @@ def dial_for(target: Target) -> Dial:
         auth=target.auth,
         carrier_test_service=target.carrier(),
     )
-
-
-class Check(Protocol):
-    async def __call__(self, engine: SipEngine, target: Target) -> CheckOutcome: ...
 
 
 @dataclass(slots=True)
@@ -541,13 +544,3 @@ async def options_check(engine: SipEngine, target: Target, check: OptionsCheck |
     else:
         result.sip_status, result.sip_reason = reply.status, reply.reason
     return result.done()
-
-
-# -------------------------------------------------------------------- registry
-
-CHECKS: Final[Mapping[str, Check]] = {"invite": invite_check, "options": options_check}
-
-
-async def run_check(engine: SipEngine, target: Target, kind: str) -> CheckOutcome:
-    """The scheduler's runner: ``CHECKS[kind](engine, target)``."""
-    return await CHECKS[kind](engine, target)
