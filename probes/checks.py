@@ -166,12 +166,21 @@ class Findings:
             detail={k: v[:1024] for k, v in list(self.detail.items())[:32]},
         )
 
+    def refused(self, refusal: GuardRefusal) -> CheckOutcome:
+        """The guard refused the target itself: nothing was sent."""
+        self.fail("transport", "guard_refused")
+        self.detail["guard.reason"] = refusal.reason
+        self.detail["guard.detail"] = refusal.detail
+        return self.done()
 
-def refused(result: Findings, refusal: GuardRefusal) -> CheckOutcome:
-    result.fail("transport", "guard_refused")
-    result.detail["guard.reason"] = refusal.reason
-    result.detail["guard.detail"] = refusal.detail
-    return result.done()
+    def not_sent(self, error: SipError) -> CheckOutcome:
+        """The engine did not send: it is shutting down, or pjsua2 refused the request."""
+        if isinstance(error, EngineClosed):
+            self.fail(None, "shutdown", outcome="inconclusive")
+        else:
+            self.fail("transport", "call_setup")
+            self.detail["error"] = str(error)
+        return self.done()
 
 
 def _refused_remote(result: Findings, refusal: RemoteRefusal, stage: str) -> None:
@@ -238,18 +247,13 @@ async def invite_check(
                 ),
             )
         except GuardRefusal as refusal:
-            return refused(result, refusal)
+            return result.refused(refusal)
         except NoCallSlot as exc:
             result.fail("transport", "no_call_slot", outcome="inconclusive")
             result.detail["error"] = str(exc)
             return result.done()
-        except EngineClosed:
-            result.fail(None, "shutdown", outcome="inconclusive")
-            return result.done()
-        except (CallSetupError, SipError) as exc:
-            result.fail("transport", "call_setup")
-            result.detail["error"] = str(exc)
-            return result.done()
+        except (EngineClosed, CallSetupError, SipError) as exc:
+            return result.not_sent(exc)
         if call.waited > 0.05:
             result.detail["slot_wait_ms"] = f"{call.waited * 1000:.0f}"
         async with call:
@@ -613,14 +617,9 @@ async def options_check(engine: SipEngine, target: Target, check: OptionsCheck |
     try:
         reply = await engine.options(dial_for(target), timeout=cfg.timeout)
     except GuardRefusal as refusal:
-        return refused(result, refusal)
-    except EngineClosed:
-        result.fail(None, "shutdown", outcome="inconclusive")
-        return result.done()
-    except (CallSetupError, SipError) as exc:
-        result.fail("transport", "call_setup")
-        result.detail["error"] = str(exc)
-        return result.done()
+        return result.refused(refusal)
+    except (EngineClosed, CallSetupError, SipError) as exc:
+        return result.not_sent(exc)
     waited = reply.sent_at - begin
     if waited > 0.05:
         result.detail["rate_wait_ms"] = f"{waited * 1000:.0f}"
