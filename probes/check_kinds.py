@@ -2,7 +2,8 @@
 
 An entry names the kind and gives its settings model (the ``checks.<kind>`` section of a
 target, ``probes/config.py``), its runner (``async (engine, target, settings) ->
-CheckOutcome``, in its own module), the stages it times and fails at, the bounded
+CheckOutcome``; invite and options are in ``probes/checks.py``, a new kind brings its own
+module), the stages it times and fails at, the bounded
 reasons it fails with, and whether it is a test call (its results decide reachability)
 or a ping. Everything that needs to know the kinds reads this: the agent runs
 ``REGISTRY[kind]``, MQTT commands accept its names, ``ecpm call`` prints its stages.
