@@ -19,12 +19,11 @@ from prometheus_client.registry import Collector
 from monitor.ingest import MONITOR_REASONS
 from monitor.model import TARGET_STATES, Snapshot
 from monitor.status_ingest import STATUS_MONITOR_REASONS
-from probes.outcome import STAGES
-from probes.result import CHECK_KINDS, REJECT_REASONS, Result
+from probes.result import CALL_KINDS, CHECK_KINDS, REJECT_REASONS, STAGES, Result
 from probes.status import REJECT_REASONS as STATUS_REJECT_REASONS
 
 NAMESPACE = "ecpm"
-CHECKS = CHECK_KINDS  # ingest refuses any other check kind (unknown_check)
+CHECKS = CHECK_KINDS  # the registry's kinds; ingest refuses any other (unknown_check)
 OUTCOMES = ("pass", "fail", "inconclusive")
 # SIP stages span a loopback INVITE (~1 ms) to timer B (32 s)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30)
@@ -84,7 +83,7 @@ class StateCollector(Collector):
             incidents.add_metric([view.id], float(open_by_target.get(view.id, 0)))
             seen: set[str] = set()
             for r in view.latest:
-                if r.check == "invite" and r.probe not in seen and r.mos is not None:
+                if r.check in CALL_KINDS and r.probe not in seen and r.mos is not None:
                     seen.add(r.probe)
                     mos.add_metric([view.id, r.probe], r.mos)
         outstanding = GaugeMetricFamily(

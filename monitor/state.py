@@ -15,7 +15,8 @@ Pure logic, no I/O: the service feeds results and asks for a verdict at a time.
   the latest results are inconclusive, or a pass had poor media or slow post-dial delay.
 - ``up``: otherwise.
 
-The ``invite`` check decides; ``options`` results decide only for a target that has
+The calls decide (``invite``, the kinds in ``CALL_KINDS``, a flag of each check kind's
+registry entry); ``options`` results (the pings) decide only for a target that has
 never had an invite result (monitored by OPTIONS alone). Once a target has been
 called, OPTIONS answering while no call result is fresh is ``unknown``: the calls
 stopped (the Vonage pattern), whatever a ping says. A failing OPTIONS ping makes an
@@ -32,6 +33,7 @@ from datetime import datetime, timedelta
 from ecpm.configfile import format_duration
 from monitor.config import MonitoredTarget, Reachability
 from monitor.model import ResultSummary, TargetStateName
+from probes.result import CALL_KINDS
 
 # How many recent results a tracker keeps per target (enough for K and every probe).
 MAX_KEPT = 200
@@ -65,7 +67,7 @@ class TargetTracker:
         return timedelta(seconds=self.rules.stale_after * self.target.interval)
 
     def add(self, result: ResultSummary) -> None:
-        self.seen_invite = self.seen_invite or result.check == "invite"
+        self.seen_invite = self.seen_invite or result.check in CALL_KINDS
         # results arrive nearly in order; keep the deque sorted by judged time (monitor.skew)
         if not self._results or result.judged >= self._results[-1].judged:
             self._results.append(result)
@@ -92,7 +94,7 @@ class TargetTracker:
         return None, first_failed
 
     def _deciding(self, newest_first: list[ResultSummary]) -> list[ResultSummary]:
-        invites = [r for r in newest_first if r.check == "invite"]
+        invites = [r for r in newest_first if r.check in CALL_KINDS]
         return invites if invites or self.seen_invite else newest_first
 
     def evaluate(self, now: datetime, expected: frozenset[str] = frozenset()) -> Verdict:
@@ -157,10 +159,10 @@ class TargetTracker:
                 return Verdict("degraded", f"poor audio: MOS {r.mos:.2f} from {probe}", covering)
         options_failing = sorted(
             p
-            for p, r in _latest_by_probe(x for x in fresh if x.check == "options").items()
+            for p, r in _latest_by_probe(x for x in fresh if x.check not in CALL_KINDS).items()
             if r.outcome == "fail"
         )
-        if any(r.check == "invite" for r in fresh) and options_failing:
+        if any(r.check in CALL_KINDS for r in fresh) and options_failing:
             return Verdict("degraded", f"OPTIONS failing from {', '.join(options_failing)}", covering)
         return Verdict(
             "up", f"calls pass from {len(covering)} probe{'s' if len(covering) != 1 else ''}", covering

@@ -1,6 +1,6 @@
 """``ecpm probe -c probe.yaml``: the long-running probe agent.
 
-    Scheduler ──run(target, kind)──▶ checks (SIP engine, guard) ──CheckOutcome──▶
+    Scheduler ──run(target, kind)──▶ check_kinds.REGISTRY[kind] (SIP engine, guard) ──CheckOutcome──▶
     sink: number, sign, store in the outbox (before anything is sent) ──▶
     Publisher: drain the outbox over MQTT QoS 1, keep until the monitor's ack; replay; Last Will; commands
 
@@ -24,7 +24,7 @@ from ecpm import __version__
 from ecpm.configfile import load_config
 from ecpm.errors import ConfigError
 from ecpm.signals import run_until_signalled
-from probes import checks
+from probes import check_kinds
 from probes.config import ProbeConfig, ScheduleSettings, Target
 from probes.guard import Guard
 from probes.health import HealthServer
@@ -87,7 +87,7 @@ class ProbeAgent:
 
     async def _run_check(self, target: Target, kind: str) -> CheckOutcome:
         assert self.engine is not None  # the scheduler starts after the engine
-        return await checks.run_check(self.engine, target, kind)
+        return await check_kinds.run_check(self.engine, target, kind)
 
     async def _store(self, report: CheckReport) -> None:
         """Number, sign and store a result before anything else sees it."""

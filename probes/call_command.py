@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from ecpm.configfile import load_config
 from ecpm.errors import UsageError
-from probes.checks import invite_check, options_check
+from probes.check_kinds import REGISTRY
 from probes.config import (
     Checks,
     InviteCheck,
@@ -36,7 +36,7 @@ from probes.config import (
     Target,
 )
 from probes.guard import DEFAULT_DIAL_PREFIXES, Guard
-from probes.outcome import STAGES, CheckOutcome
+from probes.outcome import CheckOutcome
 from probes.result import Media, format_time
 from probes.sip import SipEngine
 
@@ -199,7 +199,7 @@ def _ms(seconds: float) -> str:
 def report(target: Target, outcome: CheckOutcome) -> str:
     """The staged, human-readable result."""
     lines = [f"ecpm call {target.uri} ({outcome.check}, {target.transport})"]
-    stages = STAGES if outcome.check == "invite" else ("transport", "answer")
+    stages = REGISTRY[outcome.check].stages
     notes = {
         "ringing": "post-dial delay",
         "answer": f"{outcome.sip_status} {outcome.sip_reason}" if outcome.sip_status else "",
@@ -238,10 +238,9 @@ def report(target: Target, outcome: CheckOutcome) -> str:
 
 
 async def _call(target: Target, sip: SipSettings, guard: Guard, options: bool) -> CheckOutcome:
+    kind = REGISTRY["options" if options else "invite"]  # the CLI's two: a call, or --options
     async with SipEngine(sip, guard) as engine:
-        if options:
-            return await options_check(engine, target)
-        return await invite_check(engine, target)
+        return await kind.run(engine, target, kind.settings_of(target))
 
 
 async def _main(target: Target, sip: SipSettings, guard: Guard, options: bool) -> CheckOutcome | None:

@@ -1,7 +1,8 @@
 """The checks a probe runs: ``invite`` (the test call) and ``options`` (a ping).
 
-Shape (blackbox_exporter's): every check is ``async (engine, target) -> CheckOutcome``
-and is registered in :data:`CHECKS`; a failure is a value with a failing stage and
+Shape (blackbox_exporter's): every check is ``async (engine, target, settings) ->
+CheckOutcome`` and has one entry in the registry, ``probes.check_kinds.REGISTRY``
+(its settings model, stages and reasons); a failure is a value with a failing stage and
 a bounded reason, never an exception. One attempt, no retry: a retry hides an
 outage. docs/checks.md defines every stage, timer and reason.
 
@@ -23,11 +24,10 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final
 
 from probes import media, nena
 from probes.config import EmergencyShape, InviteCheck, OptionsCheck, Target
@@ -55,15 +55,22 @@ TEARDOWN_WAIT: Final = 5.0  # BYE sent -> call released, or fail at teardown
 STATS_EVERY: Final = 0.25  # RTCP figures sampled this often while listening
 CONFIRM_WAIT: Final = 1.0  # 2xx received -> pjsua's CONFIRMED (ACK sent); media judges the call after it
 
-# Bounded reason codes (metric labels). docs/checks.md explains each one.
-REASONS: Final = (
-    "guard_refused", "call_setup", "no_call_slot", "no_response", "transport_error",
-    "redirected", "auth_failed", "forbidden", "not_found", "unsupported_service",
-    "timeout", "unavailable", "busy", "test_call_limit", "cancelled", "not_acceptable",
-    "rejected", "service_unavailable", "server_timeout", "server_error", "declined",
-    "answer_timeout", "no_location_echo", "location_mismatch", "no_media", "no_rtp",
-    "no_tone", "no_echo", "remote_hangup", "teardown_timeout", "max_duration", "shutdown",
-    "hard_timeout", "internal_error",  # set by the scheduler around a check
+# Bounded reason codes (the registry's per-kind ``reasons``; docs/checks.md explains each)
+# Every check: the guard refused the target, pjsua2 refused the request, no response,
+# a transport failure, the probe stopped mid-check
+SETUP_REASONS: Final = ("guard_refused", "call_setup", "no_response", "transport_error", "shutdown")
+# What reason_for_status gives a final error status (tests check every status 300..699)
+STATUS_REASONS: Final = (
+    "redirected", "auth_failed", "forbidden", "not_found", "timeout", "unavailable", "busy",
+    "cancelled", "not_acceptable", "rejected", "service_unavailable", "server_timeout",
+    "server_error", "declined",
+)  # fmt: skip
+# What nena.score_answer gives an emergency-shaped call's answer
+NENA_REASONS: Final = ("unsupported_service", "test_call_limit", "no_location_echo", "location_mismatch")
+# The invite check's own: a call slot, the answer timer, media and teardown, the hard cap
+CALL_REASONS: Final = (
+    "no_call_slot", "answer_timeout", "no_media", "no_rtp", "no_tone", "no_echo", "remote_hangup",
+    "teardown_timeout", "max_duration",
 )  # fmt: skip
 
 
@@ -108,13 +115,10 @@ def dial_for(target: Target) -> Dial:
     )
 
 
-class Check(Protocol):
-    async def __call__(self, engine: SipEngine, target: Target) -> CheckOutcome: ...
-
-
 @dataclass(slots=True)
-class _Result:
-    """Collects what a check found; ``outcome()`` freezes it."""
+class Findings:
+    """What a check found so far: the first failure wins; ``done()`` freezes it into the
+    ``CheckOutcome``. Every runner fills one in."""
 
     check: str
     started_at: datetime
@@ -162,15 +166,24 @@ class _Result:
             detail={k: v[:1024] for k, v in list(self.detail.items())[:32]},
         )
 
+    def refused(self, refusal: GuardRefusal) -> CheckOutcome:
+        """The guard refused the target itself: nothing was sent."""
+        self.fail("transport", "guard_refused")
+        self.detail["guard.reason"] = refusal.reason
+        self.detail["guard.detail"] = refusal.detail
+        return self.done()
 
-def _refused(result: _Result, refusal: GuardRefusal) -> CheckOutcome:
-    result.fail("transport", "guard_refused")
-    result.detail["guard.reason"] = refusal.reason
-    result.detail["guard.detail"] = refusal.detail
-    return result.done()
+    def not_sent(self, error: SipError) -> CheckOutcome:
+        """The engine did not send: it is shutting down, or pjsua2 refused the request."""
+        if isinstance(error, EngineClosed):
+            self.fail(None, "shutdown", outcome="inconclusive")
+        else:
+            self.fail("transport", "call_setup")
+            self.detail["error"] = str(error)
+        return self.done()
 
 
-def _refused_remote(result: _Result, refusal: RemoteRefusal, stage: str) -> None:
+def _refused_remote(result: Findings, refusal: RemoteRefusal, stage: str) -> None:
     """The far end named a remote target the guard refused; the engine ended the call
     without sending anything to it. ``guard.where`` says which header of which message."""
     result.fail(stage, "guard_refused")
@@ -206,7 +219,7 @@ async def invite_check(
     """One test call: signalling, two-way media, teardown. Never raises for a failed
     path; an exception from here is a bug."""
     cfg = check or target.checks.invite or InviteCheck()
-    result = _Result("invite", datetime.now(UTC))
+    result = Findings("invite", datetime.now(UTC))
     begin = time.monotonic()
     deadline = begin + cfg.max_duration
     shape = target.emergency
@@ -234,18 +247,13 @@ async def invite_check(
                 ),
             )
         except GuardRefusal as refusal:
-            return _refused(result, refusal)
+            return result.refused(refusal)
         except NoCallSlot as exc:
             result.fail("transport", "no_call_slot", outcome="inconclusive")
             result.detail["error"] = str(exc)
             return result.done()
-        except EngineClosed:
-            result.fail(None, "shutdown", outcome="inconclusive")
-            return result.done()
-        except (CallSetupError, SipError) as exc:
-            result.fail("transport", "call_setup")
-            result.detail["error"] = str(exc)
-            return result.done()
+        except (EngineClosed, CallSetupError, SipError) as exc:
+            return result.not_sent(exc)
         if call.waited > 0.05:
             result.detail["slot_wait_ms"] = f"{call.waited * 1000:.0f}"
         async with call:
@@ -274,7 +282,7 @@ async def invite_check(
 async def _signalling(
     call: OutgoingCall,
     cfg: InviteCheck,
-    result: _Result,
+    result: Findings,
     deadline: float,
     shape: EmergencyShape | None,
 ) -> _Dialog:
@@ -332,7 +340,7 @@ async def _signalling(
             return d
 
 
-def _signal_timings(result: _Result, d: _Dialog, start: float) -> None:
+def _signal_timings(result: Findings, d: _Dialog, start: float) -> None:
     sent = d.sent_at
     if sent is None:
         return
@@ -347,7 +355,9 @@ def _signal_timings(result: _Result, d: _Dialog, start: float) -> None:
         result.time("answer", d.answer.at - sent)
 
 
-def _ended_before_answer(result: _Result, d: _Dialog, event: CallEvent, shape: EmergencyShape | None) -> None:
+def _ended_before_answer(
+    result: Findings, d: _Dialog, event: CallEvent, shape: EmergencyShape | None
+) -> None:
     cause = event.cause
     if cause == "guard_refused" and event.refusal is not None:
         _refused_remote(result, event.refusal, "answer")
@@ -385,10 +395,50 @@ def _ended_before_answer(result: _Result, d: _Dialog, event: CallEvent, shape: E
         result.detail["local"] = f"{event.status} {event.reason}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Listened:
+    """What the media window gave: RTCP figures and whether the far end hung up in it."""
+
+    until: float  # when listening was due to stop: answer + media_time, or the deadline
+    stats: RtpStats | None  # the last RTCP figures sampled (they vanish with the call)
+    remote_end: CallEvent | None  # the far end ended the call inside the window
+
+
+@dataclass(frozen=True, slots=True)
+class _Heard:
+    """The tones found in the audio received after the answer (None: none recorded)."""
+
+    tone: media.ToneReport | None  # the responder's tone (expect_tone_hz)
+    echo: media.ToneReport | None  # our own tone come back (tone_hz)
+    expect_tone: bool
+    expect_echo: bool
+
+    @property
+    def tone_heard(self) -> bool:
+        return bool(self.tone and self.tone.heard)
+
+    @property
+    def echo_heard(self) -> bool:
+        return bool(self.echo and self.echo.heard)
+
+    @property
+    def required(self) -> list[media.ToneReport | None]:
+        return ([self.tone] if self.expect_tone else []) + ([self.echo] if self.expect_echo else [])
+
+    @property
+    def all_heard(self) -> bool:
+        return all(r is not None and r.heard for r in self.required)
+
+    @property
+    def identified(self) -> bool:
+        """A test endpoint is on the line (else a person may have answered)."""
+        return self.tone_heard if self.expect_tone else self.echo_heard
+
+
 async def _media_and_teardown(
     call: OutgoingCall,
     cfg: InviteCheck,
-    result: _Result,
+    result: Findings,
     d: _Dialog,
     *,
     deadline: float,
@@ -396,22 +446,44 @@ async def _media_and_teardown(
     announcement: Path | None,
     shape: EmergencyShape | None,
 ) -> None:
+    """An answered call: score a NENA answer, listen, judge the media, say who we are if
+    no test endpoint answered, then hang up."""
     assert d.answer is not None
     answer_at = d.answer.at
     if shape is not None:
-        score = nena.score_answer(d.answer.status or 200, d.answer.message, shape)
-        result.detail.update(score.detail)
-        if score.outcome != "pass" and score.reason is not None:
-            result.fail("answer", score.reason, outcome=score.outcome)
-    # listen
-    listen_until = min(answer_at + cfg.media_time, deadline)
+        _score_emergency_answer(result, d.answer, shape)
+    listened = await _listen(call, d, until=min(answer_at + cfg.media_time, deadline))
+    await call.record(None)  # closes the WAV (waits until pjmedia has written it)
+    heard = await _hear(recording, cfg, skip=_early_media(d, answer_at))
+    result.media = _media_stats(
+        listened.stats, heard.tone_heard, heard.echo_heard if cfg.expect_echo else None
+    )
+    _time_media(result, heard, d, answer_at, listened.until)
+    _judge_media(result, heard, d, listened, shape)
+    ended = listened.remote_end
+    if ended is None and not heard.identified and not call.ended and announcement is not None:
+        ended = await _announce(call, result, announcement, deadline)
+    if ended is not None or call.ended:
+        return
+    await _teardown(call, result, deadline)
+
+
+def _score_emergency_answer(result: Findings, answer: CallEvent, shape: EmergencyShape) -> None:
+    score = nena.score_answer(answer.status or 200, answer.message, shape)
+    result.detail.update(score.detail)
+    if score.outcome != "pass" and score.reason is not None:
+        result.fail("answer", score.reason, outcome=score.outcome)
+
+
+async def _listen(call: OutgoingCall, d: _Dialog, *, until: float) -> _Listened:
+    """Listen until ``until`` or the far end hangs up, sampling RTCP figures as we go."""
     remote_end: CallEvent | None = None
     stats: RtpStats | None = None
-    while True:  # RTCP figures are sampled as we go: they vanish with the call
+    while True:
         now = time.monotonic()
-        if now >= listen_until:
+        if now >= until:
             break
-        event = await call.next_event(min(STATS_EVERY, listen_until - now))
+        event = await call.next_event(min(STATS_EVERY, until - now))
         if event is not None and event.kind == "media":
             d.media_active = bool(event.media_active)
             if d.media_active and d.media_at is None:
@@ -421,62 +493,87 @@ async def _media_and_teardown(
             break
         stats = await call.stats() or stats
     stats = await call.stats() or stats
-    await call.record(None)  # closes the WAV (waits until pjmedia has written it)
-    freqs = [cfg.expect_tone_hz, cfg.tone_hz]
+    return _Listened(until=until, stats=stats, remote_end=remote_end)
+
+
+def _early_media(d: _Dialog, answer_at: float) -> float:
+    """Seconds of the recording before the answer. Only audio after the answer counts:
+    early media (183) that stops at the 200 OK is not a working call. The recorder
+    started with the media, ``d.media_at``."""
+    return 0.0 if d.media_at is None else max(0.0, answer_at - d.media_at)
+
+
+async def _hear(recording: Path, cfg: InviteCheck, *, skip: float) -> _Heard:
+    """The tones in the closed recording, after its first ``skip`` seconds."""
     reports: dict[float, media.ToneReport] = {}
-    # only audio after the answer counts: early media (183) that stops at the 200 OK is
-    # not a working call. The recorder started with the media, d.media_at.
-    early = 0.0 if d.media_at is None else max(0.0, answer_at - d.media_at)
     try:
         samples, rate = await asyncio.to_thread(media.read_wav, recording)
-        samples = samples[round(early * rate) :]
-        reports = await asyncio.to_thread(media.detect_tones, samples, rate, freqs)
+        samples = samples[round(skip * rate) :]
+        reports = await asyncio.to_thread(
+            media.detect_tones, samples, rate, [cfg.expect_tone_hz, cfg.tone_hz]
+        )
     except (ValueError, OSError):  # no audio was ever recorded (no media)
         reports = {}
-    tone = reports.get(cfg.expect_tone_hz)
-    echo = reports.get(cfg.tone_hz)
-    tone_heard = bool(tone and tone.heard)
-    echo_heard = bool(echo and echo.heard)
-    result.media = _media_stats(stats, tone_heard, echo_heard if cfg.expect_echo else None)
-    # the verdict on media
-    required = ([tone] if cfg.expect_tone else []) + ([echo] if cfg.expect_echo else [])
-    heard_all = all(r is not None and r.heard for r in required)
-    if heard_all and required:
+    return _Heard(
+        tone=reports.get(cfg.expect_tone_hz),
+        echo=reports.get(cfg.tone_hz),
+        expect_tone=cfg.expect_tone,
+        expect_echo=cfg.expect_echo,
+    )
+
+
+def _time_media(result: Findings, heard: _Heard, d: _Dialog, answer_at: float, until: float) -> None:
+    """The media stage: answer -> every expected tone heard; on failure, the listening time."""
+    required = heard.required
+    if heard.all_heard and required:
         # the trimmed audio starts at the answer, or at the media if that came later
         media_start = answer_at if d.media_at is None else max(d.media_at, answer_at)
         firsts = [r.first_at or 0.0 for r in required if r is not None]
         result.time("media", media_start - answer_at + max(firsts))
     else:
-        result.time("media", min(time.monotonic(), listen_until) - answer_at)
+        result.time("media", min(time.monotonic(), until) - answer_at)
+
+
+def _judge_media(
+    result: Findings, heard: _Heard, d: _Dialog, listened: _Listened, shape: EmergencyShape | None
+) -> None:
+    """The verdict on media, the far end's hang-up inside the window first."""
+    remote_end, stats = listened.remote_end, listened.stats
     if remote_end is not None and remote_end.cause == "guard_refused" and remote_end.refusal is not None:
         _refused_remote(result, remote_end.refusal, "media")  # a target refresh, ended by us
     elif remote_end is not None:
         result.detail["hangup"] = "far end, during media"
     # a NENA test service may hang up after its loop-back; any other far end dropping the
     # call inside the media window is a call an emergency caller would have lost
-    if remote_end is not None and (not heard_all or shape is None):
+    if remote_end is not None and (not heard.all_heard or shape is None):
         result.fail("media", "remote_hangup", status=remote_end.status, sip_reason=remote_end.reason)
-    elif not d.media_active and not heard_all:
+    elif not d.media_active and not heard.all_heard:
         result.fail("media", "no_media")
     elif stats is None or stats.rx_packets == 0:
         result.fail("media", "no_rtp")
-    elif cfg.expect_tone and not tone_heard:
+    elif heard.expect_tone and not heard.tone_heard:
         result.fail("media", "no_tone")
-    elif cfg.expect_echo and not echo_heard:
+    elif heard.expect_echo and not heard.echo_heard:
         result.fail("media", "no_echo")
-    # a person may have answered: say so before hanging up
-    identified = tone_heard if cfg.expect_tone else echo_heard
-    if not identified and remote_end is None and not call.ended and announcement is not None:
-        length = media.wav_duration(announcement)
-        if await call.play_file(announcement):
-            result.detail["announcement"] = "played"
-            ended = await call.wait_ended(max(0.0, min(length + 0.3, deadline - time.monotonic())))
-            if ended is not None:
-                remote_end = ended
-                if ended.cause == "guard_refused" and ended.refusal is not None:
-                    _refused_remote(result, ended.refusal, "media")
-    if remote_end is not None or call.ended:
-        return
+
+
+async def _announce(
+    call: OutgoingCall, result: Findings, announcement: Path, deadline: float
+) -> CallEvent | None:
+    """A person may have answered: say so before hanging up. The call's end, if it ended
+    while the announcement played (the far end hung up, or we refused its target)."""
+    length = media.wav_duration(announcement)
+    if not await call.play_file(announcement):
+        return None
+    result.detail["announcement"] = "played"
+    ended = await call.wait_ended(max(0.0, min(length + 0.3, deadline - time.monotonic())))
+    if ended is not None and ended.cause == "guard_refused" and ended.refusal is not None:
+        _refused_remote(result, ended.refusal, "media")
+    return ended
+
+
+async def _teardown(call: OutgoingCall, result: Findings, deadline: float) -> None:
+    """BYE -> call released, timed; past the deadline the media stage failed first."""
     if time.monotonic() >= deadline:
         result.fail("media", "max_duration")
     began = time.monotonic()
@@ -515,19 +612,14 @@ def _media_stats(stats: RtpStats | None, tone_heard: bool, echo_heard: bool | No
 async def options_check(engine: SipEngine, target: Target, check: OptionsCheck | None = None) -> CheckOutcome:
     """One OPTIONS: any 2xx (or a status in ``accept``) passes."""
     cfg = check or target.checks.options or OptionsCheck()
-    result = _Result("options", datetime.now(UTC))
+    result = Findings("options", datetime.now(UTC))
     begin = time.monotonic()
     try:
         reply = await engine.options(dial_for(target), timeout=cfg.timeout)
     except GuardRefusal as refusal:
-        return _refused(result, refusal)
-    except EngineClosed:
-        result.fail(None, "shutdown", outcome="inconclusive")
-        return result.done()
-    except (CallSetupError, SipError) as exc:
-        result.fail("transport", "call_setup")
-        result.detail["error"] = str(exc)
-        return result.done()
+        return result.refused(refusal)
+    except (EngineClosed, CallSetupError, SipError) as exc:
+        return result.not_sent(exc)
     waited = reply.sent_at - begin
     if waited > 0.05:
         result.detail["rate_wait_ms"] = f"{waited * 1000:.0f}"
@@ -541,13 +633,3 @@ async def options_check(engine: SipEngine, target: Target, check: OptionsCheck |
     else:
         result.sip_status, result.sip_reason = reply.status, reply.reason
     return result.done()
-
-
-# -------------------------------------------------------------------- registry
-
-CHECKS: Final[Mapping[str, Check]] = {"invite": invite_check, "options": options_check}
-
-
-async def run_check(engine: SipEngine, target: Target, kind: str) -> CheckOutcome:
-    """The scheduler's runner: ``CHECKS[kind](engine, target)``."""
-    return await CHECKS[kind](engine, target)

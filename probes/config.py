@@ -6,7 +6,7 @@ and ``config/responder.example.yaml``; keep the two in step.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+from typing import Annotated, Literal, Protocol, Self
 
 import phonenumbers
 from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
@@ -85,6 +85,16 @@ class EmergencyShape(StrictModel):
     expect_location_echo: Bool = True  # NENA i3 test answer must echo the location sent
 
 
+class CheckSettings(Protocol):
+    """What the scheduler needs of any check kind's settings (``checks.<kind>``)."""
+
+    @property
+    def interval(self) -> float: ...  # seconds between scheduled checks
+
+    @property
+    def time_limit(self) -> float: ...  # the check's own hard limit (the scheduler adds a margin)
+
+
 class InviteCheck(StrictModel):
     interval: Annotated[float, duration(at_most=DAY)] = 30.0
     # no response at all: fail at transport
@@ -109,6 +119,10 @@ class InviteCheck(StrictModel):
             raise ValueError("max_duration must cover answer_timeout + media_time")
         return self
 
+    @property
+    def time_limit(self) -> float:
+        return self.max_duration
+
 
 class OptionsCheck(StrictModel):
     interval: Annotated[float, duration(at_most=DAY)] = 10.0
@@ -116,16 +130,29 @@ class OptionsCheck(StrictModel):
     # extra status codes that pass (2xx always do)
     accept: list[Annotated[int, Field(ge=100, le=699)]] = Field(default_factory=list, max_length=100)
 
+    @property
+    def time_limit(self) -> float:
+        return self.timeout
+
 
 class Checks(StrictModel):
+    """A target's ``checks:``: one optional field per check kind, named as the kind and
+    typed as its registry entry's ``settings`` (probes.check_kinds; a test keeps them in
+    step). Nothing else here names a kind."""
+
     invite: InviteCheck | None = None
     options: OptionsCheck | None = None
 
     @model_validator(mode="after")
     def _at_least_one(self) -> Self:
-        if self.invite is None and self.options is None:
-            raise ValueError("enable at least one check: invite or options")
+        if not self.enabled():
+            raise ValueError(f"enable at least one check: {' or '.join(type(self).model_fields)}")
         return self
+
+    def enabled(self) -> dict[str, CheckSettings]:
+        """The kinds this target runs, in field order, with their settings."""
+        found = {kind: getattr(self, kind) for kind in type(self).model_fields}
+        return {kind: settings for kind, settings in found.items() if settings is not None}
 
 
 class Auth(StrictModel):

@@ -45,7 +45,8 @@ Status
     this publisher stamps only ever increase, even if the clock steps back.
 
 Commands
-    ``{"target": "<target id>", "check": "invite"|"options", "request_id": "<id>"|null}``.
+    ``{"target": "<target id>", "check": "invite"|"options", "request_id": "<id>"|null}``
+    (``check``: one of ``CHECK_KINDS``).
     A malformed command is refused with a bounded reason (``too_large``, ``encoding``,
     ``json``, ``fields``, ``check``, ``retained``, ``duplicate``), logged and counted;
     a well-formed one goes to the injected ``on_command`` callback, which returns
@@ -99,14 +100,14 @@ from probes.delivery import (
     parse_message,
 )
 from probes.outbox import Outbox, OutboxError, Pending
-from probes.result import NAME_RE, REQUEST_ID_RE
+from probes.result import CHECK_KINDS, NAME_RE, REQUEST_ID_RE
 from probes.status import Status
 
 logger = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT: Final = 10
 MAX_COMMAND_BYTES: Final = 4096
-COMMAND_KINDS: Final = frozenset({"invite", "options"})
+COMMAND_KINDS: Final = frozenset(CHECK_KINDS)  # the registry's kinds (tests/test_check_kinds.py)
 _UNSUPPORTED_PROTOCOL: Final = frozenset({1, 132})  # 3.1.1 CONNACK rc / MQTT 5 reason code
 _NAME = re.compile(NAME_RE)
 _REQUEST_ID = re.compile(REQUEST_ID_RE)

@@ -10,12 +10,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Final, Literal
 
 Outcome = Literal["pass", "fail", "inconclusive"]
 
-# Stages of the invite check, in order; options uses "transport", "trying"/"answer".
-STAGES = ("transport", "trying", "ringing", "answer", "media", "teardown")
+# The wire vocabulary of check kinds: what a result's ``check`` may be, what the monitor
+# labels its series with and what a command may ask for. Standard library only, so the
+# result schema and the monitor read it without pjsua2. What each kind *is* (settings,
+# runner, stages, reasons) is its entry in the registry, ``probes.check_kinds.REGISTRY``;
+# tests/test_check_kinds.py keeps the registry and these names in step.
+CHECK_KINDS: Final[tuple[str, ...]] = ("invite", "options")
+# The kinds that are test calls: their results decide reachability (the monitor judges a
+# target by its calls once it has seen one); the others are pings, which only degrade it.
+CALL_KINDS: Final[frozenset[str]] = frozenset({"invite"})
+
+# Every stage a check may time or fail at, in call order (each kind uses a subset, its
+# registry entry's ``stages``); the monitor creates its stage series from this.
+STAGES: Final[tuple[str, ...]] = ("transport", "trying", "ringing", "answer", "media", "teardown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +43,7 @@ class MediaStats:
 
 @dataclass(frozen=True, slots=True)
 class CheckOutcome:
-    check: str  # "invite", "options"
+    check: str  # one of CHECK_KINDS
     outcome: Outcome
     started_at: datetime  # UTC, aware
     finished_at: datetime

@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal, get_args
 
 from ecpm import __version__
+from probes import outcome as _vocabulary
 from probes.outcome import CheckOutcome, MediaStats, Outcome
 from probes.wire import WireError, canonical, load_object, sign, signature_matches
 
@@ -50,9 +51,13 @@ RejectReason = Literal[
 ]  # fmt: skip
 REJECT_REASONS: Final[tuple[str, ...]] = get_args(RejectReason)
 
-# The check kinds a probe runs (probes.checks.CHECKS; tests keep the two in step). Only
-# these ever reach the monitor's metric labels.
-CHECK_KINDS: Final[tuple[str, ...]] = ("invite", "options")
+# The wire vocabulary of check kinds, from probes.outcome, for the monitor (which imports
+# only this module of probes/): the check kinds a probe runs (probes.check_kinds.REGISTRY;
+# tests keep the two in step; only these ever reach the monitor's metric labels), those
+# whose results decide reachability, and every stage a check may report (stage labels).
+CHECK_KINDS: Final = _vocabulary.CHECK_KINDS
+CALL_KINDS: Final = _vocabulary.CALL_KINDS
+STAGES: Final = _vocabulary.STAGES
 
 # Value bounds (docs/monitor.md "Bounds", docs/schema/result-v1.json). A value outside
 # them is not a measurement but nonsense (or an attack): ``out_of_range``.

@@ -1,6 +1,8 @@
 """When each check runs: intervals with jitter, spacing, concurrency, confirmation, backoff.
 
-The scheduler knows nothing of SIP. It calls an injected runner
+The scheduler knows nothing of SIP, nor which check kinds exist: it schedules whatever a
+target's ``checks:`` enables (``Checks.enabled()``, each with its ``interval`` and
+``time_limit``). It calls an injected runner
 ``async def run(target, kind) -> CheckOutcome`` and hands every outcome, as a
 ``CheckReport``, to an injected async sink (the agent stores it in the outbox).
 
@@ -22,7 +24,7 @@ Timing
     starts when it has finished (and spacing allows), without catch-up bursts.
 
 Hard timeout
-    A check gets its own limit (``InviteCheck.max_duration``,
+    A check gets its own limit (its settings' ``time_limit``: ``InviteCheck.max_duration``,
     ``OptionsCheck.timeout``) plus ``check_timeout_margin``. At that deadline the
     runner is cancelled (it hangs up) and a ``fail`` outcome with reason
     ``hard_timeout`` (stage null) is reported at once. The slot stays taken until
@@ -72,12 +74,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-from probes.config import ScheduleSettings, Target
+from probes.config import CheckSettings, ScheduleSettings, Target
 from probes.outcome import CheckOutcome
 
 logger = logging.getLogger(__name__)
 
-KINDS: Final = ("invite", "options")
+# The reasons the scheduler itself reports around a check (docs/checks.md), besides those
+# of the check kinds (probes.check_kinds)
+SCHEDULER_REASONS: Final = ("hard_timeout", "internal_error", "shutdown")
 BUSY_STATUS: Final = 486  # NENA i3 test-call service: over its test-call limit
 MAX_QUEUED_REQUESTS: Final = 8  # per (target, kind)
 
@@ -110,27 +114,24 @@ class SchedulerStats:
     configured: tuple[tuple[str, str], ...]  # (target, check) pairs scheduled now
 
 
+def _settings(target: Target, kind: str) -> CheckSettings:
+    settings = target.checks.enabled().get(kind)
+    if settings is None:
+        raise KeyError(f"target {target.id} has no {kind} check")
+    return settings
+
+
 def check_limit(target: Target, kind: str) -> float:
     """The check's own maximum duration in seconds (without the margin)."""
-    checks = target.checks
-    if kind == "invite" and checks.invite is not None:
-        return checks.invite.max_duration
-    if kind == "options" and checks.options is not None:
-        return checks.options.timeout
-    raise KeyError(f"target {target.id} has no {kind} check")
+    return _settings(target, kind).time_limit
 
 
 def check_interval(target: Target, kind: str) -> float:
-    checks = target.checks
-    if kind == "invite" and checks.invite is not None:
-        return checks.invite.interval
-    if kind == "options" and checks.options is not None:
-        return checks.options.interval
-    raise KeyError(f"target {target.id} has no {kind} check")
+    return _settings(target, kind).interval
 
 
 def enabled_kinds(target: Target) -> list[str]:
-    return [k for k in KINDS if getattr(target.checks, k) is not None]
+    return list(target.checks.enabled())
 
 
 @dataclass(slots=True)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probes import nena
-from probes.checks import REASONS, reason_for_status
+from probes.check_kinds import REASONS
+from probes.checks import reason_for_status
 from probes.config import EmergencyShape, Location
 
 LOC = Location(

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from probes import result as r
-from probes.checks import CHECKS
+from probes.check_kinds import REGISTRY as CHECKS
 from probes.outcome import STAGES, CheckOutcome, MediaStats
 from probes.result import Result, ResultError, parse_result, verify
 
