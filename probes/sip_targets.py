@@ -55,6 +55,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from ecpm.errors import EcpmError
+
 logger = logging.getLogger(__name__)
 
 # Methods whose Contact pjsip (or RFC 3261/3311/3515/6665) uses as the remote target.
@@ -77,7 +79,7 @@ _TAG_RE: Final = re.compile(r";\s*tag\s*=", re.IGNORECASE)
 _SIP_RE: Final = re.compile(r"sips?:", re.IGNORECASE)
 
 
-class LayoutError(RuntimeError):
+class LayoutError(EcpmError):
     """pjsip's structures are not laid out as this module expects (another build)."""
 
 
