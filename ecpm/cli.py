@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "monitor": ("monitor.service", "run the monitor (ingest, state, metrics, pages, status page)"),
     "call": ("probes.call_command", "place one test call now and print the staged result"),
     "verify": (
-        "monitor.verify",
+        "monitor.verify_command",
         "post-change gate: every probe calls a target now; exit 0 if it passed",
     ),
     "report": ("monitor.report_command", "evidence report for a period (html, json, csv)"),

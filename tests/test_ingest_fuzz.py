@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry
 from monitor.core import MonitorCore
 from monitor.ingest import MONITOR_REASONS
 from monitor.store import SqliteStore, chain_hash
-from probes.result import REJECT_REASONS, format_time, parse_result, parse_time, verify
+from probes.result import REJECT_REASONS, format_time, parse_result, parse_time
+from probes.result import verify_signature as verify
 from tests.hostile import sign, signed_payload
 from tests.monitor_helpers import Clock, ProbeSim, key_for, monitor_config
 
