@@ -28,7 +28,7 @@ class _Command(Protocol):
 
 # name -> (module, one-line help). Order is the order of `ecpm --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("monitor.demo", "the whole system on this machine, on loopback"),
+    "demo": ("ecpm.demo", "the whole system on this machine, on loopback"),
     "probe": ("probes.agent", "run a probe agent (scheduled test calls, results over MQTT)"),
     "responder": ("probes.responder", "run the test responder (the answering end)"),
     "monitor": ("monitor.service", "run the monitor (ingest, state, metrics, pages, status page)"),
