@@ -71,7 +71,7 @@ RDATA_MSG: Final = 4440  # offsetof(pjsip_rx_data, msg_info.msg); msg_info.info 
 TDATA_INFO: Final = 56  # offsetof(pjsip_tx_data, info)
 TDATA_MSG: Final = 392  # offsetof(pjsip_tx_data, msg)
 HDR_NEXT: Final = 8  # offsetof(pjsip_hdr, next)
-H_CALL_ID, H_CONTACT, H_RECORD_ROUTE, H_ROUTE, H_TO = 7, 9, 29, 33, 38  # pjsip_hdr_e
+H_CALL_ID, H_CONTACT, H_RECORD_ROUTE, H_TO = 7, 9, 29, 38  # pjsip_hdr_e
 _PRINT_MAX: Final = 65536
 
 _RX_INFO_RE: Final = re.compile(r"(Request|Response) msg (?:(\d{3})/)?([^/\s]+)/cseq=")

@@ -176,8 +176,6 @@ def test_an_answer_pjsua_could_not_use_fails_at_answer_without_a_media_stage() -
 
 # ------------------------------------------------------------------ SIPp as the far end
 
-PADDED_LINES = 60  # X-Ecpm-Padding-NN header lines in tests/sipp/uas_big_headers.xml
-
 
 @pytest.fixture
 def far_end(tmp_path: Path) -> Iterator[Callable[..., Sipp]]:

@@ -33,7 +33,6 @@ OUTSTANDING = "ecpm_results_outstanding"  # gauge: missing now
 MQTT_CONNECTED = "ecpm_monitor_mqtt_connected"
 PROBE_LOST = "ecpm_probe_results_lost_total"  # as the probe reports it in its status
 OUTBOX_ERROR = "ecpm_probe_outbox_error"
-OUTBOX_RESULTS = "ecpm_probe_outbox_results"  # {probe, state="unpublished"|"unconfirmed"}
 CLOCK_SKEW = "ecpm_probe_clock_skew_seconds"
 
 
