@@ -1,5 +1,5 @@
-"""Scoring follows what happened (issue 12, finding 8): an answered call is judged at the
-media stage, however long its answer took to be confirmed and whatever its header size.
+"""Scoring follows what happened: an answered call is judged at the media stage,
+however long its answer took to be confirmed and whatever its header size.
 
 Two halves:
 

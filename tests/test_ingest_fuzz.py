@@ -1,4 +1,4 @@
-"""Fuzzing the monitor's ingest (issue 12): payload bytes, JSON shapes, field values and
+"""Fuzzing the monitor's ingest: payload bytes, JSON shapes, field values and
 signatures. Whatever arrives, ``MonitorCore.handle`` never raises, returns None or a bounded
 reason, stores only results that are valid by an independent check (the published JSON
 Schema with its bounds, the times, the probe's key, the seq rules), and the ledger stays

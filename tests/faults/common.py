@@ -26,7 +26,7 @@ from tests.system import System
 REQUIRE_PEERS = os.environ.get("ECPM_REQUIRE_PEERS") == "1"
 
 # metric sample names, as exposed on the monitor's /metrics
-MISSING = "ecpm_results_missing_total"  # detected missing (exists before issue 11)
+MISSING = "ecpm_results_missing_total"  # detected missing (older than gap repair)
 REPAIRED = "ecpm_results_repaired_total"
 UNRECOVERABLE = "ecpm_results_unrecoverable_total"
 OUTSTANDING = "ecpm_results_outstanding"  # gauge: missing now
