@@ -1,4 +1,4 @@
-"""How long ``ecpm report`` takes over a year of results (issue 7).
+"""How long ``ecpm report`` takes over a year of results (figures in BENCHMARKS.md).
 
     .venv/bin/python bench/report_bench.py                 # 365 days, one target, one probe
     .venv/bin/python bench/report_bench.py --days 30 --targets 2

@@ -2,7 +2,10 @@
 
 Three packages: ``probes`` (probe agent, SIP engine, responder, live-number guard),
 ``monitor`` (ingest, store, state, metrics, pages, reports) and this one, which
-holds only what both share: the command line, config-file plumbing and errors.
+holds what both share (config-file plumbing, settings, errors) and the command line
+on top of both: ``ecpm.cli``, ``ecpm.check_config`` and ``ecpm.demo`` (every piece
+started on loopback). Only those three reach into ``probes`` or ``monitor``, and only
+when their subcommand runs.
 """
 
 from importlib.metadata import PackageNotFoundError, version

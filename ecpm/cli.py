@@ -28,13 +28,13 @@ class _Command(Protocol):
 
 # name -> (module, one-line help). Order is the order of `ecpm --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("monitor.demo", "the whole system on this machine, on loopback"),
+    "demo": ("ecpm.demo", "the whole system on this machine, on loopback"),
     "probe": ("probes.agent", "run a probe agent (scheduled test calls, results over MQTT)"),
     "responder": ("probes.responder", "run the test responder (the answering end)"),
     "monitor": ("monitor.service", "run the monitor (ingest, state, metrics, pages, status page)"),
     "call": ("probes.call_command", "place one test call now and print the staged result"),
     "verify": (
-        "monitor.verify",
+        "monitor.verify_command",
         "post-change gate: every probe calls a target now; exit 0 if it passed",
     ),
     "report": ("monitor.report_command", "evidence report for a period (html, json, csv)"),
@@ -46,32 +46,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _load(module_name: str) -> _Command | None:
-    try:
-        return cast(_Command, importlib.import_module(module_name))
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:  # the subcommand is not built yet, not a broken import
-            return None
-        raise
+def _load(module_name: str) -> _Command:
+    return cast(_Command, importlib.import_module(module_name))
 
 
-class _NotBuilt:
-    """Stands in for a subcommand another issue will fill in."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-
-    def run(self, args: argparse.Namespace) -> int:
-        print(f"ecpm {self.name}: not built yet", file=sys.stderr)
-        return EXIT_USAGE
-
-
-def build_parser(
-    loader: Callable[[str], _Command | None] = _load,
-) -> argparse.ArgumentParser:
+def build_parser(loader: Callable[[str], _Command] = _load) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecpm",
         description="Synthetic emergency-call path monitor: SIP test calls to emergency "
@@ -87,7 +66,7 @@ def build_parser(
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        command = loader(module_name) or _NotBuilt(name)
+        command = loader(module_name)
         child = sub.add_parser(name, help=help_text, description=help_text)
         command.add_arguments(child)
         child.set_defaults(_run=command.run)
@@ -100,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # import for check-config): every other subcommand gets a cheap placeholder.
     chosen = next((a for a in argv if a in COMMANDS), None)
 
-    def loader(module_name: str) -> _Command | None:
+    def loader(module_name: str) -> _Command:
         wanted = chosen is not None and COMMANDS[chosen][0] == module_name
         return _load(module_name) if wanted else _Placeholder()
 

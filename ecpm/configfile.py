@@ -148,7 +148,6 @@ DAY: Final = 86400.0
 
 # Without a key's own maximum: never longer than MAX_DURATION (prefer ``duration(...)``).
 Duration = Annotated[float, duration(at_most=MAX_DURATION, zero_ok=True)]
-PositiveDuration = Annotated[float, duration(at_most=MAX_DURATION)]
 
 
 # ---------------------------------------------------------------- secrets

@@ -1,15 +1,38 @@
-"""The root of every exception ecpm raises on purpose.
+"""The root of every exception ecpm raises on purpose, and the tree under it.
 
-    EcpmError
-    ├── ConfigError        a config file is wrong (file, line, key path, reason)
-    ├── GuardRefusal       a dial target is, or may reach, a live emergency number (probes.guard)
-    ├── UsageError         the command line is wrong
-    ├── ActionError        an HTTP API action refused its request (monitor.web)
-    └── ListenError        an HTTP listener cannot bind its address (monitor.web)
+    EcpmError                          ecpm.errors
+    ├── UsageError                     the command line asks for something impossible
+    ├── ConfigError                    a config file is wrong (FILE:LINE: key.path: reason)
+    ├── GuardRefusal                   probes.guard: a dial target is, or may reach, a live
+    │                                  emergency number
+    ├── SipError                       probes.sip: the SIP engine could not do what was asked
+    │   ├── EngineClosed               the engine is not running (not started, or closed)
+    │   ├── CallSetupError             pjsua2 refused to start a request (``status``: SIP code)
+    │   └── NoCallSlot                 no call slot became free within the wait limit
+    ├── LayoutError                    probes.sip_targets: pjsip's structures are not laid out
+    │                                  as expected (another build); the engine refuses to start
+    ├── OutboxError                    probes.outbox: the outbox cannot be opened or written
+    ├── PublisherError                 probes.mqtt: the MQTT settings cannot be used
+    ├── HealthError                    probes.health: the health endpoint cannot listen
+    ├── ActionError                    monitor.web: an HTTP API action refused its request
+    ├── ListenError                    monitor.web: an HTTP listener cannot bind its address
+    └── WireError (also ValueError)    probes.wire: a payload is not valid; ``reason`` is a
+        │                              bounded code (a metric label)
+        ├── ResultError                probes.result: a result payload
+        ├── StatusError                probes.status: a probe status payload
+        └── DeliveryError              probes.delivery: an ack or replay request
+
+Each class lives in the module that raises it; this module holds the root and the two
+the command line and the config loader share. Two exceptions stay outside the tree on
+purpose, because they never leave their module: ``probes.mqtt.CommandRefused`` (a
+refused command becomes a counted value, not an error) and ``probes.guard._TooComplex``
+(an internal signal of the pattern expander).
 
 Foreign errors (pydantic, yaml, OSError, pjsua2, MQTT, httpx) are converted at the
-edge of the module that meets them. The CLI prints an ``EcpmError`` as one line and
-exits 2 (config/usage) — never a traceback for a user error.
+edge of the module that meets them. The CLI (``ecpm.cli.main``) prints any
+``EcpmError`` that reaches it as plain lines and exits 2 (a ``ConfigError`` as its
+``FILE:LINE`` lines, any other as ``ecpm COMMAND: message``) — never a traceback for
+a user error. Exit 1 is a check that ran and failed, returned by the subcommand.
 """
 
 from __future__ import annotations

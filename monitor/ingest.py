@@ -42,7 +42,7 @@ from typing import Final, Literal, get_args
 from monitor.config import MonitorConfig
 from monitor.model import ResultSummary
 from monitor.store import Store, summarize
-from probes.result import Result, ResultError, format_time, parse_result, verify
+from probes.result import Result, ResultError, format_time, parse_result, verify_signature
 
 # ingest rejections beyond the result parser's own (probes.result.REJECT_REASONS)
 MonitorReason = Literal[
@@ -88,7 +88,7 @@ class ResultValidator:
             return Rejected("unknown_probe", f"probe {result.probe} is not configured")
         if topic != f"{self._prefix}{result.probe}/{result.target}":
             return Rejected("topic_mismatch", f"payload says {result.probe}/{result.target}")
-        if not verify(result, key):
+        if not verify_signature(result, key):
             return Rejected("signature", f"bad signature from {result.probe} seq {result.seq}")
         if result.target not in self._targets:
             return Rejected("unknown_target", f"target {result.target} is not configured")

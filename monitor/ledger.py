@@ -22,7 +22,7 @@ from ecpm.configfile import load_config
 from ecpm.errors import UsageError
 from monitor.config import MonitorConfig
 from monitor.store import Quarantined, SqliteStore
-from probes.result import Result, verify
+from probes.result import Result, verify_signature
 
 MAX_LISTED = 100  # quarantined rows named one by one; the count is always complete
 
@@ -41,7 +41,7 @@ class _Signatures:
         if key is None:
             why = f"probe {result.probe} is not in the config: its signature cannot be checked"
             self.first_bad = (row, result_id, why)
-        elif not verify(result, key):
+        elif not verify_signature(result, key):
             why = f"the signature does not verify with {result.probe}'s key (forged or re-keyed)"
             self.first_bad = (row, result_id, why)
 

@@ -1,4 +1,5 @@
-"""The monitor's Prometheus metrics (names as in DESIGN.md, "Prometheus contract").
+"""The monitor's Prometheus metrics. Their names are a contract: the alert rules and the
+dashboard in ``deploy/`` use them, and ``tests/test_deploy.py`` checks that they match.
 
 State that is "latest per target/probe" comes from a custom collector over the
 current immutable ``Snapshot``; event counts and stage timings are ordinary

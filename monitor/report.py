@@ -67,7 +67,6 @@ AVAILABILITY_TARGET: Final = 0.99999  # "five nines"
 BUCKET_SECONDS: Final = 900  # 15 minutes, aligned to UTC quarter hours
 GUARD_REFUSED: Final = "guard_refused"  # probes.checks: the live-number guard refused the SIP send
 STATE_RANK: Final[dict[TargetStateName, int]] = {"up": 0, "degraded": 1, "unknown": 2, "down": 3}
-AVAILABLE: Final[frozenset[TargetStateName]] = frozenset({"up", "degraded"})
 DEFAULT_FRESH_WITHIN: Final = 3 * 30.0  # Reachability.stale_after x MonitoredTarget.interval defaults
 DEFAULT_MAX_CLOCK_SKEW: Final = 30.0  # Ingest.max_clock_skew default
 SKEWED_LISTED: Final = 1000  # skewed results listed per probe (all are counted)

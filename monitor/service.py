@@ -51,7 +51,7 @@ from monitor.core import MonitorCore
 from monitor.delivery import Outgoing
 from monitor.notify import Dispatcher
 from monitor.store import SqliteStore
-from monitor.verification import Verifier
+from monitor.verification import PostChangeVerifier
 from monitor.web import create_app, serve
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class MonitorService:
         self.connected = asyncio.Event()
         self._outgoing: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=MAX_OUTGOING)
         self.mqtt_client: aiomqtt.Client | None = None  # for actions that publish (ecpm verify)
-        verifier = Verifier(
+        verifier = PostChangeVerifier(
             core=self.core, store=self.store, publish=self._publish, topic_prefix=config.mqtt.topic_prefix
         )
         self.actions: dict[str, Action] = {"verify": verifier.start, "verify_status": verifier.status}

@@ -38,7 +38,7 @@ from probes.status import (
     order_text,
     parse_order,
     parse_status,
-    verify_status,
+    verify_status_signature,
 )
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class StatusValidator:
             return StatusRejected("unknown_probe", f"status of unconfigured probe {status.probe}")
         if topic != f"{self._prefix}{status.probe}":
             return StatusRejected("topic_mismatch", f"status says probe {status.probe}")
-        if not verify_status(status, key):
+        if not verify_status_signature(status, key):
             return StatusRejected("signature", f"bad signature on a status of {status.probe}")
         if status.at > now + self._ahead:
             return StatusRejected("in_future", f"status of {status.probe} signed at {status.at.isoformat()}")

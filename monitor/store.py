@@ -396,10 +396,6 @@ def _skew(value: object) -> float | None:
 _SUMMARY_COLUMNS = "row, id, target, finished_at, payload, judged_at, clock_skew"
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class SqliteStore:
     """``Store`` on one SQLite file. Not thread-safe: one owner (the monitor's loop)."""
 

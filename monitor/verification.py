@@ -29,7 +29,9 @@ CHANGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/#-]{0,127}$")
 MAX_TIMEOUT = 600.0
 
 
-class Verifier:
+class PostChangeVerifier:
+    """Starts and judges post-change verifications (the ``verify`` and ``verify_status`` actions)."""
+
     def __init__(
         self,
         *,

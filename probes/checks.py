@@ -49,7 +49,6 @@ from probes.sip import (
 )
 
 ANNOUNCEMENT: Final = Path(__file__).with_name("data") / "announcement.wav"
-ANNOUNCEMENT_TEXT: Final = "This is an automated network test call. There is no emergency."
 ENGINE_MARGIN: Final = 10.0  # the engine's own hard limit is the check's max_duration + this
 TEARDOWN_WAIT: Final = 5.0  # BYE sent -> call released, or fail at teardown
 STATS_EVERY: Final = 0.25  # RTCP figures sampled this often while listening

@@ -38,7 +38,7 @@ Durability: ``synchronous=FULL``
     that may already have been published with another id, and lose a result the
     scheduler believes is safe. FULL costs one fsync per transaction; a probe
     produces a few results a second at most and acks are batched, so the cost is
-    small (see the figures in tests/test_outbox.py and the lead's report).
+    small (see the figures in tests/test_outbox.py and BENCHMARKS.md).
 
 The bound (``max_results``) is a soft one
     When the outbox already holds ``max_results`` unpublished results (the broker

@@ -9,8 +9,8 @@ Canonical form and signature
     ``canonical()`` is the UTF-8 encoding of ``json.dumps`` over every field except
     ``sig``, with ``sort_keys=True``, ``separators=(",", ":")``, ``ensure_ascii=False``
     and ``allow_nan=False``. Numbers are written as Python writes them (``repr`` of a
-    float), so a verifier re-serialises the *parsed* values, which reproduces the bytes
-    exactly for anything this module produced. ``sig`` is the lower-case hex
+    float), so a receiver checking a signature re-serialises the *parsed* values,
+    which reproduces the bytes exactly for anything this module produced. ``sig`` is the lower-case hex
     HMAC-SHA256 of the canonical bytes with the probe's key.
 
 Times are UTC, RFC 3339 with exactly three fractional digits and ``Z``
@@ -18,8 +18,9 @@ Times are UTC, RFC 3339 with exactly three fractional digits and ``Z``
 a round trip is exact. ``id`` is a UUIDv7 (RFC 9562): unique and ordered by time.
 
 Errors: ``parse_result`` raises ``ResultError`` whose ``reason`` is one of
-``REJECT_REASONS`` (bounded, used as a metric label by the monitor); ``verify``
-returns a bool (a bad signature is an expected value, not an exception).
+``REJECT_REASONS`` (bounded, used as a metric label by the monitor);
+``verify_signature`` returns a bool (a bad signature is an expected value, not an
+exception).
 """
 
 from __future__ import annotations
@@ -423,7 +424,7 @@ def _require(pattern: re.Pattern[str], value: object, name: str) -> None:
         raise ValueError(f"{name} must match {pattern.pattern}: {value!r}")
 
 
-def verify(result: Result, key: bytes | str) -> bool:
+def verify_signature(result: Result, key: bytes | str) -> bool:
     """True when ``sig`` is the HMAC-SHA256 of the canonical payload (constant time)."""
     return signature_matches(key, result.canonical(), result.sig)
 
@@ -432,7 +433,7 @@ def verify(result: Result, key: bytes | str) -> bool:
 
 
 def parse_result(payload: bytes) -> Result:
-    """Decode and strictly check one payload; does not check the signature (``verify``).
+    """Decode and strictly check one payload; does not check the signature (``verify_signature``).
 
     Everything that can be judged from the payload alone: JSON, schema, every field's
     type and pattern, the check kind, every number within its bound (``out_of_range``:

@@ -14,7 +14,7 @@ Threading (docs/checks.md, "The SIP engine")
     as plain frozen dataclasses; timestamps are ``time.monotonic()`` taken in the
     pjsua2 thread when pjsip reported the event.
 
-Traps designed around (measured, shared/PJSUA2-NOTES.md)
+Traps designed around (each measured on the pinned pjsua2 wheel)
     - a ``Call`` wrapper is dropped *inside* its DISCONNECTED callback, so an old
       wrapper can never hang up a later call that reuses its id;
     - no pjsua2 object outlives ``libDestroy``: shutdown hangs up, waits for

@@ -55,6 +55,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from ecpm.errors import EcpmError
+
 logger = logging.getLogger(__name__)
 
 # Methods whose Contact pjsip (or RFC 3261/3311/3515/6665) uses as the remote target.
@@ -69,7 +71,7 @@ RDATA_MSG: Final = 4440  # offsetof(pjsip_rx_data, msg_info.msg); msg_info.info 
 TDATA_INFO: Final = 56  # offsetof(pjsip_tx_data, info)
 TDATA_MSG: Final = 392  # offsetof(pjsip_tx_data, msg)
 HDR_NEXT: Final = 8  # offsetof(pjsip_hdr, next)
-H_CALL_ID, H_CONTACT, H_RECORD_ROUTE, H_ROUTE, H_TO = 7, 9, 29, 33, 38  # pjsip_hdr_e
+H_CALL_ID, H_CONTACT, H_RECORD_ROUTE, H_TO = 7, 9, 29, 38  # pjsip_hdr_e
 _PRINT_MAX: Final = 65536
 
 _RX_INFO_RE: Final = re.compile(r"(Request|Response) msg (?:(\d{3})/)?([^/\s]+)/cseq=")
@@ -77,7 +79,7 @@ _TAG_RE: Final = re.compile(r";\s*tag\s*=", re.IGNORECASE)
 _SIP_RE: Final = re.compile(r"sips?:", re.IGNORECASE)
 
 
-class LayoutError(RuntimeError):
+class LayoutError(EcpmError):
     """pjsip's structures are not laid out as this module expects (another build)."""
 
 

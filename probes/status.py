@@ -25,7 +25,7 @@ Order and replay
     replayed while it is online, is refused as ``stale``.
 
 Errors: ``parse_status`` raises ``StatusError`` whose ``reason`` is one of
-``REJECT_REASONS`` (bounded: a metric label); ``verify_status`` returns a bool.
+``REJECT_REASONS`` (bounded: a metric label); ``verify_status_signature`` returns a bool.
 """
 
 from __future__ import annotations
@@ -156,13 +156,13 @@ def parse_order(text: str) -> Order:
     return (parse_time(first), int(kind), parse_time(last))
 
 
-def verify_status(status: Status, key: bytes | str) -> bool:
+def verify_status_signature(status: Status, key: bytes | str) -> bool:
     """True when ``sig`` is the HMAC-SHA256 of the canonical payload (constant time)."""
     return signature_matches(key, status.canonical(), status.sig)
 
 
 def parse_status(payload: bytes) -> Status:
-    """Decode and strictly check one payload; does not check the signature (``verify_status``)."""
+    """Decode and strictly check one payload; does not check the signature (``verify_status_signature``)."""
     data = load_object(payload, max_bytes=MAX_STATUS_BYTES, schema=SCHEMA, error=StatusError)
     try:
         status = _from_dict(data)

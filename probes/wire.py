@@ -16,8 +16,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from ecpm.errors import EcpmError
 
-class WireError(ValueError):
+
+class WireError(EcpmError, ValueError):
     """A payload is not valid; ``reason`` is a bounded code (a metric label)."""
 
     def __init__(self, reason: Any, detail: str) -> None:

@@ -46,7 +46,8 @@ def signed_payload(data: dict[str, Any], key: str, *, ascii_only: bool = False) 
 
 def append_raw_row(db_path: str | Path, data: dict[str, Any] | str, *, received_at: str | None = None) -> int:
     """Append a result row the way ``SqliteStore.add_result`` does — same columns, a valid
-    chain hash — but without any check, as an older monitor stored finding 1's row.
+    chain hash — but without any check, as an older monitor stored a signed result with
+    ``timings.ringing = 10**400`` before the value bounds.
     ``data`` is the payload's JSON object, or the payload text itself. Returns the row."""
     text = data if isinstance(data, str) else payload(data).decode("utf-8", "surrogatepass")
     fields: dict[str, Any] = data if isinstance(data, dict) else {}

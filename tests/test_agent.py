@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from probes.result import Result, parse_result, verify
+from probes.result import Result, parse_result
+from probes.result import verify_signature as verify
 from tests.brokers import Broker
 from tests.conftest import peer_path
 from tests.system import Process, wait_for

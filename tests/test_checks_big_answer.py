@@ -1,5 +1,5 @@
-"""Scoring follows what happened (issue 12, finding 8): an answered call is judged at the
-media stage, however long its answer took to be confirmed and whatever its header size.
+"""Scoring follows what happened: an answered call is judged at the media stage,
+however long its answer took to be confirmed and whatever its header size.
 
 Two halves:
 
@@ -175,8 +175,6 @@ def test_an_answer_pjsua_could_not_use_fails_at_answer_without_a_media_stage() -
 
 
 # ------------------------------------------------------------------ SIPp as the far end
-
-PADDED_LINES = 60  # X-Ecpm-Padding-NN header lines in tests/sipp/uas_big_headers.xml
 
 
 @pytest.fixture

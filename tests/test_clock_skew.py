@@ -1,6 +1,6 @@
-"""Time is judged by the monitor (issue 11, point 6): each result's judged time, each probe's
-clock skew — virtual time, real signed results, real SQLite (a restart is a new
-``MonitorCore`` on the same store)."""
+"""Time is judged by the monitor: each result's judged time, each probe's clock skew —
+virtual time, real signed results, real SQLite (a restart is a new ``MonitorCore`` on
+the same store)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_judged_time_is_never_after_arrival() -> None:
 
 
 def test_future_stamped_results_are_not_fresh_again_after_a_restart(tmp_path: Path) -> None:
-    """Issue 11: results stamped 5 min ahead counted as fresh at every restart (a false
+    """Once, results stamped 5 min ahead counted as fresh at every restart (a false
     ``down`` span, a false last success). Judged at arrival and stored so, they cannot."""
     clock = Clock()
     core, registry, pages = make(tmp_path, clock)
@@ -170,7 +170,7 @@ def test_future_stamped_results_are_not_fresh_again_after_a_restart(tmp_path: Pa
 
 
 def test_a_probe_five_minutes_slow_with_live_results_is_up(tmp_path: Path) -> None:
-    """Issue 11: a probe clock 5 min slow made the target ``unknown`` and paged a gap while
+    """Once, a probe clock 5 min slow made the target ``unknown`` and paged a gap while
     its results arrived every 3 s."""
     clock = Clock()
     core, registry, pages = make(tmp_path, clock, reachability={"gap_incident_after": "20s"})

@@ -1,6 +1,6 @@
-"""Probe clocks ±5 min end to end (issue 11, point 6): the monitor as its own process, a
-real mosquitto, signed results crafted with a clock five minutes fast and five minutes
-slow, the state and the skew read back over HTTP, and a restart."""
+"""Probe clocks ±5 min end to end: the monitor as its own process, a real mosquitto,
+signed results crafted with a clock five minutes fast and five minutes slow, the state
+and the skew read back over HTTP, and a restart."""
 
 from __future__ import annotations
 

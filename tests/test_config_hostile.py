@@ -1,7 +1,7 @@
-"""Config loading takes any bytes (issue 12, finding 6): every failure is a ``ConfigError``
-(exit 2) whose lines read ``FILE[:LINE]: key: reason``; booleans are strict; every
-duration and count has a documented maximum; aliases are refused and nesting, size and
-load time are bounded.
+"""Config loading takes any bytes: every failure is a ``ConfigError`` (exit 2) whose
+lines read ``FILE[:LINE]: key: reason``; booleans are strict; every duration and count
+has a documented maximum; aliases are refused and nesting, size and load time are
+bounded.
 
 The one-rule bad files with their exact messages are in tests/testdata/ (read by
 tests/test_config.py); here are the files that cannot carry a UTF-8 first line, the

@@ -28,7 +28,8 @@ from probes.mqtt import Command, Publisher
 from probes.outbox import Outbox
 from probes.outcome import CheckOutcome
 from probes.result import Result
-from probes.status import Status, parse_status, verify_status
+from probes.status import Status, parse_status
+from probes.status import verify_status_signature as verify_status
 from tests.brokers import Broker, free_port
 from tests.monitor_helpers import T0, Clock, ProbeSim, StatusSim, key_for, monitor_config
 

@@ -1,5 +1,6 @@
-"""Issue 12, findings 1, 2 and 5: one validation before anything is stored, bounded labels,
-and a store that survives a row it cannot read. Real signed results, real SQLite."""
+"""Ingest: one validation before anything is stored (a signed result out of bounds,
+signed nonsense), bounded labels, and a store that survives a row it cannot read.
+Real signed results, real SQLite."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def ledger(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-# ------------------------------------------------------------------ finding 1
+# ------------------------------------------------------------------ a signed value out of bounds
 
 
 HUGE = 10**400
@@ -124,7 +125,7 @@ def test_the_store_refuses_a_result_it_could_not_read_back(tmp_path: Path) -> No
     assert store.add_result(good, T0) and store.verify_chain().rows == 1
 
 
-# ------------------------------------------------------------------ finding 5
+# ------------------------------------------------------------------ signed nonsense
 
 
 def test_signed_nonsense_is_rejected_with_its_own_reason(tmp_path: Path) -> None:
@@ -210,7 +211,7 @@ def test_the_time_window_is_configured_and_judged_by_the_monitor_clock(tmp_path:
     assert (rejected(registry, "too_old"), rejected(registry, "in_future")) == (1.0, 1.0)
 
 
-# ------------------------------------------------------------------ finding 2: bounded labels
+# ------------------------------------------------------------------ bounded labels
 
 
 def test_every_reason_is_bounded_and_its_series_exists_from_the_start(tmp_path: Path) -> None:
@@ -287,8 +288,8 @@ def test_flooding_every_label_bearing_field_adds_no_series(tmp_path: Path) -> No
 # ------------------------------------------------------------------ defence in depth: quarantine
 
 
-def finding_1_row(clock: Clock, sim: ProbeSim) -> dict[str, Any]:
-    """Exactly finding 1: a correctly signed result with timings.ringing = 10**400."""
+def huge_timing_row(clock: Clock, sim: ProbeSim) -> dict[str, Any]:
+    """A correctly signed result with timings.ringing = 10**400 (an older monitor stored it)."""
     data = wire(sim, clock)
     data["timings"] = {**data["timings"], "ringing": HUGE}
     return sign(data, sim.key)
@@ -303,7 +304,7 @@ def test_an_unreadable_stored_row_is_quarantined_everywhere_never_fatal(tmp_path
     core.store.close()
     path = str(tmp_path / "monitor.db")
     clock.advance(5)
-    bad_row = append_raw_row(path, finding_1_row(clock, sim))
+    bad_row = append_raw_row(path, huge_timing_row(clock, sim))
     clock.advance(5)
     junk_row = append_raw_row(path, "{", received_at="2026-11-01T12:00:10.000Z")
 
@@ -353,7 +354,7 @@ def test_ledger_with_config_checks_the_readable_signatures_and_names_the_rest(tm
     assert store.add_result(sim.result("t1", "pass", clock()), clock())
     store.commit()
     store.close()
-    row = append_raw_row(config.store.path, finding_1_row(clock, sim))
+    row = append_raw_row(config.store.path, huge_timing_row(clock, sim))
     config_file = tmp_path / "monitor.yaml"
     config_file.write_text(
         "kind: monitor\n"

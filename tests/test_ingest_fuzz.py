@@ -1,4 +1,4 @@
-"""Fuzzing the monitor's ingest (issue 12): payload bytes, JSON shapes, field values and
+"""Fuzzing the monitor's ingest: payload bytes, JSON shapes, field values and
 signatures. Whatever arrives, ``MonitorCore.handle`` never raises, returns None or a bounded
 reason, stores only results that are valid by an independent check (the published JSON
 Schema with its bounds, the times, the probe's key, the seq rules), and the ledger stays
@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry
 from monitor.core import MonitorCore
 from monitor.ingest import MONITOR_REASONS
 from monitor.store import SqliteStore, chain_hash
-from probes.result import REJECT_REASONS, format_time, parse_result, parse_time, verify
+from probes.result import REJECT_REASONS, format_time, parse_result, parse_time
+from probes.result import verify_signature as verify
 from tests.hostile import sign, signed_payload
 from tests.monitor_helpers import Clock, ProbeSim, key_for, monitor_config
 

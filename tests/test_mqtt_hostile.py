@@ -223,7 +223,7 @@ def rss_mb(pid: int) -> float:
 
 @pytest.mark.parametrize("protocol", ["auto", "3.1.1"])
 def test_a_flood_of_oversized_messages_costs_the_monitor_no_memory(tmp_path: Path, protocol: str) -> None:
-    """Finding 3: twelve 1–20 MB messages took the monitor from 55 to 315 MB, never released."""
+    """Once, twelve 1–20 MB messages took the monitor from 55 to 315 MB, never released."""
     with (
         Broker(tmp_path, message_size_limit=0) as broker,
         monitor_on(tmp_path, broker, protocol=protocol) as m,
@@ -246,7 +246,7 @@ def test_a_flood_of_oversized_messages_costs_the_monitor_no_memory(tmp_path: Pat
 
 
 def test_draining_a_backlog_keeps_the_monitor_rss_bounded(tmp_path: Path) -> None:
-    """Finding 3: draining a 100,000-result backlog peaked at 532 MB. 20,000 results of
+    """Once, draining a 100,000-result backlog peaked at 532 MB. 20,000 results of
     5.6 KB (108 MB) peaked at 216 MB before the client's queue was bounded, 59 MB after."""
     n = 20_000
     payloads = padded_results(n, 5000)

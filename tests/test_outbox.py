@@ -19,7 +19,8 @@ import pytest
 
 from probes.outbox import Outbox, OutboxError
 from probes.outcome import CheckOutcome
-from probes.result import Result, parse_result, verify
+from probes.result import Result, parse_result
+from probes.result import verify_signature as verify
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = b"k"

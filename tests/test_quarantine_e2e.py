@@ -1,7 +1,8 @@
-"""Defence in depth, end to end: a row the store cannot read (finding 1's, written straight
-into SQLite as an older monitor stored it) and a damaged one. A real ``ecpm monitor`` on a
-real mosquitto starts, serves its status page, API and metrics, keeps ingesting and
-restarts cleanly; ``ecpm report`` and ``ecpm ledger verify`` name both rows and exit 0."""
+"""Defence in depth, end to end: a row the store cannot read (a signed result with
+``timings.ringing = 10**400``, written straight into SQLite as an older monitor stored
+it) and a damaged one. A real ``ecpm monitor`` on a real mosquitto starts, serves its
+status page, API and metrics, keeps ingesting and restarts cleanly; ``ecpm report``
+and ``ecpm ledger verify`` name both rows and exit 0."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ async def publish(port: int, messages: list[tuple[str, bytes]]) -> None:
             await client.publish(topic, payload, qos=1)
 
 
-def finding_1(sim: ProbeSim, at: datetime) -> dict[str, Any]:
+def huge_timing_result(sim: ProbeSim, at: datetime) -> dict[str, Any]:
     data = dict(json.loads(sim.result("t1", "pass", at).to_json()))
     data["timings"] = {**data["timings"], "ringing": 10**400}
     return sign(data, sim.key)
@@ -73,7 +74,7 @@ def test_a_store_with_unreadable_rows_starts_serves_reports_and_verifies(tmp_pat
     store.set_last_seq("p1", sim.seq)
     store.commit()
     store.close()
-    bad = append_raw_row(db, finding_1(sim, now - timedelta(seconds=30)))
+    bad = append_raw_row(db, huge_timing_result(sim, now - timedelta(seconds=30)))
     junk = append_raw_row(db, '{"schema": "ecpm.result/1", "id": [', received_at="2026-01-01T00:00:00.000Z")
 
     with Broker(tmp_path) as broker:
@@ -98,14 +99,14 @@ def test_a_store_with_unreadable_rows_starts_serves_reports_and_verifies(tmp_pat
                 assert (get(http, path) or (0,))[0] == 200, path
             assert metric(http, "ecpm_results_quarantined_total") == 1.0
             assert "quarantined" in monitor.text() and f"row {bad} " in monitor.text()
-            # it keeps ingesting: a fresh result is stored, finding 1 again is rejected
+            # it keeps ingesting: a fresh result is stored, the huge timing again is rejected
             fresh = sim.result("t1", "fail", datetime.now(UTC))
-            hostile = signed_payload(finding_1(sim, datetime.now(UTC)), KEY)
+            hostile = signed_payload(huge_timing_result(sim, datetime.now(UTC)), KEY)
             asyncio.run(publish(broker.port, [("ecpm/v1/results/p1/t1", fresh.to_json()),
                                               ("ecpm/v1/results/p1/t1", hostile)]))  # fmt: skip
             wait_for(
                 lambda: metric(http, "ecpm_results_rejected_total", {"reason": "out_of_range"}) == 1.0,
-                15, "finding 1 rejected as out_of_range",
+                15, "the huge timing rejected as out_of_range",
             )  # fmt: skip
             wait_for(
                 lambda: json.loads((get(http, "/api/v1/targets") or (0, b"{}"))[1])["targets"][0]["state"]

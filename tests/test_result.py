@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from probes import result as r
 from probes.check_kinds import REGISTRY as CHECKS
 from probes.outcome import STAGES, CheckOutcome, MediaStats
-from probes.result import Result, ResultError, parse_result, verify
+from probes.result import Result, ResultError, parse_result
+from probes.result import verify_signature as verify
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs/schema/result-v1.json").read_text(encoding="utf-8"))

@@ -18,7 +18,8 @@ import probes.result as r
 import probes.status as s
 from monitor.core import MonitorCore
 from monitor.store import SqliteStore
-from probes.status import MAX_STATUS_BYTES, Status, StatusError, parse_status, verify_status
+from probes.status import MAX_STATUS_BYTES, Status, StatusError, parse_status
+from probes.status import verify_status_signature as verify_status
 from tests.monitor_helpers import Clock, ProbeSim, StatusSim, key_for, monitor_config
 
 ROOT = Path(__file__).resolve().parent.parent

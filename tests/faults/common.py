@@ -26,14 +26,13 @@ from tests.system import System
 REQUIRE_PEERS = os.environ.get("ECPM_REQUIRE_PEERS") == "1"
 
 # metric sample names, as exposed on the monitor's /metrics
-MISSING = "ecpm_results_missing_total"  # detected missing (exists before issue 11)
+MISSING = "ecpm_results_missing_total"  # detected missing (older than gap repair)
 REPAIRED = "ecpm_results_repaired_total"
 UNRECOVERABLE = "ecpm_results_unrecoverable_total"
 OUTSTANDING = "ecpm_results_outstanding"  # gauge: missing now
 MQTT_CONNECTED = "ecpm_monitor_mqtt_connected"
 PROBE_LOST = "ecpm_probe_results_lost_total"  # as the probe reports it in its status
 OUTBOX_ERROR = "ecpm_probe_outbox_error"
-OUTBOX_RESULTS = "ecpm_probe_outbox_results"  # {probe, state="unpublished"|"unconfirmed"}
 CLOCK_SKEW = "ecpm_probe_clock_skew_seconds"
 
 

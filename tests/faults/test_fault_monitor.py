@@ -100,7 +100,7 @@ def test_monitor_down_longer_than_gap_incident_after_starts_and_pages_once(tmp_p
         # the stored state now says: last result long ago, a gap beyond gap_incident_after
         time.sleep(stale_after * interval + gap_after + 2)
         monitor.start()
-        system.wait_monitor()  # fails at once if it exits (the crash loop of issue 11)
+        system.wait_monitor()  # fails at once if it exits (it once crash-looped after such a stop)
         system.wait_for(lambda: system.receiver.events() == [("trigger", 1)], 30, "one gap page")
         assert monitor.running, monitor.text()[-3000:]
         # again, with the gap incident open: no crash, no second page
