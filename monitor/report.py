@@ -905,6 +905,9 @@ def _target_report(
     period: _PeriodTally,
     say: Progress,
 ) -> TargetReport:
+    """One target's section: its results just before the period (freshness) and in it, day by
+    day, tallied; the recorded timeline made unknown where nothing was fresh; the time in each
+    state; and the two availabilities."""
     start_ms, until_ms = _ms(start), _ms(until)
     tally = _TargetTally.covering(start_ms, until_ms, info.fresh_within)
     for r in _read(source, info.id, start_ms - tally.fresh.window, start_ms, period.unreadable):
