@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
@@ -39,7 +39,7 @@ from monitor.model import (
     TargetView,
 )
 from monitor.skew import WINDOW, SkewEstimator, judge, skewed
-from monitor.state import TargetTracker
+from monitor.state import TargetTracker, Verdict
 from monitor.status_ingest import OrderMarks, StatusRejected, StatusValidator
 from monitor.store import ProbeStatus, Store
 from probes.delivery import OutboxHealth
@@ -50,10 +50,20 @@ logger = logging.getLogger(__name__)
 TIMELINE = timedelta(hours=24)
 HEARTBEAT_GAP = 10.0  # seconds without a heartbeat that count as "the monitor was not running"
 Pager = Callable[[Incident, str], None]  # (incident, "trigger" | "resolve")
+OpenIncidents = dict[tuple[str, IncidentKind], Incident]  # by (target, kind)
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Standing:
+    """A target's recorded state, since when, and the latest reason for it."""
+
+    state: TargetStateName
+    since: datetime
+    why: str
 
 
 class MonitorCore:
@@ -75,7 +85,7 @@ class MonitorCore:
         self._status_prefix = f"{prefix}/status/"
         self._keys = {p.id: p.secret.get_secret_value().encode() for p in config.probes}
         self.trackers = {t.id: TargetTracker(t, config.reachability) for t in config.targets}
-        self._states: dict[str, tuple[TargetStateName, datetime, str]] = {}
+        self._states: dict[str, _Standing] = {}
         self._probe_status = {s.probe: s for s in store.probe_statuses()}
         self._last_result_at: dict[str, datetime] = {}
         self._online_since: dict[str, datetime] = {}  # when each probe last went offline → online
@@ -117,9 +127,9 @@ class MonitorCore:
                 continue
             if away and state != "unknown" and last_beat is not None:
                 self.store.add_state_change(target, "unknown", last_beat, "the monitor was not running")
-                self._states[target] = ("unknown", last_beat, "the monitor was not running")
+                self._states[target] = _Standing("unknown", last_beat, "the monitor was not running")
             else:
-                self._states[target] = (state, since, "restored after restart")
+                self._states[target] = _Standing(state, since, "restored after restart")
         self.store.commit()
 
     def _track(self, summary: ResultSummary, now: datetime) -> None:
@@ -248,67 +258,14 @@ class MonitorCore:
     def evaluate(self, now: datetime | None = None) -> Snapshot:
         """Recompute every target's state; record changes; open/resolve incidents; new snapshot."""
         now = now or self.clock()
-        rules = self.config.reachability
-        open_by_key = {(i.target, i.kind): i for i in self.store.open_incidents()}
+        open_by_key: OpenIncidents = {(i.target, i.kind): i for i in self.store.open_incidents()}
         views: dict[str, TargetView] = {}
         for target_id, tracker in self.trackers.items():
-            since_online = now - timedelta(seconds=tracker.target.interval)
-            verdict = tracker.evaluate(now, self._expected(target_id, since_online))
-            if verdict.state == "unknown" and self._cut_off is not None:  # silence we caused
-                verdict = replace(verdict, why=f"{self._cut_off}; {verdict.why}")
-            previous = self._states.get(target_id)
-            if previous is None or previous[0] != verdict.state:
-                self.store.add_state_change(target_id, verdict.state, now, verdict.why)
-                if previous is not None:
-                    logger.info("target %s: %s → %s (%s)", target_id, previous[0], verdict.state, verdict.why)
-                self._states[target_id] = (verdict.state, now, verdict.why)
-            state, since, _ = self._states[target_id]
-            self._states[target_id] = (state, since, verdict.why)
-            # incidents: down opens one; leaving down (up or degraded) resolves it
-            down = open_by_key.get((target_id, "down"))
-            if verdict.state == "down" and down is None:
-                last_good, first_failed = tracker.failure_run()
-                self._open(
-                    open_by_key, target_id, "down",
-                    at=now, last_good=last_good, first_failed=first_failed, why=verdict.why,
-                )  # fmt: skip
-            elif verdict.state in ("up", "degraded") and down is not None:
-                # resolve only after resolve_after out of down: a flapping path is one incident
-                left = self._left_down.setdefault(target_id, now)
-                if (now - left).total_seconds() >= rules.resolve_after:
-                    self._resolve(down, now)
-                    del open_by_key[(target_id, "down")]
-                    del self._left_down[target_id]
-            if verdict.state == "down":
-                self._left_down.pop(target_id, None)
-            # a monitoring gap longer than gap_incident_after opens a gap incident
-            gap = open_by_key.get((target_id, "gap"))
-            in_gap_for = (now - since).total_seconds() if state == "unknown" else 0.0
-            if state == "unknown" and in_gap_for >= rules.gap_incident_after and gap is None:
-                self._open(
-                    open_by_key, target_id, "gap",
-                    at=now, last_good=tracker.last_success(), first_failed=None, why=verdict.why,
-                )  # fmt: skip
-            elif state != "unknown" and gap is not None:
-                self._resolve(gap, now)
-                del open_by_key[(target_id, "gap")]
-            last_ok = tracker.last_success()
-            latest: dict[tuple[str, str], ResultSummary] = {}
-            for r in tracker.recent():
-                latest.setdefault((r.probe, r.check), r)
-            current = open_by_key.get((target_id, "down")) or open_by_key.get((target_id, "gap"))
-            views[target_id] = TargetView(
-                id=target_id,
-                description=tracker.target.description,
-                interval=tracker.target.interval,
-                state=state,
-                since=since,
-                why=verdict.why,
-                last_success_at=None if last_ok is None else last_ok.judged,
-                covering_probes=verdict.covering_probes,
-                latest=tuple(latest.values()),
-                open_incident=None if current is None else current.id,
-            )
+            verdict = self._verdict(target_id, tracker, now)
+            standing = self._record(target_id, verdict, now)
+            self._down_rule(open_by_key, tracker, verdict, now)
+            self._gap_rule(open_by_key, tracker, standing, now)
+            views[target_id] = self._target_view(tracker, verdict, standing, open_by_key)
         self.store.commit()  # state changes and incidents together (pages commit with their incident)
         self._snapshot = Snapshot(
             at=now,
@@ -319,6 +276,94 @@ class MonitorCore:
             max_clock_skew=self.config.ingest.max_clock_skew,
         )
         return self._snapshot
+
+    def _verdict(self, target_id: str, tracker: TargetTracker, now: datetime) -> Verdict:
+        """The tracker's verdict, expecting the probes that have been online for an interval;
+        a silence the monitor itself caused (cut off from its broker) says so."""
+        since_online = now - timedelta(seconds=tracker.target.interval)
+        verdict = tracker.evaluate(now, self._expected(target_id, since_online))
+        if verdict.state == "unknown" and self._cut_off is not None:
+            verdict = replace(verdict, why=f"{self._cut_off}; {verdict.why}")
+        return verdict
+
+    def _record(self, target_id: str, verdict: Verdict, now: datetime) -> _Standing:
+        """Store a change of state (since now); the standing keeps its ``since`` otherwise and
+        always carries the latest reason."""
+        previous = self._states.get(target_id)
+        since = now
+        if previous is not None and previous.state == verdict.state:
+            since = previous.since
+        else:
+            self.store.add_state_change(target_id, verdict.state, now, verdict.why)
+            if previous is not None:
+                logger.info("target %s: %s → %s (%s)", target_id, previous.state, verdict.state, verdict.why)
+        standing = _Standing(verdict.state, since, verdict.why)
+        self._states[target_id] = standing
+        return standing
+
+    def _down_rule(
+        self, open_by_key: OpenIncidents, tracker: TargetTracker, verdict: Verdict, now: datetime
+    ) -> None:
+        """Down opens a down incident; leaving down (up or degraded) resolves it, but only
+        ``resolve_after`` out of down: a flapping path is one incident."""
+        target_id = tracker.target.id
+        down = open_by_key.get((target_id, "down"))
+        if verdict.state == "down" and down is None:
+            last_good, first_failed = tracker.failure_run()
+            self._open(
+                open_by_key, target_id, "down",
+                at=now, last_good=last_good, first_failed=first_failed, why=verdict.why,
+            )  # fmt: skip
+        elif verdict.state in ("up", "degraded") and down is not None:
+            left = self._left_down.setdefault(target_id, now)
+            if (now - left).total_seconds() >= self.config.reachability.resolve_after:
+                self._resolve(down, now)
+                del open_by_key[(target_id, "down")]
+                del self._left_down[target_id]
+        if verdict.state == "down":
+            self._left_down.pop(target_id, None)
+
+    def _gap_rule(
+        self, open_by_key: OpenIncidents, tracker: TargetTracker, standing: _Standing, now: datetime
+    ) -> None:
+        """A monitoring gap (unknown) longer than ``gap_incident_after`` opens a gap incident;
+        any known state resolves it."""
+        target_id = tracker.target.id
+        gap = open_by_key.get((target_id, "gap"))
+        if standing.state != "unknown":
+            if gap is not None:
+                self._resolve(gap, now)
+                del open_by_key[(target_id, "gap")]
+            return
+        in_gap_for = (now - standing.since).total_seconds()
+        if in_gap_for >= self.config.reachability.gap_incident_after and gap is None:
+            self._open(
+                open_by_key, target_id, "gap",
+                at=now, last_good=tracker.last_success(), first_failed=None, why=standing.why,
+            )  # fmt: skip
+
+    @staticmethod
+    def _target_view(
+        tracker: TargetTracker, verdict: Verdict, standing: _Standing, open_by_key: OpenIncidents
+    ) -> TargetView:
+        target = tracker.target
+        last_ok = tracker.last_success()
+        latest: dict[tuple[str, str], ResultSummary] = {}  # (probe, check): newest first
+        for r in tracker.recent():
+            latest.setdefault((r.probe, r.check), r)
+        current = open_by_key.get((target.id, "down")) or open_by_key.get((target.id, "gap"))
+        return TargetView(
+            id=target.id,
+            description=target.description,
+            interval=target.interval,
+            state=standing.state,
+            since=standing.since,
+            why=standing.why,
+            last_success_at=None if last_ok is None else last_ok.judged,
+            covering_probes=verdict.covering_probes,
+            latest=tuple(latest.values()),
+            open_incident=None if current is None else current.id,
+        )
 
     def _expected(self, target: str, since: datetime) -> frozenset[str]:
         """Probes online that announced ``target`` and came online (offline → online,
@@ -341,7 +386,7 @@ class MonitorCore:
 
     def _open(
         self,
-        open_by_key: dict[tuple[str, IncidentKind], Incident],
+        open_by_key: OpenIncidents,
         target: str,
         kind: IncidentKind,
         *,

@@ -54,7 +54,7 @@ import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal, Protocol
+from typing import Final, Literal, Protocol, TypeVar
 
 from ecpm import __version__
 from monitor.model import TARGET_STATES, Incident, ResultSummary, SeqGap, StateChange, TargetStateName
@@ -477,9 +477,7 @@ def build_report(
         if v.target in wanted:
             verifications[v.target].append(v)
 
-    versions: dict[tuple[str, str], list[Any]] = {}  # (probe, version) -> [first, last, count]
-    skews: dict[str, _SkewSeen] = {}
-    unreadable: list[Unreadable] = []
+    period = _PeriodTally(max_clock_skew)
     reports = []
     for n, info in enumerate(targets, 1):
         say(f"target {info.id} ({n}/{len(targets)})")
@@ -493,10 +491,7 @@ def build_report(
                 changes=changes[info.id],
                 incidents=incidents[info.id],
                 verifications=verifications[info.id],
-                versions=versions,
-                skews=skews,
-                max_clock_skew=max_clock_skew,
-                unreadable=unreadable,
+                period=period,
                 say=say,
             )
         )
@@ -505,7 +500,7 @@ def build_report(
     seq_gaps = tuple(source.gaps_between(start, end))
     say("ledger: verifying the hash chain over every stored row")
     ledger = _ledger(source, start=start, end=end)
-    unreadable += _quarantined(source, wanted, start=start, end=end)
+    unreadable = period.unreadable + _quarantined(source, wanted, start=start, end=end)
     return Report(
         schema=SCHEMA,
         generated_at=generated_at,
@@ -522,14 +517,9 @@ def build_report(
         targets=tuple(reports),
         probe_outages=outages,
         seq_gaps=seq_gaps,
-        versions=tuple(
-            VersionSeen(probe, version, first, last, count)
-            for (probe, version), (first, last, count) in sorted(
-                versions.items(), key=lambda kv: (kv[0][0], kv[1][0], kv[0][1])
-            )
-        ),
+        versions=period.versions_seen(),
         unreadable=tuple(unreadable),
-        clock_skew=tuple(_probe_skew(probe, seen) for probe, seen in sorted(skews.items())),
+        clock_skew=period.clock_skew(),
     )
 
 
@@ -731,6 +721,176 @@ def _effective(recorded: Sequence[Span], fresh: _Fresh) -> list[Span]:
     return pieces
 
 
+@dataclass(slots=True)
+class _Seen:
+    """How many results, and the judged times of the first and the last of them: the one
+    order (count, first, last) of every "seen" tally in the report."""
+
+    count: int
+    first: datetime
+    last: datetime
+
+    @classmethod
+    def once(cls, moment: datetime) -> _Seen:
+        return cls(1, moment, moment)
+
+    def add(self, moment: datetime) -> None:
+        self.count += 1
+        self.first = min(self.first, moment)
+        self.last = max(self.last, moment)
+
+
+@dataclass(slots=True)
+class _PeriodTally:
+    """What the report gathers from every target's results: the probe versions seen, each
+    probe's clock, and the stored results it could not read."""
+
+    max_clock_skew: float
+    versions: dict[tuple[str, str], _Seen] = field(default_factory=dict)  # (probe, version)
+    skews: dict[str, _SkewSeen] = field(default_factory=dict)  # probe
+    unreadable: list[Unreadable] = field(default_factory=list)
+
+    def add(self, r: ResultSummary) -> None:
+        _see(self.versions, (r.probe, r.version), r.judged)
+        self.skews.setdefault(r.probe, _SkewSeen()).add(r, self.max_clock_skew)
+
+    def versions_seen(self) -> tuple[VersionSeen, ...]:
+        """By probe, then by when each version was first seen."""
+        ordered = sorted(self.versions.items(), key=lambda kv: (kv[0][0], kv[1].first, kv[0][1]))
+        return tuple(
+            VersionSeen(probe, version, first_seen=seen.first, last_seen=seen.last, results=seen.count)
+            for (probe, version), seen in ordered
+        )
+
+    def clock_skew(self) -> tuple[ProbeSkew, ...]:
+        return tuple(_probe_skew(probe, seen) for probe, seen in sorted(self.skews.items()))
+
+
+_K = TypeVar("_K")
+
+
+def _see(tally: dict[_K, _Seen], key: _K, moment: datetime) -> None:
+    seen = tally.get(key)
+    if seen is None:
+        tally[key] = _Seen.once(moment)
+    else:
+        seen.add(moment)
+
+
+@dataclass(slots=True)
+class _Silences:
+    """The longest stretch without a result, as results stream in oldest first."""
+
+    last_seen: int  # ms
+    longest: tuple[int, int]  # [start, end) ms
+
+    @classmethod
+    def from_start(cls, start: int) -> _Silences:
+        return cls(start, (start, start))
+
+    def see(self, at: int) -> None:
+        if at - self.last_seen > self.longest[1] - self.longest[0]:
+            self.longest = (self.last_seen, at)
+        self.last_seen = max(self.last_seen, at)
+
+    def longest_until(self, until: int) -> Silence:
+        a, b = self.longest
+        if until - self.last_seen > b - a:
+            a, b = self.last_seen, until
+        return Silence(_at(a), _at(b))
+
+
+_CALLS: Final = ("placed", "passed", "failed", "inconclusive")  # CallCounts, by outcome
+_CALL_KINDS: Final = ("scheduled", "confirmations", "on_demand")  # CallCounts, by why placed
+_PINGS: Final = ("sent", "passed", "failed", "inconclusive")  # PingCounts
+
+
+@dataclass(slots=True)
+class _TargetTally:
+    """What one target's results of the period add up to, built as they stream in oldest
+    first: calls and pings (overall and per bucket), blocked attempts, freshness, coverage
+    per probe and the longest silence."""
+
+    buckets: _Buckets
+    fresh: _Fresh
+    silences: _Silences
+    calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_CALLS, 0))
+    kinds: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_CALL_KINDS, 0))
+    pings: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PINGS, 0))
+    refusals: list[ResultSummary] = field(default_factory=list)
+    coverage: dict[str, _Seen] = field(default_factory=dict)  # probe
+
+    @classmethod
+    def covering(cls, start: int, until: int, fresh_within: float) -> _TargetTally:
+        return cls(
+            _Buckets.covering(start, until), _Fresh(round(fresh_within * 1000)), _Silences.from_start(start)
+        )
+
+    def lead_in(self, r: ResultSummary) -> None:
+        """A result from just before the period: it still keeps the start fresh."""
+        if r.reason != GUARD_REFUSED:
+            self.fresh.add(_ms(r.judged))
+
+    def add(self, r: ResultSummary) -> None:
+        judged = r.judged  # the monitor's time for it, never the probe's own stamp
+        at = _ms(judged)
+        self.silences.see(at)
+        _see(self.coverage, r.probe, judged)
+        if r.reason == GUARD_REFUSED:
+            self.refusals.append(r)
+            return
+        self.fresh.add(at)
+        if r.check == "invite":
+            self._call(r, self.buckets.index(at))
+        elif r.check == "options":
+            self._ping(r, self.buckets.index(at))
+
+    def _call(self, r: ResultSummary, k: int) -> None:
+        counted = _counted(r.outcome)
+        self.calls["placed"] += 1
+        self.calls[counted] += 1
+        self.kinds["confirmations" if r.confirm else "on_demand" if r.request_id else "scheduled"] += 1
+        self.buckets.calls[k] += 1
+        getattr(self.buckets, counted)[k] += 1
+        if r.outcome == "pass" and r.post_dial_delay is not None:
+            self.buckets.add_pdd(k, r.post_dial_delay)
+
+    def _ping(self, r: ResultSummary, k: int) -> None:
+        self.pings["sent"] += 1
+        self.pings[_counted(r.outcome)] += 1
+        self.buckets.pings[k] += 1
+
+    def call_counts(self) -> CallCounts:
+        return CallCounts(**self.calls, **self.kinds)
+
+    def ping_counts(self) -> PingCounts:
+        return PingCounts(**self.pings)
+
+    def probe_coverage(self) -> tuple[ProbeCoverage, ...]:
+        return tuple(
+            ProbeCoverage(probe, results=seen.count, first_at=seen.first, last_at=seen.last)
+            for probe, seen in sorted(self.coverage.items())
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _StateTime:
+    """Milliseconds of the (effective) timeline spent in each state."""
+
+    up: int
+    degraded: int
+    down: int
+    unknown: int
+
+    @property
+    def available(self) -> int:
+        return self.up + self.degraded
+
+    @property
+    def monitored(self) -> int:
+        return self.available + self.down
+
+
 def _target_report(
     source: ReportSource,
     info: TargetInfo,
@@ -741,125 +901,103 @@ def _target_report(
     changes: Sequence[StateChange],
     incidents: Sequence[Incident],
     verifications: Sequence[Verification],
-    versions: dict[tuple[str, str], list[Any]],
-    skews: dict[str, _SkewSeen],
-    max_clock_skew: float,
-    unreadable: list[Unreadable],
+    period: _PeriodTally,
     say: Progress,
 ) -> TargetReport:
+    """One target's section: its results just before the period (freshness) and in it, day by
+    day, tallied; the recorded timeline made unknown where nothing was fresh; the time in each
+    state; and the two availabilities."""
     start_ms, until_ms = _ms(start), _ms(until)
-    buckets = _Buckets.covering(start_ms, until_ms)
-    fresh = _Fresh(round(info.fresh_within * 1000))
-    for r in _read(source, info.id, start_ms - fresh.window, start_ms, unreadable):
-        if r.reason != GUARD_REFUSED:
-            fresh.add(_ms(r.judged))  # a result just before the period still counts
+    tally = _TargetTally.covering(start_ms, until_ms, info.fresh_within)
+    for r in _read(source, info.id, start_ms - tally.fresh.window, start_ms, period.unreadable):
+        tally.lead_in(r)
+    for r in _period_results(
+        source, info.id, start=start_ms, until=until_ms, unreadable=period.unreadable, say=say
+    ):
+        period.add(r)
+        tally.add(r)
+    timeline = _effective(_timeline(before, changes, start=start, until=until), tally.fresh)
+    state_time = _time_in_states(timeline, tally.buckets)
+    calls = tally.call_counts()
+    return TargetReport(
+        id=info.id,
+        description=info.description,
+        calls=calls,
+        pings=tally.ping_counts(),
+        blocked=len(tally.refusals),
+        time=_time_availability(state_time, period_ms=until_ms - start_ms),
+        by_calls=_call_availability(calls),
+        timeline=tuple(timeline),
+        gaps=tuple(s for s in timeline if s.state == "unknown"),
+        buckets=tally.buckets.values(),
+        incidents=tuple(_incident_entry(i) for i in incidents),
+        verifications=tuple(verifications),
+        refusals=tuple(tally.refusals),
+        coverage=tally.probe_coverage(),
+        longest_silence=tally.silences.longest_until(until_ms),
+        fresh_within=info.fresh_within,
+    )
 
-    calls = {"placed": 0, "passed": 0, "failed": 0, "inconclusive": 0}
-    kinds = {"scheduled": 0, "confirmations": 0, "on_demand": 0}
-    pings = {"sent": 0, "passed": 0, "failed": 0, "inconclusive": 0}
-    refusals: list[ResultSummary] = []
-    coverage: dict[str, list[Any]] = {}  # probe -> [count, first, last]
-    silence = (start_ms, start_ms)
-    last_seen = start_ms
-    days = -(-(until_ms - start_ms) // _DAY_MS)
-    chunk = start_ms
-    day = 0
-    while chunk < until_ms:
+
+def _period_results(
+    source: ReportSource,
+    target: str,
+    *,
+    start: int,
+    until: int,
+    unreadable: list[Unreadable],
+    say: Progress,
+) -> Iterator[ResultSummary]:
+    """The target's results judged in ``[start, until)``, oldest first, read one UTC day at a time."""
+    days = -(-(until - start) // _DAY_MS)
+    chunk, day = start, 0
+    while chunk < until:
         day += 1
-        stop = min(until_ms, (chunk // _DAY_MS + 1) * _DAY_MS)
+        stop = min(until, (chunk // _DAY_MS + 1) * _DAY_MS)
         if days > 1:
-            say(f"target {info.id}: {format_time(_at(chunk))[:10]} (day {day}/{days})")
-        for r in _read(source, info.id, chunk, stop, unreadable):
-            judged = r.judged  # the monitor's time for it, never the probe's own stamp
-            at = _ms(judged)
-            if at - last_seen > silence[1] - silence[0]:
-                silence = (last_seen, at)
-            last_seen = max(last_seen, at)
-            seen = coverage.get(r.probe)
-            if seen is None:
-                coverage[r.probe] = [1, judged, judged]
-            else:
-                seen[0] += 1
-                seen[2] = judged
-            version = versions.get((r.probe, r.version))
-            if version is None:
-                versions[(r.probe, r.version)] = [judged, judged, 1]
-            else:
-                version[0] = min(version[0], judged)
-                version[1] = max(version[1], judged)
-                version[2] += 1
-            skews.setdefault(r.probe, _SkewSeen()).add(r, max_clock_skew)
-            if r.reason == GUARD_REFUSED:
-                refusals.append(r)
-                continue
-            fresh.add(at)
-            k = buckets.index(at)
-            if r.check == "invite":
-                calls["placed"] += 1
-                calls[_counted(r.outcome)] += 1
-                kinds["confirmations" if r.confirm else "on_demand" if r.request_id else "scheduled"] += 1
-                buckets.calls[k] += 1
-                getattr(buckets, _counted(r.outcome))[k] += 1
-                if r.outcome == "pass" and r.post_dial_delay is not None:
-                    buckets.add_pdd(k, r.post_dial_delay)
-            elif r.check == "options":
-                pings["sent"] += 1
-                pings[_counted(r.outcome)] += 1
-                buckets.pings[k] += 1
+            say(f"target {target}: {format_time(_at(chunk))[:10]} (day {day}/{days})")
+        yield from _read(source, target, chunk, stop, unreadable)
         chunk = stop
-    if until_ms - last_seen > silence[1] - silence[0]:
-        silence = (last_seen, until_ms)
 
-    timeline = _effective(_timeline(before, changes, start=start, until=until), fresh)
+
+def _time_in_states(timeline: Sequence[Span], buckets: _Buckets) -> _StateTime:
+    """Time per state over the timeline; each span is added to the buckets it covers too."""
     state_ms: dict[TargetStateName, int] = dict.fromkeys(TARGET_STATES, 0)
     for span in timeline:
         a, b = _ms(span.start), _ms(span.end)
         state_ms[span.state] += b - a
         buckets.add_span(span.state, a, b)
-    available = state_ms["up"] + state_ms["degraded"]
-    monitored = available + state_ms["down"]
-    period = until_ms - start_ms
-    time_availability = _ratio(available, monitored)
-    decisive = calls["passed"] + calls["failed"]
-    call_availability = _ratio(calls["passed"], decisive)
-    return TargetReport(
-        id=info.id,
-        description=info.description,
-        calls=CallCounts(**calls, **kinds),
-        pings=PingCounts(**pings),
-        blocked=len(refusals),
-        time=TimeAvailability(
-            period_seconds=period / 1000,
-            up_seconds=state_ms["up"] / 1000,
-            degraded_seconds=state_ms["degraded"] / 1000,
-            down_seconds=state_ms["down"] / 1000,
-            unmonitored_seconds=state_ms["unknown"] / 1000,
-            monitored_seconds=monitored / 1000,
-            monitored_fraction=_ratio(monitored, period),
-            availability=time_availability,
-            lower_bound=_ratio(available, period),
-            allowed_downtime_seconds=(1 - AVAILABILITY_TARGET) * monitored / 1000,
-            met=_met(time_availability),
-        ),
-        by_calls=CallAvailability(
-            passed=calls["passed"],
-            failed=calls["failed"],
-            availability=call_availability,
-            allowed_failures=(1 - AVAILABILITY_TARGET) * decisive,
-            met=_met(call_availability),
-        ),
-        timeline=tuple(timeline),
-        gaps=tuple(s for s in timeline if s.state == "unknown"),
-        buckets=buckets.values(),
-        incidents=tuple(_incident_entry(i) for i in incidents),
-        verifications=tuple(verifications),
-        refusals=tuple(refusals),
-        coverage=tuple(
-            ProbeCoverage(probe, count, first, last)
-            for probe, (count, first, last) in sorted(coverage.items())
-        ),
-        longest_silence=Silence(_at(silence[0]), _at(silence[1])),
-        fresh_within=info.fresh_within,
+    return _StateTime(
+        up=state_ms["up"], degraded=state_ms["degraded"], down=state_ms["down"], unknown=state_ms["unknown"]
+    )
+
+
+def _time_availability(t: _StateTime, *, period_ms: int) -> TimeAvailability:
+    availability = _ratio(t.available, t.monitored)
+    return TimeAvailability(
+        period_seconds=period_ms / 1000,
+        up_seconds=t.up / 1000,
+        degraded_seconds=t.degraded / 1000,
+        down_seconds=t.down / 1000,
+        unmonitored_seconds=t.unknown / 1000,
+        monitored_seconds=t.monitored / 1000,
+        monitored_fraction=_ratio(t.monitored, period_ms),
+        availability=availability,
+        lower_bound=_ratio(t.available, period_ms),
+        allowed_downtime_seconds=(1 - AVAILABILITY_TARGET) * t.monitored / 1000,
+        met=_met(availability),
+    )
+
+
+def _call_availability(calls: CallCounts) -> CallAvailability:
+    decisive = calls.passed + calls.failed
+    availability = _ratio(calls.passed, decisive)
+    return CallAvailability(
+        passed=calls.passed,
+        failed=calls.failed,
+        availability=availability,
+        allowed_failures=(1 - AVAILABILITY_TARGET) * decisive,
+        met=_met(availability),
     )
 
 

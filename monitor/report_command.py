@@ -14,13 +14,14 @@ import argparse
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 from ecpm.configfile import load_config
 from ecpm.errors import UsageError
 from monitor.config import Ingest, MonitorConfig, Reachability
-from monitor.report import TargetInfo, build_report, known_targets
+from monitor.report import Report, TargetInfo, build_report, known_targets
 from monitor.report_render import FORMATS, write
 from monitor.store import SqliteStore
 
@@ -104,48 +105,28 @@ class _Progress:
         sys.stderr.flush()
 
 
-def run(args: argparse.Namespace) -> int:
-    start = parse_moment(args.start, "--from")
-    end = parse_moment(args.end, "--to")
-    if end <= start:
-        raise UsageError(f"--from {args.start} must be before --to {args.end}")
-    now = datetime.now(UTC)
-    if start >= now:
-        raise UsageError(f"--from {args.start} is in the future: nothing to report yet")
-    formats = parse_formats(args.format)
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    """The store the report reads, and the monitor's rules it applies (its config's, or the
+    defaults with ``--db``)."""
 
-    configured: list[TargetInfo] = []
-    rules = Reachability()
-    ingest = Ingest()
-    if args.config:
-        config = load_config(args.config, MonitorConfig)
-        path = config.store.path
-        configured = [
-            TargetInfo(t.id, t.description, config.reachability.stale_after * t.interval)
-            for t in config.targets
-        ]
-        rules = config.reachability
-        ingest = config.ingest
-    else:
-        path = args.db
-    if not Path(path).is_file():
-        raise UsageError(f"no store at {path}")
+    path: str
+    configured: tuple[TargetInfo, ...] = ()
+    rules: Reachability = field(default_factory=Reachability)
+    ingest: Ingest = field(default_factory=Ingest)
+
+
+def run(args: argparse.Namespace) -> int:
+    start, end, now = _period(args)
+    formats = parse_formats(args.format)
+    settings = _settings(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
 
-    store = SqliteStore(path)
+    store = SqliteStore(settings.path)
     try:
-        targets = known_targets(store, configured)
-        if args.target:
-            by_id = {t.id: t for t in targets}
-            unknown = [t for t in args.target if t not in by_id]
-            if unknown:
-                known = ", ".join(sorted(by_id)) or "none"
-                raise UsageError(f"unknown target {', '.join(unknown)} (known: {known})")
-            targets = [by_id[t] for t in dict.fromkeys(args.target)]
-        if not targets:
-            raise UsageError(f"no targets: {path} has no state history and no config names any")
+        targets = _targets(store, settings, args.target)
         progress = _Progress() if args.progress or sys.stderr.isatty() else None
         report = build_report(
             store,
@@ -153,21 +134,79 @@ def run(args: argparse.Namespace) -> int:
             end=end,
             targets=targets,
             generated_at=now,
-            store_name=str(path),
-            pdd_threshold=rules.degraded_post_dial_delay,
-            max_clock_skew=ingest.max_clock_skew,
+            store_name=str(settings.path),
+            pdd_threshold=settings.rules.degraded_post_dial_delay,
+            max_clock_skew=settings.ingest.max_clock_skew,
             progress=progress,
         )
-        if progress is not None:
-            progress("writing " + ", ".join(formats))
-        try:
-            written = write(report, out, formats)
-        except OSError as exc:
-            raise UsageError(f"cannot write the report into {args.out}: {exc.strerror or exc}") from None
-        if progress is not None:
-            progress.done()
+        written = _write(report, out, formats, progress, shown_as=args.out)
     finally:
         store.close()
+    return _outcome(report, written)
+
+
+def _period(args: argparse.Namespace) -> tuple[datetime, datetime, datetime]:
+    """``[--from, --to)`` and now; a period starting in the future is refused."""
+    start = parse_moment(args.start, "--from")
+    end = parse_moment(args.end, "--to")
+    if end <= start:
+        raise UsageError(f"--from {args.start} must be before --to {args.end}")
+    now = datetime.now(UTC)
+    if start >= now:
+        raise UsageError(f"--from {args.start} is in the future: nothing to report yet")
+    return start, end, now
+
+
+def _settings(args: argparse.Namespace) -> _Settings:
+    if args.config:
+        config = load_config(args.config, MonitorConfig)
+        settings = _Settings(
+            config.store.path,
+            tuple(
+                TargetInfo(t.id, t.description, config.reachability.stale_after * t.interval)
+                for t in config.targets
+            ),
+            config.reachability,
+            config.ingest,
+        )
+    else:
+        settings = _Settings(args.db)
+    if not Path(settings.path).is_file():
+        raise UsageError(f"no store at {settings.path}")
+    return settings
+
+
+def _targets(store: SqliteStore, settings: _Settings, wanted: list[str]) -> list[TargetInfo]:
+    """The targets reported on: every known one, or those ``--target`` names (in that order)."""
+    targets = known_targets(store, settings.configured)
+    if wanted:
+        by_id = {t.id: t for t in targets}
+        unknown = [t for t in wanted if t not in by_id]
+        if unknown:
+            known = ", ".join(sorted(by_id)) or "none"
+            raise UsageError(f"unknown target {', '.join(unknown)} (known: {known})")
+        targets = [by_id[t] for t in dict.fromkeys(wanted)]
+    if not targets:
+        raise UsageError(f"no targets: {settings.path} has no state history and no config names any")
+    return targets
+
+
+def _write(
+    report: Report, out: Path, formats: list[str], progress: _Progress | None, *, shown_as: str
+) -> list[Path]:
+    if progress is not None:
+        progress("writing " + ", ".join(formats))
+    try:
+        written = write(report, out, formats)
+    except OSError as exc:
+        raise UsageError(f"cannot write the report into {shown_as}: {exc.strerror or exc}") from None
+    if progress is not None:
+        progress.done()
+    return written
+
+
+def _outcome(report: Report, written: list[Path]) -> int:
+    """Name what was written; say what the report could not read; exit 1 when the ledger is broken."""
     for item in written:
         print(item)
     if report.unreadable:
