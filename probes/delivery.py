@@ -26,12 +26,12 @@ only, like ``probes.result``: ``monitor/`` imports it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal
 
 from probes.result import CODE_RE, MAX_SEQ, NAME_RE, SIG_RE, format_time, parse_time
-from probes.wire import WireError, canonical, load_object, sign, signature_matches
+from probes.wire import Signed, WireError, load_object
 
 ACK_SCHEMA: Final = "ecpm.ack/1"
 REPLAY_SCHEMA: Final = "ecpm.replay/1"
@@ -56,7 +56,7 @@ def _seq(value: object, name: str, *, low: int = 0) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(Signed):
     probe: str
     seq: int  # every result up to this seq is stored
     at: datetime
@@ -71,7 +71,7 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
-class Replay:
+class Replay(Signed):
     probe: str
     first: int
     last: int
@@ -90,15 +90,13 @@ Message = Ack | Replay
 
 
 def make_ack(probe: str, seq: int, at: datetime, key: bytes | str) -> bytes:
-    ack = Ack(probe, _seq(seq, "seq"), at)
-    return canonical(replace(ack, sig=sign(key, canonical(ack.to_dict(with_sig=False)))).to_dict())
+    return Ack(probe, _seq(seq, "seq"), at).signed(key).to_json()
 
 
 def make_replay(probe: str, first: int, last: int, at: datetime, key: bytes | str) -> bytes:
     if not 1 <= first <= last or last - first >= MAX_REPLAY:
         raise ValueError(f"a replay names 1..{MAX_REPLAY} seq numbers: {first}..{last}")
-    replay = Replay(probe, _seq(first, "first", low=1), _seq(last, "last", low=1), at)
-    return canonical(replace(replay, sig=sign(key, canonical(replay.to_dict(with_sig=False)))).to_dict())
+    return Replay(probe, _seq(first, "first", low=1), _seq(last, "last", low=1), at).signed(key).to_json()
 
 
 def parse_message(payload: bytes, *, schema: str, probe: str, key: bytes | str) -> Message:
@@ -123,7 +121,7 @@ def parse_message(payload: bytes, *, schema: str, probe: str, key: bytes | str) 
         raise DeliveryError("fields", str(exc)[:200]) from None
     if message.probe != probe:
         raise DeliveryError("fields", f"for probe {message.probe[:64]!r}, not {probe!r}")
-    if not signature_matches(key, canonical(message.to_dict(with_sig=False)), message.sig):
+    if not message.signature_ok(key):
         raise DeliveryError("fields", "bad signature")
     return message
 

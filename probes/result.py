@@ -32,7 +32,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, Literal, get_args
@@ -40,7 +40,7 @@ from typing import Any, Final, Literal, get_args
 from ecpm import __version__
 from probes import outcome as _vocabulary
 from probes.outcome import CheckOutcome, MediaStats, Outcome
-from probes.wire import WireError, canonical, load_object, sign, signature_matches
+from probes.wire import Signed, WireError, load_object
 
 SCHEMA: Final = "ecpm.result/1"
 MAX_RESULT_BYTES: Final = 64 * 1024  # a result is ~1 KiB; anything this big is hostile
@@ -257,7 +257,7 @@ def _milliseconds(value: float | None) -> float | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Result:
+class Result(Signed):
     """One signed result, exactly as it travels. Build with ``Result.from_outcome``."""
 
     id: str
@@ -407,17 +407,6 @@ class Result:
             data["sig"] = self.sig
         return data
 
-    def canonical(self) -> bytes:
-        """The signed bytes: every field except ``sig``, canonical JSON, UTF-8."""
-        return canonical(self.to_dict(with_sig=False))
-
-    def to_json(self) -> bytes:
-        """The payload published over MQTT (canonical JSON including ``sig``)."""
-        return canonical(self.to_dict())
-
-    def signed(self, key: bytes | str) -> Result:
-        return replace(self, sig=sign(key, self.canonical()))
-
 
 def _require(pattern: re.Pattern[str], value: object, name: str) -> None:
     if not isinstance(value, str) or not pattern.match(value):
@@ -426,7 +415,7 @@ def _require(pattern: re.Pattern[str], value: object, name: str) -> None:
 
 def verify_signature(result: Result, key: bytes | str) -> bool:
     """True when ``sig`` is the HMAC-SHA256 of the canonical payload (constant time)."""
-    return signature_matches(key, result.canonical(), result.sig)
+    return result.signature_ok(key)
 
 
 # ---------------------------------------------------------------- parsing

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, get_args
 
 from probes.delivery import OutboxHealth
 from probes.result import CODE_RE, MAX_VERSION, NAME_RE, SIG_RE, format_time, parse_time
-from probes.wire import WireError, canonical, load_object, sign, signature_matches
+from probes.wire import Signed, WireError, load_object
 
 SCHEMA: Final = "ecpm.status/1"
 MAX_STATUS_TARGETS: Final = 500  # probes.config.ProbeConfig.targets allows as many
@@ -68,7 +68,7 @@ Order = tuple[datetime, int, datetime]
 
 
 @dataclass(frozen=True, slots=True)
-class Status:
+class Status(Signed):
     """One signed status, exactly as it travels. Build with ``Status.make``."""
 
     probe: str
@@ -136,15 +136,6 @@ class Status:
             data["sig"] = self.sig
         return data
 
-    def canonical(self) -> bytes:
-        return canonical(self.to_dict(with_sig=False))
-
-    def to_json(self) -> bytes:
-        return canonical(self.to_dict())
-
-    def signed(self, key: bytes | str) -> Status:
-        return replace(self, sig=sign(key, self.canonical()))
-
 
 def order_text(order: Order) -> str:
     """``order`` as text that sorts the same way (fixed-width times): for storage."""
@@ -158,7 +149,7 @@ def parse_order(text: str) -> Order:
 
 def verify_status_signature(status: Status, key: bytes | str) -> bool:
     """True when ``sig`` is the HMAC-SHA256 of the canonical payload (constant time)."""
-    return signature_matches(key, status.canonical(), status.sig)
+    return status.signature_ok(key)
 
 
 def parse_status(payload: bytes) -> Status:

@@ -14,7 +14,8 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import replace
+from typing import Any, Self
 
 from ecpm.errors import EcpmError
 
@@ -42,6 +43,31 @@ def sign(key: bytes | str, data: bytes) -> str:
 def signature_matches(key: bytes | str, data: bytes, sig: str) -> bool:
     """Constant time; a ``sig`` that is no hex string simply does not match."""
     return hmac.compare_digest(sign(key, data).encode("ascii"), sig.encode("utf-8", "replace"))
+
+
+class Signed:
+    """For a frozen dataclass with a ``sig`` field and ``to_dict(with_sig=...)``: its
+    signed bytes, its wire form, and a copy signed with a key."""
+
+    __slots__ = ()
+    sig: str
+
+    def to_dict(self, *, with_sig: bool = True) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def canonical(self) -> bytes:
+        """The signed bytes: every field except ``sig``, canonical JSON, UTF-8."""
+        return canonical(self.to_dict(with_sig=False))
+
+    def to_json(self) -> bytes:
+        """The payload as published (canonical JSON including ``sig``)."""
+        return canonical(self.to_dict())
+
+    def signed(self, key: bytes | str) -> Self:
+        return replace(self, sig=sign(key, self.canonical()))  # type: ignore[type-var]
+
+    def signature_ok(self, key: bytes | str) -> bool:
+        return signature_matches(key, self.canonical(), self.sig)
 
 
 def load_object(payload: bytes, *, max_bytes: int, schema: str, error: type[WireError]) -> dict[str, Any]:
