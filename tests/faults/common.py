@@ -79,7 +79,8 @@ def settle(
     missing), no duplicate rows.
 
     ``repair``: the case made gaps on purpose; wait (probes running) until the monitor
-    says none is outstanding (``ecpm_results_outstanding`` 0) and the store has no hole."""
+    says none is outstanding (``ecpm_results_outstanding`` 0) and the store has no hole,
+    and at the end assert that every missing result was repaired, none unrecoverable."""
     expected_lost = lost or {}
     probes = list(system.probes)
 
@@ -121,6 +122,11 @@ def settle(
             f"{expected_lost.get(probe, 0)}): {missing[:30]}"
         )
     assert ledger.duplicates() == {}, f"duplicate rows: {ledger.duplicates()}"
+    if repair:  # every gap closed by replay: nothing outstanding, nothing given up
+        for probe in probes:
+            assert metric_of(system, OUTSTANDING, probe) == 0
+            assert metric_of(system, UNRECOVERABLE, probe) == 0
+            assert metric_of(system, REPAIRED, probe) == metric_of(system, MISSING, probe)
     return ledger
 
 
