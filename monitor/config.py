@@ -58,7 +58,7 @@ class Reachability(StrictModel):
     resolve_after: Annotated[float, duration(at_most=DAY, zero_ok=True)] = 60.0
 
 
-class Store(StrictModel):
+class StoreSettings(StrictModel):
     backend: Literal["sqlite"] = "sqlite"
     path: str = "ecpm-monitor.db"
     retention: Annotated[float, duration(at_most=3660 * DAY)] = 400 * DAY  # older results are pruned
@@ -141,7 +141,7 @@ class MonitorConfig(StrictModel):
     id: Name = "monitor"
     mqtt: MonitorMqtt = Field(default_factory=MonitorMqtt)
     ingest: Ingest = Field(default_factory=Ingest)
-    store: Store = Field(default_factory=Store)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     http: Http = Field(default_factory=Http)
     reachability: Reachability = Field(default_factory=Reachability)
     probes: list[KnownProbe] = Field(min_length=1, max_length=500)

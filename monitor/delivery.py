@@ -3,9 +3,9 @@
 After each committed batch the service asks ``outgoing(now)`` for what to publish:
 
 - an ``ecpm.ack/1`` per probe whose highest contiguous stored seq
-  (``Store.contiguous_seq``) moved since it was last sent (all of them again after a
+  (``SeqBook.contiguous_seq``) moved since it was last sent (all of them again after a
   reconnect, ``resend_acks``): the probe then deletes what the store holds;
-- an ``ecpm.replay/1`` per range still missing (``Store.missing_ranges``) for a probe
+- an ``ecpm.replay/1`` per range still missing (``SeqBook.missing_ranges``) for a probe
   with a new gap, and again every ``REPLAY_EVERY`` while anything is outstanding and
   nothing replayed has arrived for that long (asking again while the probe is still
   sending would restart it from the first range).
@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 from monitor.config import MonitorConfig
 from monitor.metrics import MonitorMetrics
-from monitor.store import Store
+from monitor.store import SeqBook
 from probes.delivery import MAX_REPLAY, OutboxHealth, make_ack, make_replay
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Outgoing:
 
 
 class Delivery:
-    def __init__(self, config: MonitorConfig, store: Store, metrics: MonitorMetrics) -> None:
+    def __init__(self, config: MonitorConfig, store: SeqBook, metrics: MonitorMetrics) -> None:
         prefix = config.mqtt.topic_prefix
         self._acks = f"{prefix}/acks/"
         self._commands = f"{prefix}/commands/"
