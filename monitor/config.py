@@ -16,26 +16,12 @@ from ecpm.configfile import (
     StrictModel,
     duration,
     pick_secret,
-    secret_of,
 )
-from ecpm.settings import Listen, MqttSettings, Name
+from ecpm.settings import Listen, MqttSettings, Name, SigningKey
 
 
-class KnownProbe(StrictModel):
-    id: Name
-    key: SecretStr | None = None  # the probe's HMAC-SHA256 key: results are verified with it
-    key_file: SecretFile | None = None
-
-    @model_validator(mode="after")
-    def _one_key(self) -> Self:
-        pick_secret(self.key, self.key_file, name="key", required=True)
-        return self
-
-    @property
-    def secret(self) -> SecretStr:
-        found = secret_of(self, "key")
-        assert found is not None  # required by the validator
-        return found
+class KnownProbe(SigningKey):
+    id: Name  # its key (SigningKey) verifies its results
 
 
 class MonitoredTarget(StrictModel):

@@ -65,7 +65,8 @@ class Delivery:
     # ------------------------------------------------------------ from ingest
 
     def gap(self, probe: str, after: int, nxt: int, now: datetime) -> None:
-        """Record a gap (the store row is the caller's) and ask for it at the next round."""
+        """Record a gap in the store and ask for it at the next round."""
+        self._store.record_gap(probe, after, nxt, now)
         self._metrics.missing.labels(probe).inc(nxt - after - 1)
         logger.warning("%d result(s) missing from %s: seq %d..%d", nxt - after - 1, probe, after + 1, nxt - 1)
         self._replay_due[probe] = now
@@ -95,11 +96,9 @@ class Delivery:
         if first is not None and first > confirmed + 1 and not self._store.in_gap(probe, first - 1):
             # a head nobody saw: published before this monitor first heard of the probe (no
             # subscriber yet) and never confirmed, by this store or any other
-            self._store.record_gap(probe, confirmed, first, now)
             self.gap(probe, confirmed, first, now)
         if health.unpublished == 0 and health.last_seq > (confirmed if last is None else last):
             after = confirmed if last is None else last
-            self._store.record_gap(probe, after, health.last_seq + 1, now)
             self._store.set_last_seq(probe, health.last_seq)
             self.gap(probe, after, health.last_seq + 1, now)
 
