@@ -126,7 +126,7 @@ def main() -> int:
         started = time.monotonic()
         build(db, args.days, args.targets)
         print(f"built in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    rows = SqliteStore(db).verify_chain().rows
+    rows = SqliteStore(db).check_chain().rows
     end = (START + timedelta(days=args.days)).date().isoformat()
     code = (
         "import argparse, sys, monitor.report_command as m\n"

@@ -14,6 +14,8 @@
     ├── OutboxError                    probes.outbox: the outbox cannot be opened or written
     ├── PublisherError                 probes.mqtt: the MQTT settings cannot be used
     ├── HealthError                    probes.health: the health endpoint cannot listen
+    ├── StoreError                     monitor.store: the store cannot be opened as asked
+    │                                  (missing, not a store, or a schema too old to read)
     ├── ActionError                    monitor.web: an HTTP API action refused its request
     ├── ListenError                    monitor.web: an HTTP listener cannot bind its address
     └── WireError (also ValueError)    probes.wire: a payload is not valid; ``reason`` is a

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, Field, SecretStr, model_validator
 
-from ecpm.configfile import Bool, SecretFile, StrictModel, duration, pick_secret
+from ecpm.configfile import Bool, SecretFile, StrictModel, duration, pick_secret, secret_of
 
 # A name that also appears in MQTT topics and metric labels: no '/', '+', '#', spaces.
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
@@ -41,6 +41,25 @@ class TlsFiles(StrictModel):
     cert_file: str | None = None  # our certificate (client auth / TLS listener)
     key_file: str | None = None
     verify_peer: Bool = True
+
+
+class SigningKey(StrictModel):
+    """A probe's HMAC-SHA256 key, inline or from a file: the probe signs with it, the
+    monitor verifies with it (exactly one of ``key`` and ``key_file``)."""
+
+    key: SecretStr | None = None
+    key_file: SecretFile | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Self:
+        pick_secret(self.key, self.key_file, name="key", required=True)
+        return self
+
+    @property
+    def secret(self) -> SecretStr:
+        found = secret_of(self, "key")
+        assert found is not None  # required by the validator
+        return found
 
 
 class MqttSettings(StrictModel):

@@ -16,26 +16,12 @@ from ecpm.configfile import (
     StrictModel,
     duration,
     pick_secret,
-    secret_of,
 )
-from ecpm.settings import Listen, MqttSettings, Name
+from ecpm.settings import Listen, MqttSettings, Name, SigningKey
 
 
-class KnownProbe(StrictModel):
-    id: Name
-    key: SecretStr | None = None  # the probe's HMAC-SHA256 key: results are verified with it
-    key_file: SecretFile | None = None
-
-    @model_validator(mode="after")
-    def _one_key(self) -> Self:
-        pick_secret(self.key, self.key_file, name="key", required=True)
-        return self
-
-    @property
-    def secret(self) -> SecretStr:
-        found = secret_of(self, "key")
-        assert found is not None  # required by the validator
-        return found
+class KnownProbe(SigningKey):
+    id: Name  # its key (SigningKey) verifies its results
 
 
 class MonitoredTarget(StrictModel):
@@ -58,7 +44,7 @@ class Reachability(StrictModel):
     resolve_after: Annotated[float, duration(at_most=DAY, zero_ok=True)] = 60.0
 
 
-class Store(StrictModel):
+class StoreSettings(StrictModel):
     backend: Literal["sqlite"] = "sqlite"
     path: str = "ecpm-monitor.db"
     retention: Annotated[float, duration(at_most=3660 * DAY)] = 400 * DAY  # older results are pruned
@@ -141,7 +127,7 @@ class MonitorConfig(StrictModel):
     id: Name = "monitor"
     mqtt: MonitorMqtt = Field(default_factory=MonitorMqtt)
     ingest: Ingest = Field(default_factory=Ingest)
-    store: Store = Field(default_factory=Store)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     http: Http = Field(default_factory=Http)
     reachability: Reachability = Field(default_factory=Reachability)
     probes: list[KnownProbe] = Field(min_length=1, max_length=500)

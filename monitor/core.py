@@ -207,7 +207,6 @@ class MonitorCore:
             return None
         if verdict.gap is not None:
             last, seq = verdict.gap
-            self.store.record_gap(result.probe, last, seq, now)
             self.delivery.gap(result.probe, last, seq, now)
         if verdict.new_last_seq is not None:
             self.store.set_last_seq(result.probe, verdict.new_last_seq)

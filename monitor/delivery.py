@@ -3,9 +3,9 @@
 After each committed batch the service asks ``outgoing(now)`` for what to publish:
 
 - an ``ecpm.ack/1`` per probe whose highest contiguous stored seq
-  (``Store.contiguous_seq``) moved since it was last sent (all of them again after a
+  (``SeqBook.contiguous_seq``) moved since it was last sent (all of them again after a
   reconnect, ``resend_acks``): the probe then deletes what the store holds;
-- an ``ecpm.replay/1`` per range still missing (``Store.missing_ranges``) for a probe
+- an ``ecpm.replay/1`` per range still missing (``SeqBook.missing_ranges``) for a probe
   with a new gap, and again every ``REPLAY_EVERY`` while anything is outstanding and
   nothing replayed has arrived for that long (asking again while the probe is still
   sending would restart it from the first range).
@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 from monitor.config import MonitorConfig
 from monitor.metrics import MonitorMetrics
-from monitor.store import Store
+from monitor.store import SeqBook
 from probes.delivery import MAX_REPLAY, OutboxHealth, make_ack, make_replay
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class Outgoing:
 
 
 class Delivery:
-    def __init__(self, config: MonitorConfig, store: Store, metrics: MonitorMetrics) -> None:
+    def __init__(self, config: MonitorConfig, store: SeqBook, metrics: MonitorMetrics) -> None:
         prefix = config.mqtt.topic_prefix
         self._acks = f"{prefix}/acks/"
         self._commands = f"{prefix}/commands/"
@@ -65,7 +65,8 @@ class Delivery:
     # ------------------------------------------------------------ from ingest
 
     def gap(self, probe: str, after: int, nxt: int, now: datetime) -> None:
-        """Record a gap (the store row is the caller's) and ask for it at the next round."""
+        """Record a gap in the store and ask for it at the next round."""
+        self._store.record_gap(probe, after, nxt, now)
         self._metrics.missing.labels(probe).inc(nxt - after - 1)
         logger.warning("%d result(s) missing from %s: seq %d..%d", nxt - after - 1, probe, after + 1, nxt - 1)
         self._replay_due[probe] = now
@@ -95,11 +96,9 @@ class Delivery:
         if first is not None and first > confirmed + 1 and not self._store.in_gap(probe, first - 1):
             # a head nobody saw: published before this monitor first heard of the probe (no
             # subscriber yet) and never confirmed, by this store or any other
-            self._store.record_gap(probe, confirmed, first, now)
             self.gap(probe, confirmed, first, now)
         if health.unpublished == 0 and health.last_seq > (confirmed if last is None else last):
             after = confirmed if last is None else last
-            self._store.record_gap(probe, after, health.last_seq + 1, now)
             self._store.set_last_seq(probe, health.last_seq)
             self.gap(probe, after, health.last_seq + 1, now)
 

@@ -41,7 +41,7 @@ from typing import Final, Literal, get_args
 
 from monitor.config import MonitorConfig
 from monitor.model import ResultSummary
-from monitor.store import Store, summarize
+from monitor.store import SeqReads, summarize
 from probes.result import Result, ResultError, format_time, parse_result, verify_signature
 
 # ingest rejections beyond the result parser's own (probes.result.REJECT_REASONS)
@@ -67,7 +67,7 @@ class Rejected:
 
 
 class ResultValidator:
-    def __init__(self, config: MonitorConfig, store: Store) -> None:
+    def __init__(self, config: MonitorConfig, store: SeqReads) -> None:
         self._prefix = f"{config.mqtt.topic_prefix}/results/"
         self._keys = {p.id: p.secret.get_secret_value().encode() for p in config.probes}
         self._targets = frozenset(t.id for t in config.targets)

@@ -21,7 +21,7 @@ from pathlib import Path
 from ecpm.configfile import load_config
 from ecpm.errors import UsageError
 from monitor.config import MonitorConfig
-from monitor.store import Quarantined, SqliteStore
+from monitor.store import Quarantined, open_store
 from probes.result import Result, verify_signature
 
 MAX_LISTED = 100  # quarantined rows named one by one; the count is always complete
@@ -75,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
     path = args.db or (config.store.path if config is not None else "")
     if not Path(path).is_file():
         raise UsageError(f"no store at {path}")
-    store = SqliteStore(path)
+    store = open_store(path, read_only=True)
     try:
         signatures = None if config is None else _Signatures(config)
-        report = store.verify_chain(read=True, on_read=signatures)
+        report = store.check_chain(read=True, on_read=signatures)
         skip = {q.row for q in report.quarantined}
         forged = None if signatures is None or not report.ok else signatures.first_bad
     finally:

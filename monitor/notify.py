@@ -35,7 +35,7 @@ from ecpm.configfile import secret_text
 from monitor.config import Notifier, PagerDutyNotifier, SlackNotifier, WebhookNotifier
 from monitor.metrics import MonitorMetrics
 from monitor.model import Incident
-from monitor.store import QueuedNotification, Store
+from monitor.store import NotificationQueue, QueuedNotification
 from probes.result import format_time
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class Dispatcher:
     def __init__(
         self,
         *,
-        store: Store,
+        store: NotificationQueue,
         notifiers: Sequence[Notifier],
         metrics: MonitorMetrics,
         monitor: str,
@@ -147,11 +147,13 @@ class Dispatcher:
         self._wake = asyncio.Event()
 
     def page(self, incident: Incident, event: str) -> None:
-        """Queue a trigger or resolve for every notifier (idempotent per incident and event)."""
+        """Queue a trigger or resolve for every notifier (idempotent per incident and event),
+        durable when this returns — with the incident the caller stored before it."""
         now = self._clock()
         payload = incident_event(incident, event, monitor=self._monitor, status_url=self._status_url)
-        for name in self._notifiers:
-            self._store.enqueue_notification(incident.id, name, event, payload, now)
+        with self._store.transaction():
+            for name in self._notifiers:
+                self._store.enqueue_notification(incident.id, name, event, payload, now)
         self._wake.set()
 
     async def run(self) -> None:
@@ -170,12 +172,17 @@ class Dispatcher:
             return 5.0
         return min(5.0, max(0.05, (nxt - self._clock()).total_seconds()))
 
+    def _mark(self, notification_id: int, **outcome: Any) -> None:
+        """A page's outcome, durable at once: a restart must not send a sent page again."""
+        with self._store.transaction():
+            self._store.mark_notification(notification_id, **outcome)
+
     async def _deliver(self, client: httpx.AsyncClient, item: QueuedNotification) -> None:
         notifier = self._notifiers.get(item.notifier)
         now = self._clock()
         attempts = item.attempts + 1
         if notifier is None:  # removed from config since it was queued
-            self._store.mark_notification(
+            self._mark(
                 item.id, state="failed", attempts=attempts, at=now, error="notifier no longer configured"
             )
             return
@@ -189,7 +196,7 @@ class Dispatcher:
             retry, error = False, f"{type(exc).__name__}: {exc}"[:300]
         else:
             if response.is_success:
-                self._store.mark_notification(item.id, state="sent", attempts=attempts, at=self._clock())
+                self._mark(item.id, state="sent", attempts=attempts, at=self._clock())
                 self._metrics.notifications.labels(item.notifier, "sent").inc()
                 logger.info("page %s %s sent via %s", item.event, item.payload["dedup_key"], item.notifier)
                 return
@@ -200,7 +207,7 @@ class Dispatcher:
                 error = error.replace(secret, "<secret>")
         if retry and attempts <= notifier.retries:
             delay = notifier.backoff * 2 ** (attempts - 1)
-            self._store.mark_notification(
+            self._mark(
                 item.id,
                 state="pending",
                 attempts=attempts,
@@ -213,6 +220,6 @@ class Dispatcher:
                 "page via %s failed (%s); retry %d in %.1fs", item.notifier, error, attempts, delay
             )
             return
-        self._store.mark_notification(item.id, state="failed", attempts=attempts, at=now, error=error)
+        self._mark(item.id, state="failed", attempts=attempts, at=now, error=error)
         self._metrics.notifications.labels(item.notifier, "failed").inc()
         logger.error("page via %s failed for good after %d attempts: %s", item.notifier, attempts, error)

@@ -54,12 +54,12 @@ import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Final, Literal, Protocol, TypeVar
+from typing import Final, Literal, TypeVar
 
 from ecpm import __version__
 from monitor.model import TARGET_STATES, Incident, ResultSummary, SeqGap, StateChange, TargetStateName
 from monitor.skew import skewed
-from monitor.store import ChainReport, ProbeEvent, Quarantined, Verification
+from monitor.store import ProbeEvent, ReportSource, Verification
 from probes.result import ResultError, format_time, parse_time
 
 SCHEMA: Final = "ecpm.report/1"
@@ -77,24 +77,6 @@ _DAY_MS: Final = 86_400_000
 _BUCKET_MS: Final = BUCKET_SECONDS * 1000
 
 Progress = Callable[[str], None]
-
-
-class ReportSource(Protocol):
-    """What the report reads from a store (``monitor.store.SqliteStore`` has all of it)."""
-
-    def results_between(
-        self, start: datetime, end: datetime, target: str | None = None
-    ) -> list[ResultSummary]: ...
-    def state_changes(self, since: datetime, until: datetime | None = None) -> list[StateChange]: ...
-    def state_before(self, target: str, moment: datetime) -> TargetStateName | None: ...
-    def latest_states(self) -> dict[str, tuple[TargetStateName, datetime]]: ...
-    def incidents_between(self, start: datetime, end: datetime) -> list[Incident]: ...
-    def gaps_between(self, start: datetime, end: datetime) -> list[SeqGap]: ...
-    def probe_events(self, start: datetime, end: datetime) -> list[ProbeEvent]: ...
-    def verifications_between(self, start: datetime, end: datetime) -> list[Verification]: ...
-    def verify_chain(self) -> ChainReport: ...
-    def iter_chain(self) -> Iterator[tuple[int, str, str, str, str]]: ...
-    def quarantined(self) -> list[Quarantined]: ...
 
 
 # ---------------------------------------------------------------- the value
@@ -1103,7 +1085,7 @@ def _ledger(source: ReportSource, *, start: datetime, end: datetime) -> LedgerCh
         last = (row, result_id, digest)
         if lo <= _finished_text(payload) < hi:
             period_last = last
-    chain = source.verify_chain()
+    chain = source.check_chain()
     return LedgerCheck(
         ok=chain.ok,
         rows_checked=chain.rows,

@@ -23,7 +23,7 @@ from ecpm.errors import UsageError
 from monitor.config import Ingest, MonitorConfig, Reachability
 from monitor.report import Report, TargetInfo, build_report, known_targets
 from monitor.report_render import FORMATS, write
-from monitor.store import SqliteStore
+from monitor.store import ReportSource, open_store
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
 
-    store = SqliteStore(settings.path)
+    store = open_store(settings.path, read_only=True)
     try:
         targets = _targets(store, settings, args.target)
         progress = _Progress() if args.progress or sys.stderr.isatty() else None
@@ -176,7 +176,7 @@ def _settings(args: argparse.Namespace) -> _Settings:
     return settings
 
 
-def _targets(store: SqliteStore, settings: _Settings, wanted: list[str]) -> list[TargetInfo]:
+def _targets(store: ReportSource, settings: _Settings, wanted: list[str]) -> list[TargetInfo]:
     """The targets reported on: every known one, or those ``--target`` names (in that order)."""
     targets = known_targets(store, settings.configured)
     if wanted:

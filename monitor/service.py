@@ -50,7 +50,7 @@ from monitor.config import MonitorConfig
 from monitor.core import MonitorCore
 from monitor.delivery import Outgoing
 from monitor.notify import Dispatcher
-from monitor.store import SqliteStore
+from monitor.store import open_store
 from monitor.verification import PostChangeVerifier
 from monitor.web import create_app, serve
 
@@ -69,7 +69,7 @@ class MonitorService:
     def __init__(self, config: MonitorConfig, *, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
-        self.store = SqliteStore(config.store.path)
+        self.store = open_store(config.store.path)
         # the core restores its state but evaluates nothing (so pages nothing) until run():
         # by then the dispatcher exists, and an incident the stored state opens at once
         # (e.g. a gap after a long stop) is stored and paged like any other
@@ -241,7 +241,8 @@ class MonitorService:
     async def _retention(self) -> None:
         while True:
             cutoff = datetime.now(UTC) - timedelta(seconds=self.config.store.retention)
-            pruned = self.store.prune(cutoff)
+            with self.store.transaction():
+                pruned = self.store.prune(cutoff)
             if pruned:
                 logger.info("retention: pruned %d results older than %s", pruned, cutoff.isoformat())
             await asyncio.sleep(3600)

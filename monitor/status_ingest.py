@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Final, Literal, get_args
 
 from monitor.config import MonitorConfig
-from monitor.store import Store
+from monitor.store import Marks
 from probes.status import (
     MAX_STATUS_BYTES,
     Order,
@@ -64,7 +64,7 @@ class OrderMarks:
     """The last accepted status order per probe, kept in the store (``status_order/<probe>``)
     so that a restart still refuses an old status replayed."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Marks) -> None:
         self._store = store
         self._memory: dict[str, Order] = {}
 

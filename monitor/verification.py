@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from monitor.core import MonitorCore
 from monitor.model import ResultSummary
-from monitor.store import Store, Verification
+from monitor.store import Verification, VerificationBook
 from monitor.web import ActionError, result_json
 from probes.result import format_time
 
@@ -36,7 +36,7 @@ class PostChangeVerifier:
         self,
         *,
         core: MonitorCore,
-        store: Store,
+        store: VerificationBook,
         publish: Publish,
         topic_prefix: str,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -87,7 +87,8 @@ class PostChangeVerifier:
                 await self._publish(f"{self._prefix}/commands/{probe}", command)
         except Exception as exc:  # MQTT down: nothing was asked, nothing is stored
             raise ActionError(f"cannot reach the MQTT broker: {exc}", status=503) from None
-        self._store.add_verification(verification)
+        with self._store.transaction():
+            self._store.add_verification(verification)
         return self._view(verification, {})
 
     async def status(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +108,10 @@ class PostChangeVerifier:
         ):
             passed = sum(1 for r in first.values() if r.outcome == "pass")
             outcome: Literal["pass", "fail"] = "pass" if passed >= verification.required else "fail"
-            self._store.finish_verification(verification.request_id, outcome=outcome, at=now, detail=answers)
+            with self._store.transaction():
+                self._store.finish_verification(
+                    verification.request_id, outcome=outcome, at=now, detail=answers
+                )
             verification = self._store.verification(verification.request_id) or verification
         return self._view(verification, answers)
 

@@ -23,7 +23,7 @@ from ecpm.configfile import (
     pick_secret,
     secret_of,
 )
-from ecpm.settings import IPAddress, Listen, MqttSettings, Name, TlsFiles, Transport
+from ecpm.settings import IPAddress, Listen, MqttSettings, Name, SigningKey, TlsFiles, Transport
 from probes.guard import (
     CarrierTestService,
     GuardRefusal,
@@ -212,22 +212,9 @@ class Target(StrictModel):
         return None if c is None else CarrierTestService(c.number, c.region)
 
 
-class ProbeIdentity(StrictModel):
-    id: Name
+class ProbeIdentity(SigningKey):
+    id: Name  # its key (SigningKey) signs its results
     region: Region  # home region: numbers not in +CC form are judged against it
-    key: SecretStr | None = None  # HMAC-SHA256 key signing this probe's results
-    key_file: SecretFile | None = None
-
-    @model_validator(mode="after")
-    def _one_key(self) -> Self:
-        pick_secret(self.key, self.key_file, name="key", required=True)
-        return self
-
-    @property
-    def secret(self) -> SecretStr:
-        found = secret_of(self, "key")
-        assert found is not None  # required by the validator
-        return found
 
 
 class OutboxSettings(StrictModel):

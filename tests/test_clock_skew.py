@@ -18,8 +18,8 @@ from monitor.core import MonitorCore
 from monitor.report import TargetInfo, build_report
 from monitor.report_render import write
 from monitor.skew import SkewEstimator, judge
-from monitor.store import _SCHEMA as store_schema
 from monitor.store import SqliteStore
+from monitor.store.sqlite import _SCHEMA as store_schema
 from probes.result import format_time
 from tests.hostile import append_raw_row
 from tests.monitor_helpers import T0, Clock, ProbeSim, monitor_config
@@ -304,7 +304,7 @@ def test_a_store_from_before_judged_time_is_migrated(tmp_path: Path) -> None:
         (format_time(T0 - timedelta(seconds=5)), None),
     ]
     assert core.snapshot().targets["t1"].state == "unknown"  # the future stamp is not fresh
-    assert core.store.verify_chain(read=True).ok  # the chain covers the payload only
+    assert core.store.check_chain(read=True).ok  # the chain covers the payload only
     assert core.store.quarantined() == []
 
 

@@ -44,7 +44,7 @@ def rejected(registry: CollectorRegistry, reason: str) -> float:
 
 
 def stored(core: MonitorCore) -> int:
-    return core.store.verify_chain().rows
+    return core.store.check_chain().rows
 
 
 def ledger(*args: str) -> subprocess.CompletedProcess[str]:
@@ -109,7 +109,7 @@ def test_a_signed_result_with_an_impossible_number_is_rejected_before_anything_i
         targets=[TargetInfo("t1")], generated_at=T0 + timedelta(hours=2),
     )  # fmt: skip
     assert report.targets[0].calls.passed == 1 and report.unreadable == ()
-    assert again.store.verify_chain(read=True).quarantined == ()
+    assert again.store.check_chain(read=True).quarantined == ()
 
 
 def test_the_store_refuses_a_result_it_could_not_read_back(tmp_path: Path) -> None:
@@ -121,8 +121,8 @@ def test_the_store_refuses_a_result_it_could_not_read_back(tmp_path: Path) -> No
     with pytest.raises(ResultError):
         store.add_result(replace(good, finished_at=good.started_at - timedelta(seconds=1)), T0)
     store.commit()
-    assert store.verify_chain().rows == 0
-    assert store.add_result(good, T0) and store.verify_chain().rows == 1
+    assert store.check_chain().rows == 0
+    assert store.add_result(good, T0) and store.check_chain().rows == 1
 
 
 # ------------------------------------------------------------------ signed nonsense
@@ -319,7 +319,7 @@ def test_an_unreadable_stored_row_is_quarantined_everywhere_never_fatal(tmp_path
     assert again.evaluate(clock()).targets["t1"].state == "degraded"
 
     # the chain is intact; the full walk names both unreadable rows
-    chain = again.store.verify_chain(read=True)
+    chain = again.store.check_chain(read=True)
     assert chain.ok and [q.row for q in chain.quarantined] == [bad_row, junk_row]
     assert "out_of_range" in chain.quarantined[0].problem
     again.store.close()

@@ -8,7 +8,9 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from monitor.store import GENESIS, SqliteStore, chain_hash
+import pytest
+
+from monitor.store import GENESIS, SqliteStore, StoreError, chain_hash
 from tests.monitor_helpers import T0, ProbeSim
 
 
@@ -35,7 +37,7 @@ def ledger(db: str) -> subprocess.CompletedProcess[str]:
 
 def test_chain_verifies_and_links_every_row(tmp_path: Path) -> None:
     store, path = filled(tmp_path)
-    report = store.verify_chain()
+    report = store.check_chain()
     assert (report.ok, report.rows) == (True, 5)
     rows = list(store.iter_chain())
     assert rows[0][3] == GENESIS
@@ -52,7 +54,7 @@ def test_duplicate_id_is_not_stored_twice(tmp_path: Path) -> None:
     assert store.add_result(once, T0) is True
     assert store.add_result(once, T0) is False
     store.commit()
-    assert store.verify_chain().rows == 1
+    assert store.check_chain().rows == 1
 
 
 def test_altered_row_is_named(tmp_path: Path) -> None:
@@ -62,7 +64,7 @@ def test_altered_row_is_named(tmp_path: Path) -> None:
     db.execute("UPDATE results SET payload = replace(payload, '\"pass\"', '\"fail\"') WHERE row = 3")
     db.commit()
     db.close()
-    report = SqliteStore(path).verify_chain()
+    report = SqliteStore(path).check_chain()
     assert (report.ok, report.first_broken_row) == (False, 3)
     assert "altered" in (report.problem or "")
     done = ledger(path)
@@ -78,7 +80,7 @@ def test_removed_row_is_named(tmp_path: Path) -> None:
     db.execute("DELETE FROM results WHERE row = 2")
     db.commit()
     db.close()
-    report = SqliteStore(path).verify_chain()
+    report = SqliteStore(path).check_chain()
     assert (report.ok, report.first_broken_row) == (False, 3)
     assert "removed or reordered" in (report.problem or "")
 
@@ -86,13 +88,13 @@ def test_removed_row_is_named(tmp_path: Path) -> None:
 def test_prune_reanchors_the_chain(tmp_path: Path) -> None:
     store, _ = filled(tmp_path)
     assert store.prune(T0 + timedelta(seconds=25)) == 3
-    report = store.verify_chain()
+    report = store.check_chain()
     assert (report.ok, report.rows) == (True, 2)
     sim = ProbeSim("p1")
     sim.seq = 10
     store.add_result(sim.result("t1", "pass", T0 + timedelta(seconds=100)), T0)
     store.commit()
-    assert store.verify_chain().ok
+    assert store.check_chain().ok
 
 
 def test_a_past_dated_result_does_not_take_the_ledger_with_it(tmp_path: Path) -> None:
@@ -103,7 +105,7 @@ def test_a_past_dated_result_does_not_take_the_ledger_with_it(tmp_path: Path) ->
     store.add_result(sim.result("t1", "pass", T0.replace(year=1970)), T0 + timedelta(seconds=60))
     store.commit()
     assert store.prune(T0 + timedelta(seconds=15)) == 2  # only the two oldest by receive time
-    assert store.verify_chain().rows == 4
+    assert store.check_chain().rows == 4
 
 
 def test_an_altered_column_is_found_even_when_the_payload_is_intact(tmp_path: Path) -> None:
@@ -113,7 +115,7 @@ def test_an_altered_column_is_found_even_when_the_payload_is_intact(tmp_path: Pa
     db.execute("UPDATE results SET finished_at = '2001-01-01T00:00:00.000Z' WHERE row = 4")
     db.commit()
     db.close()
-    report = SqliteStore(path).verify_chain()
+    report = SqliteStore(path).check_chain()
     assert (report.ok, report.first_broken_row) == (False, 4)
     assert "columns differ" in (report.problem or "")
 
@@ -144,3 +146,106 @@ def test_ledger_without_store_is_a_usage_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "no store at" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------ the unit of work
+
+
+def test_no_write_is_durable_before_its_unit_of_work_ends(tmp_path: Path) -> None:
+    """Queueing a page or a verification, marking a page and pruning commit nothing by
+    themselves; ``transaction()`` commits its block, ``commit()`` the open batch."""
+    store, path = filled(tmp_path, 2)
+    incident = store.open_incident(
+        target="t1", kind="down", at=T0, last_good=None, first_failed=None, summary="down"
+    )
+    assert incident is not None
+    store.enqueue_notification(incident.id, "hook", "trigger", {"k": 1}, T0)
+    store.mark_notification(1, state="sent", attempts=1, at=T0)
+    store.prune(T0 + timedelta(days=1))
+    reader = sqlite3.connect(path)
+    assert reader.execute("SELECT COUNT(*) FROM notifications").fetchone()[0] == 0
+    assert reader.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 2
+    with store.transaction():
+        pass
+    assert reader.execute("SELECT COUNT(*) FROM notifications").fetchone()[0] == 1
+    assert reader.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 0
+    reader.close()
+
+
+def test_a_failed_unit_of_work_undoes_only_its_own_writes(tmp_path: Path) -> None:
+    store, _ = filled(tmp_path, 2)
+    sim = ProbeSim("p2")
+    batch = sim.result("t1", "pass", T0 + timedelta(seconds=60))
+    assert store.add_result(batch, T0 + timedelta(seconds=60))  # the open batch, not committed
+    tip = list(store.iter_chain())[-1].hash
+    try:
+        with store.transaction():
+            assert store.add_result(sim.result("t1", "pass", T0 + timedelta(seconds=70)), T0)
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert [r.id for r in store.iter_chain()][-1] == batch.id  # the batch's row stays
+    assert store.add_result(sim.result("t1", "fail", T0 + timedelta(seconds=80)), T0)
+    store.commit()
+    chain = list(store.iter_chain())
+    assert chain[-2].hash == tip and chain[-1].prev_hash == tip  # linked past the undone row
+    assert store.check_chain().ok and store.check_chain().rows == 4
+
+
+# ------------------------------------------------------------------ read-only readers
+
+
+def _snapshot(path: str) -> bytes:
+    db = sqlite3.connect(path)
+    try:
+        return "\n".join(db.iterdump()).encode()
+    finally:
+        db.close()
+
+
+def test_ledger_verify_and_report_write_nothing_into_the_store(tmp_path: Path) -> None:
+    store, path = filled(tmp_path, 3)
+    store.add_state_change("t1", "up", T0, "2 of 2 calls passed")
+    store.commit()
+    store.close()
+    before = _snapshot(path)
+    assert ledger(path).returncode == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "ecpm", "report", "--db", path, "--from", "2020-01-01",
+         "--to", "2030-01-01", "--target", "t1", "--out", str(tmp_path / "out"), "--format", "json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert _snapshot(path) == before
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        SqliteStore(path, read_only=True)._db.execute("DELETE FROM results")
+
+
+def test_a_file_that_is_not_a_store_is_named_and_left_alone(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE mine (x)")
+    db.commit()
+    db.close()
+    before = _snapshot(str(other))
+    done = ledger(str(other))
+    assert (done.returncode, done.stdout) == (2, "")
+    assert f"{other}: not an ecpm store" in done.stderr and "Traceback" not in done.stderr
+    assert _snapshot(str(other)) == before  # no schema written into someone else's file
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="not an ecpm store"):
+        SqliteStore(garbage, read_only=True)
+
+
+def test_a_store_too_old_to_read_says_how_to_upgrade_it(tmp_path: Path) -> None:
+    store, path = filled(tmp_path, 1)
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE results DROP COLUMN clock_skew")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match=r"older ecpm \(no results.clock_skew\).*ecpm monitor"):
+        SqliteStore(path, read_only=True)
+    SqliteStore(path).close()  # the monitor's read-write open upgrades it
+    assert SqliteStore(path, read_only=True).check_chain().ok

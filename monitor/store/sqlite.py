@@ -1,7 +1,6 @@
-"""The monitor's store: append-only results with a hash chain, incidents, pages, state.
+"""``Store`` on one SQLite file: append-only results with a hash chain, incidents, pages, state.
 
-One interface (``Store``), one implementation here (``SqliteStore``); PostgreSQL can
-follow behind the same methods. Every row of ``results`` carries
+Every row of ``results`` carries
 ``hash = sha256(prev_hash || "\\n" || payload)`` where ``payload`` is the result's
 canonical signed JSON, so altering, removing or reordering any stored result
 breaks the chain from that row on (``ecpm ledger verify``). Pruning old rows keeps
@@ -10,13 +9,17 @@ the hash of the last pruned row as the chain's anchor.
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction
 survives the process being killed (the monitor acknowledges MQTT messages only after
 the commit), though not necessarily a power cut before the next checkpoint.
-Writes are batched: callers add many rows and ``commit()`` once per batch.
+No method commits by itself (``monitor.store.protocols``: the unit of work): callers
+add many rows and ``commit()`` once per batch, or wrap one change in ``transaction()``.
+A read-only store (``read_only=True``: the report, ``ecpm ledger verify``) is opened
+with SQLite's ``mode=ro``; it creates no schema and migrates nothing, and refuses a
+store whose schema is older than this version reads (the monitor upgrades it on start).
 
 Judged time: each row also carries ``judged_at``, the time the monitor judged the result
 finished (``monitor.skew``: ``min(received_at, finished_at - clock_skew)``), and the
 ``clock_skew`` it was judged with. They are the monitor's own judgement, not the probe's
 signed word, so they sit outside the hash chain (which covers the payload only) and
-``verify_chain`` does not check them. Every time-range read (``results_between``) selects
+``check_chain`` does not check them. Every time-range read (``results_between``) selects
 and orders by ``judged_at``. A store written before these columns existed gets them on
 open (``_migrate``), and so does any row found without a judged time (written by an older
 version): ``judged_at = min(finished_at, received_at)``, ``clock_skew`` NULL (not known).
@@ -31,16 +34,16 @@ remembered (``quarantined()``, ``ecpm_results_quarantined_total``) and named by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
+from ecpm.errors import EcpmError
 from monitor.model import (
     Incident,
     IncidentKind,
@@ -51,11 +54,23 @@ from monitor.model import (
     TargetStateName,
 )
 from monitor.skew import judge
-from probes.result import Result, ResultError, format_time, parse_result, parse_time
+from monitor.store.records import (
+    GENESIS,
+    ChainReport,
+    ChainRow,
+    ProbeEvent,
+    ProbeStatus,
+    Quarantined,
+    QueuedNotification,
+    Verification,
+    chain_hash,
+    columns_match,
+    read_payload,
+    summarize,
+)
+from probes.result import Result, ResultError, format_time, parse_time
 
 logger = logging.getLogger(__name__)
-
-GENESIS = "0" * 64
 # the open gaps of a probe that overlap (after_seq < ?, next_seq > ?)
 _OPEN_GAPS_OVER = (
     "SELECT rowid FROM seq_gaps WHERE probe = ? AND after_seq < ? AND next_seq > ? AND closed_at IS NULL"
@@ -156,220 +171,6 @@ CREATE TABLE IF NOT EXISTS probe_status (
 """
 
 
-# what a broken payload can throw at a reader, besides ResultError
-UNREADABLE = (ValueError, TypeError, OverflowError, RecursionError, AttributeError, KeyError)
-
-
-def read_payload(payload: object) -> Result:
-    """A stored payload back as a ``Result``; ``ResultError`` for anything unreadable."""
-    if not isinstance(payload, str):
-        raise ResultError("fields", f"the stored payload is {type(payload).__name__}, not text")
-    try:
-        return parse_result(payload.encode("utf-8"))
-    except ResultError:
-        raise
-    except UNREADABLE as exc:  # lone surrogates in the text; anything unforeseen
-        raise ResultError("fields", f"{type(exc).__name__}: {str(exc)[:160]}") from None
-
-
-def _columns_match(result_id: str, columns: list[Any], payload: str) -> bool | None:
-    """Do a row's indexed columns (what queries select on) say what its hashed payload says?
-    None when the payload is not a JSON object at all (the row is unreadable)."""
-    try:
-        data = json.loads(payload)
-    except UNREADABLE:
-        return None
-    if not isinstance(data, dict):
-        return None
-    keys = ("probe", "target", "check", "seq", "started_at", "finished_at", "outcome")
-    expected = [data.get(k) for k in keys] + [int(bool(data.get("confirm"))), data.get("request_id")]
-    return result_id == data.get("id") and columns == expected
-
-
-def chain_hash(prev_hash: str, payload: str) -> str:
-    return hashlib.sha256(f"{prev_hash}\n{payload}".encode()).hexdigest()
-
-
-def summarize(
-    result: Result, *, judged_at: datetime | None = None, clock_skew: float | None = None
-) -> ResultSummary:
-    return ResultSummary(
-        id=result.id,
-        probe=result.probe,
-        target=result.target,
-        check=result.check,
-        seq=result.seq,
-        started_at=result.started_at,
-        finished_at=result.finished_at,
-        outcome=result.outcome,
-        stage=result.stage,
-        reason=result.reason,
-        sip_status=result.sip_status,
-        sip_reason=result.sip_reason,
-        post_dial_delay=result.timings.get("ringing"),
-        mos=None if result.media is None else result.media.mos,
-        confirm=result.confirm,
-        request_id=result.request_id,
-        version=result.version,
-        judged_at=judged_at,
-        clock_skew=clock_skew,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Quarantined:
-    """A stored result that cannot be read: kept in the chain, skipped by every reader."""
-
-    row: int
-    id: str
-    target: str  # the row's columns, as stored (the payload could not say)
-    finished_at: str
-    problem: str
-
-
-@dataclass(frozen=True, slots=True)
-class ChainReport:
-    ok: bool
-    rows: int  # rows checked
-    first_broken_row: int | None
-    first_broken_id: str | None
-    problem: str | None
-    last_hash: str  # hash of the last row (the anchor when empty)
-    # rows whose hash verifies but whose payload cannot be read (every row with
-    # ``read=True``; without it only those that are not even a JSON object)
-    quarantined: tuple[Quarantined, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedNotification:
-    id: int
-    incident_id: int
-    notifier: str
-    event: Literal["trigger", "resolve"]
-    payload: dict[str, Any]
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeEvent:
-    probe: str
-    online: bool
-    at: datetime
-    version: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Verification:
-    """A post-change gate run (``ecpm verify``): on-demand calls from some probes to one target."""
-
-    request_id: str
-    target: str
-    probes: tuple[str, ...]
-    required: int  # passes needed from distinct probes
-    change_ref: str | None
-    requested_at: datetime
-    deadline: datetime
-    finished_at: datetime | None
-    outcome: Literal["pending", "pass", "fail"]
-    detail: dict[str, Any]  # probe -> {outcome, stage, sip_status, ...} as decided
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeStatus:
-    probe: str
-    online: bool
-    at: datetime
-    version: str | None
-    targets: tuple[str, ...]
-
-
-class Store(Protocol):
-    """What the monitor needs from storage; SQLite here, PostgreSQL can follow."""
-
-    def add_result(
-        self,
-        result: Result,
-        received_at: datetime,
-        *,
-        judged_at: datetime | None = None,
-        clock_skew: float | None = None,
-    ) -> bool: ...
-    def skew_samples(self, since: datetime) -> list[tuple[str, datetime, datetime]]: ...
-    def last_clock_skews(self, probes: Sequence[str]) -> dict[str, float]: ...
-    def last_seq(self, probe: str) -> int | None: ...
-    def set_last_seq(self, probe: str, seq: int) -> None: ...
-    def record_gap(self, probe: str, after_seq: int, next_seq: int, at: datetime) -> None: ...
-    def fill_gap(self, probe: str, seq: int, at: datetime) -> bool: ...
-    def mark_gone(self, probe: str, ranges: Sequence[tuple[int, int]], at: datetime) -> int: ...
-    def missing_ranges(
-        self, probe: str, limit: int, *, join: int = 0, span: int = 0
-    ) -> list[tuple[int, int]]: ...
-    def first_seq(self, probe: str) -> int | None: ...
-    def contiguous_seq(self, probe: str) -> int | None: ...
-    def outstanding(self) -> dict[str, int]: ...
-    def commit(self) -> None: ...
-    def mark(self, key: str) -> str | None: ...
-    def set_mark(self, key: str, value: str) -> None: ...
-    def heartbeat(self) -> datetime | None: ...
-    def set_heartbeat(self, at: datetime) -> None: ...
-    def results_between(
-        self, start: datetime, end: datetime, target: str | None = None
-    ) -> list[ResultSummary]: ...
-    def result_by_request(self, request_id: str) -> list[ResultSummary]: ...
-    def open_incident(
-        self,
-        *,
-        target: str,
-        kind: IncidentKind,
-        at: datetime,
-        last_good: ResultSummary | None,
-        first_failed: ResultSummary | None,
-        summary: str,
-    ) -> Incident | None: ...
-    def resolve_incident(self, incident_id: int, at: datetime) -> None: ...
-    def open_incidents(self) -> list[Incident]: ...
-    def incidents(self, limit: int = 100) -> list[Incident]: ...
-    def incidents_between(self, start: datetime, end: datetime) -> list[Incident]: ...
-    def enqueue_notification(
-        self, incident_id: int, notifier: str, event: str, payload: dict[str, Any], at: datetime
-    ) -> bool: ...
-    def due_notifications(self, now: datetime) -> list[QueuedNotification]: ...
-    def next_notification_at(self) -> datetime | None: ...
-    def mark_notification(
-        self,
-        notification_id: int,
-        *,
-        state: Literal["pending", "sent", "failed"],
-        attempts: int,
-        at: datetime,
-        next_attempt_at: datetime | None = None,
-        error: str | None = None,
-    ) -> None: ...
-    def add_state_change(self, target: str, state: TargetStateName, at: datetime, why: str) -> None: ...
-    def state_changes(self, since: datetime, until: datetime | None = None) -> list[StateChange]: ...
-    def state_before(self, target: str, moment: datetime) -> TargetStateName | None: ...
-    def gaps_between(self, start: datetime, end: datetime) -> list[SeqGap]: ...
-    def latest_states(self) -> dict[str, tuple[TargetStateName, datetime]]: ...
-    def set_probe_status(self, status: ProbeStatus) -> None: ...
-    def probe_events(self, start: datetime, end: datetime) -> list[ProbeEvent]: ...
-    def probe_statuses(self) -> list[ProbeStatus]: ...
-    def add_verification(self, v: Verification) -> None: ...
-    def finish_verification(
-        self, request_id: str, *, outcome: Literal["pass", "fail"], at: datetime, detail: dict[str, Any]
-    ) -> None: ...
-    def verification(self, request_id: str) -> Verification | None: ...
-    def verifications_between(self, start: datetime, end: datetime) -> list[Verification]: ...
-    def quarantined(self) -> list[Quarantined]: ...
-    def seq_stored(self, probe: str, seq: int) -> bool: ...
-    def in_gap(self, probe: str, seq: int) -> bool: ...
-    def has_result(self, result_id: str) -> bool: ...
-    def prune(self, before: datetime) -> int: ...
-    def verify_chain(
-        self, *, read: bool = False, on_read: Callable[[int, str, Result], None] | None = None
-    ) -> ChainReport: ...
-    def close(self) -> None: ...
-
-
 def _t(moment: datetime | None) -> str | None:
     return None if moment is None else format_time(moment)
 
@@ -396,23 +197,48 @@ def _skew(value: object) -> float | None:
 _SUMMARY_COLUMNS = "row, id, target, finished_at, payload, judged_at, clock_skew"
 
 
+class StoreError(EcpmError):
+    """The store cannot be opened as asked: missing, not a store, or too old to read."""
+
+
 class SqliteStore:
     """``Store`` on one SQLite file. Not thread-safe: one owner (the monitor's loop)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = str(path)
-        self._db = sqlite3.connect(self.path, isolation_level="DEFERRED", check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-        )
-        self._db.commit()
+        self.read_only = read_only
+        if read_only:
+            self._db = _open_read_only(self.path)
+        else:
+            self._db = sqlite3.connect(self.path, isolation_level="DEFERRED", check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)  # commits by itself (sqlite3's executescript)
+            with self.transaction():
+                self._migrate()
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
         self._tip = self._load_tip()
         self._quarantined: dict[int, Quarantined] = {}  # unreadable rows met so far, by row
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One self-contained change: committed when the block ends, undone if it raises.
+        Only this block's writes are undone (a savepoint): writes the open batch made
+        before it stay, for the batch's own ``commit()``."""
+        self._db.execute("SAVEPOINT unit")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO unit")
+            self._db.execute("RELEASE unit")
+            self._tip = self._load_tip()  # an undone add_result moved it
+            raise
+        self._db.execute("RELEASE unit")
+        self._db.commit()
 
     def _migrate(self) -> None:
         """Bring a store written by an older version up to this schema (idempotent)."""
@@ -701,6 +527,7 @@ class SqliteStore:
         return {str(p): int(n) for p, n in rows}
 
     def commit(self) -> None:
+        """End the unit of work: everything written since the last commit becomes durable."""
         self._db.commit()
 
     def _summaries(self, sql: str, args: Sequence[Any]) -> list[ResultSummary]:
@@ -728,7 +555,7 @@ class SqliteStore:
         )  # fmt: skip
 
     def quarantined(self) -> list[Quarantined]:
-        """Unreadable rows met by this store's reads so far (``verify_chain(read=True)``
+        """Unreadable rows met by this store's reads so far (``check_chain(read=True)``
         finds every one), oldest row first."""
         return [self._quarantined[row] for row in sorted(self._quarantined)]
 
@@ -874,7 +701,6 @@ class SqliteStore:
                 format_time(at),
             ),
         )
-        self._db.commit()
         return cursor.rowcount == 1
 
     def due_notifications(self, now: datetime) -> list[QueuedNotification]:
@@ -912,7 +738,6 @@ class SqliteStore:
             " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
             (state, attempts, error, state, format_time(at), _t(next_attempt_at), notification_id),
         )
-        self._db.commit()
 
     # ------------------------------------------------------------ state and probes
 
@@ -1001,7 +826,6 @@ class SqliteStore:
                 json.dumps(v.detail, sort_keys=True),
             ),
         )
-        self._db.commit()
 
     def finish_verification(
         self, request_id: str, *, outcome: Literal["pass", "fail"], at: datetime, detail: dict[str, Any]
@@ -1011,7 +835,6 @@ class SqliteStore:
             " AND outcome = 'pending'",
             (outcome, format_time(at), json.dumps(detail, sort_keys=True), request_id),
         )
-        self._db.commit()
 
     def _verifications(self, where: str, args: Sequence[Any]) -> list[Verification]:
         rows = self._db.execute(
@@ -1058,13 +881,13 @@ class SqliteStore:
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (anchor,),
         )
-        self._db.commit()
         return cursor.rowcount
 
-    def iter_chain(self) -> Iterator[tuple[int, str, str, str, str]]:
-        yield from self._db.execute("SELECT row, id, payload, prev_hash, hash FROM results ORDER BY row")
+    def iter_chain(self) -> Iterator[ChainRow]:
+        for row in self._db.execute("SELECT row, id, payload, prev_hash, hash FROM results ORDER BY row"):
+            yield ChainRow(*row)
 
-    def verify_chain(
+    def check_chain(
         self, *, read: bool = False, on_read: Callable[[int, str, Result], None] | None = None
     ) -> ChainReport:
         """Walk the chain: hashes, links and columns. With ``read``, also read every payload
@@ -1080,34 +903,77 @@ class SqliteStore:
         )
         for row, result_id, payload, prev_hash, digest, *columns in walk:
             rows += 1
-            problem = None
-            if not isinstance(payload, str):
-                problem = "the payload is not text (the row was altered)"
-            elif prev_hash != prev:
-                problem = "prev_hash does not match the previous row's hash (a row was removed or reordered)"
-            elif chain_hash(prev, payload) != digest:
-                problem = "hash does not match the row's content (the row was altered)"
-            else:
-                match = _columns_match(result_id, columns, payload)
-                if match is False:
-                    problem = "the row's columns differ from its hashed content (the row was altered)"
-                elif match is None or read:
-                    unreadable = "the payload is not a JSON object" if match is None else None
-                    if unreadable is None:
-                        try:
-                            result = read_payload(payload)
-                        except ResultError as exc:
-                            unreadable = str(exc)
-                        else:
-                            if on_read is not None:
-                                on_read(row, result_id, result)
-                    if unreadable is not None:
-                        self._quarantine(row, result_id, columns[1], columns[5], unreadable)
-                        quarantined.append(self._quarantined[row])
+            problem, match = _link_problem(prev, row=(result_id, payload, prev_hash, digest), columns=columns)
             if problem:
                 return ChainReport(False, rows, row, result_id, problem, prev, tuple(quarantined))
+            if match is None or read:
+                unreadable = self._read_link(row, result_id, payload, on_read) if match else None
+                if match is None:
+                    unreadable = "the payload is not a JSON object"
+                if unreadable is not None:
+                    self._quarantine(row, result_id, columns[1], columns[5], unreadable)
+                    quarantined.append(self._quarantined[row])
             prev = digest
         return ChainReport(True, rows, None, None, None, prev, tuple(quarantined))
 
+    @staticmethod
+    def _read_link(
+        row: int, result_id: str, payload: str, on_read: Callable[[int, str, Result], None] | None
+    ) -> str | None:
+        """Why a linked row's payload cannot be read back, or None (and ``on_read`` sees it)."""
+        try:
+            result = read_payload(payload)
+        except ResultError as exc:
+            return str(exc)
+        if on_read is not None:
+            on_read(row, result_id, result)
+        return None
+
     def close(self) -> None:
         self._db.close()
+
+
+# columns this version reads that older stores lack until the monitor migrates them
+_READ_COLUMNS = {(table, column) for table, column, _ in _ADDED_COLUMNS}
+
+
+def _open_read_only(path: str) -> sqlite3.Connection:
+    """``path`` opened so that nothing can be written (SQLite ``mode=ro``), or ``StoreError``."""
+    if not Path(path).is_file():
+        raise StoreError(f"no store at {path}")
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        tables = {str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        present = {(table, str(r[1])) for table in tables for r in db.execute(f"PRAGMA table_info({table})")}
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: not an ecpm store ({exc})") from None
+    if "results" not in tables or "meta" not in tables:
+        db.close()
+        raise StoreError(f"{path}: not an ecpm store (no results table)")
+    missing = sorted(f"{t}.{c}" for t, c in _READ_COLUMNS - present)
+    if missing:
+        db.close()
+        raise StoreError(
+            f"{path}: written by an older ecpm (no {', '.join(missing)}); start `ecpm monitor`"
+            " on it once to upgrade the schema, then read it"
+        )
+    return db
+
+
+def _link_problem(
+    prev: str, *, row: tuple[str, object, object, object], columns: list[Any]
+) -> tuple[str | None, bool | None]:
+    """What breaks the chain at this row (or None), and whether its columns match its
+    payload (``columns_match``: None when the payload is not a JSON object)."""
+    result_id, payload, prev_hash, digest = row
+    if not isinstance(payload, str):
+        return "the payload is not text (the row was altered)", None
+    if prev_hash != prev:
+        return "prev_hash does not match the previous row's hash (a row was removed or reordered)", None
+    if chain_hash(prev, payload) != digest:
+        return "hash does not match the row's content (the row was altered)", None
+    match = columns_match(result_id, columns, payload)
+    if match is False:
+        return "the row's columns differ from its hashed content (the row was altered)", False
+    return None, match
