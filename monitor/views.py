@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
-from monitor.model import Incident, Notification, ProbeView, ResultSummary, TargetView
+from monitor.model import Incident, ProbeView, ResultSummary, TargetView
 from probes.result import format_time
 
 __all__ = [
     "PAGED_INCIDENT_FIELDS",
+    "PageRecord",
     "finite",
     "incident_json",
     "notification_json",
@@ -105,7 +106,26 @@ def probe_json(p: ProbeView) -> dict[str, Any]:
     }
 
 
-def notification_json(n: Notification) -> dict[str, Any]:
+class PageRecord(Protocol):
+    """One page's delivery record: a ``Notification``, or the report's ``Notice`` of it."""
+
+    @property
+    def notifier(self) -> str: ...
+    @property
+    def event(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def sent_at(self) -> datetime | None: ...
+    @property
+    def last_error(self) -> str | None: ...
+
+
+def notification_json(n: PageRecord) -> dict[str, Any]:
     return {
         "notifier": n.notifier,
         "event": n.event,
