@@ -1,23 +1,21 @@
 """``report.html``: one self-contained file with inline CSS and inline SVG charts, no
-script and no external asset (its Content-Security-Policy allows nothing else); every
-value from the store is escaped. Prints to PDF with a page per target.
+script and no external asset (its Content-Security-Policy allows nothing else). Built
+with ``monitor.html``'s builder, as the status page is: every value from the store is
+escaped unless it is markup the builder made. Prints to PDF with a page per target.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import math
-import re
 import statistics
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from html import escape
 from importlib import resources
 from pathlib import Path
 from typing import Final
 
+from monitor.html import Markup, Node, csp_hashes, duration, el, escape, html, readable_time
 from monitor.report import Bucket, Notice, ProbeOutage, ProbeSkew, Report, Span, TargetReport
 from monitor.report_render.json import took_seconds
 from probes.result import format_time
@@ -26,13 +24,7 @@ __all__ = ["HTML_ROWS", "pct", "render_html", "write_html"]
 
 HTML_ROWS: Final = 200  # longest table the HTML shows; the CSV and JSON have every row
 
-
-# ---------------------------------------------------------------- HTML: formatting
-
-
-def _e(value: object) -> str:
-    """Escape anything for HTML text or a quoted attribute."""
-    return escape(str(value), quote=True)
+# ---------------------------------------------------------------- formatting
 
 
 def pct(ratio: float | None) -> str:
@@ -43,84 +35,82 @@ def pct(ratio: float | None) -> str:
     return f"{math.floor(ratio * 1_000_000 + 1e-6) / 10_000:.4f} %"
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 60:
-        text = f"{seconds:.3f}".rstrip("0").rstrip(".")
-        return f"{text} s"
-    whole = round(seconds)
-    days, rest = divmod(whole, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [(days, "d"), (hours, "h"), (minutes, "min"), (secs, "s")]
-    return " ".join(f"{n} {unit}" for n, unit in parts if n)
-
-
 def target_pct(ratio: float) -> str:
     """The availability target as people write it: 99.999 %."""
     return f"{ratio * 100:.6g} %"
 
 
-def when(moment: datetime | None) -> str:
-    if moment is None:
-        return "—"
-    text = format_time(moment)
-    text = text.replace(".000Z", "Z")
-    return text.replace("T", " ")
-
-
-def _time(moment: datetime | None) -> str:
+def _time(moment: datetime | None) -> Node:
     """A ``<time>``; a narrow column may wrap it between date and time of day, nowhere else."""
     if moment is None:
         return "—"
-    date, _, clock = when(moment).partition(" ")
-    return (
-        f'<time datetime="{_e(format_time(moment))}"><span class="nw">{_e(date)}</span>'
-        f' <span class="nw">{_e(clock)}</span></time>'
+    date, _, clock = readable_time(moment).partition(" ")
+    return el(
+        "time",
+        el("span", date, class_="nw"),
+        " ",
+        el("span", clock, class_="nw"),
+        datetime=format_time(moment),
     )
 
 
-def _verdict(met: bool | None) -> str:
-    if met is None:
-        return '<span class="verdict na" data-verdict="n/a">n/a</span>'
-    if met:
-        return '<span class="verdict met" data-verdict="met">met</span>'
-    return '<span class="verdict not-met" data-verdict="not met">not met</span>'
+_VERDICTS: Final[Mapping[bool | None, tuple[str, str]]] = {
+    None: ("na", "n/a"),
+    True: ("met", "met"),
+    False: ("not-met", "not met"),
+}
+
+
+def _verdict(met: bool | None) -> Markup:
+    css, text = _VERDICTS[met]
+    return el("span", text, class_=f"verdict {css}", data_verdict=text)
+
+
+def _n(count: int, css: str) -> Node:
+    return el("span", str(count), class_=css) if count else "0"
+
+
+def _joined(separator: str, items: Sequence[Node]) -> Markup:
+    return html([html(separator if n else None, item) for n, item in enumerate(items)])
+
+
+Headers = Sequence[tuple[str, str]]  # (label, css class) per column
+
+
+def _head(headers: Headers) -> Markup:
+    return el("thead", el("tr", [el("th", label, class_=css) for label, css in headers]))
+
+
+def _row(headers: Headers, cells: Sequence[Node], **attrs: str | None) -> Markup:
+    return el(
+        "tr", [el("td", cell, class_=css) for (_, css), cell in zip(headers, cells, strict=True)], **attrs
+    )
 
 
 def _table(
-    headers: Sequence[tuple[str, str]],
-    rows: Sequence[Sequence[str]],
+    headers: Headers,
+    rows: Sequence[Sequence[Node]],
     *,
     empty: str,
     name: str,
     total: int | None = None,
     csv_name: str = "",
-    row_attrs: Sequence[str] | None = None,
-) -> str:
-    """``headers``: (label, css class); ``rows``: cells already HTML."""
+    row_attrs: Sequence[Mapping[str, str]] | None = None,
+) -> Markup:
+    """A table of ``rows`` (one cell per header), or the ``empty`` line when there is none;
+    a table cut at ``HTML_ROWS`` says where the rest is (``total`` rows in ``csv_name``)."""
     if not rows:
-        return f'<p class="empty" data-table="{_e(name)}">{_e(empty)}</p>'
-    head = "".join(f'<th class="{_e(c)}">{_e(label)}</th>' for label, c in headers)
-    body = []
-    for n, row in enumerate(rows):
-        attrs = row_attrs[n] if row_attrs else ""
-        cells = "".join(f'<td class="{_e(c)}">{cell}</td>' for (_, c), cell in zip(headers, row, strict=True))
-        body.append(f"<tr{attrs}>{cells}</tr>")
-    more = ""
+        return el("p", empty, class_="empty", data_table=name)
+    body = [_row(headers, row, **(row_attrs[n] if row_attrs else {})) for n, row in enumerate(rows)]
+    more = None
     if total is not None and total > len(rows):
-        more = (
-            f'<p class="more">{len(rows)} of {total} rows shown;'
-            f" all are in {_e(csv_name)} and report.json.</p>"
+        more = el(
+            "p", f"{len(rows)} of {total} rows shown; all are in {csv_name} and report.json.", class_="more"
         )
-    return (
-        f'<table data-table="{_e(name)}"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table>{more}"
-    )
+    return html(el("table", _head(headers), el("tbody", body), data_table=name), more)
 
 
-# ---------------------------------------------------------------- HTML: charts
+# ---------------------------------------------------------------- charts
 
 _W: Final = 1000.0  # chart width in SVG units
 _LEFT: Final = 64.0  # room for row labels
@@ -147,25 +137,32 @@ def _x(moment: datetime, start: datetime, end: datetime) -> float:
     return _LEFT + (_W - _LEFT) * (moment - start).total_seconds() / span
 
 
-def _axis(start: datetime, end: datetime, y: float, height: float) -> str:
+def _axis(start: datetime, end: datetime, y: float, height: float) -> Markup:
     out = []
     for t, label in _ticks(start, end):
         x = _x(t, start, end)
         anchor = "start" if x < _LEFT + 20 else "end" if x > _W - 20 else "middle"
-        out.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{y - height:.1f}" y2="{y:.1f}"/>')
-        out.append(f'<text x="{x:.1f}" y="{y + 12:.1f}" text-anchor="{anchor}">{_e(label)}</text>')
-    return "".join(out)
+        out.append(
+            el("line", class_="grid", x1=f"{x:.1f}", x2=f"{x:.1f}", y1=f"{y - height:.1f}", y2=f"{y:.1f}")
+        )
+        out.append(el("text", label, x=f"{x:.1f}", y=f"{y + 12:.1f}", text_anchor=anchor))
+    return html(out)
 
 
-def _svg(height: float, body: str, label: str, *, crisp: bool = False) -> str:
-    edges = ' shape-rendering="crispEdges"' if crisp else ""
-    return (
-        f'<svg viewBox="0 0 {_W:.0f} {height:.0f}" role="img" aria-label="{_e(label)}"{edges}'
-        f' xmlns="http://www.w3.org/2000/svg"><title>{_e(label)}</title>{body}</svg>'
+def _svg(height: float, body: Node, label: str, *, crisp: bool = False) -> Markup:
+    return el(
+        "svg",
+        el("title", label),
+        body,
+        viewBox=f"0 0 {_W:.0f} {height:.0f}",
+        role="img",
+        aria_label=label,
+        shape_rendering="crispEdges" if crisp else None,
+        xmlns="http://www.w3.org/2000/svg",
     )
 
 
-def timeline_svg(report: Report, t: TargetReport) -> str:
+def timeline_svg(report: Report, t: TargetReport) -> Markup:
     """The state timeline: one bar over the period, coloured by state."""
     start, end = report.start, report.measured_until
     bar = 26.0
@@ -174,37 +171,53 @@ def timeline_svg(report: Report, t: TargetReport) -> str:
     for span in sorted(t.timeline, key=lambda s: s.state != "up"):
         x0, x1 = _x(span.start, start, end), _x(span.end, start, end)
         width = max(x1 - x0, 1.0 if span.state != "up" else 0.0)
-        rects.append(
-            f'<rect class="s-{_e(span.state)}" data-state="{_e(span.state)}" x="{x0:.2f}" y="2"'
-            f' width="{width:.2f}" height="{bar:.0f}"><title>{_e(span.state)} {_e(when(span.start))}'
-            f" – {_e(when(span.end))} ({_e(duration(span.seconds))})</title></rect>"
+        tip = (
+            f"{span.state} {readable_time(span.start)} – {readable_time(span.end)} ({duration(span.seconds)})"
         )
-    label = f'<text x="0" y="{bar / 2 + 6:.0f}">state</text>'
-    body = label + "".join(rects) + _axis(start, end, bar + 6, bar + 4)
-    return _svg(bar + 22, body, f"State timeline of {t.id}", crisp=True)
+        rects.append(
+            el(
+                "rect",
+                el("title", tip),
+                class_=f"s-{span.state}",
+                data_state=span.state,
+                x=f"{x0:.2f}",
+                y="2",
+                width=f"{width:.2f}",
+                height=f"{bar:.0f}",
+            )
+        )
+    label = el("text", "state", x="0", y=f"{bar / 2 + 6:.0f}")
+    return _svg(
+        bar + 22, [label, rects, _axis(start, end, bar + 6, bar + 4)], f"State timeline of {t.id}", crisp=True
+    )
 
 
-def heat_svg(report: Report, t: TargetReport) -> str:
+def heat_svg(report: Report, t: TargetReport) -> Markup | None:
     """15-minute buckets: one row per UTC day, 96 columns, coloured by the worst state."""
     if not t.buckets:
-        return ""
+        return None
     first_day = t.buckets[0].start.replace(hour=0, minute=0, second=0, microsecond=0)
     days = (t.buckets[-1].start - first_day).days + 1
     row = 18.0 if days <= 7 else max(1.5, min(18.0, 420.0 / days))
     cell = (_W - _LEFT) / 96
-    runs: list[str] = []
-    labels: list[str] = []
+    runs: list[Markup] = []
     current: tuple[int, int, str, Bucket, Bucket] | None = None  # day, first column, state, first, last
 
     def close(run: tuple[int, int, str, Bucket, Bucket], last_col: int) -> None:
         day, col, state, b0, b1 = run
-        tip = f"{when(b0.start)} – {when(b1.end)}: worst {state}"
+        tip = f"{readable_time(b0.start)} – {readable_time(b1.end)}: worst {state}"
         if b0 is b1:
             tip += f"; {b0.calls} calls, {b0.failed} failed, availability {pct(b0.availability)}"
         runs.append(
-            f'<rect class="s-{_e(state)}" x="{_LEFT + col * cell:.2f}" y="{day * row:.2f}"'
-            f' width="{(last_col - col + 1) * cell:.2f}" height="{max(row - (1 if row > 4 else 0), 1):.2f}">'
-            f"<title>{_e(tip)}</title></rect>"
+            el(
+                "rect",
+                el("title", tip),
+                class_=f"s-{state}",
+                x=f"{_LEFT + col * cell:.2f}",
+                y=f"{day * row:.2f}",
+                width=f"{(last_col - col + 1) * cell:.2f}",
+                height=f"{max(row - (1 if row > 4 else 0), 1):.2f}",
+            )
         )
 
     last_col = -1
@@ -219,25 +232,37 @@ def heat_svg(report: Report, t: TargetReport) -> str:
     if current is not None:
         close(current, last_col)
     label_every = max(1, math.ceil(12 / row)) if row < 12 else 1
-    for day in range(0, days, label_every):
-        moment = first_day + timedelta(days=day)
-        y = day * row + max(min(row, 12) - 1, 10)
-        labels.append(f'<text x="0" y="{y:.1f}">{_e(moment.strftime("%d %b"))}</text>')
+    labels = [
+        el(
+            "text",
+            (first_day + timedelta(days=day)).strftime("%d %b"),
+            x="0",
+            y=f"{day * row + max(min(row, 12) - 1, 10):.1f}",
+        )
+        for day in range(0, days, label_every)
+    ]
     height = days * row
     hours = []
     for h in range(0, 25, 3):
-        x = _LEFT + h * 4 * cell
         anchor = "start" if h == 0 else "end" if h == 24 else "middle"
-        hours.append(f'<text x="{x:.1f}" y="{height + 13:.1f}" text-anchor="{anchor}">{h:02d}:00</text>')
-    body = "".join(labels) + "".join(runs) + "".join(hours)
-    return _svg(height + 17, body, f"15-minute buckets of {t.id}, worst state per quarter hour", crisp=True)
+        hours.append(
+            el(
+                "text",
+                f"{h:02d}:00",
+                x=f"{_LEFT + h * 4 * cell:.1f}",
+                y=f"{height + 13:.1f}",
+                text_anchor=anchor,
+            )
+        )
+    label = f"15-minute buckets of {t.id}, worst state per quarter hour"
+    return _svg(height + 17, [labels, runs, hours], label, crisp=True)
 
 
-def pdd_svg(report: Report, t: TargetReport) -> str:
+def pdd_svg(report: Report, t: TargetReport) -> Markup | None:
     """Post-dial delay (stage ``ringing``) of passed calls: median and maximum per quarter hour."""
     points = [b for b in t.buckets if b.pdd_median is not None]
     if not points:
-        return ""
+        return None
     start, end = report.start, report.measured_until
     top = max(report.pdd_threshold * 1.25, max(b.pdd_max or 0.0 for b in points) * 1.1)
     height, pad = 120.0, 6.0
@@ -262,22 +287,34 @@ def pdd_svg(report: Report, t: TargetReport) -> str:
         if previous is None or col - previous > gap:
             lines.append([])
         lines[-1].append(f"{col:.0f},{y(statistics.median(medians)):.1f}")
-        dots.append(f'<rect class="max" x="{col - 0.8:.1f}" y="{y(peak):.1f}" width="1.6" height="1.6"/>')
+        dots.append(
+            el("rect", class_="max", x=f"{col - 0.8:.1f}", y=f"{y(peak):.1f}", width="1.6", height="1.6")
+        )
         previous = col
-    paths = "".join(f'<polyline class="median" points="{" ".join(line)}"/>' for line in lines)
-    limit = y(report.pdd_threshold)
+    paths = [el("polyline", class_="median", points=" ".join(line)) for line in lines]
+    left, right = f"{_LEFT:.0f}", f"{_W:.0f}"
     grid = []
     for value in _nice_steps(top):
+        at = f"{y(value):.1f}"
+        grid.append(el("line", class_="grid", x1=left, x2=right, y1=at, y2=at))
         grid.append(
-            f'<line class="grid" x1="{_LEFT:.0f}" x2="{_W:.0f}" y1="{y(value):.1f}" y2="{y(value):.1f}"/>'
-            f'<text x="{_LEFT - 4:.0f}" y="{y(value) + 4:.1f}" text-anchor="end">{value:g} s</text>'
+            el("text", f"{value:g} s", x=f"{_LEFT - 4:.0f}", y=f"{y(value) + 4:.1f}", text_anchor="end")
         )
-    body = (
-        "".join(grid)
-        + f'<line class="limit" x1="{_LEFT:.0f}" x2="{_W:.0f}" y1="{limit:.1f}" y2="{limit:.1f}"/>'
-        + f'<text x="{_W - 2:.0f}" y="{limit - 3:.1f}" text-anchor="end">degraded above'
-        f" {report.pdd_threshold:g} s</text>" + "".join(dots) + paths + _axis(start, end, height + 4, 0)
-    )
+    limit = f"{y(report.pdd_threshold):.1f}"
+    body = [
+        grid,
+        el("line", class_="limit", x1=left, x2=right, y1=limit, y2=limit),
+        el(
+            "text",
+            f"degraded above {report.pdd_threshold:g} s",
+            x=f"{_W - 2:.0f}",
+            y=f"{y(report.pdd_threshold) - 3:.1f}",
+            text_anchor="end",
+        ),
+        dots,
+        paths,
+        _axis(start, end, height + 4, 0),
+    ]
     return _svg(height + 20, body, f"Post-dial delay of {t.id}: median and maximum per quarter hour")
 
 
@@ -288,71 +325,88 @@ def _nice_steps(top: float) -> list[float]:
     return [0.0, top]
 
 
-# ---------------------------------------------------------------- HTML: sections
+# ---------------------------------------------------------------- sections
 
 
-def _ledger_html(report: Report) -> str:
+def _ledger_html(report: Report) -> Markup:
     led = report.ledger
     if led.ok:
-        return (
-            f'<div class="ledger ok" data-ledger="verified">Ledger verified: every stored row'
-            f" ({led.rows_checked}) chains to the one before it."
-            f'<span class="sub">Last row overall #{_e(led.last_row or "—")}: <code class="hash">'
-            f"{_e(led.last_hash or led.verified_hash)}</code></span></div>"
+        return el(
+            "div",
+            f"Ledger verified: every stored row ({led.rows_checked}) chains to the one before it.",
+            el(
+                "span",
+                f"Last row overall #{led.last_row or '—'}: ",
+                el("code", led.last_hash or led.verified_hash, class_="hash"),
+                class_="sub",
+            ),
+            class_="ledger ok",
+            data_ledger="verified",
         )
-    return (
-        f'<div class="ledger broken" role="alert" data-ledger="broken">Ledger {_e(led.status)}'
-        f'<span class="sub">The stored results were altered, removed or reordered at or after that row;'
-        f" {led.rows_checked - 1} rows before it verified. Figures below are computed from the store"
-        f" as it is now and cannot be relied on.</span></div>"
+    return el(
+        "div",
+        f"Ledger {led.status}",
+        el(
+            "span",
+            "The stored results were altered, removed or reordered at or after that row;"
+            f" {led.rows_checked - 1} rows before it verified. Figures below are computed from the store"
+            " as it is now and cannot be relied on.",
+            class_="sub",
+        ),
+        class_="ledger broken",
+        role="alert",
+        data_ledger="broken",
     )
 
 
-def _overview(report: Report) -> str:
+_OVERVIEW: Final[Headers] = (
+    ("Target", ""), ("Calls", "num"), ("Passed", "num"), ("Failed", "num"), ("Inconcl.", "num"),
+    ("Availability (time)", "num"), ("Down / allowed", "num"), ("Availability (calls)", "num"),
+    ("Monitored", "num"), ("Incidents", "num"), ("Blocked", "num"),
+)  # fmt: skip
+
+
+def _overview(report: Report) -> Markup:
     rows = []
     for t in report.targets:
         tw, cw = t.time, t.by_calls
         rows.append(
             [
-                f'<a href="#t-{_e(t.id)}">{_e(t.id)}</a>',
+                el("a", t.id, href=f"#t-{t.id}"),
                 str(t.calls.placed),
                 str(t.calls.passed),
                 _n(t.calls.failed, "bad"),
                 _n(t.calls.inconclusive, "warn"),
-                f"{pct(tw.availability)} {_verdict(tw.met)}",
-                f"{_e(duration(tw.down_seconds))} / {_e(duration(tw.allowed_downtime_seconds))}",
-                f"{pct(cw.availability)} {_verdict(cw.met)}",
+                html(f"{pct(tw.availability)} ", _verdict(tw.met)),
+                f"{duration(tw.down_seconds)} / {duration(tw.allowed_downtime_seconds)}",
+                html(f"{pct(cw.availability)} ", _verdict(cw.met)),
                 pct(tw.monitored_fraction),
                 str(len(t.incidents)),
                 _n(t.blocked, "bad"),
             ]
         )
     table = _table(
-        [
-            ("Target", ""), ("Calls", "num"), ("Passed", "num"), ("Failed", "num"), ("Inconcl.", "num"),
-            ("Availability (time)", "num"), ("Down / allowed", "num"), ("Availability (calls)", "num"),
-            ("Monitored", "num"), ("Incidents", "num"), ("Blocked", "num"),
-        ],
+        _OVERVIEW,
         rows,
         empty="No targets.",
         name="overview",
-        row_attrs=[f' data-target="{_e(t.id)}"' for t in report.targets],
-    )  # fmt: skip
-    return f'<section class="panel"><h2>Summary</h2>{table}</section>'
+        row_attrs=[{"data_target": t.id} for t in report.targets],
+    )
+    return el("section", el("h2", "Summary"), table, class_="panel")
 
 
-def _n(count: int, cls: str) -> str:
-    return f'<span class="{cls}">{count}</span>' if count else "0"
-
-
-def _fig(name: str, label: str, value: str, note: str) -> str:
-    return (
-        f'<div class="fig" data-figure="{_e(name)}"><div class="label">{_e(label)}</div>'
-        f'<div class="value">{value}</div><div class="note">{note}</div></div>'
+def _fig(name: str, label: str, value: Node, note: Node) -> Markup:
+    return el(
+        "div",
+        el("div", label, class_="label"),
+        el("div", value, class_="value"),
+        el("div", note, class_="note"),
+        class_="fig",
+        data_figure=name,
     )
 
 
-def _target_html(report: Report, t: TargetReport) -> str:
+def _target_html(report: Report, t: TargetReport) -> Markup:
     tw, cw, c, p = t.time, t.by_calls, t.calls, t.pings
     verdict = (
         "v-met"
@@ -361,119 +415,135 @@ def _target_html(report: Report, t: TargetReport) -> str:
         if tw.met is False or cw.met is False
         else ""
     )
-    figures = "".join(
-        [
-            _fig(
-                "availability-time",
-                "Availability, time-weighted",
-                f"{pct(tw.availability)} {_verdict(tw.met)}",
-                f"down {_e(duration(tw.down_seconds))}, allowed {_e(duration(tw.allowed_downtime_seconds))}"
-                f" at {_e(target_pct(report.availability_target))}",
+    figures = [
+        _fig(
+            "availability-time",
+            "Availability, time-weighted",
+            html(f"{pct(tw.availability)} ", _verdict(tw.met)),
+            f"down {duration(tw.down_seconds)}, allowed {duration(tw.allowed_downtime_seconds)}"
+            f" at {target_pct(report.availability_target)}",
+        ),
+        _fig(
+            "availability-calls",
+            "Availability, call-weighted",
+            html(f"{pct(cw.availability)} ", _verdict(cw.met)),
+            f"{cw.failed} failed of {cw.passed + cw.failed}, allowed {cw.allowed_failures:.3f}",
+        ),
+        _fig(
+            "monitored",
+            "Monitored",
+            pct(tw.monitored_fraction),
+            f"unmonitored {duration(tw.unmonitored_seconds)}; if all of it was down: {pct(tw.lower_bound)}",
+        ),
+        _fig(
+            "calls",
+            "Test calls placed",
+            str(c.placed),
+            html(
+                el("span", f"{c.passed} passed", class_="good"),
+                ", ",
+                _n(c.failed, "bad"),
+                " failed, ",
+                _n(c.inconclusive, "warn"),
+                f" inconclusive; {c.scheduled} scheduled, {c.confirmations} confirmations,"
+                f" {c.on_demand} on demand. OPTIONS: {p.sent} sent, {p.passed} passed, {p.failed} failed,"
+                f" {p.inconclusive} inconcl. Blocked dial attempts: ",
+                _n(t.blocked, "bad"),
+                ".",
             ),
-            _fig(
-                "availability-calls",
-                "Availability, call-weighted",
-                f"{pct(cw.availability)} {_verdict(cw.met)}",
-                f"{cw.failed} failed of {cw.passed + cw.failed}, allowed {cw.allowed_failures:.3f}",
-            ),
-            _fig(
-                "monitored",
-                "Monitored",
-                pct(tw.monitored_fraction),
-                f"unmonitored {_e(duration(tw.unmonitored_seconds))}; if all of it was down:"
-                f" {_e(pct(tw.lower_bound))}",
-            ),
-            _fig(
-                "calls",
-                "Test calls placed",
-                str(c.placed),
-                f'<span class="good">{c.passed} passed</span>, {_n(c.failed, "bad")} failed,'
-                f" {_n(c.inconclusive, 'warn')} inconclusive; {c.scheduled} scheduled,"
-                f" {c.confirmations} confirmations, {c.on_demand} on demand."
-                f" OPTIONS: {p.sent} sent, {p.passed} passed, {p.failed} failed, {p.inconclusive} inconcl."
-                f" Blocked dial attempts: {_n(t.blocked, 'bad')}.",
-            ),
-        ]
-    )
-    title = _e(t.id) + (f' <span class="muted">— {_e(t.description)}</span>' if t.description else "")
-    charts = (
-        "<h3>State over the period</h3>"
-        f'<div class="chart" data-chart="timeline">{timeline_svg(report, t)}</div>'
-        '<p class="legend"><i class="s-up"></i>up<i class="s-degraded"></i>degraded<i class="s-down"></i>down'
-        '<i class="s-unknown"></i>unknown (unmonitored)</p>'
-        f'<h3>Quarter hours (UTC), worst state in each</h3><div class="chart" data-chart="heat">'
-        f"{heat_svg(report, t)}</div>"
-    )
+        ),
+    ]
+    title = html(t.id, html(" ", el("span", f"— {t.description}", class_="muted")) if t.description else None)
     pdd = pdd_svg(report, t)
-    charts += "<h3>Post-dial delay of passed calls (median line, maximum dots, per quarter hour)</h3>" + (
-        f'<div class="chart" data-chart="pdd">{pdd}</div>' if pdd else '<p class="empty">No passed calls.</p>'
-    )
-    sections = [
+    legend = [html(el("i", class_=f"s-{state}"), text) for state, text in _LEGEND]
+    charts = [
+        el("h3", "State over the period"),
+        el("div", timeline_svg(report, t), class_="chart", data_chart="timeline"),
+        el("p", legend, class_="legend"),
+        el("h3", "Quarter hours (UTC), worst state in each"),
+        el("div", heat_svg(report, t), class_="chart", data_chart="heat"),
+        el("h3", "Post-dial delay of passed calls (median line, maximum dots, per quarter hour)"),
+        el("div", pdd, class_="chart", data_chart="pdd")
+        if pdd
+        else el("p", "No passed calls.", class_="empty"),
+    ]
+    return el(
+        "section",
+        el("h2", title),
+        el("div", figures, class_="figures"),
+        charts,
         _incidents_html(t),
         _gaps_html(t),
         _verifications_html(t),
         _refusals_html(t),
         _coverage_html(t),
         _buckets_html(t),
-    ]
-    return (
-        f'<section class="panel target {verdict}" id="t-{_e(t.id)}" data-target="{_e(t.id)}">'
-        f'<h2>{title}</h2><div class="figures">{figures}</div>{charts}{"".join(sections)}</section>'
+        class_=f"panel target {verdict}",
+        id=f"t-{t.id}",
+        data_target=t.id,
     )
 
 
-def _page_html(n: Notice) -> str:
-    head = f"<b>{_e(n.notifier)}</b> {_e(n.event)} "
+_LEGEND: Final = (
+    ("up", "up"),
+    ("degraded", "degraded"),
+    ("down", "down"),
+    ("unknown", "unknown (unmonitored)"),
+)
+
+
+def _page_html(n: Notice) -> Markup:
+    head = html(el("b", n.notifier), f" {n.event} ")
     if n.state == "sent":
         after = duration(n.after_detection_seconds)
-        return head + f'<span class="good">sent</span> {_time(n.sent_at)} (+{_e(after)})'
-    cls = "bad" if n.state == "failed" else "warn"
+        return html(head, el("span", "sent", class_="good"), " ", _time(n.sent_at), f" (+{after})")
     tries = f"{n.attempts} attempt{'s' if n.attempts != 1 else ''}"
-    error = f": {_e(n.last_error)}" if n.last_error else ""
-    return head + f'<span class="{cls}">{_e(n.state)}</span> after {tries}{error}'
+    error = f": {n.last_error}" if n.last_error else None
+    return html(
+        head, el("span", n.state, class_="bad" if n.state == "failed" else "warn"), f" after {tries}", error
+    )
 
 
-def _incidents_html(t: TargetReport) -> str:
-    headers = [
-        ("#", ""), ("Kind", ""), ("Last good", "t"), ("First failure", "t"), ("Detected", "t"),
-        ("Detection latency", "num"), ("Notified", "t"), ("To notify", "num"), ("Resolved", "t"),
-        ("Duration", "num"),
-    ]  # fmt: skip
+_INCIDENTS: Final[Headers] = (
+    ("#", ""), ("Kind", ""), ("Last good", "t"), ("First failure", "t"), ("Detected", "t"),
+    ("Detection latency", "num"), ("Notified", "t"), ("To notify", "num"), ("Resolved", "t"),
+    ("Duration", "num"),
+)  # fmt: skip
+
+
+def _incidents_html(t: TargetReport) -> Markup:
     if not t.incidents:
-        return '<h3>Incidents</h3><p class="empty" data-table="incidents">No incidents in the period.</p>'
+        return html(
+            el("h3", "Incidents"),
+            el("p", "No incidents in the period.", class_="empty", data_table="incidents"),
+        )
     body = []
     for i in t.incidents[:HTML_ROWS]:
-        kind = "down" if i.kind == "down" else "unknown"
         cells = [
             f"#{i.id}",
-            f'<span class="st s-{kind}">{_e(i.kind)}</span>',
+            el("span", i.kind, class_=f"st s-{'down' if i.kind == 'down' else 'unknown'}"),
             _time(i.last_good_at),
             _time(i.first_failed_at),
             _time(i.detected_at),
-            _e(duration(i.detection_latency_seconds)),
-            _time(i.notified_at) if i.notified_at else '<span class="bad">not sent</span>',
-            _e(duration(i.time_to_notify_seconds)),
-            _time(i.resolved_at) if i.resolved_at else '<span class="bad">open</span>',
-            _e(duration(i.duration_seconds)),
+            duration(i.detection_latency_seconds),
+            _time(i.notified_at) if i.notified_at else el("span", "not sent", class_="bad"),
+            duration(i.time_to_notify_seconds),
+            _time(i.resolved_at) if i.resolved_at else el("span", "open", class_="bad"),
+            duration(i.duration_seconds),
         ]
-        row = "".join(f'<td class="{c}">{cell}</td>' for (_, c), cell in zip(headers, cells, strict=True))
-        pages = " · ".join(_page_html(n) for n in i.notifications) or "no notifier configured"
-        body.append(
-            f'<tr class="main" data-incident="{i.id}">{row}</tr>'
-            f'<tr class="detail" data-incident-detail="{i.id}"><td></td><td colspan="{len(headers) - 1}">'
-            f"{_e(i.summary)}<br>Pages: {pages}</td></tr>"
-        )
-    head = "".join(f'<th class="{c}">{_e(label)}</th>' for label, c in headers)
-    more = ""
+        pages = _joined(" · ", [_page_html(n) for n in i.notifications]) or "no notifier configured"
+        detail = el("td", i.summary, el("br"), "Pages: ", pages, colspan=len(_INCIDENTS) - 1)
+        body.append(_row(_INCIDENTS, cells, class_="main", data_incident=str(i.id)))
+        body.append(el("tr", el("td"), detail, class_="detail", data_incident_detail=str(i.id)))
+    more = None
     if len(t.incidents) > HTML_ROWS:
-        more = (
-            f'<p class="more">{HTML_ROWS} of {len(t.incidents)} shown;'
-            " all are in incidents.csv and report.json.</p>"
+        more = el(
+            "p",
+            f"{HTML_ROWS} of {len(t.incidents)} shown; all are in incidents.csv and report.json.",
+            class_="more",
         )
-    return (
-        '<h3>Incidents</h3><table class="incidents" data-table="incidents">'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
-    )
+    table = el("table", _head(_INCIDENTS), el("tbody", body), class_="incidents", data_table="incidents")
+    return html(el("h3", "Incidents"), table, more)
 
 
 def _span_note(s: Span | ProbeOutage) -> str:
@@ -485,50 +555,48 @@ def _span_note(s: Span | ProbeOutage) -> str:
     return ", ".join(notes)
 
 
-def _gaps_html(t: TargetReport) -> str:
-    rows = [
-        [_time(s.start), _time(s.end), _e(duration(s.seconds)), _e(_span_note(s))] for s in t.gaps[:HTML_ROWS]
-    ]
+def _gaps_html(t: TargetReport) -> Markup:
+    rows = [[_time(s.start), _time(s.end), duration(s.seconds), _span_note(s)] for s in t.gaps[:HTML_ROWS]]
     silence = t.longest_silence
-    note = (
-        f'<p class="more">Longest stretch without any result: {_e(duration(silence.seconds))}'
-        f" ({_e(when(silence.start))} – {_e(when(silence.end))}).</p>"
+    note = el(
+        "p",
+        f"Longest stretch without any result: {duration(silence.seconds)}"
+        f" ({readable_time(silence.start)} – {readable_time(silence.end)}).",
+        class_="more",
     )
-    return (
-        f"<h3>Monitoring gaps (unknown: no result within {_e(duration(t.fresh_within))})</h3>"
-        + _table(
-            [("From", "t"), ("To", "t"), ("Length", "num"), ("", "")],
-            rows,
-            empty="No monitoring gaps.",
-            name="gaps",
-            total=len(t.gaps),
-            csv_name="gaps.csv",
-        )
-        + note
+    table = _table(
+        [("From", "t"), ("To", "t"), ("Length", "num"), ("", "")],
+        rows,
+        empty="No monitoring gaps.",
+        name="gaps",
+        total=len(t.gaps),
+        csv_name="gaps.csv",
+    )
+    return html(
+        el("h3", f"Monitoring gaps (unknown: no result within {duration(t.fresh_within)})"), table, note
     )
 
 
-def _verifications_html(t: TargetReport) -> str:
+def _verifications_html(t: TargetReport) -> Markup:
     rows = []
     for v in t.verifications[:HTML_ROWS]:
         detail = "; ".join(
             f"{p}: {d.get('outcome', '?') if isinstance(d, dict) else d}" for p, d in sorted(v.detail.items())
         )
-        cls = {"pass": "good", "fail": "bad"}.get(v.outcome, "warn")
         rows.append(
             [
-                _e(v.change_ref or "—"),
-                f"<code>{_e(v.request_id)}</code>",
+                v.change_ref or "—",
+                el("code", v.request_id),
                 _time(v.requested_at),
                 _time(v.finished_at),
-                _e(duration(took_seconds(v))),
-                _e(", ".join(v.probes)),
+                duration(took_seconds(v)),
+                ", ".join(v.probes),
                 str(v.required),
-                f'<span class="{cls}">{_e(v.outcome)}</span>',
-                _e(detail),
+                el("span", v.outcome, class_={"pass": "good", "fail": "bad"}.get(v.outcome, "warn")),
+                detail,
             ]
         )
-    return "<h3>Post-change verifications</h3>" + _table(
+    return html(el("h3", "Post-change verifications"), _table(
         [
             ("Change", ""), ("Request", ""), ("Requested", "t"), ("Finished", "t"), ("Took", "num"),
             ("Probes", ""), ("Required", "num"), ("Outcome", ""), ("Per probe", ""),
@@ -538,36 +606,43 @@ def _verifications_html(t: TargetReport) -> str:
         name="verifications",
         total=len(t.verifications),
         csv_name="verifications.csv",
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
-def _refusals_html(t: TargetReport) -> str:
+def _refusals_html(t: TargetReport) -> Markup:
     rows = [
-        [_time(r.finished_at), _e(r.probe), _e(r.check), f"<code>{_e(r.id)}</code>", _e(r.request_id or "")]
+        [_time(r.finished_at), r.probe, r.check, el("code", r.id), r.request_id or ""]
         for r in t.refusals[:HTML_ROWS]
     ]
-    return "<h3>Blocked dial attempts (live-number guard refused the call)</h3>" + _table(
-        [("At", "t"), ("Probe", ""), ("Check", ""), ("Result", ""), ("Request", "")],
-        rows,
-        empty="None: no call was refused by the guard.",
-        name="refusals",
-        total=len(t.refusals),
-        csv_name="refusals.csv",
+    return html(
+        el("h3", "Blocked dial attempts (live-number guard refused the call)"),
+        _table(
+            [("At", "t"), ("Probe", ""), ("Check", ""), ("Result", ""), ("Request", "")],
+            rows,
+            empty="None: no call was refused by the guard.",
+            name="refusals",
+            total=len(t.refusals),
+            csv_name="refusals.csv",
+        ),
     )
 
 
-def _coverage_html(t: TargetReport) -> str:
-    rows = [[_e(c.probe), str(c.results), _time(c.first_at), _time(c.last_at)] for c in t.coverage]
-    return "<h3>Probe coverage</h3>" + _table(
-        [("Probe", ""), ("Results", "num"), ("First", "t"), ("Last", "t")],
-        rows,
-        empty="No probe reported on this target in the period.",
-        name="coverage",
+def _coverage_html(t: TargetReport) -> Markup:
+    rows = [[c.probe, str(c.results), _time(c.first_at), _time(c.last_at)] for c in t.coverage]
+    return html(
+        el("h3", "Probe coverage"),
+        _table(
+            [("Probe", ""), ("Results", "num"), ("First", "t"), ("Last", "t")],
+            rows,
+            empty="No probe reported on this target in the period.",
+            name="coverage",
+        ),
     )
 
 
-def _buckets_html(t: TargetReport) -> str:
+def _buckets_html(t: TargetReport) -> Markup:
     flagged = [b for b in t.buckets if not b.perfect]
+    shown = flagged[:HTML_ROWS]
     rows = [
         [
             _time(b.start),
@@ -576,40 +651,40 @@ def _buckets_html(t: TargetReport) -> str:
             _n(b.failed, "bad"),
             _n(b.inconclusive, "warn"),
             pct(b.availability),
-            _e(duration(b.down_seconds)),
-            _e(duration(b.unmonitored_seconds)),
-            f'<span class="st s-{_e(b.worst_state)}">{_e(b.worst_state)}</span>',
+            duration(b.down_seconds),
+            duration(b.unmonitored_seconds),
+            el("span", b.worst_state, class_=f"st s-{b.worst_state}"),
         ]
-        for b in flagged[:HTML_ROWS]
+        for b in shown
     ]
     perfect = len(t.buckets) - len(flagged)
-    return (
-        f"<h3>Quarter hours that were not all up ({len(flagged)} of {len(t.buckets)};"
-        f" {perfect} were up throughout with no failed call)</h3>"
-        + _table(
-            [
-                ("Quarter hour", "t"), ("Calls", "num"), ("Passed", "num"), ("Failed", "num"),
-                ("Inconcl.", "num"), ("Availability", "num"), ("Down", "num"), ("Unmonitored", "num"),
-                ("Worst", ""),
-            ],
-            rows,
-            empty="Every quarter hour was up with no failed call.",
-            name="buckets",
-            total=len(flagged),
-            csv_name="buckets.csv",
-            row_attrs=[f' data-bucket="{_e(format_time(b.start))}"' for b in flagged[:HTML_ROWS]],
-        )
-    )  # fmt: skip
+    title = (
+        f"Quarter hours that were not all up ({len(flagged)} of {len(t.buckets)};"
+        f" {perfect} were up throughout with no failed call)"
+    )
+    return html(el("h3", title), _table(
+        [
+            ("Quarter hour", "t"), ("Calls", "num"), ("Passed", "num"), ("Failed", "num"),
+            ("Inconcl.", "num"), ("Availability", "num"), ("Down", "num"), ("Unmonitored", "num"),
+            ("Worst", ""),
+        ],
+        rows,
+        empty="Every quarter hour was up with no failed call.",
+        name="buckets",
+        total=len(flagged),
+        csv_name="buckets.csv",
+        row_attrs=[{"data_bucket": format_time(b.start)} for b in shown],
+    ))  # fmt: skip
 
 
-def _probes_html(report: Report) -> str:
+def _probes_html(report: Report) -> Markup:
     outages = [
-        [_e(o.probe), _time(o.start), _time(o.end), _e(duration(o.seconds)), _e(_span_note(o))]
+        [o.probe, _time(o.start), _time(o.end), duration(o.seconds), _span_note(o)]
         for o in report.probe_outages[:HTML_ROWS]
     ]
     gaps = [
         [
-            _e(g.probe),
+            g.probe,
             str(g.after_seq),
             str(g.next_seq),
             str(g.missing),
@@ -621,22 +696,15 @@ def _probes_html(report: Report) -> str:
         for g in report.seq_gaps[:HTML_ROWS]
     ]
     versions = [
-        [
-            _e(v.probe),
-            f"<code>{_e(v.version)}</code>",
-            _time(v.first_seen),
-            _time(v.last_seen),
-            str(v.results),
-        ]
+        [v.probe, el("code", v.version), _time(v.first_seen), _time(v.last_seen), str(v.results)]
         for v in report.versions
     ]
-    bound = report.max_clock_skew
     skews = [
         [
-            _e(k.probe),
+            k.probe,
             str(k.results),
-            _e(_skew_range(k)),
-            f'<span class="bad">{k.skewed}</span>' if k.skewed else "0",
+            _skew_range(k),
+            el("span", str(k.skewed), class_="bad") if k.skewed else "0",
             _time(k.first_skewed_at) if k.first_skewed_at else "—",
             _time(k.last_skewed_at) if k.last_skewed_at else "—",
         ]
@@ -645,17 +713,17 @@ def _probes_html(report: Report) -> str:
     listed = [x for k in report.clock_skew for x in k.listed]
     skewed_rows = [
         [
-            _e(x.probe),
-            _e(x.target),
+            x.probe,
+            x.target,
             str(x.seq),
-            f"<code>{_e(x.id)}</code>",
+            el("code", x.id),
             _time(x.finished_at),
             _time(x.judged_at),
-            _e(f"{x.clock_skew:+.3f} s"),
+            f"{x.clock_skew:+.3f} s",
         ]
         for x in listed[:HTML_ROWS]
     ]
-    skewed_table = ""
+    skewed_table = None
     if skewed_rows:
         skewed_table = _table(
             [("Probe", ""), ("Target", ""), ("Seq", "num"), ("Result", ""), ("Probe's stamp", "t"),
@@ -666,27 +734,31 @@ def _probes_html(report: Report) -> str:
             total=sum(k.skewed for k in report.clock_skew),
             csv_name="skewed_results.csv",
         )  # fmt: skip
-    unreadable = ""
+    unreadable = None
     if report.unreadable:
-        unreadable = "<h3>Stored results that could not be read</h3>" + _table(
-            [("Target", ""), ("From", "t"), ("To", "t"), ("Problem", "")],
-            [[_e(u.target), _time(u.start), _time(u.end), _e(u.problem)] for u in report.unreadable],
-            empty="",
-            name="unreadable",
+        unreadable = html(
+            el("h3", "Stored results that could not be read"),
+            _table(
+                [("Target", ""), ("From", "t"), ("To", "t"), ("Problem", "")],
+                [[u.target, _time(u.start), _time(u.end), u.problem] for u in report.unreadable],
+                empty="",
+                name="unreadable",
+            ),
         )
-    return (
-        '<section class="panel" data-section="probes"><h2>Probes</h2>'
-        "<h3>Probe outages (offline, from the probes' status and last will)</h3>"
-        + _table(
+    return el(
+        "section",
+        el("h2", "Probes"),
+        el("h3", "Probe outages (offline, from the probes' status and last will)"),
+        _table(
             [("Probe", ""), ("From", "t"), ("To", "t"), ("Length", "num"), ("", "")],
             outages,
             empty="No probe was offline in the period.",
             name="probe-outages",
             total=len(report.probe_outages),
             csv_name="probe_outages.csv",
-        )
-        + "<h3>Missing results (gaps in a probe's sequence numbers), and their repair</h3>"
-        + _table(
+        ),
+        el("h3", "Missing results (gaps in a probe's sequence numbers), and their repair"),
+        _table(
             [
                 *(("Probe", ""), ("After seq", "num"), ("Next seq", "num"), ("Missing", "num")),
                 *(("Noticed", "t"), ("Repaired", "num"), ("Unrecoverable", "num"), ("Closed", "t")),
@@ -696,11 +768,17 @@ def _probes_html(report: Report) -> str:
             name="sequence-gaps",
             total=len(report.seq_gaps),
             csv_name="sequence_gaps.csv",
-        )
-        + f"<h3>Probe clocks (results judged with a skew beyond {_e(duration(bound))} are marked)</h3>"
-        + "<p>Every time in this report is the monitor's judged time: the probe's own stamp corrected"
-        " by the probe's estimated clock skew, never later than the monitor received it.</p>"
-        + _table(
+        ),
+        el(
+            "h3",
+            f"Probe clocks (results judged with a skew beyond {duration(report.max_clock_skew)} are marked)",
+        ),
+        el(
+            "p",
+            "Every time in this report is the monitor's judged time: the probe's own stamp corrected"
+            " by the probe's estimated clock skew, never later than the monitor received it.",
+        ),
+        _table(
             [
                 ("Probe", ""),
                 ("Results", "num"),
@@ -712,17 +790,18 @@ def _probes_html(report: Report) -> str:
             skews,
             empty="No results in the period.",
             name="clock-skew",
-        )
-        + skewed_table
-        + "<h3>Software versions seen (from the signed results)</h3>"
-        + _table(
+        ),
+        skewed_table,
+        el("h3", "Software versions seen (from the signed results)"),
+        _table(
             [("Probe", ""), ("Version", ""), ("First seen", "t"), ("Last seen", "t"), ("Results", "num")],
             versions,
             empty="No results in the period.",
             name="versions",
-        )
-        + unreadable
-        + "</section>"
+        ),
+        unreadable,
+        class_="panel",
+        data_section="probes",
     )
 
 
@@ -734,47 +813,52 @@ def _skew_range(k: ProbeSkew) -> str:
     return f"{k.min_seconds:+.3f} … {k.max_seconds:+.3f} s"
 
 
-def _ledger_detail(report: Report) -> str:
-    led = report.ledger
-
-    def row(label: str, value: str) -> str:
-        return f"<dt>{_e(label)}</dt><dd>{value}</dd>"
-
-    verdict = '<span class="good">intact</span>' if led.ok else f'<span class="bad">{_e(led.status)}</span>'
-    items = [
-        row("Chain", f"{verdict}; checked over every row in the store, not only this period"),
-        row("Rows", f"{led.rows_checked} verified of {led.rows_total} stored"),
-        row(
-            "Last row in the period",
-            "none"
-            if led.period_last_row is None
-            else f"#{led.period_last_row} (result <code>{_e(led.period_last_id)}</code>)<br>"
-            f'<code class="hash" data-hash="period">{_e(led.period_last_hash)}</code>',
-        ),
-        row(
-            "Last row overall",
-            "none"
-            if led.last_row is None
-            else f"#{led.last_row} (result <code>{_e(led.last_id)}</code>)<br>"
-            f'<code class="hash" data-hash="last">{_e(led.last_hash)}</code>',
-        ),
-        row(
-            "To confirm later",
-            "run <code>ecpm ledger verify --db STORE</code>: it must say the chain is intact and print"
-            " the last hash above (or a later one, if rows were added since); and"
-            ' <code>sqlite3 STORE "SELECT hash FROM results WHERE row = N"</code> for the period\'s last'
-            " row must print the period hash above. Both hashes commit to every row up to them.",
-        ),
-    ]
-    return (
-        '<section class="panel" data-section="ledger"><h2>Ledger</h2>'
-        f'<dl class="defs">{"".join(items)}</dl></section>'
+def _last_row(row: int | None, result_id: str | None, digest: str | None, name: str) -> Node:
+    if row is None:
+        return "none"
+    return html(
+        f"#{row} (result ",
+        el("code", result_id),
+        ")",
+        el("br"),
+        el("code", digest, class_="hash", data_hash=name),
     )
 
 
-def _definitions(report: Report) -> str:
+def _ledger_detail(report: Report) -> Markup:
+    led = report.ledger
+    verdict = el("span", "intact", class_="good") if led.ok else el("span", led.status, class_="bad")
+    items: list[tuple[str, Node]] = [
+        ("Chain", html(verdict, "; checked over every row in the store, not only this period")),
+        ("Rows", f"{led.rows_checked} verified of {led.rows_total} stored"),
+        (
+            "Last row in the period",
+            _last_row(led.period_last_row, led.period_last_id, led.period_last_hash, "period"),
+        ),
+        ("Last row overall", _last_row(led.last_row, led.last_id, led.last_hash, "last")),
+        (
+            "To confirm later",
+            html(
+                "run ",
+                el("code", "ecpm ledger verify --db STORE"),
+                ": it must say the chain is intact and print the last hash above (or a later one, if rows"
+                " were added since); and ",
+                el("code", 'sqlite3 STORE "SELECT hash FROM results WHERE row = N"'),
+                " for the period's last row must print the period hash above. Both hashes commit to every"
+                " row up to them.",
+            ),
+        ),
+    ]
+    return el("section", el("h2", "Ledger"), _defs(items), class_="panel", data_section="ledger")
+
+
+def _defs(items: Sequence[tuple[str, Node]]) -> Markup:
+    return el("dl", [html(el("dt", term), el("dd", text)) for term, text in items], class_="defs")
+
+
+def _definitions(report: Report) -> Markup:
     target = target_pct(report.availability_target)
-    items = {
+    items: dict[str, Node] = {
         "Period": "half-open [from, to) in UTC; cut at the time the report was generated when it runs on"
         " into the future.",
         "Availability, time-weighted": "from the monitor's recorded state timeline: up and degraded are"
@@ -796,46 +880,48 @@ def _definitions(report: Report) -> str:
         "Blocked dial attempts": "results whose reason is guard_refused: the live-number guard refused"
         " the SIP send; never placed, so not counted as calls.",
     }
-    body = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items.items())
-    return f'<section class="panel"><h2>Definitions</h2><dl class="defs">{body}</dl></section>'
+    return el("section", el("h2", "Definitions"), _defs(list(items.items())), class_="panel")
 
 
 def render_html(report: Report) -> str:
     template = resources.files("monitor").joinpath("templates/report.html").read_text("utf-8")
-    styles = re.findall(r"<style>(.*?)</style>", template, re.S)
-    hashes = " ".join(
-        f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in styles
-    )
     period = (
-        f"{when(report.start)} – {when(report.end)}"
-        + (f" (measured until {when(report.measured_until)})" if report.measured_until < report.end else "")
+        f"{readable_time(report.start)} – {readable_time(report.end)}"
+        + (
+            f" (measured until {readable_time(report.measured_until)})"
+            if report.measured_until < report.end
+            else ""
+        )
         + f", {duration((report.measured_until - report.start).total_seconds())}"
     )
-    header = (
-        _ledger_html(report)
-        + "<h1>Emergency call path: evidence report</h1>"
-        + f'<p class="meta" data-period="{_e(format_time(report.start))}/{_e(format_time(report.end))}">'
-        + f"Period {_e(period)} · {len(report.targets)} target{'s' if len(report.targets) != 1 else ''}"
-        + f" · generated {_e(when(report.generated_at))} by ecpm {_e(report.software)}"
-        + (f" from <code>{_e(report.store)}</code>" if report.store else "")
-        + f" · availability target {_e(target_pct(report.availability_target))}"
-        + " · Ofcom General Condition A3.2(b)</p>"
+    n = len(report.targets)
+    meta = el(
+        "p",
+        f"Period {period} · {n} target{'s' if n != 1 else ''}"
+        f" · generated {readable_time(report.generated_at)} by ecpm {report.software}",
+        html(" from ", el("code", report.store)) if report.store else None,
+        f" · availability target {target_pct(report.availability_target)} · Ofcom General Condition A3.2(b)",
+        class_="meta",
+        data_period=f"{format_time(report.start)}/{format_time(report.end)}",
     )
-    body = (
-        header
-        + _overview(report)
-        + "".join(_target_html(report, t) for t in report.targets)
-        + _probes_html(report)
-        + _ledger_detail(report)
-        + _definitions(report)
-        + f"<footer>ecpm {_e(report.software)} · report schema {_e(report.schema)}</footer>"
+    body = html(
+        _ledger_html(report),
+        el("h1", "Emergency call path: evidence report"),
+        meta,
+        _overview(report),
+        [_target_html(report, t) for t in report.targets],
+        _probes_html(report),
+        _ledger_detail(report),
+        _definitions(report),
+        el("footer", f"ecpm {report.software} · report schema {report.schema}"),
     )
-    title = f"ecpm evidence report {when(report.start)} – {when(report.end)}"
+    csp = (
+        f"default-src 'none'; style-src {csp_hashes(template, 'style')}; img-src data:; base-uri 'none';"
+        " form-action 'none'"
+    )
+    title = f"ecpm evidence report {readable_time(report.start)} – {readable_time(report.end)}"
     return string.Template(template).substitute(
-        csp=_e(f"default-src 'none'; style-src {hashes}; img-src data:; base-uri 'none'; form-action 'none'"),
-        generator=_e(f"ecpm {report.software}"),
-        title=_e(title),
-        body=body,
+        csp=escape(csp), generator=escape(f"ecpm {report.software}"), title=escape(title), body=body
     )
 
 
