@@ -57,7 +57,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, Literal, Protocol, TypeVar
 
 from ecpm import __version__
-from monitor.model import TARGET_STATES, Incident, ResultSummary, SeqGap, StateChange, TargetStateName
+from monitor.model import (
+    TARGET_STATES,
+    Incident,
+    Notification,
+    ResultSummary,
+    SeqGap,
+    StateChange,
+    TargetStateName,
+)
 from monitor.skew import skewed
 from monitor.store import ChainReport, ProbeEvent, Quarantined, Verification
 from probes.outcome import CALL_KINDS, CHECK_KINDS
@@ -196,17 +204,10 @@ class Bucket:
 
 
 @dataclass(frozen=True, slots=True)
-class Notice:
-    """One page of an incident, as the monitor's own notifiers recorded it."""
+class Notice(Notification):
+    """One page of an incident, as the monitor's own notifiers recorded it, and when."""
 
-    notifier: str
-    event: Literal["trigger", "resolve"]
-    state: Literal["pending", "sent", "failed"]
-    attempts: int
-    created_at: datetime
-    sent_at: datetime | None
-    after_detection_seconds: float | None  # sent_at - detected_at
-    last_error: str | None
+    after_detection_seconds: float | None = None  # sent_at - detected_at
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,12 +15,13 @@ import math
 from datetime import datetime
 from typing import Any, Final, Protocol
 
-from monitor.model import Incident, ProbeView, ResultSummary, TargetView
+from monitor.model import Incident, Notification, ProbeView, ResultSummary, TargetView
 from probes.result import format_time
 
 __all__ = [
     "PAGED_INCIDENT_FIELDS",
-    "PageRecord",
+    "Bounded",
+    "bounds_json",
     "finite",
     "incident_json",
     "notification_json",
@@ -106,26 +107,7 @@ def probe_json(p: ProbeView) -> dict[str, Any]:
     }
 
 
-class PageRecord(Protocol):
-    """One page's delivery record: a ``Notification``, or the report's ``Notice`` of it."""
-
-    @property
-    def notifier(self) -> str: ...
-    @property
-    def event(self) -> str: ...
-    @property
-    def state(self) -> str: ...
-    @property
-    def attempts(self) -> int: ...
-    @property
-    def created_at(self) -> datetime: ...
-    @property
-    def sent_at(self) -> datetime | None: ...
-    @property
-    def last_error(self) -> str | None: ...
-
-
-def notification_json(n: PageRecord) -> dict[str, Any]:
+def notification_json(n: Notification) -> dict[str, Any]:
     return {
         "notifier": n.notifier,
         "event": n.event,
@@ -137,6 +119,29 @@ def notification_json(n: PageRecord) -> dict[str, Any]:
     }
 
 
+class Bounded(Protocol):
+    """What an incident knows of its start: an ``Incident``, or the report's entry of one."""
+
+    @property
+    def last_good_id(self) -> str | None: ...
+    @property
+    def last_good_at(self) -> datetime | None: ...
+    @property
+    def first_failed_id(self) -> str | None: ...
+    @property
+    def first_failed_at(self) -> datetime | None: ...
+
+
+def bounds_json(i: Bounded) -> dict[str, Any]:
+    """The last good and the first failed result of an incident, as every incident view has them."""
+    return {
+        "last_good_id": i.last_good_id,
+        "last_good_at": time_json(i.last_good_at),
+        "first_failed_id": i.first_failed_id,
+        "first_failed_at": time_json(i.first_failed_at),
+    }
+
+
 def incident_json(i: Incident) -> dict[str, Any]:
     return {
         "id": i.id,
@@ -145,10 +150,7 @@ def incident_json(i: Incident) -> dict[str, Any]:
         "state": "open" if i.resolved_at is None else "resolved",
         "opened_at": time_json(i.opened_at),
         "resolved_at": time_json(i.resolved_at),
-        "last_good_id": i.last_good_id,
-        "last_good_at": time_json(i.last_good_at),
-        "first_failed_id": i.first_failed_id,
-        "first_failed_at": time_json(i.first_failed_at),
+        **bounds_json(i),
         "detection_latency_seconds": finite(i.detection_latency),
         "summary": i.summary,
         "notifications": [notification_json(n) for n in i.notifications],

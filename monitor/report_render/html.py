@@ -91,23 +91,26 @@ def _table(
     headers: Headers,
     rows: Sequence[Sequence[Node]],
     *,
+    title: str | None = None,
     empty: str,
     name: str,
     total: int | None = None,
     csv_name: str = "",
     row_attrs: Sequence[Mapping[str, str]] | None = None,
 ) -> Markup:
-    """A table of ``rows`` (one cell per header), or the ``empty`` line when there is none;
-    a table cut at ``HTML_ROWS`` says where the rest is (``total`` rows in ``csv_name``)."""
+    """A table of ``rows`` (one cell per header) under its ``title``, or the ``empty`` line when
+    there is none; a table cut at ``HTML_ROWS`` says where the rest is (``total`` rows in
+    ``csv_name``)."""
+    heading = None if title is None else el("h3", title)
     if not rows:
-        return el("p", empty, class_="empty", data_table=name)
+        return html(heading, el("p", empty, class_="empty", data_table=name))
     body = [_row(headers, row, **(row_attrs[n] if row_attrs else {})) for n, row in enumerate(rows)]
     more = None
     if total is not None and total > len(rows):
         more = el(
             "p", f"{len(rows)} of {total} rows shown; all are in {csv_name} and report.json.", class_="more"
         )
-    return html(el("table", _head(headers), el("tbody", body), data_table=name), more)
+    return html(heading, el("table", _head(headers), el("tbody", body), data_table=name), more)
 
 
 # ---------------------------------------------------------------- charts
@@ -567,14 +570,13 @@ def _gaps_html(t: TargetReport) -> Markup:
     table = _table(
         [("From", "t"), ("To", "t"), ("Length", "num"), ("", "")],
         rows,
+        title=f"Monitoring gaps (unknown: no result within {duration(t.fresh_within)})",
         empty="No monitoring gaps.",
         name="gaps",
         total=len(t.gaps),
         csv_name="gaps.csv",
     )
-    return html(
-        el("h3", f"Monitoring gaps (unknown: no result within {duration(t.fresh_within)})"), table, note
-    )
+    return html(table, note)
 
 
 def _verifications_html(t: TargetReport) -> Markup:
@@ -596,7 +598,8 @@ def _verifications_html(t: TargetReport) -> Markup:
                 detail,
             ]
         )
-    return html(el("h3", "Post-change verifications"), _table(
+    return _table(
+
         [
             ("Change", ""), ("Request", ""), ("Requested", "t"), ("Finished", "t"), ("Took", "num"),
             ("Probes", ""), ("Required", "num"), ("Outcome", ""), ("Per probe", ""),
@@ -606,7 +609,8 @@ def _verifications_html(t: TargetReport) -> Markup:
         name="verifications",
         total=len(t.verifications),
         csv_name="verifications.csv",
-    ))  # fmt: skip
+        title="Post-change verifications",
+    )  # fmt: skip
 
 
 def _refusals_html(t: TargetReport) -> Markup:
@@ -614,29 +618,25 @@ def _refusals_html(t: TargetReport) -> Markup:
         [_time(r.finished_at), r.probe, r.check, el("code", r.id), r.request_id or ""]
         for r in t.refusals[:HTML_ROWS]
     ]
-    return html(
-        el("h3", "Blocked dial attempts (live-number guard refused the call)"),
-        _table(
-            [("At", "t"), ("Probe", ""), ("Check", ""), ("Result", ""), ("Request", "")],
-            rows,
-            empty="None: no call was refused by the guard.",
-            name="refusals",
-            total=len(t.refusals),
-            csv_name="refusals.csv",
-        ),
+    return _table(
+        [("At", "t"), ("Probe", ""), ("Check", ""), ("Result", ""), ("Request", "")],
+        rows,
+        empty="None: no call was refused by the guard.",
+        name="refusals",
+        total=len(t.refusals),
+        csv_name="refusals.csv",
+        title="Blocked dial attempts (live-number guard refused the call)",
     )
 
 
 def _coverage_html(t: TargetReport) -> Markup:
     rows = [[c.probe, str(c.results), _time(c.first_at), _time(c.last_at)] for c in t.coverage]
-    return html(
-        el("h3", "Probe coverage"),
-        _table(
-            [("Probe", ""), ("Results", "num"), ("First", "t"), ("Last", "t")],
-            rows,
-            empty="No probe reported on this target in the period.",
-            name="coverage",
-        ),
+    return _table(
+        [("Probe", ""), ("Results", "num"), ("First", "t"), ("Last", "t")],
+        rows,
+        empty="No probe reported on this target in the period.",
+        name="coverage",
+        title="Probe coverage",
     )
 
 
@@ -662,7 +662,8 @@ def _buckets_html(t: TargetReport) -> Markup:
         f"Quarter hours that were not all up ({len(flagged)} of {len(t.buckets)};"
         f" {perfect} were up throughout with no failed call)"
     )
-    return html(el("h3", title), _table(
+    return _table(
+
         [
             ("Quarter hour", "t"), ("Calls", "num"), ("Passed", "num"), ("Failed", "num"),
             ("Inconcl.", "num"), ("Availability", "num"), ("Down", "num"), ("Unmonitored", "num"),
@@ -674,7 +675,8 @@ def _buckets_html(t: TargetReport) -> Markup:
         total=len(flagged),
         csv_name="buckets.csv",
         row_attrs=[{"data_bucket": format_time(b.start)} for b in shown],
-    ))  # fmt: skip
+        title=title,
+    )  # fmt: skip
 
 
 def _probes_html(report: Report) -> Markup:
@@ -736,34 +738,32 @@ def _probes_html(report: Report) -> Markup:
         )  # fmt: skip
     unreadable = None
     if report.unreadable:
-        unreadable = html(
-            el("h3", "Stored results that could not be read"),
-            _table(
-                [("Target", ""), ("From", "t"), ("To", "t"), ("Problem", "")],
-                [[u.target, _time(u.start), _time(u.end), u.problem] for u in report.unreadable],
-                empty="",
-                name="unreadable",
-            ),
+        unreadable = _table(
+            [("Target", ""), ("From", "t"), ("To", "t"), ("Problem", "")],
+            [[u.target, _time(u.start), _time(u.end), u.problem] for u in report.unreadable],
+            empty="",
+            name="unreadable",
+            title="Stored results that could not be read",
         )
     return el(
         "section",
         el("h2", "Probes"),
-        el("h3", "Probe outages (offline, from the probes' status and last will)"),
         _table(
             [("Probe", ""), ("From", "t"), ("To", "t"), ("Length", "num"), ("", "")],
             outages,
+            title="Probe outages (offline, from the probes' status and last will)",
             empty="No probe was offline in the period.",
             name="probe-outages",
             total=len(report.probe_outages),
             csv_name="probe_outages.csv",
         ),
-        el("h3", "Missing results (gaps in a probe's sequence numbers), and their repair"),
         _table(
             [
                 *(("Probe", ""), ("After seq", "num"), ("Next seq", "num"), ("Missing", "num")),
                 *(("Noticed", "t"), ("Repaired", "num"), ("Unrecoverable", "num"), ("Closed", "t")),
             ],
             gaps,
+            title="Missing results (gaps in a probe's sequence numbers), and their repair",
             empty="No result went missing.",
             name="sequence-gaps",
             total=len(report.seq_gaps),
@@ -792,10 +792,10 @@ def _probes_html(report: Report) -> Markup:
             name="clock-skew",
         ),
         skewed_table,
-        el("h3", "Software versions seen (from the signed results)"),
         _table(
             [("Probe", ""), ("Version", ""), ("First seen", "t"), ("Last seen", "t"), ("Results", "num")],
             versions,
+            title="Software versions seen (from the signed results)",
             empty="No results in the period.",
             name="versions",
         ),

@@ -10,9 +10,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from monitor.report import Bucket, IncidentEntry, LedgerCheck, Notice, ProbeSkew, Report, Span, TargetReport
+from monitor.report import (
+    Bucket,
+    IncidentEntry,
+    LedgerCheck,
+    Notice,
+    ProbeOutage,
+    ProbeSkew,
+    Report,
+    Span,
+    TargetReport,
+)
 from monitor.store import Verification
-from monitor.views import notification_json
+from monitor.views import bounds_json, notification_json
 from monitor.views import time_json as _t
 
 __all__ = ["bucket_json", "ledger_json", "report_json", "rounded", "span_json", "took_seconds", "write_json"]
@@ -28,8 +38,11 @@ def took_seconds(v: Verification) -> float | None:
 
 
 def span_json(s: Span) -> dict[str, Any]:
+    return {"state": s.state, **_interval(s)}
+
+
+def _interval(s: Span | ProbeOutage) -> dict[str, Any]:
     return {
-        "state": s.state,
         "start": _t(s.start),
         "end": _t(s.end),
         "seconds": rounded(s.seconds),
@@ -63,10 +76,7 @@ def _incident(i: IncidentEntry) -> dict[str, Any]:
         "id": i.id,
         "kind": i.kind,
         "summary": i.summary,
-        "last_good_id": i.last_good_id,
-        "last_good_at": _t(i.last_good_at),
-        "first_failed_id": i.first_failed_id,
-        "first_failed_at": _t(i.first_failed_at),
+        **bounds_json(i),
         "detected_at": _t(i.detected_at),
         "notified_at": _t(i.notified_at),
         "resolved_at": _t(i.resolved_at),
@@ -223,17 +233,7 @@ def report_json(report: Report) -> dict[str, Any]:
         },
         "targets": [_target(t) for t in report.targets],
         "probes": {
-            "outages": [
-                {
-                    "probe": o.probe,
-                    "start": _t(o.start),
-                    "end": _t(o.end),
-                    "seconds": rounded(o.seconds),
-                    "open_at_start": o.open_at_start,
-                    "open_at_end": o.open_at_end,
-                }
-                for o in report.probe_outages
-            ],
+            "outages": [{"probe": o.probe, **_interval(o)} for o in report.probe_outages],
             "sequence_gaps": [
                 {
                     "probe": g.probe,
