@@ -36,32 +36,19 @@ from monitor.config import Notifier, PagerDutyNotifier, SlackNotifier, WebhookNo
 from monitor.metrics import MonitorMetrics
 from monitor.model import Incident
 from monitor.store import NotificationQueue, QueuedNotification
-from probes.result import format_time
+from monitor.views import paged_incident_json
 
 logger = logging.getLogger(__name__)
 
 
 def incident_event(incident: Incident, event: str, *, monitor: str, status_url: str | None) -> dict[str, Any]:
     """The neutral, secret-free record of one page, as stored and as sent by the webhook."""
-    latency = incident.detection_latency
     return {
         "event": event,
         "dedup_key": f"ecpm-{monitor}-incident-{incident.id}",
         "monitor": monitor,
         "status_url": status_url,
-        "incident": {
-            "id": incident.id,
-            "target": incident.target,
-            "kind": incident.kind,
-            "summary": incident.summary,
-            "opened_at": format_time(incident.opened_at),
-            "resolved_at": None if incident.resolved_at is None else format_time(incident.resolved_at),
-            "last_good_at": None if incident.last_good_at is None else format_time(incident.last_good_at),
-            "first_failed_at": (
-                None if incident.first_failed_at is None else format_time(incident.first_failed_at)
-            ),
-            "detection_latency_seconds": latency,
-        },
+        "incident": paged_incident_json(incident),
     }
 
 

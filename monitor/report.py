@@ -57,9 +57,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, Literal, TypeVar
 
 from ecpm import __version__
-from monitor.model import TARGET_STATES, Incident, ResultSummary, SeqGap, StateChange, TargetStateName
+from monitor.model import (
+    TARGET_STATES,
+    Incident,
+    Notification,
+    ResultSummary,
+    SeqGap,
+    StateChange,
+    TargetStateName,
+)
 from monitor.skew import skewed
 from monitor.store import ProbeEvent, ReportSource, Verification
+from probes.outcome import CALL_KINDS, CHECK_KINDS
 from probes.result import ResultError, format_time, parse_time
 
 SCHEMA: Final = "ecpm.report/1"
@@ -107,7 +116,8 @@ class Span:
 
 @dataclass(frozen=True, slots=True)
 class CallCounts:
-    """``invite`` test calls placed (blocked dial attempts excluded)."""
+    """Test calls placed, of the kinds in ``probes.outcome.CALL_KINDS`` (``invite``); blocked
+    dial attempts excluded."""
 
     placed: int = 0
     passed: int = 0
@@ -120,7 +130,7 @@ class CallCounts:
 
 @dataclass(frozen=True, slots=True)
 class PingCounts:
-    """``options`` pings sent (blocked ones excluded)."""
+    """Pings sent: results of every other check kind (``options``); blocked ones excluded."""
 
     sent: int = 0
     passed: int = 0
@@ -176,17 +186,10 @@ class Bucket:
 
 
 @dataclass(frozen=True, slots=True)
-class Notice:
-    """One page of an incident, as the monitor's own notifiers recorded it."""
+class Notice(Notification):
+    """One page of an incident, as the monitor's own notifiers recorded it, and when."""
 
-    notifier: str
-    event: Literal["trigger", "resolve"]
-    state: Literal["pending", "sent", "failed"]
-    attempts: int
-    created_at: datetime
-    sent_at: datetime | None
-    after_detection_seconds: float | None  # sent_at - detected_at
-    last_error: str | None
+    after_detection_seconds: float | None = None  # sent_at - detected_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +203,9 @@ class IncidentEntry:
     first_failed_at: datetime | None  # start of the first failed call
     detected_at: datetime  # when the monitor confirmed it (opened the incident)
     resolved_at: datetime | None
+    notified_at: datetime | None  # the first trigger page sent (None: none was)
     detection_latency_seconds: float | None  # detected - first failure start
-    time_to_notify_seconds: float | None  # first trigger page sent - detected
+    time_to_notify_seconds: float | None  # notified - detected
     duration_seconds: float | None  # resolved - (first failure start, or detected for gaps)
     notifications: tuple[Notice, ...]
 
@@ -783,7 +787,7 @@ class _Silences:
 
 
 _CALLS: Final = ("placed", "passed", "failed", "inconclusive")  # CallCounts, by outcome
-_CALL_KINDS: Final = ("scheduled", "confirmations", "on_demand")  # CallCounts, by why placed
+_PLACED_AS: Final = ("scheduled", "confirmations", "on_demand")  # CallCounts, by why placed
 _PINGS: Final = ("sent", "passed", "failed", "inconclusive")  # PingCounts
 
 
@@ -797,7 +801,7 @@ class _TargetTally:
     fresh: _Fresh
     silences: _Silences
     calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_CALLS, 0))
-    kinds: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_CALL_KINDS, 0))
+    kinds: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PLACED_AS, 0))
     pings: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PINGS, 0))
     refusals: list[ResultSummary] = field(default_factory=list)
     coverage: dict[str, _Seen] = field(default_factory=dict)  # probe
@@ -822,9 +826,9 @@ class _TargetTally:
             self.refusals.append(r)
             return
         self.fresh.add(at)
-        if r.check == "invite":
+        if r.check in CALL_KINDS:
             self._call(r, self.buckets.index(at))
-        elif r.check == "options":
+        elif r.check in CHECK_KINDS:  # every other kind is a ping
             self._ping(r, self.buckets.index(at))
 
     def _call(self, r: ResultSummary, k: int) -> None:
@@ -1003,6 +1007,7 @@ def _incident_entry(incident: Incident) -> IncidentEntry:
         for n in incident.notifications
     )
     sent = [n.sent_at for n in notices if n.event == "trigger" and n.state == "sent" and n.sent_at]
+    notified = min(sent) if sent else None
     began = incident.first_failed_at or detected
     return IncidentEntry(
         id=incident.id,
@@ -1014,10 +1019,11 @@ def _incident_entry(incident: Incident) -> IncidentEntry:
         first_failed_at=incident.first_failed_at,
         detected_at=detected,
         resolved_at=incident.resolved_at,
+        notified_at=notified,
         detection_latency_seconds=(
             None if incident.first_failed_at is None else _seconds(incident.first_failed_at, detected)
         ),
-        time_to_notify_seconds=None if not sent else _seconds(detected, min(sent)),
+        time_to_notify_seconds=None if notified is None else _seconds(detected, notified),
         duration_seconds=None if incident.resolved_at is None else _seconds(began, incident.resolved_at),
         notifications=notices,
     )

@@ -21,7 +21,8 @@ from typing import Any, Literal
 from monitor.core import MonitorCore
 from monitor.model import ResultSummary
 from monitor.store import Verification, VerificationBook
-from monitor.web import ActionError, result_json
+from monitor.views import result_json
+from monitor.web import ActionError
 from probes.result import format_time
 
 Publish = Callable[[str, bytes], Awaitable[None]]  # (topic, payload) QoS 1

@@ -48,14 +48,10 @@ bug and becomes a 500.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import hmac
 import json
 import logging
-import math
-import re
 import socket
 import string
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
@@ -72,6 +68,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from ecpm.errors import EcpmError
+from monitor.html import Markup, Node, csp_hashes, duration, el, escape, html, utc
 from monitor.model import (
     TARGET_STATES,
     Incident,
@@ -84,6 +81,7 @@ from monitor.model import (
     TargetView,
 )
 from monitor.skew import skewed
+from monitor.views import finite, incident_json, probe_json, probe_status, target_json, time_json
 
 __all__ = ["Action", "ActionError", "ListenError", "create_app", "serve"]
 
@@ -143,18 +141,18 @@ def create_app(
 
     async def api_targets(request: Request) -> Response:
         snap = snapshot()
-        return _json({"at": _time(snap.at), "targets": [target_json(t) for t in snap.targets.values()]})
+        return _json({"at": time_json(snap.at), "targets": [target_json(t) for t in snap.targets.values()]})
 
     async def api_probes(request: Request) -> Response:
         snap = snapshot()
-        return _json({"at": _time(snap.at), "probes": [probe_json(p) for p in snap.probes.values()]})
+        return _json({"at": time_json(snap.at), "probes": [probe_json(p) for p in snap.probes.values()]})
 
     async def api_incidents(request: Request) -> Response:
         raw = request.query_params.get("limit", str(DEFAULT_INCIDENTS))
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_INCIDENTS:
             return _error(400, f"limit must be a whole number from 1 to {MAX_INCIDENTS}")
         snap = snapshot()
-        return _json({"at": _time(snap.at), "incidents": [incident_json(i) for i in incidents(int(raw))]})
+        return _json({"at": time_json(snap.at), "incidents": [incident_json(i) for i in incidents(int(raw))]})
 
     async def run_action(request: Request) -> Response:
         refused = _authorise(request, expected)
@@ -224,7 +222,7 @@ class _JSON(JSONResponse):
 
 def _json_default(value: object) -> object:
     if isinstance(value, datetime):
-        return _time(value)
+        return time_json(value)
     if isinstance(value, frozenset | set):
         return list(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
@@ -239,87 +237,7 @@ def _error(status: int, message: str, *, bearer: str | None = None) -> Response:
     return _JSON({"error": message}, status_code=status, headers=headers)
 
 
-# ---------------------------------------------------------------- JSON views
-
-
-def _utc(value: datetime) -> datetime:
-    """Aware UTC; a naive datetime is taken to be UTC already."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _time(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return _utc(value).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
-def result_json(r: ResultSummary) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "probe": r.probe,
-        "target": r.target,
-        "check": r.check,
-        "seq": r.seq,
-        "started_at": _time(r.started_at),
-        "finished_at": _time(r.finished_at),
-        "outcome": r.outcome,
-        "stage": r.stage,
-        "reason": r.reason,
-        "sip_status": r.sip_status,
-        "sip_reason": r.sip_reason,
-        "post_dial_delay_seconds": _finite(r.post_dial_delay),
-        "mos": _finite(r.mos),
-        "confirm": r.confirm,
-        "request_id": r.request_id,
-        "version": r.version,
-        "judged_at": _time(r.judged),
-        "clock_skew_seconds": _finite(r.clock_skew),
-    }
-
-
-def target_json(t: TargetView) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "description": t.description,
-        "interval_seconds": t.interval,
-        "state": t.state,
-        "since": _time(t.since),
-        "why": t.why,
-        "last_success_at": _time(t.last_success_at),
-        "covering_probes": list(t.covering_probes),
-        "open_incident": t.open_incident,
-        "latest": [result_json(r) for r in t.latest],
-    }
-
-
-def probe_status(p: ProbeView) -> str:
-    """online | stale (online but not reporting on time) | offline | unknown (never heard of)."""
-    if p.online is None:
-        return "unknown"
-    if not p.online:
-        return "offline"
-    return "online" if p.up else "stale"
-
-
-def probe_json(p: ProbeView) -> dict[str, Any]:
-    return {
-        "id": p.id,
-        "status": probe_status(p),
-        "online": p.online,
-        "up": p.up,
-        "status_at": _time(p.status_at),
-        "last_result_at": _time(p.last_result_at),
-        "version": p.version,
-        "targets": list(p.targets),
-        "outbox": None if p.outbox is None else p.outbox.to_dict(),
-        "results_outstanding": p.outstanding,
-        "clock_skew_seconds": _finite(p.clock_skew),
-        "clock_skewed": p.clock_skewed,
-    }
+# ---------------------------------------------------------------- page text
 
 
 def delivery_trouble(p: ProbeView) -> bool:
@@ -343,126 +261,22 @@ def delivery_text(p: ProbeView) -> str:
     return ", ".join(parts) or "—"
 
 
-def notification_json(n: Notification) -> dict[str, Any]:
-    return {
-        "notifier": n.notifier,
-        "event": n.event,
-        "state": n.state,
-        "attempts": n.attempts,
-        "created_at": _time(n.created_at),
-        "sent_at": _time(n.sent_at),
-        "last_error": n.last_error,
-    }
-
-
-def incident_json(i: Incident) -> dict[str, Any]:
-    return {
-        "id": i.id,
-        "target": i.target,
-        "kind": i.kind,
-        "state": "open" if i.resolved_at is None else "resolved",
-        "opened_at": _time(i.opened_at),
-        "resolved_at": _time(i.resolved_at),
-        "last_good_id": i.last_good_id,
-        "last_good_at": _time(i.last_good_at),
-        "first_failed_id": i.first_failed_id,
-        "first_failed_at": _time(i.first_failed_at),
-        "detection_latency_seconds": _finite(i.detection_latency),
-        "summary": i.summary,
-        "notifications": [notification_json(n) for n in i.notifications],
-    }
-
-
-# ---------------------------------------------------------------- HTML building blocks
-
-
-class Markup(str):
-    """Text that is already HTML: inserted as is. Every other ``str`` gets escaped."""
-
-    __slots__ = ()
-
-
-Node: TypeAlias = "str | Sequence[Node] | None"
-
-
-def _escape(text: str) -> str:
-    return (
-        text.replace("&", "&amp;")
-        .replace("<", "&lt;")
-        .replace(">", "&gt;")
-        .replace('"', "&quot;")
-        .replace("'", "&#x27;")
-    )
-
-
-def _flatten(node: Node, out: list[str]) -> None:
-    if node is None:
-        return
-    if isinstance(node, Markup):
-        out.append(node)
-    elif isinstance(node, str):
-        out.append(_escape(node))
-    else:
-        for child in node:
-            _flatten(child, out)
-
-
-def html(*children: Node) -> Markup:
-    """Join children into markup, escaping every plain string."""
-    out: list[str] = []
-    _flatten(list(children), out)
-    return Markup("".join(out))
-
-
-_VOID = frozenset({"br", "meta", "link"})
-
-
-def el(name: str, *children: Node, **attrs: str | int | bool | None) -> Markup:
-    """``el("td", "x", class_="num", data_label="MOS")`` → ``<td class="num" data-label="MOS">x</td>``."""
-    parts = [name]
-    for key, value in attrs.items():
-        if value is None or value is False:
-            continue
-        attr = key.rstrip("_").replace("_", "-")
-        parts.append(attr if value is True else f'{attr}="{_escape(str(value))}"')
-    opening = "<" + " ".join(parts) + ">"
-    if name in _VOID:
-        return Markup(opening)
-    return Markup(opening + html(*children) + f"</{name}>")
-
-
 # ---------------------------------------------------------------- formatting
 
 
-def _duration(seconds: float) -> str:
-    seconds = abs(seconds)
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes = int(seconds // 60)
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes:02d} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
-
-
 def _ago(value: datetime, now: datetime) -> str:
-    delta = (now - _utc(value)).total_seconds()
+    delta = (now - utc(value)).total_seconds()
     if -5 < delta < 1:
         return "just now"
     if delta < 0:
-        return f"in {_duration(delta)}"
-    return f"{_duration(delta)} ago"
+        return f"in {duration(delta, coarse=True)}"
+    return f"{duration(delta, coarse=True)} ago"
 
 
 def _abs(value: datetime, ref: datetime | None = None) -> str:
     """Absolute UTC; ``ref`` given, a time on the same UTC day is shown as its clock time only."""
-    u = _utc(value)
-    if ref is not None and u.date() == _utc(ref).date():
+    u = utc(value)
+    if ref is not None and u.date() == utc(ref).date():
         return u.strftime("%H:%M:%S UTC")
     return u.strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -471,7 +285,7 @@ def when(value: datetime | None, now: datetime, *, short: bool = False, missing:
     """Absolute UTC and relative: ``<time>14:03:11 UTC</time> (12 min ago)``."""
     if value is None:
         return html(missing)
-    stamp = el("time", _abs(value, now if short else None), datetime=_time(value), title=_time(value))
+    stamp = el("time", _abs(value, now if short else None), datetime=time_json(value), title=time_json(value))
     return html(stamp, " ", el("span", f"({_ago(value, now)})", class_="muted"))
 
 
@@ -484,7 +298,7 @@ def state_badge(state: str) -> Markup:
 
 
 def _num(value: float | None, fmt: str, unit: str = "") -> str:
-    value = _finite(value)
+    value = finite(value)
     return "—" if value is None else f"{value:{fmt}}{unit}"
 
 
@@ -532,7 +346,7 @@ def render_page(snap: Snapshot, recent: Sequence[Incident], *, now: datetime) ->
             class_="noprint",
         ),
         id="page",
-        data_snapshot_at=_time(snap.at),
+        data_snapshot_at=time_json(snap.at),
     )
 
 
@@ -544,12 +358,12 @@ _API_LINKS: Final = ("/api/v1/targets", "/api/v1/probes", "/api/v1/incidents", "
 def _header(snap: Snapshot, now: datetime) -> Markup:
     counts = _counts(snap)
     total = len(snap.targets)
-    age = now - _utc(snap.at)
+    age = now - utc(snap.at)
     stale = None
     if age > STALE_AFTER:
         stale = el(
             "div",
-            f"⚠ Stale page: this snapshot is {_duration(age.total_seconds())} old. "
+            f"⚠ Stale page: this snapshot is {duration(age.total_seconds(), coarse=True)} old. "
             "The monitor is serving HTTP but its state is not being updated — do not trust this page.",
             class_="banner stale",
             role="alert",
@@ -605,7 +419,7 @@ def _target_card(t: TargetView, snap: Snapshot, now: datetime) -> Markup:
         el("span", el("b", "Since "), when(t.since, now)),
         el("span", el("b", "Last success "), when(t.last_success_at, now, missing="never")),
         el("span", el("b", "Probes reporting "), ", ".join(t.covering_probes) or "none"),
-        el("span", el("b", "Interval "), _duration(t.interval)),
+        el("span", el("b", "Interval "), duration(t.interval, coarse=True)),
     ]
     if t.open_incident is not None:
         facts.append(
@@ -707,9 +521,9 @@ def _segments(
     t: TargetView, changes: Sequence[StateChange], start: datetime, end: datetime
 ) -> list[tuple[str, datetime, datetime]]:
     """(state or "none" for no record, from, to) covering [start, end]."""
-    points: list[tuple[datetime, str]] = [(min(max(_utc(c.at), start), end), c.state) for c in changes]
+    points: list[tuple[datetime, str]] = [(min(max(utc(c.at), start), end), c.state) for c in changes]
     if not points:
-        since = _utc(t.since) if t.since is not None else start
+        since = utc(t.since) if t.since is not None else start
         points = [(min(max(since, start), end), t.state)]
     out: list[tuple[str, datetime, datetime]] = []
     state, frm = "none", start
@@ -727,7 +541,7 @@ _TICKS: Final = (("t0", "24 h ago"), ("t25", "18 h"), ("t50", "12 h"), ("t75", "
 
 
 def _timeline(t: TargetView, snap: Snapshot) -> Markup:
-    end = _utc(snap.at)
+    end = utc(snap.at)
     start = end - TIMELINE
     span = TIMELINE.total_seconds()
     segments = _segments(t, [c for c in snap.timeline if c.target == t.id], start, end)
@@ -745,7 +559,7 @@ def _timeline(t: TargetView, snap: Snapshot) -> Markup:
         label = "no record" if state == "none" else state
         rect = el(
             "rect",
-            el("title", f"{label}: {_abs(frm)} – {_abs(to)} ({_duration(seconds)})"),
+            el("title", f"{label}: {_abs(frm)} – {_abs(to)} ({duration(seconds, coarse=True)})"),
             x=f"{x:.2f}",
             y="0",
             width=f"{w:.2f}",
@@ -878,7 +692,7 @@ def _resolved(recent: Sequence[Incident], now: datetime) -> Markup:
             i.kind,
             when(i.opened_at, now),
             when(i.resolved_at, now),
-            _duration((_utc(i.resolved_at) - _utc(i.opened_at)).total_seconds()),
+            duration((utc(i.resolved_at) - utc(i.opened_at)).total_seconds(), coarse=True),
             i.summary,
             data_incident=str(i.id),
         )
@@ -893,12 +707,7 @@ class _Template:
 
     def __init__(self, text: str) -> None:
         self._template = string.Template(text)
-        hashes = {
-            kind: " ".join(
-                f"'sha256-{_sha256(m)}'" for m in re.findall(rf"<{kind}>(.*?)</{kind}>", text, re.S)
-            )
-            for kind in ("style", "script")
-        }
+        hashes = {kind: csp_hashes(text, kind) for kind in ("style", "script")}
         self.headers = {
             "Cache-Control": "no-store",
             "X-Content-Type-Options": "nosniff",
@@ -916,11 +725,7 @@ class _Template:
         return cls(text)
 
     def render(self, *, title: str, page: Markup) -> str:
-        return self._template.substitute(title=_escape(title), page=page, refresh=REFRESH_SECONDS)
-
-
-def _sha256(text: str) -> str:
-    return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+        return self._template.substitute(title=escape(title), page=page, refresh=REFRESH_SECONDS)
 
 
 # ---------------------------------------------------------------- serving
