@@ -18,7 +18,7 @@ from ecpm.configfile import (
     pick_secret,
     secret_of,
 )
-from ecpm.settings import Listen, MqttSettings, Name
+from ecpm.settings import Listen, ListenField, MqttSettings, Name
 
 
 class KnownProbe(StrictModel):
@@ -75,7 +75,7 @@ class MonitorMqtt(MqttSettings):
 
 
 class Http(StrictModel):
-    listen: Listen = "127.0.0.1:9470"
+    listen: ListenField = Listen("127.0.0.1", 9470)
     token: SecretStr | None = None  # bearer token for endpoints that change state
     token_file: SecretFile | None = None
 
