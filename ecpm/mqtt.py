@@ -35,7 +35,14 @@ broker is bounded before it is read, not after.
   in the client for Receive Maximum 200 in a 5,000-message backlog), so Receive
   Maximum alone does not bound memory.
 
-    aiomqtt.MqttError  ─▶ the caller's reconnect loop (with backoff)
+Reconnecting (``Reconnector``, the one loop of probes and monitors): each attempt gets
+a fresh client; ``protocol: auto`` switches to 3.1.1 at once when the broker refuses
+MQTT 5 and alternates when a CONNECT gets no CONNACK at all; a lost connection or a
+failed attempt waits ``Backoff`` (exponential from ``initial`` to ``maximum``, each delay
+drawn from the upper half, reset by a successful connection; the probe: 0.5 s to 30 s,
+the monitor: 1 s to 2 s).
+
+    aiomqtt.MqttError, OSError  ─▶ Reconnector: on_down, backoff, the next attempt
 """
 
 from __future__ import annotations
