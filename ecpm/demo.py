@@ -36,10 +36,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from ecpm import http
 from ecpm.configfile import parse_duration
 from ecpm.errors import UsageError
+from ecpm.settings import Listen
 from ecpm.signals import run_until_signalled
-from monitor.web import serve
 
 logger = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -203,7 +204,7 @@ class Demo:
     async def run(self, stop: asyncio.Event) -> None:
         configs = self.write_configs()
         broker = await self.start_broker()
-        webhook = asyncio.create_task(serve(self.webhook_app(), f"{HOST}:{self.webhook_port}"))
+        webhook = asyncio.create_task(http.serve(self.webhook_app(), Listen(HOST, self.webhook_port)))
         try:
             self.spawn("responder", configs["responder"])
             self.spawn("monitor", configs["monitor"])
@@ -260,7 +261,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.listen.rpartition(":")[0] != HOST:
+    try:
+        host = Listen.parse(args.listen).host
+    except ValueError as exc:
+        raise UsageError(f"--listen: {exc}") from None
+    if host != HOST:
         raise UsageError(f"--listen must be on {HOST}: the demo stays on loopback")
     if args.workdir:
         workdir = Path(args.workdir)

@@ -13,11 +13,11 @@
     │                                  as expected (another build); the engine refuses to start
     ├── OutboxError                    probes.outbox: the outbox cannot be opened or written
     ├── PublisherError                 probes.mqtt: the MQTT settings cannot be used
-    ├── HealthError                    probes.health: the health endpoint cannot listen
     ├── StoreError                     monitor.store: the store cannot be opened as asked
     │                                  (missing, not a store, or a schema too old to read)
     ├── ActionError                    monitor.web: an HTTP API action refused its request
-    ├── ListenError                    monitor.web: an HTTP listener cannot bind its address
+    ├── ListenError                    ecpm.http: an HTTP listener cannot bind its address
+    │   └── HealthError                probes.health: the health endpoint cannot listen
     └── WireError (also ValueError)    probes.wire: a payload is not valid; ``reason`` is a
         │                              bounded code (a metric label)
         ├── ResultError                probes.result: a result payload

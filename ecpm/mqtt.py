@@ -35,21 +35,34 @@ broker is bounded before it is read, not after.
   in the client for Receive Maximum 200 in a 5,000-message backlog), so Receive
   Maximum alone does not bound memory.
 
-    aiomqtt.MqttError  ─▶ the caller's reconnect loop (with backoff)
+Reconnecting (``Reconnector``, the one loop of probes and monitors): each attempt gets
+a fresh client; ``protocol: auto`` switches to 3.1.1 at once when the broker refuses
+MQTT 5 and alternates when a CONNECT gets no CONNACK at all; a lost connection or a
+failed attempt waits ``Backoff`` (exponential from ``initial`` to ``maximum``, each delay
+drawn from the upper half, reset by a successful connection; the probe: 0.5 s to 30 s,
+the monitor: 1 s to 2 s).
+
+    aiomqtt.MqttError, OSError  ─▶ Reconnector: on_down, backoff, the next attempt
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import random
 import ssl
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import aiomqtt
 import paho.mqtt.client as paho
+from aiomqtt import MqttCodeError
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -67,6 +80,7 @@ RECEIVE_MAXIMUM = 200  # QoS 1 messages in flight to a manual-ack client (MQTT 5
 PACKET_HEADROOM = 64 * 1024 + 4096
 READ_CHUNK = 64 * 1024  # the most one socket read asks for (paho would ask for a whole packet)
 _PUBLISH = 0x30  # MQTT fixed-header packet type of PUBLISH (high nibble)
+_UNSUPPORTED_PROTOCOL: Final = frozenset({1, 132})  # 3.1.1 CONNACK rc / MQTT 5 reason code
 
 
 def packet_limit(max_payload: int) -> int:
@@ -273,6 +287,33 @@ def ack_id(client: aiomqtt.Client, mid: int, qos: int = 1) -> None:
     client._client.ack(mid, qos)
 
 
+def _after_failure(
+    settings: MqttSettings, protocol: aiomqtt.ProtocolVersion, exc: BaseException
+) -> tuple[aiomqtt.ProtocolVersion, bool]:
+    """The protocol of the next attempt after a failed CONNECT, and whether to retry at once.
+
+    Only with ``protocol: auto``: a broker that refuses MQTT 5 (CONNACK 1 / reason 132)
+    gets 3.1.1 at once; a CONNECT with no CONNACK at all (a broker that drops MQTT 5
+    silently, or a TLS/network problem) makes the attempts alternate between 5 and 3.1.1.
+    """
+    if settings.protocol != "auto":
+        return protocol, False
+    v5 = protocol == aiomqtt.ProtocolVersion.V5
+    if v5 and isinstance(exc, MqttConnectError) and _rc_value(exc) in _UNSUPPORTED_PROTOCOL:
+        logger.info("MQTT broker %s:%d refuses MQTT 5; using 3.1.1", settings.host, settings.port)
+        return aiomqtt.ProtocolVersion.V311, True
+    if isinstance(exc, aiomqtt.MqttError) and "timed out" in str(exc):
+        return (aiomqtt.ProtocolVersion.V311 if v5 else aiomqtt.ProtocolVersion.V5), False
+    return protocol, False
+
+
+def _rc_value(exc: MqttCodeError) -> int | None:
+    rc = exc.rc
+    if rc is None:
+        return None
+    return int(rc.value) if hasattr(rc, "value") else int(rc)
+
+
 @asynccontextmanager
 async def connect(
     settings: MqttSettings,
@@ -285,9 +326,9 @@ async def connect(
     max_packet_size: int | None = None,
     max_buffered: int | None = None,
 ) -> AsyncIterator[BoundedClient]:
-    """Connect with the newest protocol the broker accepts; yield the connected client."""
-    protocols = _protocols(settings)
-    for i, protocol in enumerate(protocols):
+    """One connection (no retries but the protocol fallback): yield the connected client."""
+    protocol = _protocols(settings)[0]
+    for last in (False, True):
         client = build_client(
             settings,
             identifier=identifier,
@@ -302,12 +343,111 @@ async def connect(
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
-            if i + 1 < len(protocols):
-                logger.info("MQTT 5 refused by %s:%d (%s); trying 3.1.1", settings.host, settings.port, exc)
-                continue
-            raise
+            fallback, _ = _after_failure(settings, protocol, exc)
+            if last or fallback == protocol:
+                raise
+            protocol = fallback
+            continue
         try:
             yield client
         finally:
             await client.__aexit__(None, None, None)
         return
+
+
+@dataclass
+class Backoff:
+    """The one reconnect policy: ``initial`` doubling up to ``maximum``, each delay drawn
+    from the upper half of its value (jitter, so a fleet does not reconnect in step);
+    ``reset()`` after a successful connection starts again at ``initial``."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+    _failures: int = 0
+
+    def next(self) -> float:
+        delay = min(self.maximum, self.initial * 2.0 ** min(self._failures, 32))
+        self._failures += 1
+        return delay * self.rng.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self._failures = 0
+
+
+Session = Callable[[BoundedClient, str], Awaitable[None]]  # (client, "5" or "3.1.1")
+
+
+class Reconnector:
+    """Connect, run a session, reconnect after ``backoff``, until ``stop`` is set: the one
+    connection loop of probes and monitors.
+
+    ``client(protocol)`` makes each attempt's client (``build_client``); the protocol
+    follows ``_after_failure``. ``aiomqtt.MqttError`` and ``OSError`` end a session (or
+    an attempt) and never escape ``run()``; ``on_down`` is called after each. Any other
+    exception is a bug: with ``keep_going`` it is logged and the loop goes on, else it
+    is raised. While the broker stays away a warning is logged every ``LOG_EVERY`` s,
+    not per attempt. ``connects``, ``failures`` (attempts that got no CONNACK),
+    ``protocol`` (while connected) are read from other threads (plain attributes).
+    """
+
+    LOG_EVERY = 60.0
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client: Callable[[aiomqtt.ProtocolVersion], BoundedClient],
+        *,
+        backoff: Backoff,
+        on_down: Callable[[BaseException | None], None] = lambda exc: None,
+        keep_going: bool = False,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._backoff = backoff
+        self._on_down = on_down
+        self._bugs: tuple[type[Exception], ...] = (Exception,) if keep_going else ()
+        self._next = _protocols(settings)[0]
+        self.protocol: str | None = None  # "5" or "3.1.1" while connected
+        self.connects = 0
+        self.failures = 0
+
+    async def run(self, session: Session, stop: asyncio.Event) -> None:
+        failing_since: float | None = None  # monotonic time the current outage began
+        logged_at = 0.0
+        while not stop.is_set():
+            protocol, connected, retry_now = self._next, False, False
+            error: BaseException | None = None
+            try:
+                async with self._client(protocol) as client:
+                    connected, failing_since = True, None
+                    self.connects += 1
+                    self._backoff.reset()
+                    self.protocol = "5" if protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1"
+                    try:
+                        await session(client, self.protocol)
+                    finally:
+                        self.protocol = None
+            except* (aiomqtt.MqttError, OSError) as group:
+                error = group.exceptions[0]
+                if not connected:
+                    self.failures += 1
+                    self._next, retry_now = _after_failure(self._settings, protocol, error)
+            except* self._bugs as group:
+                error = group.exceptions[0]
+                logger.error("MQTT session failed unexpectedly", exc_info=error)
+            self._on_down(error)
+            if stop.is_set():
+                break
+            if retry_now:
+                continue
+            now, s = time.monotonic(), self._settings
+            if failing_since is None or now - logged_at >= self.LOG_EVERY:
+                away = "" if failing_since is None else f" (for {now - failing_since:.0f}s)"
+                reconnect = f"reconnecting every {self._backoff.maximum:.0f}s at most"
+                logger.warning("MQTT %s:%d: %s%s; %s", s.host, s.port, error, away, reconnect)
+                logged_at = now
+            failing_since = now if failing_since is None else failing_since
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._backoff.next()):
+                    await stop.wait()

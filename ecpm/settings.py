@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, Field, SecretStr, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    SecretStr,
+    WithJsonSchema,
+    model_validator,
+)
 
-from ecpm.configfile import Bool, SecretFile, StrictModel, duration, pick_secret, secret_of
+from ecpm.configfile import Bool, SecretFile, StrictModel, duration, pick_secret, quote_value, secret_of
 
 # A name that also appears in MQTT topics and metric labels: no '/', '+', '#', spaces.
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
@@ -25,15 +34,49 @@ def _ip(value: str) -> str:
 IPAddress = Annotated[str, AfterValidator(_ip)]
 
 
-def _listen(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"'{value}' is not HOST:PORT, e.g. 127.0.0.1:9469")
-    _ip(host.strip("[]"))
-    return value
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where a server listens: an IP address and a port, parsed and checked once.
+
+    Written ``HOST:PORT`` (IPv6 in brackets: ``[::1]:9469``); ``str()`` gives that form
+    back. Port 0 (any free port) is for tests and tools; a config file must name a port.
+    """
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, value: object, *, any_port: bool = False) -> Listen:
+        """``ValueError`` (pydantic names the config key) unless ``value`` is HOST:PORT."""
+        if isinstance(value, Listen):
+            return value
+        text = value if isinstance(value, str) else ""
+        host, sep, port = text.rpartition(":")
+        lowest = 0 if any_port else 1
+        if not sep or not (port.isascii() and port.isdigit()) or not lowest <= int(port) < 65536:
+            raise ValueError(f"{quote_value(value)} is not HOST:PORT, e.g. 127.0.0.1:9469")
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if ":" in inner and inner == host:
+            raise ValueError(f"{quote_value(value)}: an IPv6 address goes in brackets, e.g. [::1]:9469")
+        if "[" in inner or "]" in inner or (inner != host and ":" not in inner):
+            raise ValueError(f"{quote_value(value)} is not HOST:PORT (brackets only around IPv6)")
+        return cls(_ip(inner), int(port))
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-Listen = Annotated[str, AfterValidator(_listen)]
+# a config field: the text HOST:PORT in, a Listen out (and back to text when dumped)
+ListenField = Annotated[
+    Listen,
+    PlainValidator(Listen.parse),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["127.0.0.1:9469"]}),
+]
 
 
 class TlsFiles(StrictModel):

@@ -17,7 +17,7 @@ from ecpm.configfile import (
     duration,
     pick_secret,
 )
-from ecpm.settings import Listen, MqttSettings, Name, SigningKey
+from ecpm.settings import Listen, ListenField, MqttSettings, Name, SigningKey
 
 
 class KnownProbe(SigningKey):
@@ -61,7 +61,7 @@ class MonitorMqtt(MqttSettings):
 
 
 class Http(StrictModel):
-    listen: Listen = "127.0.0.1:9470"
+    listen: ListenField = Listen("127.0.0.1", 9470)
     token: SecretStr | None = None  # bearer token for endpoints that change state
     token_file: SecretFile | None = None
 

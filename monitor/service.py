@@ -6,12 +6,12 @@ Tasks, all in one asyncio loop:
   ``<prefix>/results/#`` and ``<prefix>/status/+``. Messages are handled in
   batches: handle each, commit the store once, *then* acknowledge them — a crash
   before the commit means the broker redelivers, and the store drops duplicates.
-  Reconnects with exponential backoff. Memory is bounded before anything is read: the
-  MQTT 5 CONNECT asks for packets of at most ``ingest.max_payload_bytes`` + 68 KiB
-  (``ecpm.mqtt.packet_limit``; a compliant broker drops bigger ones for us), the client
-  cuts any bigger PUBLISH it is sent anyway (3.1.1) so that it is rejected as
-  ``too_large``, and it stops reading its socket while ``MAX_BUFFERED`` messages wait
-  to be handled. A message in a batch is kept as its packet id only.
+  Reconnects with ``ecpm.mqtt.Reconnector`` (the probes' loop too). Memory is bounded
+  before anything is read: the MQTT 5 CONNECT asks for packets of at most
+  ``ingest.max_payload_bytes`` + 68 KiB (``ecpm.mqtt.packet_limit``; a compliant broker
+  drops bigger ones for us), the client cuts any bigger PUBLISH it is sent anyway
+  (3.1.1) so that it is rejected as ``too_large``, and it stops reading its socket
+  while ``MAX_BUFFERED`` messages wait to be handled. A message in a batch is kept as its packet id only.
   It subscribes on **every** connect, whatever ``session present`` says: mosquitto 2.0.11
   restores a persistent session after its own restart without its shared subscriptions
   (``ecpm.mqtt``). It retries every ``RECONNECT_MAX`` seconds at most, so that after a
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -44,7 +43,7 @@ import aiomqtt
 from prometheus_client import CollectorRegistry
 
 from ecpm.configfile import load_config, secret_text
-from ecpm.mqtt import ack_id, connect, packet_limit
+from ecpm.mqtt import Backoff, BoundedClient, Reconnector, ack_id, build_client, packet_limit
 from ecpm.signals import run_until_signalled
 from monitor.config import MonitorConfig
 from monitor.core import MonitorCore
@@ -60,8 +59,9 @@ MAX_BATCH = 500
 MAX_BUFFERED = 256  # messages read from the socket and not yet handled (then reading pauses)
 MAX_OUTGOING = 1024  # acks and replay requests waiting to be published
 EVALUATE_EVERY = 0.1  # seconds between evaluations (and acks) driven by incoming messages
-RECONNECT_MAX = 2.0  # seconds between reconnect attempts at most (1 s doubling, with jitter)
-RECONNECT_LOG_EVERY = 60.0  # while the broker stays away, a warning this often, not per attempt
+# reconnect attempts (ecpm.mqtt.Backoff): 1 s doubling to RECONNECT_MAX, each delay drawn from its upper half
+RECONNECT_FIRST = 1.0
+RECONNECT_MAX = 2.0
 Action = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -132,46 +132,43 @@ class MonitorService:
 
     async def _mqtt(self) -> None:
         mqtt = self.config.mqtt
+
+        def client(protocol: aiomqtt.ProtocolVersion) -> BoundedClient:
+            return build_client(
+                mqtt,
+                identifier=mqtt.client_id or f"ecpm-monitor-{self.config.id}",
+                protocol=protocol,
+                persistent=True,
+                session_expiry=round(mqtt.session_expiry),
+                manual_ack=True,
+                max_packet_size=packet_limit(self.config.ingest.max_payload_bytes),
+                max_buffered=MAX_BUFFERED,
+            )
+
+        backoff = Backoff(RECONNECT_FIRST, RECONNECT_MAX)
+        connection = Reconnector(mqtt, client, backoff=backoff, on_down=self._down)
+        await connection.run(self._session, asyncio.Event())  # until cancelled
+
+    async def _session(self, client: BoundedClient, protocol: str) -> None:
+        mqtt = self.config.mqtt
         prefix = mqtt.topic_prefix
         group = self.config.ingest.shared_group
         results = f"$share/{group}/{prefix}/results/#" if group else f"{prefix}/results/#"
-        backoff = 1.0
-        failing_since: float | None = None  # monotonic time of the first failure of a run
-        logged_at = 0.0
-        while True:
-            try:
-                async with connect(
-                    mqtt,
-                    identifier=mqtt.client_id or f"ecpm-monitor-{self.config.id}",
-                    persistent=True,
-                    session_expiry=round(mqtt.session_expiry),
-                    manual_ack=True,
-                    max_packet_size=packet_limit(self.config.ingest.max_payload_bytes),
-                    max_buffered=MAX_BUFFERED,
-                ) as client:
-                    # every connect, whatever "session present" says: a broker may restore the
-                    # session without its (shared) subscriptions (ecpm.mqtt)
-                    await client.subscribe(results, qos=1)
-                    await client.subscribe(f"{prefix}/status/+", qos=1)
-                    logger.info("connected to MQTT %s:%d, subscribed to %s", mqtt.host, mqtt.port, results)
-                    self.mqtt_client = client
-                    self.core.delivery.resend_acks()  # the broker may have lost the retained ones
-                    self.connected.set()
-                    self.core.broker_connection(True)
-                    backoff, failing_since = 1.0, None
-                    await self._consume(client)
-            except aiomqtt.MqttError as exc:
-                self.connected.clear()
-                self.mqtt_client = None
-                self.core.broker_connection(False)
-                now = time.monotonic()
-                if failing_since is None or now - logged_at >= RECONNECT_LOG_EVERY:
-                    away = "" if failing_since is None else f" (for {now - failing_since:.0f}s)"
-                    logger.warning("MQTT: %s%s; reconnecting every %.0fs at most", exc, away, RECONNECT_MAX)
-                    logged_at = now
-                failing_since = now if failing_since is None else failing_since
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(RECONNECT_MAX, backoff * 2)
+        # every connect, whatever "session present" says: a broker may restore the
+        # session without its (shared) subscriptions (ecpm.mqtt)
+        await client.subscribe(results, qos=1)
+        await client.subscribe(f"{prefix}/status/+", qos=1)
+        logger.info("connected to MQTT %s:%d, subscribed to %s", mqtt.host, mqtt.port, results)
+        self.mqtt_client = client
+        self.core.delivery.resend_acks()  # the broker may have lost the retained ones
+        self.connected.set()
+        self.core.broker_connection(True)
+        await self._consume(client)
+
+    def _down(self, exc: BaseException | None) -> None:
+        self.connected.clear()
+        self.mqtt_client = None
+        self.core.broker_connection(False)
 
     async def _consume(self, client: aiomqtt.Client) -> None:
         pending: list[tuple[int, int]] = []  # (packet id, QoS) handled, not yet acknowledged

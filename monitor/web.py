@@ -47,19 +47,14 @@ bug and becomes a 500.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hmac
 import json
 import logging
-import socket
 import string
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Final, TypeAlias
 
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -67,7 +62,10 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from ecpm import http
 from ecpm.errors import EcpmError
+from ecpm.http import ListenError
+from ecpm.settings import Listen
 from monitor.html import Markup, Node, csp_hashes, duration, el, escape, html, utc
 from monitor.model import (
     TARGET_STATES,
@@ -106,10 +104,6 @@ class ActionError(EcpmError):
         self.status = status
 
 
-class ListenError(EcpmError):
-    """The HTTP listener cannot be opened (address in use, not local, ...)."""
-
-
 # ---------------------------------------------------------------- app
 
 
@@ -125,7 +119,7 @@ def create_app(
     ``incidents(n)`` the latest ``n`` incidents, open and resolved, newest first (called on
     the event loop: keep it quick); ``token`` guards the state-changing ``actions``."""
     registered: Mapping[str, Action] = actions if actions is not None else {}  # read per request
-    expected = token.encode() if token else None
+    expected = token or None
     template = _Template.load()
 
     async def status_page(request: Request) -> Response:
@@ -184,15 +178,12 @@ def create_app(
     )
 
 
-def _authorise(request: Request, expected: bytes | None) -> Response | None:
+def _authorise(request: Request, expected: str | None) -> Response | None:
     if expected is None:
         return _error(403, "state-changing endpoints are disabled: no http.token is configured")
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not presented.strip():
-        return _error(401, "Authorization: Bearer <token> required", bearer='realm="ecpm"')
-    # header values arrive decoded as latin-1: encoding back gives the bytes the client sent
-    if not hmac.compare_digest(presented.strip().encode("latin-1"), expected):
-        return _error(401, "wrong token", bearer='realm="ecpm", error="invalid_token"')
+    refused = http.token_refusal(request, expected)
+    if refused is not None:
+        return _error(401, refused.message, headers=refused.headers)
     return None
 
 
@@ -232,8 +223,7 @@ def _json(content: Mapping[str, Any], status: int = 200) -> Response:
     return _JSON(content, status_code=status, headers={"Cache-Control": "no-store"})
 
 
-def _error(status: int, message: str, *, bearer: str | None = None) -> Response:
-    headers = {"WWW-Authenticate": f"Bearer {bearer}"} if bearer else None
+def _error(status: int, message: str, *, headers: Mapping[str, str] | None = None) -> Response:
     return _JSON({"error": message}, status_code=status, headers=headers)
 
 
@@ -731,76 +721,7 @@ class _Template:
 # ---------------------------------------------------------------- serving
 
 
-class _Server(uvicorn.Server):
-    """uvicorn that leaves the process's signals alone (the service owns them) and says
-    when it accepts connections."""
-
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_started = on_started
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self._on_started()
-
-
-def _bind(listen: str) -> socket.socket:
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, int(port)), family=family, backlog=128)
-    except (OSError, ValueError) as exc:
-        raise ListenError(f"http.listen: cannot listen on {listen}: {exc}") from None
-
-
-def _url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
-
-
-async def serve(app: ASGIApp, listen: str, *, ready: Callable[[str], None] | None = None) -> None:
-    """Serve ``app`` on ``listen`` (``HOST:PORT``; port 0 picks a free one) until cancelled.
-
-    ``ready(url)`` is called once the socket accepts connections, with the base URL
-    (``http://127.0.0.1:9470/``). Cancel the task running ``serve`` to stop: it stops
-    accepting, lets requests in flight finish (at most 5 s), closes the socket, then
-    re-raises ``CancelledError``. Raises :class:`ListenError` if the address cannot be
-    bound. No signal handlers are installed.
-    """
-    sock = _bind(listen)
-    url = _url(sock)
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        ws="none",
-        server_header=False,
-        timeout_graceful_shutdown=5,
-    )
-
-    def started() -> None:
-        logger.info("HTTP on %s", url)
-        if ready is not None:
-            ready(url)
-
-    server = _Server(config, started)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"http {url}")
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        server.should_exit = True
-        while not task.done():
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                server.force_exit = True  # cancelled again: stop waiting for requests in flight
-        raise
-    finally:
-        sock.close()
+async def serve(app: ASGIApp, listen: Listen | str, *, ready: Callable[[str], None] | None = None) -> None:
+    """Serve ``app`` on ``http.listen`` until cancelled (``ecpm.http.serve``: ``ready(url)``,
+    graceful stop, :class:`ListenError`); port 0 picks a free one."""
+    await http.serve(app, listen, key="http.listen", ready=ready)

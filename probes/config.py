@@ -23,7 +23,7 @@ from ecpm.configfile import (
     pick_secret,
     secret_of,
 )
-from ecpm.settings import IPAddress, Listen, MqttSettings, Name, SigningKey, TlsFiles, Transport
+from ecpm.settings import IPAddress, Listen, ListenField, MqttSettings, Name, SigningKey, TlsFiles, Transport
 from probes.guard import (
     CarrierTestService,
     GuardRefusal,
@@ -238,7 +238,7 @@ class ScheduleSettings(StrictModel):
 
 
 class HealthSettings(StrictModel):
-    listen: Listen | None = None  # e.g. "127.0.0.1:9469"; off by default
+    listen: ListenField | None = None  # e.g. "127.0.0.1:9469"; off by default
 
 
 class ProbeConfig(StrictModel):
@@ -299,7 +299,7 @@ class ResponderSip(StrictModel):
 
 
 class ResponderControl(StrictModel):
-    listen: Listen | None = "127.0.0.1:8091"  # HTTP control to switch faults; None = off
+    listen: ListenField | None = Listen("127.0.0.1", 8091)  # HTTP control to switch faults; None = off
     token: SecretStr | None = None  # required in the X-ECPM-Token header when set
     token_file: SecretFile | None = None
 

@@ -1,9 +1,10 @@
 """The probe's own health endpoint: ``/metrics`` and ``/healthz`` (off unless configured).
 
 ``HealthSettings.listen`` (e.g. ``127.0.0.1:9469``) turns it on; keep it on loopback
-unless a scraper elsewhere needs it. It serves from a small threaded WSGI server
-(prometheus_client's ``ThreadingWSGIServer``) so a scrape never waits for the event
-loop, and uses its own ``CollectorRegistry``, never the global one.
+unless a scraper elsewhere needs it. It is the shared HTTP server (``ecpm.http``) on a
+thread and event loop of its own, so a scrape never waits for the agent's event loop
+(and ``/healthz`` can say that loop has stalled), and uses its own ``CollectorRegistry``,
+never the global one.
 
 Metrics come from one custom collector that reads an immutable ``ProbeSnapshot``
 taken at scrape time (``snapshot()`` is called from the HTTP thread; every stats
@@ -49,23 +50,23 @@ ticks every second) and 503 when it has not beaten for ``stale_after`` seconds.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from typing import Final
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
 from ecpm import __version__
-from ecpm.errors import EcpmError
+from ecpm.http import ListenError, ThreadedServer
+from ecpm.settings import Listen
 from probes.mqtt import Publisher, PublisherStats
 from probes.outbox import Outbox, OutboxStats
 from probes.scheduler import Scheduler, SchedulerStats
@@ -76,7 +77,7 @@ OUTCOMES: Final = ("pass", "fail", "inconclusive")
 _NS: Final = "ecpm_probe"
 
 
-class HealthError(EcpmError):
+class HealthError(ListenError):
     """The health endpoint cannot listen where configured."""
 
 
@@ -198,11 +199,6 @@ def _by_reason(name: str, doc: str, counts: Mapping[str, int]) -> CounterMetricF
     return family
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("health: " + format, *args)
-
-
 class HealthServer:
     """``/metrics`` and ``/healthz`` on ``listen`` (``HOST:PORT``; port 0 picks one).
 
@@ -213,7 +209,7 @@ class HealthServer:
     def __init__(
         self,
         *,
-        listen: str,
+        listen: Listen | str,
         probe: str,
         version: str = __version__,
         outbox: Outbox | None = None,
@@ -223,9 +219,7 @@ class HealthServer:
         registry: CollectorRegistry | None = None,
         stale_after: float = 10.0,
     ) -> None:
-        host, _, port = listen.rpartition(":")
-        self._host = host.strip("[]")
-        self._port = int(port)
+        self._listen = Listen.parse(listen, any_port=True)
         self._probe = probe
         self._version = version
         self._outbox = outbox
@@ -236,9 +230,7 @@ class HealthServer:
         self._beat = time.monotonic()
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.registry.register(ProbeCollector(self.snapshot))
-        self._metrics_app = make_wsgi_app(self.registry)
-        self._server: ThreadingWSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server = ThreadedServer(self._app(), self._listen, key="health.listen", error=HealthError)
 
     def snapshot(self) -> ProbeSnapshot:
         return ProbeSnapshot(
@@ -268,50 +260,34 @@ class HealthServer:
 
     # ------------------------------------------------------------ HTTP
 
-    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
-        if path == "/metrics":
-            return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]
-        if path == "/healthz":
+    def _app(self) -> Starlette:
+        async def metrics(request: Request) -> Response:
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        async def healthz(request: Request) -> Response:
             age = self.heartbeat_age()
             if age <= self._stale_after:
-                start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
-                return [b"ok\n"]
-            start_response("503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
-            return [f"event loop has not run for {age:.0f} s\n".encode()]
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"not found: try /metrics or /healthz\n"]
+                return PlainTextResponse("ok\n")
+            return PlainTextResponse(f"event loop has not run for {age:.0f} s\n", status_code=503)
+
+        async def not_found(request: Request, exc: Exception) -> Response:
+            return PlainTextResponse("not found: try /metrics or /healthz\n", status_code=404)
+
+        return Starlette(
+            routes=[Route("/metrics", metrics, methods=["GET"]), Route("/healthz", healthz, methods=["GET"])],
+            exception_handlers={404: not_found},
+        )
 
     @property
     def port(self) -> int:
-        if self._server is None:
-            return self._port
-        return int(self._server.server_address[1])
+        return self._server.port
 
     def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-
-        class Server(ThreadingWSGIServer):
-            address_family = family
-
-        try:
-            server = make_server(self._host, self._port, self._app, Server, handler_class=_QuietHandler)
-        except OSError as exc:
-            raise HealthError(
-                f"health.listen: cannot listen on {self._host}:{self._port}: {exc.strerror or exc}"
-            ) from None
-        if not ipaddress.ip_address(self._host).is_loopback:
-            logger.warning("health endpoint listens on %s, not loopback", self._host)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="ecpm-health", daemon=True)
-        self._thread.start()
-        logger.info("health endpoint on http://%s:%d/metrics and /healthz", self._host, self.port)
+        """Listen and serve; ``HealthError`` naming ``health.listen`` if it cannot."""
+        url = self._server.start("ecpm-health")
+        if not self._listen.loopback:
+            logger.warning("health endpoint listens on %s, not loopback", self._listen.host)
+        logger.info("health endpoint on %smetrics and /healthz", url)
 
     def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._server.stop()

@@ -27,13 +27,13 @@ Delivery (``probes.delivery``)
 Connection
     One session at a time, each with a fresh client (clean session: nothing is
     queued for us at the broker while we are away, so a stale command never fires
-    late). ``protocol: auto`` tries MQTT 5 and switches to 3.1.1 (without waiting)
-    when the broker refuses the protocol version; when a CONNECT gets no CONNACK
-    at all (a broker that drops MQTT 5 silently, or a TLS problem) the attempts
-    alternate between 5 and 3.1.1; whichever connects is kept. A lost connection is retried with
-    exponential backoff and jitter (0.5 s doubling to 30 s, each delay drawn from
-    the upper half), reset by a successful connection. While disconnected nothing is
-    lost: checks go on and the outbox absorbs their results.
+    late). The loop is ``ecpm.mqtt.Reconnector``: ``protocol: auto`` tries MQTT 5 and
+    switches to 3.1.1 (without waiting) when the broker refuses the protocol version;
+    when a CONNECT gets no CONNACK at all (a broker that drops MQTT 5 silently, or a
+    TLS problem) the attempts alternate between 5 and 3.1.1; whichever connects is
+    kept. A lost connection is retried with ``ecpm.mqtt.Backoff`` (0.5 s doubling to
+    30 s, each delay drawn from the upper half), reset by a successful connection.
+    While disconnected nothing is lost: checks go on and the outbox absorbs their results.
 
 Status
     Signed with the probe's key like a result (``probes.status``). The Last Will is
@@ -57,8 +57,8 @@ Commands
 
 Errors
     ``aiomqtt.MqttError`` (and ``OSError``) never escape ``run()``: they end a
-    session and the backoff loop starts another. ``PublisherError`` is raised only
-    at construction for bad TLS files.
+    session and the backoff loop starts another; so does a bug, logged loudly.
+    ``PublisherError`` is raised only at construction for bad TLS files.
 
 Size
     Commands are at most ``MAX_COMMAND_BYTES``; the client asks the broker (MQTT 5
@@ -82,12 +82,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import aiomqtt
-from aiomqtt import MqttCodeError, MqttError, ProtocolVersion, Will
-from aiomqtt.exceptions import MqttConnectError
+from aiomqtt import MqttError, ProtocolVersion, Will
 
 from ecpm import __version__
 from ecpm.errors import ConfigError, EcpmError
-from ecpm.mqtt import build_client, packet_limit, tls_context
+from ecpm.mqtt import Backoff, BoundedClient, Reconnector, build_client, packet_limit, tls_context
 from ecpm.settings import MqttSettings
 from probes.delivery import (
     ACK_SCHEMA,
@@ -108,7 +107,6 @@ logger = logging.getLogger(__name__)
 MAX_IN_FLIGHT: Final = 10
 MAX_COMMAND_BYTES: Final = 4096
 COMMAND_KINDS: Final = frozenset(CHECK_KINDS)  # the registry's kinds (tests/test_check_kinds.py)
-_UNSUPPORTED_PROTOCOL: Final = frozenset({1, 132})  # 3.1.1 CONNACK rc / MQTT 5 reason code
 _NAME = re.compile(NAME_RE)
 _REQUEST_ID = re.compile(REQUEST_ID_RE)
 _RECENT_REQUESTS: Final = 1024
@@ -211,9 +209,6 @@ class Publisher:
         self._max_in_flight = max_in_flight
         self._publish_timeout = publish_timeout
         self._connect_timeout = connect_timeout
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
-        self._rng = rng if rng is not None else random.Random()
         try:
             self._tls = None if settings.tls is None else tls_context(settings.tls)
         except ConfigError as exc:
@@ -227,7 +222,6 @@ class Publisher:
         self.broadcast_topic = f"{prefix}/commands/all"
         self.ack_topic = f"{prefix}/acks/{probe_id}"
         self._result_prefix = f"{prefix}/results"
-        self._v311_only = settings.protocol == "3.1.1"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
@@ -235,23 +229,21 @@ class Publisher:
         self._status_stale = False
         self._recent: deque[str] = deque(maxlen=_RECENT_REQUESTS)
         self._lock = threading.Lock()
-        self._connected = False
-        self._protocol: str | None = None
-        self._connects = 0
-        self._connect_failures = 0
         self._published = 0
         self._publish_errors = 0
         self._accepted = 0
         self._refused: dict[str, int] = {}
         self._last_error: str | None = None
-        self._connected_once = False  # the current session got past CONNACK
         self._gone: tuple[tuple[int, int], ...] = ()  # the answer to the last replay request
         self._rewind = False  # a replay reopened results: read the outbox from the start
         self._reported: tuple[object, ...] | None = None  # outbox health in the last status
         self._next_status = 0.0  # loop time of the next periodic status
         self._replays = 0
         self._acks = 0
-        self._retry_now = False  # switch protocol and retry without backoff
+        backoff = Backoff(backoff_initial, backoff_max, rng if rng is not None else random.Random())
+        self._connection = Reconnector(
+            settings, self._client, backoff=backoff, on_down=self._down, keep_going=True
+        )
 
     # ------------------------------------------------------------ public API
 
@@ -266,12 +258,13 @@ class Publisher:
             self._wake.set()
 
     def stats(self) -> PublisherStats:
+        connection = self._connection
         with self._lock:
             return PublisherStats(
-                connected=self._connected,
-                protocol=self._protocol,
-                connects_total=self._connects,
-                connection_failures_total=self._connect_failures,
+                connected=connection.protocol is not None,
+                protocol=connection.protocol,
+                connects_total=connection.connects,
+                connection_failures_total=connection.failures,
                 published_total=self._published,
                 publish_errors_total=self._publish_errors,
                 commands_accepted_total=self._accepted,
@@ -287,37 +280,10 @@ class Publisher:
         self._wake = asyncio.Event()
         stop = self._stop_event()
         self._outbox.add_listener(self._on_added)
-        attempt = 0
         try:
-            while not stop.is_set():
-                protocol = ProtocolVersion.V311 if self._v311_only else ProtocolVersion.V5
-                was_connected = False
-                try:
-                    was_connected = await self._session(protocol)
-                except* (MqttError, OSError) as group:
-                    was_connected = self._connected_once
-                    self._lost(group.exceptions[0], protocol)
-                except* Exception as group:  # a bug: keep the probe alive, say so loudly
-                    was_connected = self._connected_once
-                    logger.error("MQTT session failed unexpectedly", exc_info=group.exceptions[0])
-                    self._note_error(repr(group.exceptions[0]))
-                if stop.is_set():
-                    break
-                if self._retry_now:
-                    self._retry_now = False
-                    continue
-                attempt = 0 if was_connected else attempt + 1
-                delay = min(self._backoff_max, self._backoff_initial * 2 ** max(0, attempt - 1))
-                delay *= self._rng.uniform(0.5, 1.0)
-                logger.debug("MQTT: next connection attempt in %.1f s", delay)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await stop.wait()
+            await self._connection.run(self._session, stop)
         finally:
             self._outbox.remove_listener(self._on_added)
-            with self._lock:
-                self._connected = False
-                self._protocol = None
 
     async def stop(self, *, drain: float = 5.0) -> None:
         """Ask ``run()`` to finish: publish what it can within ``drain`` seconds, mark
@@ -396,7 +362,7 @@ class Publisher:
             self.status_topic, self._status(True), qos=1, retain=True, timeout=self._publish_timeout
         )
 
-    def _client(self, protocol: ProtocolVersion) -> aiomqtt.Client:
+    def _client(self, protocol: ProtocolVersion) -> BoundedClient:
         self._connected_at = self._stamp()  # a new session: its Last Will is signed now
         last_will = self._status(False, "connection_lost", will=True)
         client = build_client(
@@ -413,72 +379,26 @@ class Publisher:
         client.pending_calls_threshold = self._max_in_flight + 2
         return client
 
-    async def _session(self, protocol: ProtocolVersion) -> bool:
-        """One connection, from CONNECT to its end. True if it got connected."""
-        self._connected_once = False
-        name = "5" if protocol == ProtocolVersion.V5 else "3.1.1"
-        stop = self._stop_event()
-        async with self._client(protocol) as client:
-            self._connected_once = True
-            with self._lock:
-                self._connected, self._protocol = True, name
-                self._connects += 1
-            logger.info(
-                "MQTT connected to %s:%d (MQTT %s); %d result(s) waiting in the outbox",
-                self._settings.host,
-                self._settings.port,
-                name,
-                self._outbox.depth(),
-            )
-            try:
-                await self._publish_status(client)
-                await client.subscribe(
-                    [(self.command_topic, 1), (self.broadcast_topic, 1), (self.ack_topic, 1)]
-                )
-                async with asyncio.TaskGroup() as tasks:
-                    commands = tasks.create_task(self._read_commands(client))
-                    tasks.create_task(self._drain(client, tasks, commands))
-                if stop.is_set():
-                    await client.publish(
-                        self.status_topic, self._status(False, "shutdown"), qos=1, retain=True
-                    )
-            finally:
-                with self._lock:
-                    self._connected, self._protocol = False, None
-        return True
+    async def _session(self, client: BoundedClient, protocol: str) -> None:
+        """One connection, from CONNACK to its end."""
+        logger.info(
+            "MQTT connected to %s:%d (MQTT %s); %d result(s) waiting in the outbox",
+            self._settings.host,
+            self._settings.port,
+            protocol,
+            self._outbox.depth(),
+        )
+        await self._publish_status(client)
+        await client.subscribe([(self.command_topic, 1), (self.broadcast_topic, 1), (self.ack_topic, 1)])
+        async with asyncio.TaskGroup() as tasks:
+            commands = tasks.create_task(self._read_commands(client))
+            tasks.create_task(self._drain(client, tasks, commands))
+        if self._stop_event().is_set():
+            await client.publish(self.status_topic, self._status(False, "shutdown"), qos=1, retain=True)
 
-    def _lost(self, exc: BaseException, protocol: ProtocolVersion) -> None:
-        s = self._settings
-        self._note_error(str(exc) or type(exc).__name__)
-        if self._connected_once:
-            logger.warning("MQTT connection to %s:%d lost: %s", s.host, s.port, exc)
-            return
-        with self._lock:
-            self._connect_failures += 1
-        if self._settings.protocol == "auto":
-            rejected = isinstance(exc, MqttConnectError) and _rc_value(exc) in _UNSUPPORTED_PROTOCOL
-            if rejected and protocol == ProtocolVersion.V5:
-                logger.info("MQTT broker %s:%d refuses MQTT 5; using 3.1.1", s.host, s.port)
-                self._v311_only = True
-                self._retry_now = True
-                return
-            if isinstance(exc, MqttError) and "timed out" in str(exc):
-                # no CONNACK at all: a broker that drops an MQTT 5 CONNECT silently, or a
-                # TLS/network problem; alternate versions until one of them connects
-                self._v311_only = protocol == ProtocolVersion.V5
-        level = (
-            logging.WARNING
-            if self._connect_failures in (1, 10) or self._connect_failures % 100 == 0
-            else logging.INFO
-        )
-        logger.log(
-            level,
-            "MQTT cannot connect to %s:%d (failure %d): %s",
-            s.host,
-            s.port,
-            self._connect_failures,
-            exc,
-        )
+    def _down(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._note_error(str(exc) or type(exc).__name__)
 
     async def _read_commands(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -647,10 +567,3 @@ class Publisher:
                 task.cancel()
             if stop.is_set():
                 commands.cancel()
-
-
-def _rc_value(exc: MqttCodeError) -> int | None:
-    rc = exc.rc
-    if rc is None:
-        return None
-    return int(rc.value) if hasattr(rc, "value") else int(rc)

@@ -7,9 +7,10 @@ service URN it was called on, the location it received in the PIDF-LO). Media by
 ``echo+tone`` (default) does both. Above ``max_calls`` concurrent calls it answers
 486; after ``max_call_duration`` it sends BYE. OPTIONS get 200 (pjsua answers them).
 
-Faults, switchable at run time through the loopback HTTP control
-(``GET /fault``, ``PUT /fault`` with the name as body, ``GET /status``,
-``GET /health``; header ``X-ECPM-Token`` when a token is configured):
+Faults, switchable at run time through the loopback HTTP control (``ecpm.http``:
+``GET /fault``, ``PUT /fault`` with the name as body, ``GET /status``, ``GET /health``;
+every request needs the token, ``Authorization: Bearer`` or header ``X-ECPM-Token``,
+when one is configured):
 
 =================  ==============================================================
 ``none``           normal service
@@ -30,8 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import json
 import logging
 import signal
@@ -40,6 +39,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, get_args
 
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ecpm import http
 from ecpm.configfile import read_yaml, secret_of, validate
 from ecpm.errors import ConfigError, UsageError
 from probes.config import Fault, ResponderConfig, SipSettings
@@ -50,8 +56,7 @@ from probes.sip import IncomingCall, Part, SipEngine
 logger = logging.getLogger(__name__)
 
 FAULTS: Final[tuple[str, ...]] = get_args(Fault)
-TOKEN_HEADER: Final = "x-ecpm-token"
-MAX_HTTP: Final = 8192
+MAX_BODY: Final = 1024  # a fault name, with room to spare
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,89 +183,63 @@ class Responder:
 # ------------------------------------------------------------------ HTTP control
 
 
-class ControlServer:
-    """A very small HTTP/1.1 server for the fault switch (loopback, stdlib only)."""
+def control_app(responder: Responder, token: str | None) -> ASGIApp:
+    """The fault switch's HTTP API (served by ``ecpm.http``); every request needs the token
+    when one is configured."""
 
-    def __init__(self, responder: Responder, listen: str, token: str | None) -> None:
-        self.responder = responder
-        host, _, port = listen.rpartition(":")
-        self.host = host.strip("[]")
-        self.port = int(port)
-        self.token = token
-        self._server: asyncio.Server | None = None
+    async def health(request: Request) -> Response:
+        return _text("ok")
 
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._client, self.host, self.port)
-        sock = self._server.sockets[0].getsockname()
-        host = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
-        return f"http://{host}:{sock[1]}"
+    async def status(request: Request) -> Response:
+        return Response(responder.status().to_json() + "\n", media_type="application/json")
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def fault(request: Request) -> Response:
+        if request.method == "GET":
+            return _text(responder.fault)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                return _text("body too large", 400)
+        wanted = body.decode("utf-8", "replace").strip()
         try:
-            status, body, ctype = await asyncio.wait_for(self._request(reader), 5.0)
-        except (
-            TimeoutError,
-            ValueError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            ConnectionError,
-        ):
-            status, body, ctype = 400, "bad request\n", "text/plain"
-        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-                  405: "Method Not Allowed"}.get(status, "Error")  # fmt: skip
-        data = body.encode()
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
-        )
-        with contextlib.suppress(ConnectionError):
-            writer.write(head.encode() + data)
-            await writer.drain()
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+            responder.fault = wanted
+        except ValueError as exc:
+            return _text(str(exc), 400)
+        return _text(wanted)
 
-    async def _request(self, reader: asyncio.StreamReader) -> tuple[int, str, str]:
-        head = await reader.readuntil(b"\r\n\r\n")
-        if len(head) > MAX_HTTP:
-            raise ValueError("header too large")
-        lines = head.decode("latin-1").split("\r\n")
-        method, path, _ = lines[0].split(" ", 2)
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0") or 0)
-        if not 0 <= length <= 1024:
-            raise ValueError("body too large")
-        body = (await reader.readexactly(length)).decode("utf-8", "replace") if length else ""
-        if self.token is not None and not hmac.compare_digest(
-            headers.get(TOKEN_HEADER, "").encode(), self.token.encode()
-        ):
-            return 401, "missing or wrong X-ECPM-Token\n", "text/plain"
-        path = path.split("?", 1)[0]
-        if path == "/health" and method == "GET":
-            return 200, "ok\n", "text/plain"
-        if path == "/status" and method == "GET":
-            return 200, self.responder.status().to_json() + "\n", "application/json"
-        if path == "/fault":
-            if method == "GET":
-                return 200, self.responder.fault + "\n", "text/plain"
-            if method in ("PUT", "POST"):
-                wanted = body.strip()
-                try:
-                    self.responder.fault = wanted
-                except ValueError as exc:
-                    return 400, f"{exc}\n", "text/plain"
-                return 200, wanted + "\n", "text/plain"
-            return 405, "GET or PUT\n", "text/plain"
-        return 404, "not found: /fault, /status, /health\n", "text/plain"
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return _text("not found: /fault, /status, /health", 404)
+
+    async def wrong_method(request: Request, exc: Exception) -> Response:
+        return _text("GET or PUT", 405)
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/status", status, methods=["GET"]),
+            Route("/fault", fault, methods=["GET", "PUT", "POST"]),
+        ],
+        exception_handlers={404: not_found, 405: wrong_method},
+    )
+    return app if token is None else _guarded(app, token)
+
+
+def _guarded(app: ASGIApp, token: str) -> ASGIApp:
+    """``app`` behind the token: 401 before routing, so even a wrong path needs it."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        refused = http.token_refusal(Request(scope), token) if scope["type"] == "http" else None
+        if refused is None:
+            await app(scope, receive, send)
+        else:
+            await _text(refused.message, 401, refused.headers)(scope, receive, send)
+
+    return guarded
+
+
+def _text(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return PlainTextResponse(body + "\n", status_code=status, headers=headers)
 
 
 # ------------------------------------------------------------------- running it
@@ -276,28 +255,29 @@ async def serve(
     control = config.control
     token_secret = secret_of(control, "token")
     token = token_secret.get_secret_value() if token_secret is not None else None
-    if control.listen is not None and token is None:
-        host = control.listen.rpartition(":")[0].strip("[]")
-        if not ipaddress.ip_address(host).is_loopback:
-            raise UsageError(f"control.listen {control.listen} is not loopback: set control.token")
+    if control.listen is not None and token is None and not control.listen.loopback:
+        raise UsageError(f"control.listen {control.listen} is not loopback: set control.token")
     # The responder never dials out; its guard exists because the engine requires one.
     engine = SipEngine(sip_settings(config), Guard(home_region="GB"))
     await engine.start()
-    server: ControlServer | None = None
+    control_task: asyncio.Task[None] | None = None
     try:
         responder = Responder(config, engine)
         responder.start()
         url = None
         if control.listen is not None:
-            server = ControlServer(responder, control.listen, token)
-            url = await server.start()
+            sock = http.bind(control.listen, key="control.listen")
+            url = http.url_of(sock).rstrip("/")
+            control_task = asyncio.create_task(http.serve(control_app(responder, token), sock))
         if on_ready is not None:
             on_ready(engine.local_addresses, url)
         await stop.wait()
         engine.serve(None)
     finally:
-        if server is not None:
-            await server.close()
+        if control_task is not None:
+            control_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await control_task
         await engine.aclose()
 
 
@@ -380,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except OSError as exc:  # e.g. the control port is taken
+    except OSError as exc:  # a taken control port is a ListenError: the CLI prints it, exit 2 too
         print(f"ecpm responder: {exc}", file=sys.stderr)
         return 2
     return 0
