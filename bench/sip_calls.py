@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 from probes.config import SipSettings  # noqa: E402
 from probes.guard import Guard  # noqa: E402
 from probes.sip import CallOptions, Dial, SipEngine  # noqa: E402
-from tests.conftest import peer_path  # noqa: E402
-from tests.test_sip_helpers import HOST, free_port  # noqa: E402
+from tests.support.net import HOST, free_port  # noqa: E402
+from tests.support.peers import peer_path  # noqa: E402
 
 MAX_RATE = 40.0  # calls per second: the wheel's limit (probes.config.SipSettings)
 _STAMP = re.compile(r"^-{10,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)$")

@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from monitor.store import GENESIS, SqliteStore, chain_hash
-from tests.monitor_helpers import T0, ProbeSim
+from tests.support.monitor import T0, ProbeSim
 
 
 def filled(tmp_path: Path, n: int = 5) -> tuple[SqliteStore, str]:
