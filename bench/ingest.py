@@ -5,7 +5,7 @@
 ecpm: a real ``ecpm monitor`` subprocess (persistent MQTT 5 session, shared
 subscription ``$share/ecpm/...``, each message checked, signature verified, stored
 in SQLite with its hash chain, acknowledged after the commit) is running; this
-process publishes N signed results (tests.monitor_helpers.ProbeSim) to mosquitto
+process publishes N signed results (tests.support.monitor.ProbeSim) to mosquitto
 with one aiomqtt client, QoS 1, 10 in flight, and the clock stops when the
 monitor's ``results`` table (read-only, polled every 10 ms) holds all N. Peer: the
 same N payloads, published the same way to a topic the monitor does not hear,
@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.outbox_drain import Subscriber, publish_plain, vmhwm_kb  # noqa: E402
-from tests.brokers import HOST, Broker, free_port  # noqa: E402
-from tests.monitor_helpers import ProbeSim, key_for  # noqa: E402
+from tests.support.brokers import Broker  # noqa: E402
+from tests.support.monitor import ProbeSim, key_for  # noqa: E402
+from tests.support.net import HOST, free_port  # noqa: E402
 
 TOPIC = "ecpm/v1/results/p1/t1"
 PEER_TOPIC = "peer/v1/results/p1/t1"  # same length and shape; the monitor is not subscribed

@@ -46,8 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 from probes.outcome import CheckOutcome, MediaStats  # noqa: E402
 from probes.result import Result  # noqa: E402
-from tests.brokers import HOST, Broker, free_port  # noqa: E402
-from tests.monitor_helpers import key_for  # noqa: E402
+from tests.support.brokers import Broker  # noqa: E402
+from tests.support.monitor import key_for  # noqa: E402
+from tests.support.net import HOST, free_port  # noqa: E402
 
 TOPIC = "ecpm/v1/results/p1/t1"
 PEER_TOPIC = "peer/v1/results/p1/t1"

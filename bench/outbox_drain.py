@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/outbox_drain.py [--n 10000] [--rounds 3] [--pairs 2000]
 
-ecpm: N signed results (tests.monitor_helpers.ProbeSim) are stored in a probe
+ecpm: N signed results (tests.support.monitor.ProbeSim) are stored in a probe
 ``Outbox`` (SQLite, synchronous=FULL), then the real ``Publisher`` drains it to
 mosquitto (MQTT 5, QoS 1, 10 in flight, each result marked published after its PUBACK);
 the clock stops when nothing is unpublished and a subscriber (its own process) has all N.
@@ -37,8 +37,9 @@ from ecpm.settings import MqttSettings  # noqa: E402
 from probes.mqtt import Publisher  # noqa: E402
 from probes.outbox import Outbox  # noqa: E402
 from probes.result import Result  # noqa: E402
-from tests.brokers import HOST, Broker  # noqa: E402
-from tests.monitor_helpers import ProbeSim  # noqa: E402
+from tests.support.brokers import Broker  # noqa: E402
+from tests.support.monitor import ProbeSim  # noqa: E402
+from tests.support.net import HOST  # noqa: E402
 
 TOPIC = "ecpm/v1/results/p1/t1"
 IN_FLIGHT = 10

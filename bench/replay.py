@@ -42,8 +42,9 @@ from probes.mqtt import Command, Publisher  # noqa: E402
 from probes.outbox import Outbox  # noqa: E402
 from probes.outcome import CheckOutcome  # noqa: E402
 from probes.result import Result  # noqa: E402
-from tests.brokers import HOST, Broker, free_port  # noqa: E402
-from tests.monitor_helpers import key_for  # noqa: E402
+from tests.support.brokers import Broker  # noqa: E402
+from tests.support.monitor import key_for  # noqa: E402
+from tests.support.net import HOST, free_port  # noqa: E402
 
 KEY = key_for("p1")
 CONFIG = """kind: monitor

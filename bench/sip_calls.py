@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 from probes.config import SipSettings  # noqa: E402
 from probes.guard import Guard  # noqa: E402
 from probes.sip import CallOptions, Dial, SipEngine  # noqa: E402
-from tests.conftest import peer_path  # noqa: E402
-from tests.test_sip_helpers import HOST, free_port  # noqa: E402
+from tests.support.net import HOST, free_port  # noqa: E402
+from tests.support.peers import peer_path  # noqa: E402
+from tests.support.processes import Proc  # noqa: E402
 
 MAX_RATE = 40.0  # calls per second: the wheel's limit (probes.config.SipSettings)
 _STAMP = re.compile(r"^-{10,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)$")
@@ -140,26 +141,20 @@ def sipp_calls(tmp: Path, port: int, n: int, rate: float) -> Figures:
     return Figures(n, seconds, setup, cpu, n - len(setup) if code == 0 else n)
 
 
-class Uas:
+class Uas(Proc):
+    """SIPp's built-in UAS on a free loopback port, its output in ``tmp``."""
+
     def __init__(self, tmp: Path) -> None:
         self.port = free_port()
         cmd = [
             peer_path("sipp"), "-sn", "uas", "-i", HOST, "-p", str(self.port), "-mi", HOST,
             "-mp", str(free_port()), "-nostdin", "-timeout", "120s",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        super().__init__("sipp-uas", cmd, tmp)
+        self.start()
         time.sleep(0.3)
-        if self.proc.poll() is not None:
-            raise RuntimeError("SIPp UAS did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if not self.running:
+            raise RuntimeError(f"SIPp UAS did not start: {self.tail()}")
 
 
 async def main(n: int, idle: float, rate: float, poll: float) -> None:

@@ -1,18 +1,27 @@
-"""Shared test plumbing: real peers.
+"""Shared test plumbing: real peers, and the fixtures every module may ask for by name.
 
 Tests that talk to a real peer (mosquitto, sipp, promtool, ...) carry
 ``@pytest.mark.peers("mosquitto", ...)``. When a peer's program is missing the test
 fails if ``ECPM_REQUIRE_PEERS=1`` (as in CI), and is otherwise skipped with a loud
 line at the end of the run saying what to install.
+
+The helpers behind the fixtures are in tests/support/.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
+
+from tests.support.brokers import Broker
+from tests.support.net import UdpSink
+from tests.support.peers import PEER_PACKAGES, find
+from tests.support.sip import ResponderProcess, Sipp
 
 # CI (CI=true) runs the property tests with a fixed seed, so a landing is reproducible;
 # developers' runs stay random and keep finding new cases (a failure prints its example).
@@ -20,38 +29,18 @@ settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI") == "true":
     settings.load_profile("ci")
 
-# program name -> Debian package that provides it
-PEER_PACKAGES = {
-    "mosquitto": "mosquitto",
-    "mosquitto_sub": "mosquitto-clients",
-    "mosquitto_pub": "mosquitto-clients",
-    "sipp": "sip-tester",
-    "promtool": "prometheus",
-    "prometheus": "prometheus",
-    "amtool": "prometheus-alertmanager",
-    "alertmanager": "prometheus-alertmanager",
-    "chromium": "chromium",
-}
-
 _missing: set[str] = set()
 
 
-def _find(program: str) -> str | None:
-    # mosquitto lives in /usr/sbin, which a non-root PATH may lack
-    return shutil.which(program) or shutil.which(program, path="/usr/sbin:/usr/bin:/sbin:/bin")
-
-
-def peer_path(program: str) -> str:
-    """Absolute path of a peer program (the test must carry the peers marker)."""
-    found = _find(program)
-    if found is None:
-        raise LookupError(program)
-    return found
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "broker(**options): options of the `broker` fixture's Broker (e.g. persistence=True)"
+    )
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for marker in item.iter_markers(name="peers"):
-        missing = [p for p in marker.args if _find(p) is None]
+        missing = [p for p in marker.args if find(p) is None]
         if not missing:
             continue
         _missing.update(missing)
@@ -71,3 +60,49 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             red=True,
             bold=True,
         )
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
+    """A running mosquitto for the test; ``@pytest.mark.broker(persistence=True)`` shapes it."""
+    marker = request.node.get_closest_marker("broker")
+    with Broker(tmp_path, **(marker.kwargs if marker else {})) as running:
+        yield running
+
+
+@pytest.fixture
+def sink() -> Iterator[UdpSink]:
+    s = UdpSink()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sipp_factory(tmp_path: Path) -> Iterator[Callable[..., Sipp]]:
+    """Start SIPp peers (``Sipp``'s arguments after ``tmp``); all stopped after the test."""
+    started: list[Sipp] = []
+
+    def start(scenario: str | Path, **kwargs: Any) -> Sipp:
+        peer = Sipp(tmp_path, scenario, **kwargs)
+        started.append(peer)
+        return peer
+
+    yield start
+    for peer in started:
+        peer.stop()
+
+
+@pytest.fixture(scope="module")
+def responder() -> Iterator[ResponderProcess]:
+    """One responder shared by a module's tests."""
+    peer = ResponderProcess()
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture
+def clean_responder(responder: ResponderProcess) -> Iterator[ResponderProcess]:
+    """The shared responder with its fault reset before and after the test."""
+    responder.set_fault("none")
+    yield responder
+    responder.set_fault("none")

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from probes.result import Result, parse_result
 from probes.result import verify_signature as verify
-from tests.brokers import Broker
-from tests.conftest import peer_path
-from tests.system import Process, wait_for
-from tests.test_sip_helpers import REPO, ResponderProcess, free_port
+from tests.support.brokers import Broker
+from tests.support.net import free_port
+from tests.support.paths import REPO
+from tests.support.peers import peer_path
+from tests.support.processes import Process, wait_for
+from tests.support.sip import ResponderProcess
 
-pytestmark = pytest.mark.peers("mosquitto", "mosquitto_sub")
+# a broker that keeps sessions across a restart, as the shipped one
+pytestmark = [pytest.mark.peers("mosquitto", "mosquitto_sub"), pytest.mark.broker(persistence=True)]
 KEY = "agent-test-key"
 
 
@@ -128,19 +130,6 @@ def assert_complete(results: list[Result]) -> list[Result]:
     assert seqs == list(range(1, len(seqs) + 1)), f"sequence not complete and ordered: {seqs}"
     assert len({r.seq for r in unique.values()}) == len(unique)  # no seq reused with another id
     return list(unique.values())
-
-
-@pytest.fixture
-def responder() -> Iterator[ResponderProcess]:
-    peer = ResponderProcess()
-    yield peer
-    peer.stop()
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with Broker(tmp_path, persistence=True) as b:
-        yield b
 
 
 def test_two_targets_signed_results_without_gaps(

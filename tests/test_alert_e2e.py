@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -39,9 +38,13 @@ import httpx
 import pytest
 import yaml
 
-from tests.brokers import HOST, Broker, free_port
-from tests.conftest import peer_path
-from tests.test_deploy import AM_CONFIG, PROM_CONFIG, ROOT, RULES, Monitor, Proc, start_monitor, wait_for
+from tests.support.brokers import Broker
+from tests.support.net import HOST, free_port
+from tests.support.paths import AM_CONFIG, PROM_CONFIG, RULES
+from tests.support.paths import REPO as ROOT
+from tests.support.peers import peer_path
+from tests.support.processes import Proc, wait_for
+from tests.support.system import Monitor, start_monitor
 
 pytestmark = pytest.mark.peers("prometheus", "prometheus-alertmanager", "mosquitto")
 
@@ -128,12 +131,6 @@ def prometheus_config(path: Path, *, monitor: str, alertmanager: str) -> Path:
     return path
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def prom_alerts(prometheus: Proc, name: str) -> list[dict[str, Any]]:
     alerts = prometheus.get("/api/v1/alerts").json()["data"]["alerts"]
     return [a for a in alerts if a["labels"]["alertname"] == name and a["labels"].get("target") == TARGET]
@@ -170,7 +167,7 @@ class Stack:
 @contextlib.contextmanager
 def stack(tmp_path: Path) -> Iterator[Stack]:
     key = secrets.token_hex(32)
-    sip_port, control_port = free_udp_port(), free_port()
+    sip_port, control_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     responder_cfg = write_yaml(
         tmp_path / "responder.yaml",

@@ -31,7 +31,7 @@ from probes.checks import invite_check
 from probes.config import Target
 from probes.outcome import CheckOutcome
 from probes.sip import CallEvent, CallOptions, Dial, RtpStats, SipEngine
-from tests.test_sip_helpers import Sipp, make_target, with_engine
+from tests.support.sip import Sipp, make_target, with_engine
 
 RATE = 8000
 RTP = RtpStats(rx_packets=100, rx_lost=0, jitter_ms=1.0, tx_packets=100, rtt_ms=None, codec="PCMU")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ecpm.cli import COMMANDS
-from tests.system import run_ecpm as ecpm
+from tests.support.processes import run_ecpm as ecpm
 
 ROOT = Path(__file__).resolve().parent.parent
 

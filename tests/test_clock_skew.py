@@ -21,10 +21,8 @@ from monitor.skew import SkewEstimator, judge
 from monitor.store import SqliteStore
 from monitor.store.sqlite import _SCHEMA as store_schema
 from probes.result import format_time
-from tests.hostile import append_raw_row
-from tests.monitor_helpers import T0, Clock, ProbeSim, monitor_config
-from tests.test_monitor_core import Pages, state
-from tests.test_monitor_core import make as make_core
+from tests.support.hostile import append_raw_row
+from tests.support.monitor import T0, Clock, Pages, ProbeSim, make_core, monitor_config, state
 
 FIVE_MIN = timedelta(minutes=5)
 REPORT_SCHEMA = json.loads(

@@ -14,8 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from probes.result import parse_time
-from tests.monitor_helpers import ProbeSim
-from tests.system import Process, System
+from tests.support.monitor import ProbeSim
+from tests.support.processes import Process
+from tests.support.system import System
 
 pytestmark = pytest.mark.peers("mosquitto")
 

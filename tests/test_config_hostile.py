@@ -32,7 +32,7 @@ from pydantic.fields import FieldInfo
 from ecpm.check_config import KINDS, load_any, model_for
 from ecpm.configfile import MAX_FILE_BYTES, DurationRange, format_duration
 from ecpm.errors import ConfigError
-from tests.system import run_ecpm as ecpm
+from tests.support.processes import run_ecpm as ecpm
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = [ROOT / "config" / f"{kind}.example.yaml" for kind in KINDS]

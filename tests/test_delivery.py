@@ -8,9 +8,8 @@ it cannot queue: every gap is repaired from the probe's outbox.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,19 +18,20 @@ import aiomqtt
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ecpm.settings import MqttSettings
 from monitor.core import MonitorCore
 from monitor.service import MonitorService
 from monitor.store import SqliteStore
 from probes import delivery as d
-from probes.mqtt import Command, Publisher
+from probes.mqtt import Publisher
 from probes.outbox import Outbox
 from probes.outcome import CheckOutcome
 from probes.result import Result
 from probes.status import Status, parse_status
 from probes.status import verify_status_signature as verify_status
-from tests.brokers import Broker, free_port
-from tests.monitor_helpers import T0, Clock, ProbeSim, StatusSim, key_for, monitor_config
+from tests.support.brokers import Broker
+from tests.support.monitor import T0, Clock, ProbeSim, StatusSim, key_for, monitor_config
+from tests.support.mqtt import accept, eventually, publishing, settings
+from tests.support.net import free_port
 
 KEY = key_for("p1")
 
@@ -273,10 +273,6 @@ def test_a_head_published_before_the_monitor_subscribed_is_a_gap(tmp_path: Path)
 # ------------------------------------------------------------------ the probe's publisher, real broker
 
 
-def settings(b: Broker) -> MqttSettings:
-    return MqttSettings(host=b.host, port=b.port)
-
-
 def maker(target: str = "t1") -> Callable[[int], Result]:
     outcome = CheckOutcome(check="options", outcome="pass", started_at=T0, finished_at=T0)
 
@@ -291,26 +287,6 @@ def maker(target: str = "t1") -> Callable[[int], Result]:
         )
 
     return make
-
-
-async def eventually(cond: Callable[[], bool], limit: float = 20.0) -> None:
-    async with asyncio.timeout(limit):
-        while not cond():  # noqa: ASYNC110 - the condition lives in other clients and processes
-            await asyncio.sleep(0.02)
-
-
-def accept(cmd: Command) -> str | None:
-    return None
-
-
-@contextlib.asynccontextmanager
-async def publishing(pub: Publisher) -> AsyncIterator[Publisher]:
-    task = asyncio.create_task(pub.run())
-    try:
-        yield pub
-    finally:
-        await pub.stop(drain=1.0)
-        await asyncio.wait_for(task, 15)
 
 
 @pytest.mark.peers("mosquitto")

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.test_sip_helpers import REPO, free_port
+from tests.support.net import free_port
+from tests.support.paths import REPO
 
 
 def test_demo_shows_an_incident_open_and_resolve_then_stops_cleanly(tmp_path: Path) -> None:

@@ -7,8 +7,7 @@ with a password file from mosquitto_passwd), systemd-analyze (units), and a runn
 ``ecpm monitor`` whose /metrics must export every metric the rules and the dashboard
 use. The compose file is checked structurally (no Docker engine here).
 
-The process helpers at the bottom (``Proc``, ``wait_for``, ``start_monitor``) are
-shared with tests/test_alert_e2e.py.
+The processes (``Proc``, ``start_monitor``, ``wait_for``) are in tests/support/.
 """
 
 from __future__ import annotations
@@ -21,15 +20,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiomqtt
 import httpx
@@ -37,15 +34,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.brokers import HOST, Broker, free_port
-from tests.conftest import peer_path
-from tests.monitor_helpers import ProbeSim, key_for
+from tests.support.brokers import Broker
+from tests.support.monitor import ProbeSim
+from tests.support.paths import AM_CONFIG, DEPLOY, PROM_CONFIG, RULES
+from tests.support.paths import REPO as ROOT
+from tests.support.peers import peer_path
+from tests.support.processes import Proc, wait_for
+from tests.support.system import start_monitor
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-RULES = DEPLOY / "prometheus" / "rules" / "ecpm.rules.yml"
-PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
-AM_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ecpm.json"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 
@@ -741,180 +737,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     assert done.returncode == 0 and not ours, output  # unknown keys are only warnings: none allowed
 
 
-# ------------------------------------------------------------------ processes (shared with test_alert_e2e)
-
-T = TypeVar("T")
-
-
-def wait_for(
-    cond: Callable[[], T], timeout: float, what: str, procs: Sequence[Proc] = (), every: float = 0.1
-) -> T:
-    """Poll ``cond`` until it returns something truthy; fail naming ``what`` (and the
-    log of any watched process that died) when ``timeout`` passes first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for proc in procs:
-            proc.check()
-        with contextlib.suppress(httpx.HTTPError, OSError, ValueError, KeyError):
-            if value := cond():
-                return value
-        if time.monotonic() >= deadline:
-            logs = "\n".join(p.tail() for p in procs)
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
-        time.sleep(every)
-
-
-class Proc:
-    """A child process with its output in a log file; stopped by its own pid."""
-
-    def __init__(self, name: str, argv: Sequence[str | Path], workdir: Path, url: str = "") -> None:
-        self.name = name
-        self.argv = [str(a) for a in argv]
-        self.workdir = workdir
-        self.url = url
-        self.log = workdir / f"{name}.log"
-        self._popen: subprocess.Popen[bytes] | None = None
-
-    def start(self, env: Mapping[str, str] | None = None) -> Proc:
-        with self.log.open("ab") as log:
-            self._popen = subprocess.Popen(
-                self.argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env=None if env is None else dict(env),
-                start_new_session=True,
-            )
-        return self
-
-    def tail(self, lines: int = 40) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return f"--- {self.name} ({' '.join(self.argv[:3])} ...) log tail:\n" + "\n".join(
-            text.splitlines()[-lines:]
-        )
-
-    def check(self) -> None:
-        if self._popen is not None and self._popen.poll() is not None:
-            raise AssertionError(f"{self.name} exited with {self._popen.returncode}\n{self.tail()}")
-
-    def stop(self) -> None:
-        popen, self._popen = self._popen, None
-        if popen is None or popen.poll() is not None:
-            return
-        popen.send_signal(signal.SIGTERM)
-        try:
-            popen.wait(20)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(5)
-
-    def __enter__(self) -> Proc:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def get(self, path: str, **kw: Any) -> httpx.Response:
-        with httpx.Client(base_url=self.url, timeout=5) as client:
-            return client.get(path, **kw)
-
-    def ready(self, path: str, timeout: float = 30) -> Proc:
-        wait_for(lambda: self.get(path).status_code == 200, timeout, f"{self.name} {path}", [self])
-        return self
-
-    # ---- the servers this project talks to
-
-    @classmethod
-    @contextlib.contextmanager
-    def alertmanager(cls, workdir: Path, config: Path) -> Iterator[Proc]:
-        port = free_port()
-        storage = workdir / "alertmanager-data"
-        storage.mkdir()
-        proc = cls(
-            "alertmanager",
-            [
-                peer_path("prometheus-alertmanager"),
-                f"--config.file={config}",
-                f"--storage.path={storage}",
-                f"--web.listen-address={HOST}:{port}",
-                "--cluster.listen-address=",  # no gossip port: one instance on loopback
-            ],
-            workdir,
-            url=f"http://{HOST}:{port}",
-        )
-        with proc.start():
-            yield proc.ready("/-/ready")
-
-    @classmethod
-    @contextlib.contextmanager
-    def prometheus(cls, workdir: Path, config: Path) -> Iterator[Proc]:
-        port = free_port()
-        storage = workdir / "prometheus-data"
-        storage.mkdir()
-        proc = cls(
-            "prometheus",
-            [
-                peer_path("prometheus"),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={storage}",
-                f"--web.listen-address={HOST}:{port}",
-            ],
-            workdir,
-            url=f"http://{HOST}:{port}",
-        )
-        with proc.start():
-            yield proc.ready("/-/ready")
-
-
-class Monitor:
-    def __init__(self, proc: Proc, config: dict[str, Any]) -> None:
-        self.proc = proc
-        self.config = config
-        self.url = proc.url
-        self.listen = config["http"]["listen"]
-
-    def metrics_text(self) -> str:
-        response = self.proc.get("/metrics")
-        response.raise_for_status()
-        return response.text
-
-    def target_state(self, target: str) -> str | None:
-        for t in self.proc.get("/api/v1/targets").json()["targets"]:
-            if t["id"] == target:
-                return str(t["state"])
-        return None
-
-
-@contextlib.contextmanager
-def start_monitor(
-    workdir: Path,
-    broker: Broker,
-    *,
-    probes: Sequence[str] = ("p1",),
-    targets: Sequence[str] = ("t1",),
-    interval: str = "10s",
-    keys: Mapping[str, str] | None = None,
-    notifiers: Sequence[Mapping[str, Any]] = (),
-) -> Iterator[Monitor]:
-    """``ecpm monitor -c <config>`` as a subprocess on loopback, once its HTTP answers."""
-    port = free_port()
-    config: dict[str, Any] = {
-        "kind": "monitor",
-        "id": "test",
-        "mqtt": {"host": broker.host, "port": broker.port},
-        "store": {"path": str(workdir / "monitor.db")},
-        "http": {"listen": f"{HOST}:{port}"},
-        "probes": [{"id": p, "key": (keys or {}).get(p, key_for(p))} for p in probes],
-        "targets": [{"id": t, "interval": interval} for t in targets],
-        "notifiers": [dict(n) for n in notifiers],
-    }
-    path = workdir / "monitor.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    argv = [sys.executable, "-m", "ecpm", "monitor", "-c", path]
-    proc = Proc("monitor", argv, workdir, url=f"http://{HOST}:{port}")
-    with proc.start(env={**os.environ, "PYTHONPATH": str(ROOT)}):
-        proc.ready("/healthz")
-        yield Monitor(proc, config)
+# ------------------------------------------------------------------ the test brokers
 
 
 def publish(broker: Broker, messages: Sequence[tuple[str, bytes]]) -> None:

@@ -1,7 +1,7 @@
 """The live-number guard, tested harder than anything else in ecpm.
 
 Every region's emergency numbers are enumerated from libphonenumber's own patterns
-(a small expander below) and pushed through every dial form the guard claims to
+(a small expander, tests/support/numbers.py) and pushed through every dial form the guard claims to
 understand, exhaustively for the plain forms and with hypothesis for random
 combinations. The other direction matters too: test endpoints and Ofcom drama
 numbers must pass, or the guard would be switched off in anger.
@@ -15,7 +15,6 @@ import re
 import threading
 from collections.abc import Callable
 
-import phonenumbers
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,106 +32,19 @@ from probes.guard import (
     GuardRefusal,
     check_dial_target,
 )
+from tests.support.numbers import (
+    ALL_PAIRS,
+    ALL_REGIONS,
+    EMERGENCY_REGIONS,
+    NUMBERS,
+    SHORT_REGIONS,
+    country_code,
+    emergency_patterns,
+)
 
 PROPERTY = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ------------------------------------------------------------------ the data
-
-
-def expand(pattern: str) -> set[str]:
-    """Every string a libphonenumber emergency pattern matches.
-
-    The patterns use literals, ``[...]`` classes with ranges, ``\\d``, ``(?:...)``
-    groups, ``|`` and ``?`` only (asserted), so their languages are finite and small.
-    """
-    pos = 0
-
-    def peek() -> str:
-        return pattern[pos] if pos < len(pattern) else ""
-
-    def take(expected: str | None = None) -> str:
-        nonlocal pos
-        ch = pattern[pos]
-        assert expected is None or ch == expected, (pattern, pos, expected)
-        pos += 1
-        return ch
-
-    def alternation() -> set[str]:
-        options = sequence()
-        while peek() == "|":
-            take("|")
-            options |= sequence()
-        return options
-
-    def sequence() -> set[str]:
-        strings = {""}
-        while peek() not in ("", "|", ")"):
-            atom_strings = atom()
-            if peek() == "?":
-                take("?")
-                atom_strings = atom_strings | {""}
-            assert peek() not in ("*", "+", "{"), f"unbounded pattern {pattern!r}"
-            strings = {s + a for s in strings for a in atom_strings}
-        return strings
-
-    def atom() -> set[str]:
-        ch = take()
-        if ch == "(":
-            if pattern.startswith("?:", pos):
-                take("?")
-                take(":")
-            inner = alternation()
-            take(")")
-            return inner
-        if ch == "[":
-            chars: set[str] = set()
-            while peek() != "]":
-                first = take()
-                if first == "\\":
-                    assert take("d") == "d"
-                    chars |= set("0123456789")
-                elif peek() == "-":
-                    take("-")
-                    last = take()
-                    chars |= {chr(c) for c in range(ord(first), ord(last) + 1)}
-                else:
-                    chars.add(first)
-            take("]")
-            return chars
-        if ch == "\\":
-            assert take("d") == "d"
-            return set("0123456789")
-        assert ch.isdigit(), (pattern, ch)
-        return {ch}
-
-    result = alternation()
-    assert pos == len(pattern), pattern
-    return result
-
-
-def emergency_patterns(region: str) -> list[str]:
-    metadata = PhoneMetadata.short_metadata_for_region(region, None)
-    found = []
-    for attr in ("emergency", "expanded_emergency"):
-        desc = getattr(metadata, attr, None)
-        if desc is not None and desc.national_number_pattern:
-            found.append(desc.national_number_pattern)
-    return found
-
-
-SHORT_REGIONS = sorted(phonenumbers.SUPPORTED_SHORT_REGIONS)
-ALL_REGIONS = sorted(set(phonenumbers.SUPPORTED_REGIONS) | set(SHORT_REGIONS))
-NUMBERS: dict[str, list[str]] = {
-    region: sorted(set().union(*(expand(p) for p in emergency_patterns(region))))
-    for region in SHORT_REGIONS
-    if emergency_patterns(region)
-}
-EMERGENCY_REGIONS = sorted(NUMBERS)
-ALL_PAIRS = [(region, number) for region in EMERGENCY_REGIONS for number in NUMBERS[region]]
-
-
-def country_code(region: str) -> str:
-    return str(phonenumbers.country_code_for_region(region))
 
 
 def plain(value: str | None) -> str | None:

@@ -26,8 +26,9 @@ from probes.config import SipSettings
 from probes.emergency_numbers import SUPPLEMENTARY_EMERGENCY_NUMBERS
 from probes.guard import REASONS, Guard, GuardRefusal, check_dial_target
 from probes.sip import CallOptions, Dial, SipEngine
-from tests.test_guard import ALL_PAIRS, country_code
-from tests.test_sip_helpers import HOST, REPO, UdpSink
+from tests.support.net import HOST, UdpSink
+from tests.support.numbers import ALL_PAIRS, country_code
+from tests.support.paths import REPO
 
 SEED = 20261201  # fixed: a failure here is reproducible; breadth comes from exhaustion
 

@@ -23,9 +23,9 @@ from monitor.report import TargetInfo, build_report
 from monitor.store import SqliteStore
 from probes import result as r
 from probes.result import ResultError
-from tests.hostile import append_raw_row, rows, series, sign, signed_payload
-from tests.monitor_helpers import T0, Clock, ProbeSim, key_for, monitor_config
-from tests.test_sip_helpers import REPO
+from tests.support.hostile import append_raw_row, rows, series, sign, signed_payload
+from tests.support.monitor import T0, Clock, ProbeSim, key_for, monitor_config
+from tests.support.paths import REPO
 
 
 def make(tmp_path: Path, clock: Clock, **kw: Any) -> tuple[MonitorCore, CollectorRegistry]:

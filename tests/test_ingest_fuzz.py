@@ -29,8 +29,8 @@ from monitor.ingest import MONITOR_REASONS
 from monitor.store import SqliteStore, chain_hash
 from probes.result import REJECT_REASONS, format_time, parse_result, parse_time
 from probes.result import verify_signature as verify
-from tests.hostile import sign, signed_payload
-from tests.monitor_helpers import Clock, ProbeSim, key_for, monitor_config
+from tests.support.hostile import sign, signed_payload
+from tests.support.monitor import Clock, ProbeSim, key_for, monitor_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs/schema/result-v1.json").read_text(encoding="utf-8"))

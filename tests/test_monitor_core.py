@@ -8,36 +8,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from monitor.core import MonitorCore
-from monitor.model import Incident
-from monitor.store import SqliteStore
 from probes.result import format_time
-from tests.monitor_helpers import Clock, ProbeSim, StatusSim, monitor_config
-
-
-class Pages(list[tuple[int, str, str]]):
-    def __call__(self, incident: Incident, event: str) -> None:
-        self.append((incident.id, incident.kind, event))
-
-
-def make(tmp_path: Path, clock: Clock, **kw: object) -> tuple[MonitorCore, CollectorRegistry, Pages]:
-    config = monitor_config(tmp_path, **kw)  # type: ignore[arg-type]
-    registry = CollectorRegistry()
-    pages = Pages()
-    core = MonitorCore(config, SqliteStore(config.store.path), registry, pager=pages, clock=clock)
-    return core, registry, pages
+from tests.support.monitor import Clock, ProbeSim, StatusSim, state
+from tests.support.monitor import make_core as make
 
 
 def feed(core: MonitorCore, sim: ProbeSim, target: str, outcome: str, clock: Clock, **kw: object) -> None:
     result = sim.result(target, outcome, clock(), **kw)  # type: ignore[arg-type]
     assert core.handle(sim.topic(target), result.to_json()) is None
     core.store.commit()
-
-
-def state(core: MonitorCore, clock: Clock, target: str = "t1") -> str:
-    return core.evaluate(clock()).targets[target].state
 
 
 def test_single_probe_fail_then_confirm_goes_down_and_pages_once(tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ import aiomqtt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.browser import dump_dom, parse, screenshot
-from tests.monitor_helpers import ProbeSim
-from tests.system import System
-from tests.test_sip_helpers import REPO
+from tests.support.browser import dump_dom, parse, screenshot
+from tests.support.monitor import ProbeSim
+from tests.support.paths import REPO
+from tests.support.system import System
 
 pytestmark = pytest.mark.peers("mosquitto")
 

@@ -1,6 +1,6 @@
 """A monitor that starts on stored state that pages at once: it stays up and pages once.
 
-The monitor as its own process (tests/system.py), a real mosquitto, probe and responder,
+The monitor as its own process (tests/support/system.py), a real mosquitto, probe and responder,
 and a real HTTP receiver as the pager.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system import System
+from tests.support.system import System
 
 pytestmark = pytest.mark.peers("mosquitto")
 

@@ -25,16 +25,13 @@ from probes.outbox import Outbox
 from probes.outcome import CheckOutcome
 from probes.result import Result, parse_result
 from probes.result import verify_signature as verify
-from tests.brokers import Broker, broker  # noqa: F401 (fixture)
+from tests.support.brokers import Broker
+from tests.support.mqtt import accept, eventually, publishing, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = b"probe-key"
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 pytestmark = pytest.mark.peers("mosquitto")
-
-
-def settings(b: Broker, **kw: Any) -> MqttSettings:
-    return MqttSettings(host=b.host, port=b.port, **kw)
 
 
 def maker(target: str = "t1") -> Callable[[int], Result]:
@@ -46,12 +43,6 @@ def maker(target: str = "t1") -> Callable[[int], Result]:
         return Result.from_outcome(outcome, probe="p1", seq=seq, target=target, key=KEY)
 
     return make
-
-
-async def eventually(cond: Callable[[], bool], limit: float = 10.0) -> None:
-    async with asyncio.timeout(limit):
-        while not cond():  # noqa: ASYNC110 - the condition lives in other clients and processes
-            await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -100,21 +91,7 @@ async def watching(b: Broker) -> AsyncIterator[Watcher]:
             await task
 
 
-@contextlib.asynccontextmanager
-async def publishing(pub: Publisher) -> AsyncIterator[Publisher]:
-    task = asyncio.create_task(pub.run())
-    try:
-        yield pub
-    finally:
-        await pub.stop(drain=1.0)
-        await asyncio.wait_for(task, 15)
-
-
-def accept(cmd: Command) -> str | None:
-    return None
-
-
-def test_results_arrive_in_order_signed_without_gaps(broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+def test_results_arrive_in_order_signed_without_gaps(broker: Broker, tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", max_results=10_000)
 
     async def main() -> None:
@@ -206,7 +183,7 @@ def test_broker_outage_loses_nothing(tmp_path: Path) -> None:
         box.close()
 
 
-def test_a_killed_probe_goes_offline_by_last_will(broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+def test_a_killed_probe_goes_offline_by_last_will(broker: Broker, tmp_path: Path) -> None:
     child = textwrap.dedent(
         f"""
         import asyncio
@@ -248,7 +225,7 @@ def test_a_killed_probe_goes_offline_by_last_will(broker: Broker, tmp_path: Path
     asyncio.run(main())
 
 
-def test_commands_are_checked_counted_and_never_crash(broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+def test_commands_are_checked_counted_and_never_crash(broker: Broker, tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", max_results=100)
     got: list[Command] = []
 
@@ -370,7 +347,7 @@ async def _v311_only_proxy(upstream: tuple[str, int]) -> tuple[asyncio.Server, i
     return server, server.sockets[0].getsockname()[1]
 
 
-def test_auto_falls_back_to_mqtt_311(broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+def test_auto_falls_back_to_mqtt_311(broker: Broker, tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", max_results=100)
 
     async def main() -> None:
@@ -424,7 +401,7 @@ def test_stop_while_the_broker_is_down_is_prompt(tmp_path: Path) -> None:
     box.close()
 
 
-def test_set_targets_republishes_status(broker: Broker, tmp_path: Path) -> None:  # noqa: F811
+def test_set_targets_republishes_status(broker: Broker, tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", max_results=100)
 
     async def main() -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from ecpm.mqtt import ack, connect
 from ecpm.settings import MqttSettings
-from tests.brokers import Broker
+from tests.support.brokers import Broker
 
 pytestmark = pytest.mark.peers("mosquitto")
 

@@ -39,10 +39,11 @@ from probes.mqtt import MAX_COMMAND_BYTES
 from probes.outcome import CheckOutcome
 from probes.result import Result
 from probes.status import MAX_STATUS_BYTES, MAX_STATUS_TARGETS
-from tests.brokers import Broker, free_port
-from tests.conftest import peer_path
-from tests.monitor_helpers import ProbeSim, StatusSim, key_for
-from tests.system import Process, wait_for
+from tests.support.brokers import Broker
+from tests.support.monitor import ProbeSim, StatusSim, key_for
+from tests.support.net import free_port
+from tests.support.peers import peer_path
+from tests.support.processes import Process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.peers("mosquitto", "mosquitto_sub")

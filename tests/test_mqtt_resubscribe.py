@@ -11,8 +11,8 @@ import pytest
 
 from ecpm.mqtt import connect
 from ecpm.settings import MqttSettings
-from tests.brokers import Broker
-from tests.conftest import peer_path
+from tests.support.brokers import Broker
+from tests.support.peers import peer_path
 
 pytestmark = pytest.mark.peers("mosquitto")
 

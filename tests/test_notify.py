@@ -16,8 +16,8 @@ from monitor.core import MonitorCore
 from monitor.model import Incident
 from monitor.notify import Dispatcher
 from monitor.store import SqliteStore
-from tests.monitor_helpers import Clock, ProbeSim, monitor_config
-from tests.system import Receiver
+from tests.support.monitor import Clock, ProbeSim, monitor_config
+from tests.support.system import Receiver
 
 
 def outage(tmp_path: Path, notifiers: list[dict[str, Any]]) -> tuple[MonitorCore, list[tuple[Incident, str]]]:

@@ -19,11 +19,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.store import SqliteStore
-from tests.brokers import Broker, free_port
-from tests.hostile import append_raw_row, sign, signed_payload
-from tests.monitor_helpers import ProbeSim
-from tests.system import HOST, Process, wait_for
-from tests.system import run_ecpm as ecpm
+from tests.support.brokers import Broker
+from tests.support.hostile import append_raw_row, sign, signed_payload
+from tests.support.monitor import ProbeSim
+from tests.support.net import HOST, free_port
+from tests.support.processes import Process, wait_for
+from tests.support.processes import run_ecpm as ecpm
 
 pytestmark = pytest.mark.peers("mosquitto")
 

@@ -49,8 +49,8 @@ from monitor.report_render import CSV_FILES, formula_like, pct, write
 from monitor.store import SqliteStore, Verification
 from probes.outcome import CheckOutcome, MediaStats
 from probes.result import Result
-from tests import browser
-from tests.monitor_helpers import StatusSim, key_for, monitor_config
+from tests.support import browser
+from tests.support.monitor import StatusSim, key_for, monitor_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs/schema/report-v1.json").read_text())

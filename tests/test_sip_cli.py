@@ -9,16 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from tests.system import run_ecpm
-from tests.test_sip_helpers import (  # noqa: F401 (fixtures)
-    REPO,
-    ResponderProcess,
-    UdpSink,
-    clean_responder_fixture,
-    free_port,
-    responder_fixture,
-    sink_fixture,
-)
+from tests.support.net import UdpSink, free_port
+from tests.support.paths import REPO
+from tests.support.processes import run_ecpm
+from tests.support.sip import ResponderProcess
 
 QUICK = [
     "--first-response-timeout",

@@ -17,16 +17,9 @@ from probes.config import SipSettings
 from probes.guard import Guard, GuardRefusal
 from probes.outcome import CheckOutcome
 from probes.sip import CallOptions, Dial, NoCallSlot, OptionsReply, SipEngine, SipError
-from tests.test_sip_helpers import (  # noqa: F401 (fixtures)
-    REPO,
-    ResponderProcess,
-    UdpSink,
-    clean_responder_fixture,
-    make_target,
-    responder_fixture,
-    sink_fixture,
-    with_engine,
-)
+from tests.support.net import UdpSink
+from tests.support.paths import REPO
+from tests.support.sip import ResponderProcess, make_target, with_engine
 
 # ------------------------------------------------------------------- the guard
 

@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 
-from tests.test_sip_helpers import HOST, REPO, SIPP_DIR, ResponderProcess, Sipp, UdpSink
+from tests.support.net import HOST, UdpSink
+from tests.support.paths import REPO, SIPP_DIR
+from tests.support.sip import ResponderProcess, Sipp
 
 pytestmark = pytest.mark.peers("sipp")
 

@@ -19,15 +19,9 @@ from probes.config import EmergencyShape, Location, SipSettings
 from probes.media import wav_duration
 from probes.outcome import CheckOutcome
 from probes.sip import SipEngine
-from tests.conftest import peer_path
-from tests.test_sip_helpers import (  # noqa: F401 (fixtures)
-    REPO,
-    ResponderProcess,
-    clean_responder_fixture,
-    make_target,
-    responder_fixture,
-    with_engine,
-)
+from tests.support.paths import REPO
+from tests.support.peers import peer_path
+from tests.support.sip import ResponderProcess, make_target, with_engine
 
 
 def invite(uri: str, *, announcement: Path | None = None, **kwargs: object) -> CheckOutcome:

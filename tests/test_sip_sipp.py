@@ -19,14 +19,9 @@ from probes.checks import ANNOUNCEMENT, invite_check, options_check
 from probes.config import Auth, EmergencyShape, Location, OptionsCheck
 from probes.outcome import CheckOutcome
 from probes.sip import SipEngine
-from tests.test_sip_helpers import (  # noqa: F401 (fixtures)
-    SIPP_DIR,
-    Sipp,
-    free_port,
-    make_target,
-    sipp_factory_fixture,
-    with_engine,
-)
+from tests.support.net import free_port
+from tests.support.paths import SIPP_DIR
+from tests.support.sip import Sipp, make_target, with_engine
 
 pytestmark = pytest.mark.peers("sipp")
 

@@ -18,7 +18,7 @@ from probes.config import SipSettings
 from probes.guard import Guard
 from probes.sip import SipEngine, SipError
 from probes.sip_targets import Inbound, Outbound, contact_uri, split_contacts
-from tests.test_sip_helpers import REPO
+from tests.support.paths import REPO
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sip_helpers import HOST, REPO, Sipp, UdpSink
+from tests.support.net import HOST, UdpSink
+from tests.support.paths import REPO
+from tests.support.sip import Sipp
 
 pytestmark = pytest.mark.peers("sipp")
 

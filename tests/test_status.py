@@ -20,7 +20,7 @@ from monitor.core import MonitorCore
 from monitor.store import SqliteStore
 from probes.status import MAX_STATUS_BYTES, Status, StatusError, parse_status
 from probes.status import verify_status_signature as verify_status
-from tests.monitor_helpers import Clock, ProbeSim, StatusSim, key_for, monitor_config
+from tests.support.monitor import Clock, ProbeSim, StatusSim, key_for, monitor_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs/schema/status-v1.json").read_text(encoding="utf-8"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from monitor.store import GENESIS, SqliteStore, StoreError, chain_hash
-from tests.monitor_helpers import T0, ProbeSim
+from tests.support.monitor import T0, ProbeSim
 
 
 def filled(tmp_path: Path, n: int = 5) -> tuple[SqliteStore, str]:

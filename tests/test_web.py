@@ -32,7 +32,7 @@ from monitor.model import (
     TargetView,
 )
 from monitor.web import ActionError, ListenError, create_app, serve
-from tests import browser
+from tests.support import browser
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 TOKEN = "s3cret-token"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.system import System
+from tests.support.system import System
 
 REQUIRE_PEERS = os.environ.get("ECPM_REQUIRE_PEERS") == "1"
 

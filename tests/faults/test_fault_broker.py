@@ -18,7 +18,7 @@ from tests.faults.common import (
     metric_of,
     settle,
 )
-from tests.system import System
+from tests.support.system import System
 
 pytestmark = [pytest.mark.faults, pytest.mark.peers("mosquitto")]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.common import incidents, settle
-from tests.system import System
+from tests.support.system import System
 
 pytestmark = [pytest.mark.faults, pytest.mark.peers("mosquitto")]
 

@@ -27,8 +27,8 @@ from tests.faults.common import (
     settle,
     stored_by_probe,
 )
-from tests.monitor_helpers import ProbeSim, StatusSim
-from tests.system import System
+from tests.support.monitor import ProbeSim, StatusSim
+from tests.support.system import System
 
 pytestmark = [pytest.mark.faults, pytest.mark.peers("mosquitto")]
 

@@ -1,5 +1,6 @@
 """The whole system for end-to-end tests: real mosquitto, responders, probes, monitor,
-and an HTTP receiver standing in for a pager — every piece its own process, as deployed.
+and an HTTP receiver standing in for a pager — every piece its own process, as deployed;
+and ``start_monitor``, one ``ecpm monitor`` on a broker, for tests that bring their own pieces.
 
     with System(tmp_path) as system:
         system.add_responder("r1"); system.add_probe("p1", {"t1": "r1"}); system.start_monitor()
@@ -8,51 +9,26 @@ and an HTTP receiver standing in for a pager — every piece its own process, as
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.brokers import Broker
-from tests.monitor_helpers import ProbeSim
-from tests.test_sip_helpers import REPO, ResponderProcess, free_port
-
-HOST = "127.0.0.1"
-
-
-def run_ecpm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``ecpm ARGS`` as a user runs it, from the repository; ``timeout`` is a safety net."""
-    return subprocess.run(
-        [sys.executable, "-m", "ecpm", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``condition`` until it holds; fail the test naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.support.brokers import Broker
+from tests.support.monitor import ProbeSim, key_for
+from tests.support.net import HOST, free_port
+from tests.support.processes import Process, wait_for
+from tests.support.sip import ResponderProcess
 
 
 class Receiver:
@@ -127,62 +103,6 @@ class Receiver:
         self._release.set()
         self.server.shutdown()
         self.server.server_close()
-
-
-class Process:
-    """``python -m ecpm <role> -c <config>`` with its output in a log file."""
-
-    def __init__(
-        self, role: str, config: dict[str, Any], workdir: Path, name: str, *, start: bool = True
-    ) -> None:
-        self.role, self.name = role, name
-        self.config_path = workdir / f"{name}.yaml"
-        self.write(config)
-        self.log_path = workdir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        if start:
-            self.start()
-
-    def write(self, config: dict[str, Any] | str) -> None:
-        """(Re)write the config file; a str is written as it is (e.g. a broken file)."""
-        text = config if isinstance(config, str) else yaml.safe_dump(config)
-        self.config_path.write_text(text, encoding="utf-8")
-
-    def start(self) -> None:
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ecpm", self.role, "-c", str(self.config_path)],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def kill(self) -> int:
-        """``kill -9`` this process (by its pid) and reap it."""
-        return self.stop(signal.SIGKILL)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc is None:
-            return 0  # never started
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
-        return code
 
 
 class System:
@@ -419,3 +339,53 @@ class System:
         return time.monotonic() - started
 
     wait_for = staticmethod(wait_for)  # system.wait_for(...) reads well in tests
+
+
+class Monitor:
+    """An ``ecpm monitor`` started by ``start_monitor``: its config and HTTP endpoints."""
+
+    def __init__(self, proc: Process, config: dict[str, Any]) -> None:
+        self.proc = proc
+        self.config = config
+        self.url = proc.url
+        self.listen = config["http"]["listen"]
+
+    def metrics_text(self) -> str:
+        response = self.proc.get("/metrics")
+        response.raise_for_status()
+        return response.text
+
+    def target_state(self, target: str) -> str | None:
+        for t in self.proc.get("/api/v1/targets").json()["targets"]:
+            if t["id"] == target:
+                return str(t["state"])
+        return None
+
+
+@contextlib.contextmanager
+def start_monitor(
+    workdir: Path,
+    broker: Broker,
+    *,
+    probes: Sequence[str] = ("p1",),
+    targets: Sequence[str] = ("t1",),
+    interval: str = "10s",
+    keys: Mapping[str, str] | None = None,
+    notifiers: Sequence[Mapping[str, Any]] = (),
+) -> Iterator[Monitor]:
+    """``ecpm monitor -c <config>`` as a subprocess on loopback, once its HTTP answers."""
+    port = free_port()
+    config: dict[str, Any] = {
+        "kind": "monitor",
+        "id": "test",
+        "mqtt": {"host": broker.host, "port": broker.port},
+        "store": {"path": str(workdir / "monitor.db")},
+        "http": {"listen": f"{HOST}:{port}"},
+        "probes": [{"id": p, "key": (keys or {}).get(p, key_for(p))} for p in probes],
+        "targets": [{"id": t, "interval": interval} for t in targets],
+        "notifiers": [dict(n) for n in notifiers],
+    }
+    proc = Process("monitor", config, workdir, "monitor", start=False, url=f"http://{HOST}:{port}")
+    with proc.start():
+        proc.ready("/healthz")
+        yield Monitor(proc, config)

@@ -1,6 +1,6 @@
 """A real mosquitto for tests, on a free loopback port, that can stop and come back.
 
-Use the ``broker`` fixture (function scope) from a test marked
+Use the ``broker`` fixture (tests/conftest.py, function scope) from a test marked
 ``@pytest.mark.peers("mosquitto")``, or build a ``Broker`` yourself. Its config is
 the four lines aiomqtt's own tests use plus the queue and session settings of the shipped
 ``deploy/mosquitto/mosquitto.conf`` (reasons in docs/deploy.md, "The broker: what it keeps
@@ -39,14 +39,12 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
+from tests.support.net import HOST, free_port
+from tests.support.peers import peer_path
 
-from tests.conftest import peer_path
-
-HOST = "127.0.0.1"
 MESSAGE_SIZE_LIMIT = 1024 * 1024  # bytes of payload the test brokers accept
 # as deploy/mosquitto/mosquitto.conf (tests/test_deploy.py keeps the two in step)
 MAX_QUEUED_MESSAGES = 200_000
@@ -54,12 +52,6 @@ MAX_QUEUED_BYTES = 512 * 1024 * 1024
 MAX_INFLIGHT_MESSAGES = 20
 PERSISTENT_CLIENT_EXPIRATION = "1d"
 AUTOSAVE_INTERVAL = 60
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 class Broker:
@@ -154,9 +146,3 @@ class Broker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with Broker(tmp_path) as running:
-        yield running

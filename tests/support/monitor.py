@@ -1,4 +1,5 @@
-"""Build monitor configs and signed results for tests (real schema, real signatures)."""
+"""Build monitor configs and signed results for tests (real schema, real signatures), and a
+monitor core on them with a virtual clock and its pages recorded."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from monitor.config import MonitorConfig
+from monitor.core import MonitorCore
+from monitor.model import Incident
+from monitor.store import SqliteStore
 from probes.outcome import CheckOutcome, MediaStats
 from probes.result import Result
 from probes.status import Status
@@ -162,3 +168,22 @@ class StatusSim:
 
     def topic(self, prefix: str = "ecpm/v1") -> str:
         return f"{prefix}/status/{self.probe}"
+
+
+class Pages(list[tuple[int, str, str]]):
+    """The pager of a core under test: (incident id, kind, event) of every page."""
+
+    def __call__(self, incident: Incident, event: str) -> None:
+        self.append((incident.id, incident.kind, event))
+
+
+def make_core(tmp_path: Path, clock: Clock, **kw: object) -> tuple[MonitorCore, CollectorRegistry, Pages]:
+    config = monitor_config(tmp_path, **kw)  # type: ignore[arg-type]
+    registry = CollectorRegistry()
+    pages = Pages()
+    core = MonitorCore(config, SqliteStore(config.store.path), registry, pager=pages, clock=clock)
+    return core, registry, pages
+
+
+def state(core: MonitorCore, clock: Clock, target: str = "t1") -> str:
+    return core.evaluate(clock()).targets[target].state

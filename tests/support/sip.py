@@ -1,6 +1,5 @@
-"""Plumbing shared by the SIP tests (no tests of its own): free loopback ports, a
-SIPp UAS, the project's responder in a subprocess, a UDP sink that records what
-reaches it, and a quick way to run a check on a fresh engine.
+"""SIP peers for tests: a SIPp UAS (or UAC), the project's responder in a subprocess,
+test targets with short timers, and a quick way to run a check on a fresh engine.
 
 Every peer listens on 127.0.0.1 only.
 """
@@ -10,80 +9,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
-
 from probes.config import Checks, EmergencyShape, InviteCheck, OptionsCheck, SipSettings, Target
 from probes.guard import Guard
 from probes.sip import SipEngine
-from tests.conftest import peer_path
+from tests.support.net import HOST, free_port, tcp_listening, udp_port_in_use
+from tests.support.paths import REPO, SIPP_DIR
+from tests.support.peers import peer_path
+from tests.support.processes import Proc, wait_for
 
 T = TypeVar("T")
-HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parent.parent
-SIPP_DIR = Path(__file__).resolve().parent / "sipp"
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (SIP listens on both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((HOST, 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((HOST, port))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free port")
-
-
-def udp_port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return True
-    return False
-
-
-class UdpSink:
-    """A UDP socket that never answers and keeps whatever arrives (a black hole
-    that can testify)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST, 0))
-        self.sock.setblocking(False)
-        self.port = int(self.sock.getsockname()[1])
-
-    def received(self, wait: float = 0.3) -> list[bytes]:
-        time.sleep(wait)
-        out = []
-        while True:
-            try:
-                out.append(self.sock.recv(65535))
-            except BlockingIOError:
-                return out
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture(name="sink")
-def sink_fixture() -> Iterator[UdpSink]:
-    s = UdpSink()
-    yield s
-    s.close()
 
 
 class Sipp:
@@ -124,7 +69,7 @@ class Sipp:
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + 5
-        while not udp_port_in_use(self.port) if transport == "u1" else not _tcp_listening(self.port):
+        while not udp_port_in_use(self.port) if transport == "u1" else not tcp_listening(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"sipp did not start: {self.stderr()}")
             time.sleep(0.02)
@@ -162,56 +107,33 @@ class Sipp:
             self.proc.stderr.close()
 
 
-def _tcp_listening(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex((HOST, port)) == 0
-
-
-@pytest.fixture(name="sipp_factory")
-def sipp_factory_fixture(tmp_path: Path) -> Iterator[Callable[..., Sipp]]:
-    started: list[Sipp] = []
-
-    def start(scenario: str | Path, **kwargs: Any) -> Sipp:
-        peer = Sipp(tmp_path, scenario, **kwargs)
-        started.append(peer)
-        return peer
-
-    yield start
-    for peer in started:
-        peer.stop()
-
-
-class ResponderProcess:
-    """``python -m ecpm responder`` on free loopback ports."""
+class ResponderProcess(Proc):
+    """``python -m ecpm responder`` on free loopback ports, once it says it is ready; its
+    output in a temporary directory, removed (and kept in ``stderr_text``) when it stops."""
 
     def __init__(self, *extra: str, token: str | None = None) -> None:
         self.port = free_port()
         self.control_port = free_port()
         self.token = token
         self.stderr_text = ""
-        cmd = [
+        argv = [
             sys.executable, "-m", "ecpm", "--log-level", "warning", "responder",
             "--port", str(self.port), "--control", f"{HOST}:{self.control_port}",
             "--ring-time", "20ms", *extra,
         ]  # fmt: skip
+        super().__init__("responder", argv, Path(tempfile.mkdtemp(prefix="ecpm-responder-")), cwd=REPO)
         env = dict(os.environ)
         if token is not None:
             env["ECPM_TEST_TOKEN"] = token
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.ready_line = self.proc.stdout.readline()
-        if "ready" not in self.ready_line:
+        self.start(env)
+        try:
+            self.ready_line = wait_for(self._ready_line, 30, "the responder's ready line", [self], every=0.02)
+        except AssertionError as error:
             self.stop()
-            raise RuntimeError(f"responder did not start: {self.ready_line!r} {self.stderr_text}")
+            raise RuntimeError(f"responder did not start: {error}") from None
+
+    def _ready_line(self) -> str:
+        return next((line for line in self.text().splitlines(True) if "ecpm responder ready" in line), "")
 
     @property
     def uri(self) -> str:
@@ -237,34 +159,12 @@ class ResponderProcess:
         status, body = self.http("PUT", "/fault", fault, self.token)
         assert status == 200, body
 
-    def stop(self, sig: int | None = None) -> int:
-        if self.proc.poll() is None:
-            if sig is None:
-                self.proc.terminate()
-            else:
-                self.proc.send_signal(sig)
-        try:
-            _, err = self.proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        self.stderr_text = err or ""
-        return int(self.proc.returncode)
-
-
-@pytest.fixture(name="responder", scope="module")
-def responder_fixture() -> Iterator[ResponderProcess]:
-    peer = ResponderProcess()
-    yield peer
-    peer.stop()
-
-
-@pytest.fixture(name="clean_responder")
-def clean_responder_fixture(responder: ResponderProcess) -> Iterator[ResponderProcess]:
-    """The shared responder with its fault reset before and after the test."""
-    responder.set_fault("none")
-    yield responder
-    responder.set_fault("none")
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        code = super().stop(sig)
+        if self.workdir.exists():
+            self.stderr_text = self.text()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return code
 
 
 def make_target(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
-from tests.conftest import peer_path
+from tests.support.peers import peer_path
 
 FLAGS = (
     "--headless",
