@@ -16,7 +16,16 @@ from probes.checks import invite_check, options_check
 from probes.config import SipSettings
 from probes.guard import Guard, GuardRefusal
 from probes.outcome import CheckOutcome
-from probes.sip import CallOptions, Dial, NoCallSlot, OptionsReply, SipEngine, SipError
+from probes.sip import (
+    CallOptions,
+    Dial,
+    EngineClosed,
+    EngineState,
+    NoCallSlot,
+    OptionsReply,
+    SipEngine,
+    SipError,
+)
 from tests.test_sip_helpers import (  # noqa: F401 (fixtures)
     REPO,
     ResponderProcess,
@@ -159,6 +168,22 @@ def test_one_engine_per_process() -> None:
     with_engine(body)
     # and once closed, a new one starts
     with_engine(lambda engine: asyncio.sleep(0))
+
+
+def test_lifecycle_states() -> None:
+    async def main() -> None:
+        engine = SipEngine(SipSettings(), Guard(home_region="GB"))
+        assert engine.state is EngineState.UNOPENED
+        async with engine:
+            assert engine.state is EngineState.RUNNING
+        assert engine.state is EngineState.CLOSED
+        assert not engine.running
+        with pytest.raises(EngineClosed):
+            await engine.options(
+                Dial("sip:ecpm-test@127.0.0.1:9", "t", declared_test_endpoint=True), timeout=0.5
+            )
+
+    asyncio.run(main())
 
 
 def test_start_fails_cleanly_on_an_address_we_do_not_have() -> None:

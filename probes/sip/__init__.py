@@ -44,7 +44,7 @@ Safety (probes.sip.safety)
 
 Layout
     ``engine``   SipEngine: the asyncio side, start and close, the one-per-process slot
-    ``core``     the pjsua2 thread: its loop, start and stop, transports,
+    ``core``     the pjsua2 thread: its loop, lifecycle (EngineState), transports,
                  accounts, admission, placing, answering, OPTIONS, shutdown
     ``calls``    the pjsua2 Call and Account of the thread, and requests waiting there
     ``handles``  CallHandle, OutgoingCall, IncomingCall: calls as asyncio sees them
@@ -63,6 +63,7 @@ Errors::
         └── NoCallSlot      no call slot became free in time
 """
 
+from probes.sip.core import EngineState
 from probes.sip.engine import SipEngine
 from probes.sip.errors import CallSetupError, EngineClosed, NoCallSlot, SipError
 from probes.sip.handles import CallHandle, IncomingCall, OutgoingCall
@@ -85,6 +86,7 @@ __all__ = [
     "CallSetupError",
     "Dial",
     "EngineClosed",
+    "EngineState",
     "EngineStats",
     "IncomingCall",
     "IncomingRequest",

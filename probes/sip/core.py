@@ -1,10 +1,16 @@
-"""The pjsua2 thread: everything that runs in it (see probes.sip)."""
+"""The pjsua2 thread: everything that runs in it, and the engine's lifecycle.
+
+One thread owns pjsua2 (see probes.sip). :class:`Core` is created for one run of the
+engine, in state STARTING, and moves through :class:`EngineState` as :data:`NEXT`
+allows; :meth:`Core.move` is the one place a state changes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ctypes
+import enum
 import gc
 import ipaddress
 import itertools
@@ -52,6 +58,28 @@ BATCH: Final = 8  # closures run per loop turn (an unbounded burst caused retran
 SHUTDOWN_CALL_WAIT: Final = 2.0  # hang-ups at shutdown: wait this long for DISCONNECTED
 
 
+class EngineState(enum.Enum):
+    UNOPENED = "unopened"  # not started (the engine has no Core yet)
+    STARTING = "starting"  # the thread is creating the library; work may be queued
+    RUNNING = "running"  # the thread loops: queued work, admission, limits, pjsip events
+    STOPPING = "stopping"  # asked to stop: the loop ends after its turn; no new work
+    CLOSING = "closing"  # hanging up, waiting for DISCONNECTED; incoming calls get 503
+    CLOSED = "closed"  # library destroyed; anything queued fails with EngineClosed
+
+
+NEXT: Final[dict[EngineState, frozenset[EngineState]]] = {
+    EngineState.UNOPENED: frozenset({EngineState.STARTING}),
+    # a failed start closes at once; a stop may come before the thread is up
+    EngineState.STARTING: frozenset({EngineState.RUNNING, EngineState.STOPPING, EngineState.CLOSED}),
+    # CLOSING straight from RUNNING: the loop died of an error in pjsip
+    EngineState.RUNNING: frozenset({EngineState.STOPPING, EngineState.CLOSING}),
+    # CLOSED straight from STOPPING: a start that failed after a stop was asked
+    EngineState.STOPPING: frozenset({EngineState.CLOSING, EngineState.CLOSED}),
+    EngineState.CLOSING: frozenset({EngineState.CLOSED}),
+    EngineState.CLOSED: frozenset(),
+}
+
+
 class Endpoint(pj.Endpoint):  # type: ignore[misc]
     def __init__(self, core: Core) -> None:
         super().__init__()
@@ -63,8 +91,8 @@ class Endpoint(pj.Endpoint):  # type: ignore[misc]
 
 
 class Core:
-    """Everything that runs in the pjsua2 thread. Only ``queue``/``submit`` and the
-    flag setters are called from other threads."""
+    """Everything that runs in the pjsua2 thread. Only ``queue``/``submit``, ``move``
+    and the flag setters are called from other threads."""
 
     def __init__(
         self,
@@ -82,12 +110,10 @@ class Core:
         self.td = transaction_timeout
         self.poll_ms = max(1, round(poll_interval * 1000))
         self.commands: deque[tuple[Callable[[], None], asyncio.Future[Any] | None]] = deque()
-        self.lock = threading.Lock()
-        self.dead = False
+        self.lock = threading.RLock()
+        self.state = EngineState.STARTING
         self.pending_calls: deque[PendingCall] = deque()
         self.pending_options: deque[PendingOptions] = deque()
-        self.stopping = False
-        self.closing = False
         self.incoming_media = True
         self.accepting = False
         self.ep: Any = None
@@ -104,6 +130,22 @@ class Core:
         self.gate = Gate(guard)
         self.screen: Screen | None = None  # probes.sip_targets: hands remote targets to the gate
 
+    # lifecycle --------------------------------------------------------------------
+
+    def move(self, to: EngineState) -> bool:
+        """Go to state ``to`` if :data:`NEXT` allows it from the current one (any thread).
+        A move it does not allow is ignored: a second stop, a stop after the end."""
+        with self.lock:
+            if to not in NEXT[self.state]:
+                return False
+            self.state = to
+            return True
+
+    @property
+    def open(self) -> bool:
+        """Taking new work: calls, OPTIONS, operations on calls."""
+        return self.state in (EngineState.STARTING, EngineState.RUNNING)
+
     # thread entry ----------------------------------------------------------------
 
     def run(self, ready: Callable[[BaseException | None], None]) -> None:
@@ -111,25 +153,32 @@ class Core:
             self._init()
         except Exception as exc:
             message = str(exc) if isinstance(exc, SipError) else pj_error(exc)
-            self._destroy()
+            try:
+                self._destroy()
+            finally:
+                self._close()
             ready(SipError(f"cannot start the SIP engine: {message}"))
             return
+        self.move(EngineState.RUNNING)  # unless a stop came first
         ready(None)
         try:
-            while not self.stopping:
+            while self.state is EngineState.RUNNING:
                 self.turn()
         finally:
             try:
                 self._wind_down()
                 self._destroy()
             finally:
-                with self.lock:
-                    self.dead = True
-                    leftovers = list(self.commands)
-                    self.commands.clear()
-                for _, fut in leftovers:
-                    if fut is not None:
-                        post(self.loop, reject, fut, EngineClosed("the SIP engine has stopped"))
+                self._close()
+
+    def _close(self) -> None:
+        with self.lock:
+            self.move(EngineState.CLOSED)
+            leftovers = list(self.commands)
+            self.commands.clear()
+        for _, fut in leftovers:
+            if fut is not None:
+                post(self.loop, reject, fut, EngineClosed("the SIP engine has stopped"))
 
     def turn(self) -> None:
         if self.gate.to_end:
@@ -176,7 +225,7 @@ class Core:
     def queue(self, fn: Callable[[], None], fut: asyncio.Future[Any] | None) -> None:
         """Queue a closure for the pjsua2 thread (any thread may call this)."""
         with self.lock:
-            if not self.dead:
+            if self.state is not EngineState.CLOSED:
                 self.commands.append((fn, fut))
                 return
         if fut is not None:
@@ -343,7 +392,7 @@ class Core:
 
     def _wind_down(self) -> None:
         """Hang up, let DISCONNECTED and OPTIONS completions arrive, then drop everything."""
-        self.closing = True
+        self.move(EngineState.CLOSING)
         if self.ep is not None:
             while True:  # let queued operations finish (hang-ups, media changes)
                 with self.lock:
@@ -581,9 +630,10 @@ class Core:
         call.sip_call_id = str(call.getInfo().callIdString)
         self.calls[key] = call
         self.incoming += 1
-        if self.closing or not self.accepting:
+        closing = self.state in (EngineState.CLOSING, EngineState.CLOSED)
+        if closing or not self.accepting:
             call.cause_hint = "local"
-            self.hangup(call, 503 if self.closing else 480, None)
+            self.hangup(call, 503 if closing else 480, None)
             return
         rdata = prm.rdata
         request = IncomingRequest(str(rdata.wholeMsg)[:MAX_MESSAGE], str(rdata.srcAddress), time.monotonic())

@@ -14,7 +14,7 @@ from typing import Final, TypeVar
 from probes.config import SipSettings
 from probes.guard import Guard
 from probes.sip.calls import PendingCall, PendingOptions
-from probes.sip.core import Core
+from probes.sip.core import Core, EngineState
 from probes.sip.crossing import post, resolve
 from probes.sip.errors import EngineClosed, SipError
 from probes.sip.handles import CallHandle, IncomingCall, IncomingHandler, OutgoingCall
@@ -61,6 +61,7 @@ class SipEngine:
         self._transaction_timeout = transaction_timeout
         self._poll = poll_interval
         self._core: Core | None = None
+        self._state = EngineState.UNOPENED  # while there is no Core
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handles: dict[int, CallHandle] = {}
@@ -122,7 +123,7 @@ class SipEngine:
         core, thread = self._core, self._thread
         if core is None or thread is None:
             return
-        core.stopping = True
+        core.move(EngineState.STOPPING)
         if self._stopped is not None:
             await asyncio.shield(self._stopped)
         await asyncio.to_thread(thread.join)
@@ -140,6 +141,7 @@ class SipEngine:
 
     def _forget(self) -> None:
         self._core = None
+        self._state = EngineState.CLOSED
         self._thread = None
         with _ProcessSlot.lock:
             if _ProcessSlot.engine is self:
@@ -148,14 +150,19 @@ class SipEngine:
     def _atexit(self) -> None:  # the interpreter is exiting with the engine still up
         core, thread = self._core, self._thread
         if core is not None and thread is not None and thread.is_alive():
-            core.stopping = True
+            core.move(EngineState.STOPPING)
             thread.join(timeout=30)
 
     # properties --------------------------------------------------------------------
 
     @property
+    def state(self) -> EngineState:
+        return self._core.state if self._core is not None else self._state
+
+    @property
     def running(self) -> bool:
-        return self._core is not None and not self._core.stopping
+        """Starting or running: taking calls and operations."""
+        return self._core is not None and self._core.open
 
     @property
     def local_addresses(self) -> dict[str, str]:
@@ -188,7 +195,7 @@ class SipEngine:
 
     def _require(self) -> tuple[Core, asyncio.AbstractEventLoop]:
         core, loop = self._core, self._loop
-        if core is None or loop is None or core.stopping or core.closing:
+        if core is None or loop is None or not core.open:
             raise EngineClosed("the SIP engine is not running")
         return core, loop
 
