@@ -18,6 +18,7 @@ from probes.guard import Guard, GuardRefusal
 from probes.outcome import CheckOutcome
 from probes.sip import (
     CallOptions,
+    CallSetupError,
     Dial,
     EngineClosed,
     EngineState,
@@ -98,6 +99,21 @@ def test_undeclared_target_is_refused(sink: UdpSink) -> None:
 
     with_engine(body)
     assert sink.received(0.3) == []
+
+
+def test_call_setup_error_keeps_pjsips_status() -> None:
+    """pjsua2 refuses the Request-URI (port 99999) before anything is sent: the error
+    asyncio gets is a CallSetupError that still carries pjsip's status."""
+    dial = Dial("sip:ecpm-test@127.0.0.1:99999", "t", declared_test_endpoint=True)
+
+    async def body(engine: SipEngine) -> CallSetupError:
+        with pytest.raises(CallSetupError) as caught:
+            await engine.call(dial, CallOptions(first_response_timeout=0.5))
+        return caught.value
+
+    error = with_engine(body)
+    assert error.status == 171042  # PJSIP_EINVALIDREQURI
+    assert "Invalid Request URI" in str(error)
 
 
 # ------------------------------------------------------------- the wheel's limits

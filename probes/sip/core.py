@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import pjsua2 as pj
 
 from probes.config import SipSettings
-from probes.guard import Guard, GuardRefusal
+from probes.guard import Guard
 from probes.sip.bridge import CLOCK_RATE
 from probes.sip.calls import Account, Call, PendingCall, PendingOptions
-from probes.sip.crossing import post, reject, resolve
+from probes.sip.crossing import fail, post, reject, resolve
 from probes.sip.errors import CallSetupError, EngineClosed, NoCallSlot, SipError
 from probes.sip.native import (
     REQUEST_TAG,
@@ -193,34 +193,19 @@ class Core:
         self.ep.libHandleEvents(0 if self.commands else self.poll_ms)
 
     def _guarded(self, fn: Callable[[], None], fut: asyncio.Future[Any] | None) -> None:
-        """Run one step; an exception here is a bug in ecpm: log it, fail its caller,
-        and keep the pjsua2 thread (and every other call) alive."""
+        """Run one step and keep the pjsua2 thread (and every other call) alive: an error
+        fails its caller (``fut``), or is logged as the bug it is when nobody waits."""
         try:
             fn()
         except Exception as exc:
-            logger.exception("error in the pjsua2 thread (a bug in ecpm)")
-            if fut is not None:
-                post(self.loop, reject, fut, SipError(f"internal error: {exc!r}"))
+            if fut is None:
+                logger.exception("error in the pjsua2 thread (a bug in ecpm)")
+            else:
+                fail(self.loop, fut, exc)
 
     def submit(self, fn: Callable[[], T], fut: asyncio.Future[T]) -> None:
         """Queue ``fn`` for the pjsua2 thread; its value (or error) resolves ``fut``."""
-
-        def job() -> None:
-            try:
-                value = fn()
-            except GuardRefusal as refusal:
-                post(self.loop, reject, fut, GuardRefusal(refusal.uri, refusal.reason, refusal.detail))
-            except SipError as exc:
-                post(self.loop, reject, fut, type(exc)(str(exc)))
-            except pj.Error as exc:
-                post(self.loop, reject, fut, SipError(pj_error(exc)))
-            except Exception as exc:  # a bug in ecpm: report it without pjsua2 objects attached
-                logger.exception("error in the pjsua2 thread")
-                post(self.loop, reject, fut, SipError(f"internal error: {exc!r}"))
-            else:
-                post(self.loop, resolve, fut, value)
-
-        self.queue(job, fut)
+        self.queue(lambda: post(self.loop, resolve, fut, fn()), fut)
 
     def queue(self, fn: Callable[[], None], fut: asyncio.Future[Any] | None) -> None:
         """Queue a closure for the pjsua2 thread (any thread may call this)."""
@@ -573,12 +558,8 @@ class Core:
 
         try:
             started = self.gate.hand_over(req.dial, self.account_for, send)
-        except GuardRefusal as refusal:
-            post(self.loop, reject, req.fut, GuardRefusal(refusal.uri, refusal.reason, refusal.detail))
-        except SipError as exc:
-            post(self.loop, reject, req.fut, type(exc)(str(exc)))
-        except pj.Error as exc:
-            post(self.loop, reject, req.fut, CallSetupError(pj_error(exc)))
+        except Exception as exc:
+            fail(self.loop, req.fut, exc, pj_as=CallSetupError)
         else:
             post(self.loop, resolve, req.fut, started)
 
@@ -680,7 +661,10 @@ class Core:
                 opt.sent_at = time.monotonic()
                 acc.sendRequest(sp)
             except pj.Error as exc:
-                raise CallSetupError(f"cannot send OPTIONS to {opt.dial.uri}: {pj_error(exc)}") from None
+                raise CallSetupError(
+                    f"cannot send OPTIONS to {opt.dial.uri}: {pj_error(exc)}",
+                    status=getattr(exc, "status", None),
+                ) from None
             finally:
                 set_tsx_timeout(self.td)
             acc.options[tag] = opt
@@ -688,12 +672,8 @@ class Core:
 
         try:
             self.gate.hand_over(opt.dial, self.account_for, send)
-        except GuardRefusal as refusal:
-            post(self.loop, reject, opt.fut, GuardRefusal(refusal.uri, refusal.reason, refusal.detail))
-        except SipError as exc:
-            post(self.loop, reject, opt.fut, type(exc)(str(exc)))
-        except pj.Error as exc:
-            post(self.loop, reject, opt.fut, CallSetupError(pj_error(exc)))
+        except Exception as exc:
+            fail(self.loop, opt.fut, exc, pj_as=CallSetupError)
 
     def on_request_done(self, acc: Account, prm: Any) -> None:
         e = prm.e
