@@ -16,7 +16,17 @@ from probes.checks import invite_check, options_check
 from probes.config import SipSettings
 from probes.guard import Guard, GuardRefusal
 from probes.outcome import CheckOutcome
-from probes.sip import CallOptions, Dial, NoCallSlot, OptionsReply, SipEngine, SipError
+from probes.sip import (
+    CallOptions,
+    CallSetupError,
+    Dial,
+    EngineClosed,
+    EngineState,
+    NoCallSlot,
+    OptionsReply,
+    SipEngine,
+    SipError,
+)
 from tests.support.net import UdpSink
 from tests.support.paths import REPO
 from tests.support.sip import ResponderProcess, make_target, with_engine
@@ -82,6 +92,21 @@ def test_undeclared_target_is_refused(sink: UdpSink) -> None:
 
     with_engine(body)
     assert sink.received(0.3) == []
+
+
+def test_call_setup_error_keeps_pjsips_status() -> None:
+    """pjsua2 refuses the Request-URI (port 99999) before anything is sent: the error
+    asyncio gets is a CallSetupError that still carries pjsip's status."""
+    dial = Dial("sip:ecpm-test@127.0.0.1:99999", "t", declared_test_endpoint=True)
+
+    async def body(engine: SipEngine) -> CallSetupError:
+        with pytest.raises(CallSetupError) as caught:
+            await engine.call(dial, CallOptions(first_response_timeout=0.5))
+        return caught.value
+
+    error = with_engine(body)
+    assert error.status == 171042  # PJSIP_EINVALIDREQURI
+    assert "Invalid Request URI" in str(error)
 
 
 # ------------------------------------------------------------- the wheel's limits
@@ -152,6 +177,22 @@ def test_one_engine_per_process() -> None:
     with_engine(body)
     # and once closed, a new one starts
     with_engine(lambda engine: asyncio.sleep(0))
+
+
+def test_lifecycle_states() -> None:
+    async def main() -> None:
+        engine = SipEngine(SipSettings(), Guard(home_region="GB"))
+        assert engine.state is EngineState.UNOPENED
+        async with engine:
+            assert engine.state is EngineState.RUNNING
+        assert engine.state is EngineState.CLOSED
+        assert not engine.running
+        with pytest.raises(EngineClosed):
+            await engine.options(
+                Dial("sip:ecpm-test@127.0.0.1:9", "t", declared_test_endpoint=True), timeout=0.5
+            )
+
+    asyncio.run(main())
 
 
 def test_start_fails_cleanly_on_an_address_we_do_not_have() -> None:
