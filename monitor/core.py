@@ -40,7 +40,7 @@ from monitor.model import (
 )
 from monitor.skew import WINDOW, SkewEstimator, judge, skewed
 from monitor.state import TargetTracker, Verdict
-from monitor.status_ingest import OrderMarks, StatusRejected, StatusValidator
+from monitor.status_ingest import OrderMarks, StatusValidator
 from monitor.store import ProbeStatus, Store
 from probes.delivery import OutboxHealth
 from probes.result import format_time
@@ -228,7 +228,7 @@ class MonitorCore:
         newer than the last one accepted changes the probe's state or its coverage."""
         now = self.clock()
         verdict = self._statuses.check(topic, payload, now)
-        if isinstance(verdict, StatusRejected):
+        if isinstance(verdict, Rejected):
             return self._reject(verdict.reason, topic, verdict.detail)
         status = verdict.status
         if verdict.duplicate:  # the retained copy again, on a resubscribe

@@ -35,14 +35,16 @@ the row), never by the probe's stamp alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final, Literal, get_args
+from typing import Final, Literal, Protocol, TypeVar, get_args
 
 from monitor.config import MonitorConfig
 from monitor.model import ResultSummary
 from monitor.store import SeqReads, summarize
-from probes.result import Result, ResultError, format_time, parse_result, verify_signature
+from probes.result import Result, format_time, parse_result
+from probes.wire import WireError
 
 # ingest rejections beyond the result parser's own (probes.result.REJECT_REASONS)
 MonitorReason = Literal[
@@ -66,6 +68,46 @@ class Rejected:
     detail: str
 
 
+class SignedMessage(Protocol):
+    """A result or a status: signed by its probe with the probe's key."""
+
+    @property
+    def probe(self) -> str: ...
+    def signature_ok(self, key: bytes | str) -> bool: ...
+
+
+M = TypeVar("M", bound=SignedMessage)
+
+
+def open_signed(
+    payload: bytes,
+    topic: str,
+    *,
+    max_bytes: int,
+    parse: Callable[[bytes], M],
+    keys: Mapping[str, bytes],
+    topic_of: Callable[[M], str],
+    what: str,
+) -> M | Rejected:
+    """The checks every signed message passes before anything reads what it says, in this
+    order: its size before it is parsed, its shape, a configured probe, the topic it came
+    on (a probe's key signs only its own topics), its signature."""
+    if len(payload) > max_bytes:
+        return Rejected("too_large", f"{what} of {len(payload)} bytes > {max_bytes}")
+    try:
+        message = parse(payload)
+    except WireError as exc:
+        return Rejected(exc.reason, f"{what}: {exc.detail}")
+    key = keys.get(message.probe)
+    if key is None:
+        return Rejected("unknown_probe", f"{what} of unconfigured probe {message.probe}")
+    if topic != topic_of(message):
+        return Rejected("topic_mismatch", f"{what} of {message.probe} came on another probe's topic")
+    if not message.signature_ok(key):
+        return Rejected("signature", f"bad signature on a {what} of {message.probe}")
+    return message
+
+
 class ResultValidator:
     def __init__(self, config: MonitorConfig, store: SeqReads) -> None:
         self._prefix = f"{config.mqtt.topic_prefix}/results/"
@@ -77,19 +119,17 @@ class ResultValidator:
         self._store = store
 
     def check(self, topic: str, payload: bytes, now: datetime) -> Accepted | Rejected:
-        if len(payload) > self._max_bytes:
-            return Rejected("too_large", f"{len(payload)} bytes > {self._max_bytes}")
-        try:
-            result = parse_result(payload)
-        except ResultError as exc:
-            return Rejected(exc.reason, str(exc))
-        key = self._keys.get(result.probe)
-        if key is None:
-            return Rejected("unknown_probe", f"probe {result.probe} is not configured")
-        if topic != f"{self._prefix}{result.probe}/{result.target}":
-            return Rejected("topic_mismatch", f"payload says {result.probe}/{result.target}")
-        if not verify_signature(result, key):
-            return Rejected("signature", f"bad signature from {result.probe} seq {result.seq}")
+        result = open_signed(
+            payload,
+            topic,
+            max_bytes=self._max_bytes,
+            parse=parse_result,
+            keys=self._keys,
+            topic_of=lambda r: f"{self._prefix}{r.probe}/{r.target}",
+            what="result",
+        )
+        if isinstance(result, Rejected):
+            return result
         if result.target not in self._targets:
             return Rejected("unknown_target", f"target {result.target} is not configured")
         if result.finished_at < now - self._max_age:

@@ -1,10 +1,11 @@
 """Status ingest: a probe's signed status (``probes.status``), checked before it counts.
 
 ``StatusValidator.check(topic, payload, now)`` judges one message on
-``<prefix>/status/<probe>`` and returns ``StatusAccepted`` or ``StatusRejected`` with
+``<prefix>/status/<probe>`` and returns ``StatusAccepted`` or ``Rejected`` with
 a bounded reason; it writes nothing. ``record(status)`` then remembers the status's
 order for that probe (in the store's transaction, committed with the batch before the
-message is acknowledged). Checks, in order; the first failure rejects:
+message is acknowledged). Checks, in order; the first failure rejects (1-5 are every
+signed message's, ``monitor.ingest.open_signed``, as for results):
 
 1. ``too_large`` — bigger than ``probes.status.MAX_STATUS_BYTES`` (48 KiB).
 2. ``probes.status.parse_status``: ``encoding``, ``json``, ``schema``, ``fields``.
@@ -29,16 +30,15 @@ from datetime import datetime, timedelta
 from typing import Final, Literal, get_args
 
 from monitor.config import MonitorConfig
+from monitor.ingest import Rejected, open_signed
 from monitor.store import Marks
 from probes.status import (
     MAX_STATUS_BYTES,
     Order,
     Status,
-    StatusError,
     order_text,
     parse_order,
     parse_status,
-    verify_status_signature,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,12 +52,6 @@ STATUS_MONITOR_REASONS: Final[tuple[str, ...]] = get_args(StatusMonitorReason)
 class StatusAccepted:
     status: Status
     duplicate: bool  # the status already accepted, again: change nothing
-
-
-@dataclass(frozen=True, slots=True)
-class StatusRejected:
-    reason: str
-    detail: str
 
 
 class OrderMarks:
@@ -94,25 +88,23 @@ class StatusValidator:
         self._ahead = timedelta(seconds=config.ingest.max_clock_ahead)
         self._marks = marks
 
-    def check(self, topic: str, payload: bytes, now: datetime) -> StatusAccepted | StatusRejected:
-        if len(payload) > MAX_STATUS_BYTES:
-            return StatusRejected("too_large", f"status of {len(payload)} bytes > {MAX_STATUS_BYTES}")
-        try:
-            status = parse_status(payload)
-        except StatusError as exc:
-            return StatusRejected(exc.reason, f"status: {exc.detail}")
-        key = self._keys.get(status.probe)
-        if key is None:
-            return StatusRejected("unknown_probe", f"status of unconfigured probe {status.probe}")
-        if topic != f"{self._prefix}{status.probe}":
-            return StatusRejected("topic_mismatch", f"status says probe {status.probe}")
-        if not verify_status_signature(status, key):
-            return StatusRejected("signature", f"bad signature on a status of {status.probe}")
+    def check(self, topic: str, payload: bytes, now: datetime) -> StatusAccepted | Rejected:
+        status = open_signed(
+            payload,
+            topic,
+            max_bytes=MAX_STATUS_BYTES,
+            parse=parse_status,
+            keys=self._keys,
+            topic_of=lambda st: f"{self._prefix}{st.probe}",
+            what="status",
+        )
+        if isinstance(status, Rejected):
+            return status
         if status.at > now + self._ahead:
-            return StatusRejected("in_future", f"status of {status.probe} signed at {status.at.isoformat()}")
+            return Rejected("in_future", f"status of {status.probe} signed at {status.at.isoformat()}")
         mark = self._marks.get(status.probe)
         if mark is not None and status.order < mark:
-            return StatusRejected(
+            return Rejected(
                 "stale",
                 f"status of {status.probe} ({order_text(status.order)}) older than {order_text(mark)}",
             )
