@@ -14,6 +14,8 @@ import shutil
 import pytest
 from hypothesis import settings
 
+pytest_plugins = ["tests.support.postgres"]  # the PostgreSQL peer and the per-backend store fixture
+
 # CI (CI=true) runs the property tests with a fixed seed, so a landing is reproducible;
 # developers' runs stay random and keep finding new cases (a failure prints its example).
 settings.register_profile("ci", derandomize=True)
