@@ -10,6 +10,7 @@ read-only (nothing written); ``pending_migrations`` is ``ecpm db upgrade --check
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from monitor.store import sqlite
@@ -43,7 +44,14 @@ from monitor.store.sqlite import SqliteStore
 
 
 def is_url(where: str | Path) -> bool:
+    """Is ``where`` a PostgreSQL URL (else: a SQLite file)?"""
     return str(where).startswith(("postgresql://", "postgres://"))
+
+
+def shown(where: str | Path) -> str:
+    """``where`` as it may be printed and logged: a URL without its password."""
+    text = re.sub(r"^(\w+://[^:/@]*):[^@/]*@", r"\1:***@", str(where))
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", text) if is_url(text) else text
 
 
 def open_store(where: str | Path, *, read_only: bool = False) -> Store:
@@ -90,5 +98,6 @@ __all__ = [
     "open_store",
     "pending_migrations",
     "read_payload",
+    "shown",
     "summarize",
 ]

@@ -129,6 +129,4 @@ def store_where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _missing:
-        terminalreporter.write_sep(
-            "!", f"POSTGRESQL TESTS DID NOT RUN: {_missing[0]}", red=True, bold=True
-        )
+        terminalreporter.write_sep("!", f"POSTGRESQL TESTS DID NOT RUN: {_missing[0]}", red=True, bold=True)
