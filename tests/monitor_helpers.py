@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.config import MonitorConfig
+from monitor.store import is_url
 from probes.outcome import CheckOutcome, MediaStats
 from probes.result import Result
 from probes.status import Status
@@ -19,8 +20,16 @@ def key_for(probe: str) -> str:
     return f"key-of-{probe}"
 
 
+def store_section(where: Path | str) -> dict[str, str]:
+    """``store:`` for a test's directory (its ``monitor.db``), or for ``store_where``'s
+    file or PostgreSQL URL (``tests/support/postgres.py``)."""
+    if isinstance(where, Path):
+        return {"path": str(where / "monitor.db")}
+    return {"backend": "postgres", "url": where} if is_url(where) else {"path": where}
+
+
 def monitor_config(
-    tmp_path: Path,
+    tmp_path: Path | str,
     *,
     probes: Sequence[str] = ("p1",),
     targets: Sequence[str] = ("t1",),
@@ -33,7 +42,7 @@ def monitor_config(
     sections["reachability"].setdefault("resolve_after", "0s")
     data: dict[str, Any] = {
         "kind": "monitor",
-        "store": {"path": str(tmp_path / "monitor.db")},
+        "store": store_section(tmp_path),
         "probes": [{"id": p, "key": key_for(p)} for p in probes],
         "targets": [{"id": t, "interval": interval} for t in targets],
         "notifiers": list(notifiers),

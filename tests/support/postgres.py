@@ -77,6 +77,12 @@ class Cluster:
     def url(self, database: str) -> str:
         return f"postgresql://ecpm@/{database}?host={self.socket}&port={PORT}"
 
+    def create_database(self) -> str:
+        """A new, empty database; its name."""
+        name = f"ecpm_test_{next(_names)}"
+        self.admin(f"CREATE DATABASE {name}")
+        return name
+
     def admin(self, sql: str) -> None:
         import psycopg  # noqa: PLC0415 - only once psycopg is known to be there
 
@@ -113,8 +119,7 @@ def postgres_cluster() -> Iterator[Cluster]:
 @pytest.fixture
 def postgres_url(postgres_cluster: Cluster) -> Iterator[str]:
     """A new, empty database on the session's cluster, dropped after the test."""
-    name = f"ecpm_test_{next(_names)}"
-    postgres_cluster.admin(f"CREATE DATABASE {name}")
+    name = postgres_cluster.create_database()
     yield postgres_cluster.url(name)
     postgres_cluster.admin(f"DROP DATABASE {name} WITH (FORCE)")
 
