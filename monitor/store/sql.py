@@ -304,16 +304,17 @@ class SqlStore:
         whole (``parse_result``) raises ``ResultError`` and nothing is stored, so no row
         this writes can stop a later reader."""
         tip = self._chain_tip()  # first: with a shared chain, the lock orders the duplicate check too
-        if self.has_result(result.id):
-            return False
         payload = result.to_json().decode("utf-8")
         if read_payload(payload) != result:
+            if self.has_result(result.id):
+                return False
             raise ResultError("fields", f"result {result.id} does not read back as it was stored")
         digest = chain_hash(tip, payload)
-        self._db.execute(
+        # a duplicate id is found by the insert itself: one statement per result
+        stored = self._db.execute(
             "INSERT INTO results (id, probe, target, check_kind, seq, started_at, finished_at, outcome,"
             " confirm, request_id, received_at, payload, prev_hash, hash, judged_at, clock_skew)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             (
                 result.id,
                 result.probe,
@@ -333,6 +334,8 @@ class SqlStore:
                 None if clock_skew is None else round(clock_skew, 3),
             ),
         )
+        if stored.rowcount != 1:
+            return False
         self._tip = digest
         return True
 
