@@ -30,8 +30,10 @@ Traffic goes where the URL says; a unix socket (``host=/path``) or 127.0.0.1 in 
 from __future__ import annotations
 
 import functools
+import itertools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -42,6 +44,8 @@ from monitor.store.sql import JUDGED_INDEXES, SCHEMA, Cursor, SqlStore, StoreErr
 
 CHAIN_LOCK = 0x6563706D_00000001  # "ecpm", 1: the results chain's tip
 MIGRATE_LOCK = 0x6563706D_00000002  # "ecpm", 2: the schema
+WALK_BATCH = 2000  # rows a walk of the chain fetches per round trip
+_walks = itertools.count(1)
 
 
 def _translate(schema: str) -> str:
@@ -133,8 +137,16 @@ class PostgresStore(SqlStore):
         except BaseException:
             conn.close()
             raise
-        self._db = _Qmark(conn)
+        self._db: _Qmark = _Qmark(conn)
         self._opened()
+
+    @contextmanager
+    def _walk(self, sql: str, args: Sequence[Any] = ()) -> Iterator[Iterator[Any]]:
+        # a server-side cursor: a walk of the whole chain holds a batch in memory, not the table
+        with self._db.conn.cursor(name=f"walk_{next(_walks)}") as cursor:
+            cursor.itersize = WALK_BATCH
+            cursor.execute(_percent(sql), tuple(args))
+            yield iter(cursor)
 
     def _lock_chain(self) -> None:
         self._db.execute("SELECT pg_advisory_xact_lock(?)", (CHAIN_LOCK,))

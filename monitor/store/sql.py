@@ -236,6 +236,12 @@ class SqlStore:
             self._tip = self._load_tip()
         return self._tip
 
+    @contextmanager
+    def _walk(self, sql: str, args: Sequence[Any] = ()) -> Iterator[Iterator[Any]]:
+        """The rows of a query that may cover the whole chain, as they come (sqlite3's
+        cursor streams; ``monitor.store.postgres`` fetches them in batches)."""
+        yield iter(self._db.execute(sql, args))
+
     def _ended(self) -> None:
         """A transaction ended: with a shared chain, another writer may append next."""
         if self._CHAIN_SHARED:
@@ -345,15 +351,14 @@ class SqlStore:
         Rows are appended as they arrive, so this walks back from the newest row only."""
         limit = format_time(since)
         out = []
-        for probe, finished_at, received_at in self._db.execute(
-            "SELECT probe, finished_at, received_at FROM results ORDER BY row DESC"
-        ):
-            if not isinstance(received_at, str) or received_at < limit:
-                break
-            try:
-                out.append((str(probe), parse_time(finished_at), parse_time(received_at)))
-            except (ValueError, TypeError):
-                continue  # a damaged row (quarantined by the readers) says nothing about a clock
+        with self._walk("SELECT probe, finished_at, received_at FROM results ORDER BY row DESC") as rows:
+            for probe, finished_at, received_at in rows:
+                if not isinstance(received_at, str) or received_at < limit:
+                    break
+                try:
+                    out.append((str(probe), parse_time(finished_at), parse_time(received_at)))
+                except (ValueError, TypeError):
+                    continue  # a damaged row (quarantined by the readers) says nothing about a clock
         out.reverse()
         return out
 
@@ -897,8 +902,9 @@ class SqlStore:
         return cursor.rowcount
 
     def iter_chain(self) -> Iterator[ChainRow]:
-        for row in self._db.execute("SELECT row, id, payload, prev_hash, hash FROM results ORDER BY row"):
-            yield ChainRow(*row)
+        with self._walk("SELECT row, id, payload, prev_hash, hash FROM results ORDER BY row") as rows:
+            for row in rows:
+                yield ChainRow(*row)
 
     def check_chain(
         self, *, read: bool = False, on_read: Callable[[int, str, Result], None] | None = None
@@ -908,12 +914,24 @@ class SqlStore:
         ledger command's full check; the report reads its period's rows anyway. ``on_read``
         (row, id, result) sees every readable result of the walk (the ledger checks
         signatures with it, in the same pass)."""
-        prev, rows = self._anchor(), 0
-        quarantined: list[Quarantined] = []
-        walk = self._db.execute(
+        prev = self._anchor()
+        with self._walk(
             "SELECT row, id, payload, prev_hash, hash, probe, target, check_kind, seq, started_at,"
             " finished_at, outcome, confirm, request_id FROM results ORDER BY row"
-        )
+        ) as walk:
+            return self._check_links(walk, prev, read=read, on_read=on_read)
+
+    def _check_links(
+        self,
+        walk: Iterator[Any],
+        prev: str,
+        *,
+        read: bool,
+        on_read: Callable[[int, str, Result], None] | None,
+    ) -> ChainReport:
+        """``check_chain``'s walk from the anchor ``prev``."""
+        rows = 0
+        quarantined: list[Quarantined] = []
         for row, result_id, payload, prev_hash, digest, *columns in walk:
             rows += 1
             problem, match = _link_problem(prev, row=(result_id, payload, prev_hash, digest), columns=columns)
