@@ -15,7 +15,7 @@
     ├── PublisherError                 probes.mqtt: the MQTT settings cannot be used
     ├── HealthError                    probes.health: the health endpoint cannot listen
     ├── StoreError                     monitor.store: the store cannot be opened as asked
-    │                                  (missing, not a store, or a schema too old to read)
+    │                                  (missing, unreachable, not a store, or too old to read)
     ├── ActionError                    monitor.web: an HTTP API action refused its request
     ├── ListenError                    monitor.web: an HTTP listener cannot bind its address
     └── WireError (also ValueError)    probes.wire: a payload is not valid; ``reason`` is a

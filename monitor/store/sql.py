@@ -193,7 +193,7 @@ _SUMMARY_COLUMNS = "row, id, target, finished_at, payload, judged_at, clock_skew
 
 
 class StoreError(EcpmError):
-    """The store cannot be opened as asked: missing, not a store, or too old to read."""
+    """The store cannot be opened as asked: missing, unreachable, not a store, or too old to read."""
 
 
 class Cursor(Protocol):
