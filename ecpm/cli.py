@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "validate a config file; print ok or FILE:LINE: key: reason",
     ),
     "ledger": ("monitor.ledger", "check the hash chain of stored results"),
+    "db": ("monitor.db_command", "upgrade the store's schema (--check: only say if it is behind)"),
 }
 
 

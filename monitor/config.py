@@ -16,8 +16,10 @@ from ecpm.configfile import (
     StrictModel,
     duration,
     pick_secret,
+    secret_text,
 )
 from ecpm.settings import Listen, ListenField, MqttSettings, Name, SigningKey
+from monitor.store import is_url
 
 
 class KnownProbe(SigningKey):
@@ -45,10 +47,29 @@ class Reachability(StrictModel):
 
 
 class StoreSettings(StrictModel):
-    backend: Literal["sqlite"] = "sqlite"
-    path: str = "ecpm-monitor.db"
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: str = "ecpm-monitor.db"  # sqlite: the file
+    # postgres: postgresql://user:password@host:port/database — a secret (it may hold a password)
+    url: SecretStr | None = None
+    url_file: SecretFile | None = None
     retention: Annotated[float, duration(at_most=3660 * DAY)] = 400 * DAY  # older results are pruned
     commit_interval: Annotated[float, duration(at_most=10.0)] = 0.2  # batch commits at most this far apart
+
+    @model_validator(mode="after")
+    def _one_place(self) -> Self:
+        url = pick_secret(self.url, self.url_file, name="url", required=self.backend == "postgres")
+        if self.backend == "sqlite" and url is not None:
+            raise ValueError("url is the postgres backend's: set backend: postgres, or give path for sqlite")
+        if self.backend == "postgres" and "path" in self.model_fields_set:
+            raise ValueError("path is the sqlite backend's: give url (or url_file) for postgres, not both")
+        if url is not None and not is_url(url.get_secret_value()):
+            raise ValueError("url must be a postgresql:// URL")
+        return self
+
+    @property
+    def where(self) -> str:
+        """What ``open_store`` takes: the SQLite file, or the PostgreSQL URL."""
+        return secret_text(self, "url") or self.path
 
 
 class MonitorMqtt(MqttSettings):

@@ -1,4 +1,5 @@
-"""``ecpm ledger verify -c monitor.yaml``: check the stored results' hash chain.
+"""``ecpm ledger verify -c monitor.yaml`` (or ``--db PATH``, ``--url URL``): check the stored
+results' hash chain.
 
 Exit 0 when every row chains to the one before it (printing the row count and the
 last hash, which a later reader can compare), 1 naming the first broken row. With
@@ -16,11 +17,10 @@ broken (exit 0): nothing it holds is used as evidence anywhere.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ecpm.configfile import load_config
-from ecpm.errors import UsageError
 from monitor.config import MonitorConfig
+from monitor.db_command import add_where, where_of
 from monitor.store import Quarantined, open_store
 from probes.result import Result, verify_signature
 
@@ -65,17 +65,12 @@ def quarantine_lines(quarantined: tuple[Quarantined, ...] | list[Quarantined]) -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["verify"], help="verify: check the hash chain")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("-c", "--config", help="monitor config (its store.path is checked)")
-    where.add_argument("--db", help="path of the monitor's SQLite store")
+    add_where(parser, "monitor config (its store is checked, and every signature)")
 
 
 def run(args: argparse.Namespace) -> int:
     config = None if args.config is None else load_config(args.config, MonitorConfig)
-    path = args.db or (config.store.path if config is not None else "")
-    if not Path(path).is_file():
-        raise UsageError(f"no store at {path}")
-    store = open_store(path, read_only=True)
+    store = open_store(where_of(args, config), read_only=True)
     try:
         signatures = None if config is None else _Signatures(config)
         report = store.check_chain(read=True, on_read=signatures)

@@ -21,9 +21,10 @@ from pathlib import Path
 from ecpm.configfile import load_config
 from ecpm.errors import UsageError
 from monitor.config import Ingest, MonitorConfig, Reachability
+from monitor.db_command import add_where, where_of
 from monitor.report import Report, TargetInfo, build_report, known_targets
 from monitor.report_render import FORMATS, write
-from monitor.store import ReportSource, open_store
+from monitor.store import ReportSource, open_store, shown
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
@@ -59,9 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show progress on stderr (default: only when it is a terminal)",
     )
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("-c", "--config", help="monitor config (its store.path and targets are used)")
-    where.add_argument("--db", help="path of the monitor's SQLite store")
+    add_where(parser, "monitor config (its store and targets are used)")
 
 
 def parse_moment(text: str, option: str) -> datetime:
@@ -134,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             end=end,
             targets=targets,
             generated_at=now,
-            store_name=str(settings.path),
+            store_name=shown(settings.path),
             pdd_threshold=settings.rules.degraded_post_dial_delay,
             max_clock_skew=settings.ingest.max_clock_skew,
             progress=progress,
@@ -161,7 +160,7 @@ def _settings(args: argparse.Namespace) -> _Settings:
     if args.config:
         config = load_config(args.config, MonitorConfig)
         settings = _Settings(
-            config.store.path,
+            where_of(args, config),
             tuple(
                 TargetInfo(t.id, t.description, config.reachability.stale_after * t.interval)
                 for t in config.targets
@@ -170,9 +169,7 @@ def _settings(args: argparse.Namespace) -> _Settings:
             config.ingest,
         )
     else:
-        settings = _Settings(args.db)
-    if not Path(settings.path).is_file():
-        raise UsageError(f"no store at {settings.path}")
+        settings = _Settings(where_of(args, None))
     return settings
 
 
@@ -187,7 +184,7 @@ def _targets(store: ReportSource, settings: _Settings, wanted: list[str]) -> lis
             raise UsageError(f"unknown target {', '.join(unknown)} (known: {known})")
         targets = [by_id[t] for t in dict.fromkeys(wanted)]
     if not targets:
-        raise UsageError(f"no targets: {settings.path} has no state history and no config names any")
+        raise UsageError(f"no targets: {shown(settings.path)} has no state history and no config names any")
     return targets
 
 

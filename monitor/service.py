@@ -69,7 +69,7 @@ class MonitorService:
     def __init__(self, config: MonitorConfig, *, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.registry = registry or CollectorRegistry()
-        self.store = open_store(config.store.path)
+        self.store = open_store(config.store.where)
         # the core restores its state but evaluates nothing (so pages nothing) until run():
         # by then the dispatcher exists, and an incident the stored state opens at once
         # (e.g. a gap after a long stop) is stored and paged like any other

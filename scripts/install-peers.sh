@@ -7,18 +7,23 @@ set -euo pipefail
 peers="mosquitto:mosquitto mosquitto_sub:mosquitto-clients sipp:sip-tester promtool:prometheus chromium:chromium"
 # Alertmanager: Debian names the server binary prometheus-alertmanager (upstream: alertmanager)
 peers="$peers amtool:prometheus-alertmanager prometheus-alertmanager:prometheus-alertmanager"
+# PostgreSQL (the store tests): Debian keeps initdb and pg_ctl in /usr/lib/postgresql/<version>/bin
+peers="$peers initdb:postgresql pg_ctl:postgresql"
+pg_bin=$(printf '%s:' /usr/lib/postgresql/*/bin)
 missing=()
 for pair in $peers; do
   prog=${pair%%:*} pkg=${pair#*:}
-  PATH="$PATH:/usr/sbin:/sbin" command -v "$prog" >/dev/null 2>&1 || missing+=("$pkg")
+  PATH="$PATH:/usr/sbin:/sbin:$pg_bin" command -v "$prog" >/dev/null 2>&1 || missing+=("$pkg")
 done
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 [ ${#missing[@]} -eq 0 ] && { echo "peers: all present"; exit 0; }
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "peers: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian starts mosquitto as a service on 1883; tests run their own brokers on free ports.
+  # Debian starts mosquitto as a service on 1883, and postgresql a cluster on 5432; the
+  # tests run their own brokers on free ports and their own cluster on a private socket.
 else
   echo "peers: MISSING ${missing[*]} — install them with: sudo apt-get install ${missing[*]}" >&2
 fi

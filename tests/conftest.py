@@ -23,6 +23,8 @@ from tests.support.net import UdpSink
 from tests.support.peers import PEER_PACKAGES, find
 from tests.support.sip import ResponderProcess, Sipp
 
+pytest_plugins = ["tests.support.postgres"]  # the PostgreSQL peer and the per-backend store fixture
+
 # CI (CI=true) runs the property tests with a fixed seed, so a landing is reproducible;
 # developers' runs stay random and keep finding new cases (a failure prints its example).
 settings.register_profile("ci", derandomize=True)

@@ -19,7 +19,7 @@ from monitor.report import TargetInfo, build_report
 from monitor.report_render import write
 from monitor.skew import SkewEstimator, judge
 from monitor.store import SqliteStore
-from monitor.store.sqlite import _SCHEMA as store_schema
+from monitor.store.sql import SCHEMA as store_schema
 from probes.result import format_time
 from tests.support.hostile import append_raw_row
 from tests.support.monitor import T0, Clock, Pages, ProbeSim, make_core, monitor_config, state

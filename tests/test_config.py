@@ -89,6 +89,20 @@ def test_secret_file_is_read_and_never_shown(tmp_path: Path) -> None:
     assert "s3cret-value" not in str(probe.model_dump())
 
 
+def test_store_url_is_a_secret_and_names_the_store(tmp_path: Path) -> None:
+    url = tmp_path / "store.url"
+    url.write_text("postgresql://ecpm:s3cret-value@127.0.0.1:5432/ecpm\n")
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(
+        f"kind: monitor\nstore: {{backend: postgres, url_file: {url}}}\n"
+        "probes: [{id: p1, key: k}]\ntargets: [{id: t1}]\n"
+    )
+    monitor = load_any(cfg)
+    assert monitor.store.where == "postgresql://ecpm:s3cret-value@127.0.0.1:5432/ecpm"
+    assert "s3cret-value" not in repr(monitor) and "s3cret-value" not in str(monitor.model_dump())
+    assert load_any(ROOT / "config" / "monitor.example.yaml").store.where == "ecpm-monitor.db"
+
+
 def test_env_interpolation_and_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "r.yaml"
     cfg.write_text("kind: responder\nanswering_point: ${ECPM_AP:-fallback} / ${ECPM_AP2}\n")

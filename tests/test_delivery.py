@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor.core import MonitorCore
 from monitor.service import MonitorService
-from monitor.store import SqliteStore
+from monitor.store import open_store
 from probes import delivery as d
 from probes.mqtt import Publisher
 from probes.outbox import Outbox
@@ -115,11 +115,11 @@ def test_status_carries_outbox_health_signed() -> None:
 # ------------------------------------------------------------------ the monitor's bookkeeping
 
 
-def test_a_gap_is_asked_for_repaired_or_gone_and_then_acked(tmp_path: Path) -> None:
+def test_a_gap_is_asked_for_repaired_or_gone_and_then_acked(store_where: str) -> None:
     clock = Clock()
     registry = CollectorRegistry()
-    config = monitor_config(tmp_path)
-    core = MonitorCore(config, SqliteStore(config.store.path), registry, clock=clock)
+    config = monitor_config(store_where)
+    core = MonitorCore(config, open_store(config.store.where), registry, clock=clock)
     sim = ProbeSim("p1")
     results = [sim.result("t1", "pass", clock.advance(1)) for _ in range(10)]
 
@@ -173,17 +173,17 @@ def test_a_gap_is_asked_for_repaired_or_gone_and_then_acked(tmp_path: Path) -> N
 
     # a restart asks for nothing and acks again once connected
     core.store.commit()
-    again_core = MonitorCore(config, SqliteStore(config.store.path), CollectorRegistry(), clock=clock)
+    again_core = MonitorCore(config, open_store(config.store.where), CollectorRegistry(), clock=clock)
     again_core.delivery.resend_acks()
     out = again_core.delivery.outgoing(clock.advance(20))
     assert [o.topic for o in out] == ["ecpm/v1/acks/p1"]
 
 
-def test_a_result_said_gone_that_arrives_after_all_counts_as_repaired(tmp_path: Path) -> None:
+def test_a_result_said_gone_that_arrives_after_all_counts_as_repaired(store_where: str) -> None:
     """The probe no longer had seq 3, but a stranded broker session still held it."""
     clock = Clock()
-    config = monitor_config(tmp_path)
-    core = MonitorCore(config, SqliteStore(config.store.path), CollectorRegistry(), clock=clock)
+    config = monitor_config(store_where)
+    core = MonitorCore(config, open_store(config.store.where), CollectorRegistry(), clock=clock)
     sim, status = ProbeSim("p1"), StatusSim("p1")
     results = [sim.result("t1", "pass", clock.advance(1)) for _ in range(4)]
     for r in (results[0], results[3]):
@@ -198,11 +198,11 @@ def test_a_result_said_gone_that_arrives_after_all_counts_as_repaired(tmp_path: 
     assert (gap.repaired, gap.unrecoverable, gap.closed_at) == (2, 0, clock.now)
 
 
-def test_many_small_gaps_are_asked_for_in_few_requests_and_big_ones_split(tmp_path: Path) -> None:
+def test_many_small_gaps_are_asked_for_in_few_requests_and_big_ones_split(store_where: str) -> None:
     """A retired monitor's stranded session took every other result; one huge gap."""
     clock = Clock()
-    config = monitor_config(tmp_path)
-    core = MonitorCore(config, SqliteStore(config.store.path), CollectorRegistry(), clock=clock)
+    config = monitor_config(store_where)
+    core = MonitorCore(config, open_store(config.store.where), CollectorRegistry(), clock=clock)
     sim = ProbeSim("p1")
     for r in [sim.result("t1", "pass", clock.advance(1)) for _ in range(400)][::2]:  # 1, 3, 5, ...
         assert core.handle(sim.topic("t1"), r.to_json()) is None
@@ -220,13 +220,13 @@ def test_many_small_gaps_are_asked_for_in_few_requests_and_big_ones_split(tmp_pa
     assert ranges[1:] == [(400, 100_399), (100_400, 200_399), (200_400, 200_410)]  # split
 
 
-def test_a_tail_the_monitor_never_saw_is_a_gap(tmp_path: Path) -> None:
+def test_a_tail_the_monitor_never_saw_is_a_gap(store_where: str) -> None:
     """The broker dropped the probe's newest results and the probe then went quiet: its
     status (nothing unpublished, last_seq 8) shows what is missing."""
     clock = Clock()
     registry = CollectorRegistry()
-    config = monitor_config(tmp_path)
-    core = MonitorCore(config, SqliteStore(config.store.path), registry, clock=clock)
+    config = monitor_config(store_where)
+    core = MonitorCore(config, open_store(config.store.where), registry, clock=clock)
     sim, status = ProbeSim("p1"), StatusSim("p1")
     results = [sim.result("t1", "pass", clock.advance(1)) for _ in range(8)]
     for r in results[:5]:
@@ -246,12 +246,12 @@ def test_a_tail_the_monitor_never_saw_is_a_gap(tmp_path: Path) -> None:
     assert gauge(core, registry, "ecpm_results_outstanding") == 0.0
 
 
-def test_a_head_published_before_the_monitor_subscribed_is_a_gap(tmp_path: Path) -> None:
+def test_a_head_published_before_the_monitor_subscribed_is_a_gap(store_where: str) -> None:
     """Probes started first: their first results went to a broker with no subscriber."""
     clock = Clock()
     registry = CollectorRegistry()
-    config = monitor_config(tmp_path)
-    core = MonitorCore(config, SqliteStore(config.store.path), registry, clock=clock)
+    config = monitor_config(store_where)
+    core = MonitorCore(config, open_store(config.store.where), registry, clock=clock)
     sim, status = ProbeSim("p1"), StatusSim("p1")
     results = [sim.result("t1", "pass", clock.advance(1)) for _ in range(6)]
     for r in results[3:]:  # 4, 5, 6 arrive; 1..3 went nowhere
@@ -337,14 +337,16 @@ def test_the_probe_deletes_on_ack_and_replays_unchanged(tmp_path: Path) -> None:
 
 
 @pytest.mark.peers("mosquitto")
-def test_a_broker_that_drops_while_the_monitor_is_away_loses_nothing(tmp_path: Path) -> None:
+def test_a_broker_that_drops_while_the_monitor_is_away_loses_nothing(
+    tmp_path: Path, store_where: str
+) -> None:
     """The monitor stops; its broker queue holds 5 messages and drops the rest (mosquitto's
     max_queued_messages); the monitor comes back, sees the gap, asks, and gets every result."""
     b = Broker(tmp_path, max_queued_messages=5)
     b.start()
     box = Outbox(tmp_path / "o.db", max_results=1000)
     config = monitor_config(
-        tmp_path,
+        store_where,
         mqtt={"host": b.host, "port": b.port},
         http={"listen": f"127.0.0.1:{free_port()}"},
         ingest={"shared_group": None},
@@ -400,7 +402,7 @@ def test_a_broker_that_drops_while_the_monitor_is_away_loses_nothing(tmp_path: P
     finally:
         box.close()
         b.stop()
-    store = SqliteStore(config.store.path)
+    store = open_store(config.store.where)
     assert store.check_chain().ok
     rows = store._db.execute(
         "SELECT count(*), count(DISTINCT id), count(DISTINCT seq) FROM results"

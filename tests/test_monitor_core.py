@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -21,9 +20,9 @@ def feed(core: MonitorCore, sim: ProbeSim, target: str, outcome: str, clock: Clo
     core.store.commit()
 
 
-def test_single_probe_fail_then_confirm_goes_down_and_pages_once(tmp_path: Path) -> None:
+def test_single_probe_fail_then_confirm_goes_down_and_pages_once(store_where: str) -> None:
     clock = Clock()
-    core, registry, pages = make(tmp_path, clock)
+    core, registry, pages = make(store_where, clock)
     sim = ProbeSim("p1")
     feed(core, sim, "t1", "pass", clock)
     assert state(core, clock) == "up"
@@ -50,9 +49,9 @@ def test_single_probe_fail_then_confirm_goes_down_and_pages_once(tmp_path: Path)
     assert core.store.open_incidents() == []
 
 
-def test_two_probes_one_failing_is_degraded_never_down(tmp_path: Path) -> None:
+def test_two_probes_one_failing_is_degraded_never_down(store_where: str) -> None:
     clock = Clock()
-    core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
+    core, _, pages = make(store_where, clock, probes=("p1", "p2"))
     good, bad = ProbeSim("p1"), ProbeSim("p2")
     for _ in range(6):
         feed(core, good, "t1", "pass", clock)
@@ -65,9 +64,9 @@ def test_two_probes_one_failing_is_degraded_never_down(tmp_path: Path) -> None:
     assert pages == []
 
 
-def test_a_probe_that_just_came_online_covers_the_target_before_its_first_result(tmp_path: Path) -> None:
+def test_a_probe_that_just_came_online_covers_the_target_before_its_first_result(store_where: str) -> None:
     clock = Clock()
-    core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
+    core, _, pages = make(store_where, clock, probes=("p1", "p2"))
     assert core.handle("ecpm/v1/status/p1", StatusSim("p1").online(clock())) is None
     assert core.handle("ecpm/v1/status/p2", StatusSim("p2").online(clock())) is None
     bad = ProbeSim("p2")
@@ -81,9 +80,9 @@ def test_a_probe_that_just_came_online_covers_the_target_before_its_first_result
     assert state(core, clock) == "down"
 
 
-def test_two_probes_both_failing_is_down(tmp_path: Path) -> None:
+def test_two_probes_both_failing_is_down(store_where: str) -> None:
     clock = Clock()
-    core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
+    core, _, pages = make(store_where, clock, probes=("p1", "p2"))
     a, b = ProbeSim("p1"), ProbeSim("p2")
     feed(core, a, "t1", "pass", clock)
     feed(core, b, "t1", "pass", clock)
@@ -97,18 +96,18 @@ def test_two_probes_both_failing_is_down(tmp_path: Path) -> None:
     assert pages == [(1, "down", "trigger")]
 
 
-def test_inconclusive_never_counts_as_pass(tmp_path: Path) -> None:
+def test_inconclusive_never_counts_as_pass(store_where: str) -> None:
     clock = Clock()
-    core, _, _ = make(tmp_path, clock)
+    core, _, _ = make(store_where, clock)
     sim = ProbeSim("p1")
     feed(core, sim, "t1", "inconclusive", clock, sip_status=486, stage="answer")
     assert state(core, clock) == "degraded"
     assert core.snapshot().targets["t1"].last_success_at is None
 
 
-def test_slow_post_dial_delay_and_poor_mos_are_degraded(tmp_path: Path) -> None:
+def test_slow_post_dial_delay_and_poor_mos_are_degraded(store_where: str) -> None:
     clock = Clock()
-    core, _, _ = make(tmp_path, clock)
+    core, _, _ = make(store_where, clock)
     sim = ProbeSim("p1")
     feed(core, sim, "t1", "pass", clock, pdd=4.0)
     assert state(core, clock) == "degraded"
@@ -120,9 +119,9 @@ def test_slow_post_dial_delay_and_poor_mos_are_degraded(tmp_path: Path) -> None:
     assert state(core, clock) == "up"
 
 
-def test_silence_is_unknown_then_a_gap_incident(tmp_path: Path) -> None:
+def test_silence_is_unknown_then_a_gap_incident(store_where: str) -> None:
     clock = Clock()
-    core, registry, pages = make(tmp_path, clock, reachability={"gap_incident_after": "60s"})
+    core, registry, pages = make(store_where, clock, reachability={"gap_incident_after": "60s"})
     sim = ProbeSim("p1")
     feed(core, sim, "t1", "pass", clock)
     clock.advance(29)
@@ -153,9 +152,9 @@ def test_silence_is_unknown_then_a_gap_incident(tmp_path: Path) -> None:
         (lambda p: b" " * (11 * 1024 * 1024), "too_large"),
     ],
 )
-def test_bad_messages_are_rejected_and_counted(tmp_path: Path, mutate, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_messages_are_rejected_and_counted(store_where: str, mutate, reason: str) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
-    core, registry, _ = make(tmp_path, clock)
+    core, registry, _ = make(store_where, clock)
     sim = ProbeSim("p1")
     payload = mutate(sim.result("t1", "pass", clock()).to_json())
     assert core.handle(sim.topic("t1"), payload) == reason
@@ -170,9 +169,9 @@ def test_bad_messages_are_rejected_and_counted(tmp_path: Path, mutate, reason: s
         b'{"schema":"ecpm.result/1","seq":' + b"9" * 5000 + b"}",
     ],
 )
-def test_payloads_that_trip_the_parser_are_rejected_not_fatal(tmp_path: Path, payload: bytes) -> None:
+def test_payloads_that_trip_the_parser_are_rejected_not_fatal(store_where: str, payload: bytes) -> None:
     clock = Clock()
-    core, _, _ = make(tmp_path, clock)
+    core, _, _ = make(store_where, clock)
     sim = ProbeSim("p1")
     assert core.handle(sim.topic("t1"), payload) in ("fields", "json")
     good = sim.result("t1", "pass", clock())
@@ -182,9 +181,9 @@ def test_payloads_that_trip_the_parser_are_rejected_not_fatal(tmp_path: Path, pa
     assert core.handle(sim.topic("t1"), good.to_json()) is None  # and it goes on
 
 
-def test_forged_key_unknown_probe_and_topic_mismatch(tmp_path: Path) -> None:
+def test_forged_key_unknown_probe_and_topic_mismatch(store_where: str) -> None:
     clock = Clock()
-    core, registry, _ = make(tmp_path, clock)
+    core, registry, _ = make(store_where, clock)
     forged = ProbeSim("p1", key="not-the-key").result("t1", "pass", clock())
     assert core.handle("ecpm/v1/results/p1/t1", forged.to_json()) == "signature"
     stranger = ProbeSim("p9").result("t1", "pass", clock())
@@ -197,9 +196,9 @@ def test_forged_key_unknown_probe_and_topic_mismatch(tmp_path: Path) -> None:
         assert registry.get_sample_value("ecpm_results_rejected_total", {"reason": reason}) == 1.0
 
 
-def test_duplicates_stored_once_and_gaps_counted(tmp_path: Path) -> None:
+def test_duplicates_stored_once_and_gaps_counted(store_where: str) -> None:
     clock = Clock()
-    core, registry, _ = make(tmp_path, clock)
+    core, registry, _ = make(store_where, clock)
     sim = ProbeSim("p1")
     first = sim.result("t1", "pass", clock())
     assert core.handle(sim.topic("t1"), first.to_json()) is None
@@ -213,9 +212,9 @@ def test_duplicates_stored_once_and_gaps_counted(tmp_path: Path) -> None:
     assert registry.get_sample_value("ecpm_results_missing_total", {"probe": "p1"}) == 3.0
 
 
-def test_restart_keeps_state_and_opens_no_duplicate_incident(tmp_path: Path) -> None:
+def test_restart_keeps_state_and_opens_no_duplicate_incident(store_where: str) -> None:
     clock = Clock()
-    core, _, pages = make(tmp_path, clock)
+    core, _, pages = make(store_where, clock)
     sim = ProbeSim("p1")
     feed(core, sim, "t1", "fail", clock)
     feed(core, sim, "t1", "fail", clock, confirm=True)
@@ -224,7 +223,7 @@ def test_restart_keeps_state_and_opens_no_duplicate_incident(tmp_path: Path) -> 
     since = core.snapshot().targets["t1"].since
     core.store.close()
     clock.advance(3)
-    again, _, pages_after = make(tmp_path, clock)
+    again, _, pages_after = make(store_where, clock)
     view = again.evaluate(clock()).targets["t1"]
     assert (view.state, view.since) == ("down", since)
     assert pages_after == []  # the open incident was found, not re-opened
@@ -234,9 +233,9 @@ def test_restart_keeps_state_and_opens_no_duplicate_incident(tmp_path: Path) -> 
     assert len(again.store.incidents()) == 1
 
 
-def test_probe_status_from_last_will(tmp_path: Path) -> None:
+def test_probe_status_from_last_will(store_where: str) -> None:
     clock = Clock()
-    core, registry, _ = make(tmp_path, clock)
+    core, registry, _ = make(store_where, clock)
     sim, status = ProbeSim("p1"), StatusSim("p1")
     assert core.handle(status.topic(), status.online(clock())) is None
     feed(core, sim, "t1", "pass", clock)
@@ -249,9 +248,9 @@ def test_probe_status_from_last_will(tmp_path: Path) -> None:
     assert core.handle("ecpm/v1/status/p1", b"offline") == "json"
 
 
-def test_a_flapping_path_is_one_incident_and_one_page(tmp_path: Path) -> None:
+def test_a_flapping_path_is_one_incident_and_one_page(store_where: str) -> None:
     clock = Clock()
-    core, _, pages = make(tmp_path, clock, reachability={"resolve_after": "60s"})
+    core, _, pages = make(store_where, clock, reachability={"resolve_after": "60s"})
     sim = ProbeSim("p1")
     for _ in range(5):  # fails, recovers for 20 s, fails again ...
         feed(core, sim, "t1", "fail", clock)
@@ -269,9 +268,9 @@ def test_a_flapping_path_is_one_incident_and_one_page(tmp_path: Path) -> None:
     assert pages == [(1, "down", "trigger"), (1, "down", "resolve")]
 
 
-def test_options_answering_while_calls_stopped_is_unknown_not_up(tmp_path: Path) -> None:
+def test_options_answering_while_calls_stopped_is_unknown_not_up(store_where: str) -> None:
     clock = Clock()
-    core, _, _ = make(tmp_path, clock)
+    core, _, _ = make(store_where, clock)
     sim = ProbeSim("p1")
     feed(core, sim, "t1", "pass", clock)
     for _ in range(6):  # the invite checks stop (a broken update); OPTIONS keep passing
@@ -282,9 +281,9 @@ def test_options_answering_while_calls_stopped_is_unknown_not_up(tmp_path: Path)
     assert "OPTIONS still answer" in view.why
 
 
-def test_a_reannounced_probe_cannot_hold_down_off(tmp_path: Path) -> None:
+def test_a_reannounced_probe_cannot_hold_down_off(store_where: str) -> None:
     clock = Clock()
-    core, _, pages = make(tmp_path, clock, probes=("p1", "p2"))
+    core, _, pages = make(store_where, clock, probes=("p1", "p2"))
     p2 = StatusSim("p2")
     assert core.handle(p2.topic(), p2.online(clock())) is None  # p2 comes online, then never calls
     bad = ProbeSim("p1")
@@ -300,9 +299,9 @@ def test_a_reannounced_probe_cannot_hold_down_off(tmp_path: Path) -> None:
     assert len(pages) == 1
 
 
-def test_a_probe_clock_ahead_cannot_keep_a_result_fresh(tmp_path: Path) -> None:
+def test_a_probe_clock_ahead_cannot_keep_a_result_fresh(store_where: str) -> None:
     clock = Clock()
-    core, _, _ = make(tmp_path, clock)
+    core, _, _ = make(store_where, clock)
     sim = ProbeSim("p1")
     future = sim.result("t1", "pass", clock.now + timedelta(minutes=10))
     assert core.handle(sim.topic("t1"), future.to_json()) is None
@@ -311,16 +310,16 @@ def test_a_probe_clock_ahead_cannot_keep_a_result_fresh(tmp_path: Path) -> None:
     assert state(core, clock) == "unknown"
 
 
-def test_time_the_monitor_was_not_running_is_unknown(tmp_path: Path) -> None:
+def test_time_the_monitor_was_not_running_is_unknown(store_where: str) -> None:
     clock = Clock()
-    core, _, _ = make(tmp_path, clock)
+    core, _, _ = make(store_where, clock)
     feed(core, ProbeSim("p1"), "t1", "pass", clock)
     assert state(core, clock) == "up"
     core.beat(clock())
     stopped_at = clock()
     core.store.close()
     clock.advance(7200)  # two hours down
-    again, _, pages = make(tmp_path, clock, reachability={"gap_incident_after": "5m"})
+    again, _, pages = make(store_where, clock, reachability={"gap_incident_after": "5m"})
     changes = again.store.state_changes(stopped_at - timedelta(seconds=1))
     assert (changes[-1].state, changes[-1].at) == ("unknown", stopped_at)  # not two hours of "up"
     assert pages == []  # constructing a core evaluates nothing, so pages nothing
@@ -332,9 +331,9 @@ def test_time_the_monitor_was_not_running_is_unknown(tmp_path: Path) -> None:
     assert len(pages) == 1
 
 
-def test_a_gap_while_the_monitor_is_cut_off_from_its_broker_names_that_cause(tmp_path: Path) -> None:
+def test_a_gap_while_the_monitor_is_cut_off_from_its_broker_names_that_cause(store_where: str) -> None:
     clock = Clock()
-    core, registry, pages = make(tmp_path, clock, reachability={"gap_incident_after": "30s"})
+    core, registry, pages = make(store_where, clock, reachability={"gap_incident_after": "30s"})
     assert registry.get_sample_value("ecpm_monitor_mqtt_connected") == 0.0  # not yet connected
     core.broker_connection(True, clock())
     assert registry.get_sample_value("ecpm_monitor_mqtt_connected") == 1.0
@@ -358,9 +357,9 @@ def test_a_gap_while_the_monitor_is_cut_off_from_its_broker_names_that_cause(tmp
     assert not core.evaluate(clock.advance(1)).targets["t1"].why.startswith("the monitor")
 
 
-def test_a_monitor_that_never_reached_its_broker_says_so(tmp_path: Path) -> None:
+def test_a_monitor_that_never_reached_its_broker_says_so(store_where: str) -> None:
     clock = Clock()
-    core, _, _ = make(tmp_path, clock)
+    core, _, _ = make(store_where, clock)
     core.broker_connection(False, clock())
     why = core.evaluate(clock()).targets["t1"].why
     assert why.startswith(f"the monitor has not reached its MQTT broker since {format_time(clock())}; no ")

@@ -15,18 +15,20 @@ from prometheus_client import CollectorRegistry
 from monitor.core import MonitorCore
 from monitor.model import Incident
 from monitor.notify import Dispatcher
-from monitor.store import SqliteStore
+from monitor.store import open_store
 from tests.support.monitor import Clock, ProbeSim, monitor_config
 from tests.support.system import Receiver
 
 
-def outage(tmp_path: Path, notifiers: list[dict[str, Any]]) -> tuple[MonitorCore, list[tuple[Incident, str]]]:
+def outage(
+    where: Path | str, notifiers: list[dict[str, Any]]
+) -> tuple[MonitorCore, list[tuple[Incident, str]]]:
     """A monitor whose target t1 goes down (one incident), pages collected for the dispatcher."""
     clock = Clock()
-    config = monitor_config(tmp_path, notifiers=notifiers)
+    config = monitor_config(where, notifiers=notifiers)
     pages: list[tuple[Incident, str]] = []
     core = MonitorCore(
-        config, SqliteStore(config.store.path), CollectorRegistry(),
+        config, open_store(config.store.where), CollectorRegistry(),
         pager=lambda i, e: pages.append((i, e)), clock=clock,
     )  # fmt: skip
     sim = ProbeSim("p1")
@@ -62,10 +64,10 @@ def sent(core: MonitorCore, notifier: str, outcome: str) -> float:
     return float(value)
 
 
-def test_webhook_pagerduty_and_slack_bodies(tmp_path: Path) -> None:
+def test_webhook_pagerduty_and_slack_bodies(store_where: str) -> None:
     receiver = Receiver()
     try:
-        core, pages = outage(tmp_path, [
+        core, pages = outage(store_where, [
             {"type": "webhook", "name": "hook", "url": receiver.url},
             {"type": "pagerduty", "name": "pd", "url": f"{receiver.base}/pd", "routing_key": "R0UTING"},
             {"type": "slack", "name": "slack", "url": f"{receiver.base}/slack"},
@@ -92,12 +94,12 @@ def test_webhook_pagerduty_and_slack_bodies(tmp_path: Path) -> None:
         receiver.close()
 
 
-def test_retries_on_5xx_then_succeeds(tmp_path: Path) -> None:
+def test_retries_on_5xx_then_succeeds(store_where: str) -> None:
     receiver = Receiver()
     receiver.statuses.extend([500, 503])
     try:
         core, pages = outage(
-            tmp_path, [{"type": "webhook", "name": "hook", "url": receiver.url, "backoff": "100ms"}]
+            store_where, [{"type": "webhook", "name": "hook", "url": receiver.url, "backoff": "100ms"}]
         )
         deliver(core, pages, lambda: sent(core, "hook", "sent") == 1.0)
         assert len(receiver.bodies) == 3  # two refused, the third delivered
@@ -108,12 +110,12 @@ def test_retries_on_5xx_then_succeeds(tmp_path: Path) -> None:
         receiver.close()
 
 
-def test_a_4xx_fails_at_once_and_the_error_shows_no_secret(tmp_path: Path) -> None:
+def test_a_4xx_fails_at_once_and_the_error_shows_no_secret(store_where: str) -> None:
     receiver = Receiver()
     receiver.statuses.append(400)
     secret_url = f"{receiver.base}/services/T000/B000/XXXXSECRET"
     try:
-        core, pages = outage(tmp_path, [{"type": "slack", "name": "slack", "url": secret_url}])
+        core, pages = outage(store_where, [{"type": "slack", "name": "slack", "url": secret_url}])
         deliver(core, pages, lambda: sent(core, "slack", "failed") == 1.0)
         note = core.store.incidents()[0].notifications[0]
         assert (note.state, note.attempts) == ("failed", 1)
@@ -123,12 +125,12 @@ def test_a_4xx_fails_at_once_and_the_error_shows_no_secret(tmp_path: Path) -> No
         receiver.close()
 
 
-def test_gives_up_after_its_retries(tmp_path: Path) -> None:
+def test_gives_up_after_its_retries(store_where: str) -> None:
     receiver = Receiver()
     receiver.statuses.extend([502] * 10)
     try:
         core, pages = outage(
-            tmp_path,
+            store_where,
             [{"type": "webhook", "name": "hook", "url": receiver.url, "retries": 2, "backoff": "50ms"}],
         )
         deliver(core, pages, lambda: sent(core, "hook", "failed") == 1.0)
@@ -137,19 +139,19 @@ def test_gives_up_after_its_retries(tmp_path: Path) -> None:
         receiver.close()
 
 
-def test_a_page_queued_before_a_restart_is_delivered_after_it(tmp_path: Path) -> None:
+def test_a_page_queued_before_a_restart_is_delivered_after_it(store_where: str) -> None:
     receiver = Receiver()
     try:
         notifiers = [{"type": "webhook", "name": "hook", "url": receiver.url}]
-        core, pages = outage(tmp_path, notifiers)
+        core, pages = outage(store_where, notifiers)
         dispatcher = Dispatcher(
             store=core.store, notifiers=core.config.notifiers, metrics=core.metrics, monitor="m1"
         )
         for incident, event in pages:
             dispatcher.page(incident, event)  # queued durably, never sent: the monitor "dies" here
         core.store.close()
-        config = monitor_config(tmp_path, notifiers=notifiers)
-        again = MonitorCore(config, SqliteStore(config.store.path), CollectorRegistry(), clock=Clock())
+        config = monitor_config(store_where, notifiers=notifiers)
+        again = MonitorCore(config, open_store(config.store.where), CollectorRegistry(), clock=Clock())
         deliver(again, [], lambda: len(receiver.bodies) == 1)
         assert receiver.bodies[0]["event"] == "trigger"
         # and the restart did not queue it twice
@@ -158,12 +160,12 @@ def test_a_page_queued_before_a_restart_is_delivered_after_it(tmp_path: Path) ->
         receiver.close()
 
 
-def test_a_resolve_never_overtakes_its_trigger(tmp_path: Path) -> None:
+def test_a_resolve_never_overtakes_its_trigger(store_where: str) -> None:
     receiver = Receiver()
     receiver.statuses.append(503)  # the trigger's first attempt fails
     try:
         core, pages = outage(
-            tmp_path, [{"type": "webhook", "name": "hook", "url": receiver.url, "backoff": "300ms"}]
+            store_where, [{"type": "webhook", "name": "hook", "url": receiver.url, "backoff": "300ms"}]
         )
         incident = pages[0][0]
         resolved = core.store.incidents()[0]
@@ -175,10 +177,10 @@ def test_a_resolve_never_overtakes_its_trigger(tmp_path: Path) -> None:
         receiver.close()
 
 
-def test_an_unusable_url_fails_the_page_without_stopping_the_dispatcher(tmp_path: Path) -> None:
+def test_an_unusable_url_fails_the_page_without_stopping_the_dispatcher(store_where: str) -> None:
     receiver = Receiver()
     try:
-        core, pages = outage(tmp_path, [
+        core, pages = outage(store_where, [
             {"type": "webhook", "name": "broken", "url": "http://[::1/x"},
             {"type": "webhook", "name": "hook", "url": receiver.url},
         ])  # fmt: skip
@@ -189,12 +191,12 @@ def test_an_unusable_url_fails_the_page_without_stopping_the_dispatcher(tmp_path
         receiver.close()
 
 
-def test_a_webhook_retry_carries_the_same_idempotency_key(tmp_path: Path) -> None:
+def test_a_webhook_retry_carries_the_same_idempotency_key(store_where: str) -> None:
     receiver = Receiver()
     receiver.statuses.extend([503, 500])
     try:
         core, pages = outage(
-            tmp_path, [{"type": "webhook", "name": "hook", "url": receiver.url, "backoff": "50ms"}]
+            store_where, [{"type": "webhook", "name": "hook", "url": receiver.url, "backoff": "50ms"}]
         )
         deliver(core, pages, lambda: sent(core, "hook", "sent") == 1.0)
         assert len(receiver.headers) == 3  # two refused, the third delivered
@@ -203,19 +205,19 @@ def test_a_webhook_retry_carries_the_same_idempotency_key(tmp_path: Path) -> Non
         receiver.close()
 
 
-def test_a_page_in_flight_when_the_monitor_dies_is_sent_again_with_the_same_key(tmp_path: Path) -> None:
+def test_a_page_in_flight_when_the_monitor_dies_is_sent_again_with_the_same_key(store_where: str) -> None:
     """At-least-once: the receiver took the POST, the monitor died before marking it sent."""
     receiver = Receiver()
     receiver.hold(1)  # take the POST, do not answer it
     try:
         notifiers = [{"type": "webhook", "name": "hook", "url": receiver.url, "timeout": "20s"}]
-        core, pages = outage(tmp_path, notifiers)
+        core, pages = outage(store_where, notifiers)
         deliver(core, pages, lambda: len(receiver.bodies) == 1)  # cancelled mid-POST: the "crash"
         assert core.store.incidents()[0].notifications[0].state == "pending"
         core.store.close()
         receiver.release()
-        config = monitor_config(tmp_path, notifiers=notifiers)
-        again = MonitorCore(config, SqliteStore(config.store.path), CollectorRegistry(), clock=Clock())
+        config = monitor_config(store_where, notifiers=notifiers)
+        again = MonitorCore(config, open_store(config.store.where), CollectorRegistry(), clock=Clock())
         deliver(again, [], lambda: sent(again, "hook", "sent") == 1.0)
         assert [b["event"] for b in receiver.bodies] == ["trigger", "trigger"]  # a repeat, as documented
         keys = [h["idempotency-key"] for h in receiver.headers]

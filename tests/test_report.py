@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import pytest
@@ -46,11 +46,11 @@ from monitor.model import Incident
 from monitor.notify import incident_event
 from monitor.report import Report, TargetInfo, build_report
 from monitor.report_render import CSV_FILES, formula_like, pct, write
-from monitor.store import SqliteStore, Verification
+from monitor.store import Verification, is_url, open_store
 from probes.outcome import CheckOutcome, MediaStats
 from probes.result import Result
 from tests.support import browser
-from tests.support.monitor import StatusSim, key_for, monitor_config
+from tests.support.monitor import StatusSim, key_for, monitor_config, store_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs/schema/report-v1.json").read_text())
@@ -129,7 +129,7 @@ class Probe:
 
 @dataclass
 class Day:
-    path: Path  # the store
+    path: Path | str  # the store: a SQLite file, or a PostgreSQL URL (``any_day``)
     config: Path  # a monitor.yaml pointing at it
     rows: dict[str, int]  # result id -> stored row
 
@@ -142,11 +142,12 @@ def pdd_at(t: datetime) -> float:
     return round(0.9 + 0.25 * math.sin(seconds / 21600 * 2 * math.pi) + 0.05 * ((seconds // 30) % 5), 3)
 
 
-def build_day(directory: Path) -> Day:
+def build_day(directory: Path, where: str | None = None) -> Day:
+    """The scripted day, stored in ``directory``'s monitor.db, or at ``where``."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = monitor_config(directory, probes=("p1",), targets=("uk-999", "ie-112"), interval="30s")
-    path = Path(config.store.path)
-    store = SqliteStore(path)
+    config = monitor_config(where or directory, probes=("p1",), targets=("uk-999", "ie-112"), interval="30s")
+    path: Path | str = config.store.where if is_url(config.store.where) else Path(config.store.path)
+    store = open_store(path)
     now = [DAY - timedelta(minutes=2)]
 
     def page(incident: Incident, event: str) -> None:
@@ -255,7 +256,7 @@ def build_day(directory: Path) -> Day:
     config_file = directory / "monitor.yaml"
     config_file.write_text(
         "kind: monitor\n"
-        f"store: {{path: {json.dumps(str(path))}}}\n"
+        f"store: {json.dumps(store_section(path if isinstance(path, str) else directory))}\n"
         "probes: [{id: p1, key: key-of-p1}]\n"
         "targets:\n"
         "  - {id: uk-999, interval: 30s, description: BT 999 test route}\n"
@@ -304,11 +305,25 @@ def _options_ping(p1: Probe, t: datetime, plan: Any, deliver: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def day(tmp_path_factory: pytest.TempPathFactory) -> Day:
+    """The day in SQLite: for the tests that alter or read the file itself."""
     return build_day(tmp_path_factory.mktemp("day"))
 
 
-def report_of(path: Path, **kw: Any) -> Report:
-    store = SqliteStore(path)
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def any_day(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Day:
+    """The day on each backend (the database lives as long as the session's cluster)."""
+    if request.param == "sqlite":
+        return cast(Day, request.getfixturevalue("day"))
+    cluster = request.getfixturevalue("postgres_cluster")
+    return build_day(tmp_path_factory.mktemp("pg-day"), cluster.url(cluster.create_database()))
+
+
+def store_args(day: Day) -> tuple[str, str]:
+    return ("--url", str(day.path)) if is_url(day.path) else ("--db", str(day.path))
+
+
+def report_of(path: Path | str, **kw: Any) -> Report:
+    store = open_store(path)
     try:
         return build_report(
             store,
@@ -357,7 +372,8 @@ PASSED = PLACED - FAILED - INCONCLUSIVE  # 2829
 CALL_AVAILABILITY = PASSED / (PASSED + FAILED)
 
 
-def test_figures_of_the_scripted_day(day: Day) -> None:
+def test_figures_of_the_scripted_day(any_day: Day) -> None:
+    day = any_day
     report = report_of(day.path)
     uk, ie = report.targets
     assert (uk.id, ie.id) == ("uk-999", "ie-112")
@@ -401,7 +417,8 @@ def test_figures_of_the_scripted_day(day: Day) -> None:
     assert uk.longest_silence.start == at("14:59:30") and uk.longest_silence.end == at("15:10:00")
 
 
-def test_quarter_hour_buckets(day: Day) -> None:
+def test_quarter_hour_buckets(any_day: Day) -> None:
+    day = any_day
     uk = report_of(day.path).targets[0]
     assert len(uk.buckets) == 96
     b = {bucket.start: bucket for bucket in uk.buckets}
@@ -428,7 +445,8 @@ def test_quarter_hour_buckets(day: Day) -> None:
     assert sum(x.down_seconds for x in uk.buckets) == DOWN_S
 
 
-def test_incidents_latencies_and_pages(day: Day) -> None:
+def test_incidents_latencies_and_pages(any_day: Day) -> None:
+    day = any_day
     uk, ie = report_of(day.path).targets
     down, gap = uk.incidents
     assert (down.kind, down.last_good_at, down.first_failed_at) == ("down", at("10:07:00"), at("10:07:28"))
@@ -449,7 +467,8 @@ def test_incidents_latencies_and_pages(day: Day) -> None:
     assert [i.kind for i in ie.incidents] == ["gap"]
 
 
-def test_probes_versions_verifications(day: Day) -> None:
+def test_probes_versions_verifications(any_day: Day) -> None:
+    day = any_day
     report = report_of(day.path)
     assert [(o.probe, o.start, o.end) for o in report.probe_outages] == [
         ("p1", at("05:59:40"), at("05:59:50")),
@@ -676,7 +695,8 @@ def test_report_reads_never_writes(day: Day) -> None:
     assert day.path.read_bytes() == before
 
 
-def test_partial_period_and_a_period_in_the_future(day: Day) -> None:
+def test_partial_period_and_a_period_in_the_future(any_day: Day) -> None:
+    day = any_day
     report = report_of(day.path, start=at("10:10:00"), end=at("10:20:00"), targets=TARGETS[:1])
     (uk,) = report.targets
     assert [b.start for b in uk.buckets] == [at("10:10:00"), at("10:15:00")]  # clipped to the period
@@ -702,7 +722,8 @@ def ecpm_report(*argv: str) -> int:
     return cli.main(["report", *argv])
 
 
-def test_cli_writes_every_format(day: Day, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_every_format(any_day: Day, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    day = any_day
     out = tmp_path / "evidence"
     period = ("--from", "2026-11-02", "--to", "2026-11-03T00:00:00Z")
     assert ecpm_report(*period, "--out", str(out), "-c", str(day.config), "--progress") == 0
@@ -715,7 +736,7 @@ def test_cli_writes_every_format(day: Day, tmp_path: Path, capsys: pytest.Captur
     one = tmp_path / "one"
     period = ("--from", "2026-11-02T11:00:00+01:00", "--to", "2026-11-02T11:30:00+01:00")
     only = ("--target", "uk-999", "--format", "json")
-    assert ecpm_report(*period, *only, "--out", str(one), "--db", str(day.path)) == 0
+    assert ecpm_report(*period, *only, "--out", str(one), *store_args(day)) == 0
     data = json.loads((one / "report.json").read_text())
     assert [t["id"] for t in data["targets"]] == ["uk-999"] and data["period"]["start"] == iso("10:00:00")
     assert sorted(p.name for p in one.iterdir()) == ["report.json"]

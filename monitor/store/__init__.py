@@ -1,15 +1,19 @@
 """The monitor's store: append-only results with a hash chain, incidents, pages, state.
 
 ``protocols`` says what each part of the monitor needs (and the unit-of-work rule),
-``records`` the values every backend hands out, ``sqlite`` the one backend so far.
-``open_store`` is how the commands open one: the monitor read-write (the schema brought
-up to date), ``ecpm report`` and ``ecpm ledger verify`` read-only (nothing written).
+``records`` the values every backend hands out, ``sql`` the reads and writes both
+backends share, ``sqlite`` and ``postgres`` the backends. ``open_store`` is how the
+commands open one, by where it is (a file path, or a ``postgresql://`` URL): the monitor
+read-write (the schema brought up to date), ``ecpm report`` and ``ecpm ledger verify``
+read-only (nothing written); ``pending_migrations`` is ``ecpm db upgrade --check``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from monitor.store import sqlite
 from monitor.store.protocols import (
     ChainSource,
     Marks,
@@ -25,6 +29,7 @@ from monitor.store.records import (
     GENESIS,
     ChainReport,
     ChainRow,
+    Migration,
     ProbeEvent,
     ProbeStatus,
     Quarantined,
@@ -34,12 +39,37 @@ from monitor.store.records import (
     read_payload,
     summarize,
 )
-from monitor.store.sqlite import SqliteStore, StoreError
+from monitor.store.sql import StoreError
+from monitor.store.sqlite import SqliteStore
 
 
-def open_store(path: str | Path, *, read_only: bool = False) -> SqliteStore:
-    """The store at ``path``; ``read_only`` for readers that must not change it."""
-    return SqliteStore(path, read_only=read_only)
+def is_url(where: str | Path) -> bool:
+    """Is ``where`` a PostgreSQL URL (else: a SQLite file)?"""
+    return str(where).startswith(("postgresql://", "postgres://"))
+
+
+def shown(where: str | Path) -> str:
+    """``where`` as it may be printed and logged: a URL without its password."""
+    text = re.sub(r"^(\w+://[^:/@]*):[^@/]*@", r"\1:***@", str(where))
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", text) if is_url(text) else text
+
+
+def open_store(where: str | Path, *, read_only: bool = False) -> Store:
+    """The store at ``where``; ``read_only`` for readers that must not change it."""
+    if is_url(where):
+        from monitor.store.postgres import PostgresStore  # noqa: PLC0415 - psycopg: the postgres extra
+
+        return PostgresStore(str(where), read_only=read_only)
+    return SqliteStore(where, read_only=read_only)
+
+
+def pending_migrations(where: str | Path) -> list[Migration]:
+    """The migrations a read-write open of ``where`` would apply; nothing is changed."""
+    if is_url(where):
+        from monitor.store import postgres  # noqa: PLC0415 - as above
+
+        return postgres.pending_migrations(str(where))
+    return sqlite.pending_migrations(str(where))
 
 
 __all__ = [
@@ -48,6 +78,7 @@ __all__ = [
     "ChainRow",
     "ChainSource",
     "Marks",
+    "Migration",
     "NotificationQueue",
     "ProbeEvent",
     "ProbeStatus",
@@ -63,7 +94,10 @@ __all__ = [
     "Verification",
     "VerificationBook",
     "chain_hash",
+    "is_url",
     "open_store",
+    "pending_migrations",
     "read_payload",
+    "shown",
     "summarize",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, NamedTuple
@@ -149,3 +150,19 @@ class ChainRow(NamedTuple):
     payload: str
     prev_hash: str
     hash: str
+
+
+class Migration(NamedTuple):
+    """One numbered step of a backend's schema, applied once, in order."""
+
+    version: int
+    name: str
+    apply: Callable[[Any], object]  # given the backend's connection
+
+    def __str__(self) -> str:
+        return f"{self.version} ({self.name})"
+
+
+def pending(migrations: tuple[Migration, ...], version: int) -> list[Migration]:
+    """The migrations after ``version``, the one a store has reached."""
+    return [m for m in migrations if m.version > version]

@@ -1,81 +1,29 @@
-"""``Store`` on one SQLite file: append-only results with a hash chain, incidents, pages, state.
-
-Every row of ``results`` carries
-``hash = sha256(prev_hash || "\\n" || payload)`` where ``payload`` is the result's
-canonical signed JSON, so altering, removing or reordering any stored result
-breaks the chain from that row on (``ecpm ledger verify``). Pruning old rows keeps
-the hash of the last pruned row as the chain's anchor.
+"""``Store`` on one SQLite file (``SqlStore`` holds the reads and writes).
 
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction
 survives the process being killed (the monitor acknowledges MQTT messages only after
-the commit), though not necessarily a power cut before the next checkpoint.
-No method commits by itself (``monitor.store.protocols``: the unit of work): callers
-add many rows and ``commit()`` once per batch, or wrap one change in ``transaction()``.
+the commit), though not necessarily a power cut before the next checkpoint. One
+process writes a file: the chain's tip is kept in memory between transactions.
 A read-only store (``read_only=True``: the report, ``ecpm ledger verify``) is opened
 with SQLite's ``mode=ro``; it creates no schema and migrates nothing, and refuses a
-store whose schema is older than this version reads (the monitor upgrades it on start).
+store whose schema is older than this version reads (``ecpm db upgrade``, or the
+monitor on start, upgrades it).
 
-Judged time: each row also carries ``judged_at``, the time the monitor judged the result
-finished (``monitor.skew``: ``min(received_at, finished_at - clock_skew)``), and the
-``clock_skew`` it was judged with. They are the monitor's own judgement, not the probe's
-signed word, so they sit outside the hash chain (which covers the payload only) and
-``check_chain`` does not check them. Every time-range read (``results_between``) selects
-and orders by ``judged_at``. A store written before these columns existed gets them on
-open (``_migrate``), and so does any row found without a judged time (written by an older
-version): ``judged_at = min(finished_at, received_at)``, ``clock_skew`` NULL (not known).
-
-Quarantine: ``add_result`` stores only a payload it can read back (``parse_result``),
-so every row the monitor writes is readable. A row that is not (written by an older
-version before the bounds existed, or by hand) stays in the chain — removing it
-would break every hash after it — but every read skips it: it is logged once,
-remembered (``quarantined()``, ``ecpm_results_quarantined_total``) and named by
-``ecpm ledger verify`` and the report. Nothing that reads results fails on it.
+Migrations are numbered (``MIGRATIONS``; the version reached is ``schema_version`` in
+``meta``): 1 the schema, 2 the judged-time and gap-repair columns. Every read-write
+open also gives any row found without a judged time (written by an older version)
+``judged_at = min(finished_at, received_at)``, ``clock_skew`` NULL (not known).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
 
-from ecpm.errors import EcpmError
-from monitor.model import (
-    Incident,
-    IncidentKind,
-    Notification,
-    ResultSummary,
-    SeqGap,
-    StateChange,
-    TargetStateName,
-)
-from monitor.skew import judge
-from monitor.store.records import (
-    GENESIS,
-    ChainReport,
-    ChainRow,
-    ProbeEvent,
-    ProbeStatus,
-    Quarantined,
-    QueuedNotification,
-    Verification,
-    chain_hash,
-    columns_match,
-    read_payload,
-    summarize,
-)
-from probes.result import Result, ResultError, format_time, parse_time
+from monitor.store.records import Migration, pending
+from monitor.store.sql import JUDGED_INDEXES, SCHEMA, SqlStore, StoreError
 
-logger = logging.getLogger(__name__)
-# the open gaps of a probe that overlap (after_seq < ?, next_seq > ?)
-_OPEN_GAPS_OVER = (
-    "SELECT rowid FROM seq_gaps WHERE probe = ? AND after_seq < ? AND next_seq > ? AND closed_at IS NULL"
-)
-# columns added after a store was first written: (table, column, declaration), applied at open
+# columns added after a store was first written: (table, column, declaration), by migration 2
 _ADDED_COLUMNS = (
     ("results", "judged_at", "TEXT"),
     ("results", "clock_skew", "REAL"),
@@ -83,126 +31,28 @@ _ADDED_COLUMNS = (
     ("seq_gaps", "gone", "INTEGER NOT NULL DEFAULT 0"),
     ("seq_gaps", "closed_at", "TEXT"),
 )
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS results (
-    row INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    probe TEXT NOT NULL,
-    target TEXT NOT NULL,
-    check_kind TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    started_at TEXT NOT NULL,
-    finished_at TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    confirm INTEGER NOT NULL,
-    request_id TEXT,
-    received_at TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL,
-    judged_at TEXT,  -- the monitor-judged time (monitor.skew); added by _migrate to older stores
-    clock_skew REAL  -- the probe's estimated skew it was judged with, seconds; NULL: not known
-);
-CREATE INDEX IF NOT EXISTS results_target_time ON results (target, finished_at);
-CREATE INDEX IF NOT EXISTS results_request ON results (request_id) WHERE request_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS results_probe_seq ON results (probe, seq);
-CREATE TABLE IF NOT EXISTS probe_seq (probe TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS seq_gaps (
-    probe TEXT NOT NULL, after_seq INTEGER NOT NULL, next_seq INTEGER NOT NULL,
-    missing INTEGER NOT NULL, detected_at TEXT NOT NULL,
-    repaired INTEGER NOT NULL DEFAULT 0, gone INTEGER NOT NULL DEFAULT 0, closed_at TEXT
-);
-CREATE TABLE IF NOT EXISTS seq_gone (
-    probe TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL, at TEXT NOT NULL,
-    PRIMARY KEY (probe, first_seq, last_seq)
-);
-CREATE TABLE IF NOT EXISTS incidents (
-    id INTEGER PRIMARY KEY,
-    target TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    opened_at TEXT NOT NULL,
-    resolved_at TEXT,
-    last_good_id TEXT, last_good_at TEXT,
-    first_failed_id TEXT, first_failed_at TEXT,
-    summary TEXT NOT NULL
-);
--- a restart can never open a second incident for the same trouble
-CREATE UNIQUE INDEX IF NOT EXISTS incidents_one_open ON incidents (target, kind) WHERE resolved_at IS NULL;
-CREATE TABLE IF NOT EXISTS notifications (
-    id INTEGER PRIMARY KEY,
-    incident_id INTEGER NOT NULL REFERENCES incidents (id),
-    notifier TEXT NOT NULL,
-    event TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    sent_at TEXT,
-    last_error TEXT,
-    UNIQUE (incident_id, notifier, event)
-);
-CREATE TABLE IF NOT EXISTS state_changes (
-    row INTEGER PRIMARY KEY, target TEXT NOT NULL, state TEXT NOT NULL, at TEXT NOT NULL, why TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS state_changes_target ON state_changes (target, at);
-CREATE TABLE IF NOT EXISTS probe_events (
-    row INTEGER PRIMARY KEY, probe TEXT NOT NULL, online INTEGER NOT NULL, at TEXT NOT NULL, version TEXT
-);
-CREATE TABLE IF NOT EXISTS verifications (
-    id INTEGER PRIMARY KEY,
-    request_id TEXT NOT NULL UNIQUE,
-    target TEXT NOT NULL,
-    probes TEXT NOT NULL,
-    required INTEGER NOT NULL,
-    change_ref TEXT,
-    requested_at TEXT NOT NULL,
-    deadline TEXT NOT NULL,
-    finished_at TEXT,
-    outcome TEXT NOT NULL DEFAULT 'pending',
-    detail TEXT NOT NULL DEFAULT '{}'
-);
-CREATE TABLE IF NOT EXISTS probe_status (
-    probe TEXT PRIMARY KEY, online INTEGER NOT NULL, at TEXT NOT NULL, version TEXT, targets TEXT NOT NULL
-);
-"""
 
 
-def _t(moment: datetime | None) -> str | None:
-    return None if moment is None else format_time(moment)
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Migration 2, idempotent (a store can have the columns and still be marked 1)."""
+    for table, column, declaration in _ADDED_COLUMNS:
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    for index in JUDGED_INDEXES:
+        db.execute(index)
 
 
-def _dt(text: str | None) -> datetime | None:
-    return None if text is None else parse_time(text)
+# (version, what it does, how): applied in order on a read-write open and by ``ecpm db upgrade``
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "the schema", lambda db: db.executescript(SCHEMA)),
+    Migration(2, "judged time and gap repair columns", _add_columns),
+)
 
 
-def _judged(value: object) -> datetime | None:
-    """A stored ``judged_at``; None (the probe's time stands in) when missing or damaged."""
-    if not isinstance(value, str):
-        return None
-    try:
-        return parse_time(value)
-    except ValueError:
-        return None
+class SqliteStore(SqlStore):
+    """``Store`` on one SQLite file."""
 
-
-def _skew(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-# what _summaries reads of a row
-_SUMMARY_COLUMNS = "row, id, target, finished_at, payload, judged_at, clock_skew"
-
-
-class StoreError(EcpmError):
-    """The store cannot be opened as asked: missing, not a store, or too old to read."""
-
-
-class SqliteStore:
-    """``Store`` on one SQLite file. Not thread-safe: one owner (the monitor's loop)."""
+    _db: sqlite3.Connection
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = str(path)
@@ -214,766 +64,82 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)  # commits by itself (sqlite3's executescript)
-            with self.transaction():
-                self._migrate()
-                self._db.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-        self._tip = self._load_tip()
-        self._quarantined: dict[int, Quarantined] = {}  # unreadable rows met so far, by row
+            self._upgrade()
+        self._opened()
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One self-contained change: committed when the block ends, undone if it raises.
-        Only this block's writes are undone (a savepoint): writes the open batch made
-        before it stay, for the batch's own ``commit()``."""
-        self._db.execute("SAVEPOINT unit")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK TO unit")
-            self._db.execute("RELEASE unit")
-            self._tip = self._load_tip()  # an undone add_result moved it
-            raise
-        self._db.execute("RELEASE unit")
-        self._db.commit()
-
-    def _migrate(self) -> None:
-        """Bring a store written by an older version up to this schema (idempotent)."""
-        for table, column, declaration in _ADDED_COLUMNS:
-            if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-        self._db.execute("CREATE INDEX IF NOT EXISTS results_judged ON results (judged_at)")
-        self._db.execute("CREATE INDEX IF NOT EXISTS results_target_judged ON results (target, judged_at)")
-        # rows without a judged time (stored by an older version): no skew is known for
-        # them, so the probe's time, never later than the monitor received it
-        self._db.execute(
-            "UPDATE results SET judged_at = MIN(finished_at, received_at) WHERE judged_at IS NULL"
-        )
-
-    def _load_tip(self) -> str:
-        row = self._db.execute("SELECT hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
-        return str(row[0]) if row else self._anchor()
-
-    def mark(self, key: str) -> str | None:
-        """A small named value kept with the data (``meta``), e.g. ``status_order/<probe>``."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def set_mark(self, key: str, value: str) -> None:
-        """Written in the store's transaction: committed with the batch that caused it."""
-        self._db.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
-
-    def heartbeat(self) -> datetime | None:
-        """When the monitor last said it was running (``set_heartbeat``)."""
-        text = self.mark("heartbeat")
-        return None if text is None else parse_time(text)
-
-    def set_heartbeat(self, at: datetime) -> None:
-        self.set_mark("heartbeat", format_time(at))
-
-    def _anchor(self) -> str:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'chain_anchor'").fetchone()
-        return str(row[0]) if row else GENESIS
-
-    # ------------------------------------------------------------ results
-
-    def add_result(
-        self,
-        result: Result,
-        received_at: datetime,
-        *,
-        judged_at: datetime | None = None,
-        clock_skew: float | None = None,
-    ) -> bool:
-        """Append a verified result; False (and nothing stored) when its id is already there.
-        ``judged_at``: the monitor-judged time (``monitor.skew.judge``; without it, the
-        probe's time never later than ``received_at``), ``clock_skew`` the estimate used.
-
-        The payload is read back before it is written: a result that would not come back
-        whole (``parse_result``) raises ``ResultError`` and nothing is stored, so no row
-        this writes can stop a later reader."""
-        if self.has_result(result.id):
-            return False
-        payload = result.to_json().decode("utf-8")
-        if read_payload(payload) != result:
-            raise ResultError("fields", f"result {result.id} does not read back as it was stored")
-        digest = chain_hash(self._tip, payload)
-        self._db.execute(
-            "INSERT INTO results (id, probe, target, check_kind, seq, started_at, finished_at, outcome,"
-            " confirm, request_id, received_at, payload, prev_hash, hash, judged_at, clock_skew)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                result.id,
-                result.probe,
-                result.target,
-                result.check,
-                result.seq,
-                format_time(result.started_at),
-                format_time(result.finished_at),
-                result.outcome,
-                int(result.confirm),
-                result.request_id,
-                format_time(received_at),
-                payload,
-                self._tip,
-                digest,
-                format_time(judge(result.finished_at, received_at, None) if judged_at is None else judged_at),
-                None if clock_skew is None else round(clock_skew, 3),
-            ),
-        )
-        self._tip = digest
-        return True
-
-    def skew_samples(self, since: datetime) -> list[tuple[str, datetime, datetime]]:
-        """(probe, finished_at, received_at) of the rows received at or after ``since``, in
-        the order received (``monitor.skew`` rebuilds its window from them on restart).
-        Rows are appended as they arrive, so this walks back from the newest row only."""
-        limit = format_time(since)
-        out = []
-        for probe, finished_at, received_at in self._db.execute(
-            "SELECT probe, finished_at, received_at FROM results ORDER BY row DESC"
-        ):
-            if not isinstance(received_at, str) or received_at < limit:
-                break
-            try:
-                out.append((str(probe), parse_time(finished_at), parse_time(received_at)))
-            except (ValueError, TypeError):
-                continue  # a damaged row (quarantined by the readers) says nothing about a clock
-        out.reverse()
-        return out
-
-    def last_clock_skews(self, probes: Sequence[str]) -> dict[str, float]:
-        """Each probe's skew estimate as stored with its newest result (highest ``seq``)."""
-        out = {}
-        for probe in probes:
-            row = self._db.execute(
-                "SELECT clock_skew FROM results WHERE probe = ? ORDER BY seq DESC LIMIT 1", (probe,)
-            ).fetchone()
-            skew = None if row is None else _skew(row[0])
-            if skew is not None:
-                out[probe] = skew
-        return out
-
-    def has_result(self, result_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM results WHERE id = ?", (result_id,)).fetchone() is not None
-
-    def seq_stored(self, probe: str, seq: int) -> bool:
-        """Is a result with this ``seq`` from this probe already stored (under any id)?"""
-        found = self._db.execute("SELECT 1 FROM results WHERE probe = ? AND seq = ? LIMIT 1", (probe, seq))
-        return found.fetchone() is not None
-
-    def in_gap(self, probe: str, seq: int) -> bool:
-        """Does ``seq`` fall in a gap recorded for this probe (a late or replayed result)?"""
-        found = self._db.execute(
-            "SELECT 1 FROM seq_gaps WHERE probe = ? AND after_seq < ? AND next_seq > ? LIMIT 1",
-            (probe, seq, seq),
-        )
-        return found.fetchone() is not None
-
-    def last_seq(self, probe: str) -> int | None:
-        row = self._db.execute("SELECT last_seq FROM probe_seq WHERE probe = ?", (probe,)).fetchone()
-        return None if row is None else int(row[0])
-
-    def set_last_seq(self, probe: str, seq: int) -> None:
-        self._db.execute(
-            "INSERT INTO probe_seq (probe, last_seq) VALUES (?, ?)"
-            " ON CONFLICT (probe) DO UPDATE SET last_seq = excluded.last_seq",
-            (probe, seq),
-        )
-
-    def record_gap(self, probe: str, after_seq: int, next_seq: int, at: datetime) -> None:
-        self._db.execute(
-            "INSERT INTO seq_gaps (probe, after_seq, next_seq, missing, detected_at) VALUES (?, ?, ?, ?, ?)",
-            (probe, after_seq, next_seq, next_seq - after_seq - 1, format_time(at)),
-        )
-
-    # ------------------------------------------------------------ gap repair (probes.delivery)
-
-    def fill_gap(self, probe: str, seq: int, at: datetime) -> bool:
-        """A result stored with ``seq`` inside an open gap: recount that gap (it closes when
-        every missing seq is stored or gone). True if it was in an open gap."""
-        rows = self._db.execute(_OPEN_GAPS_OVER, (probe, seq, seq)).fetchall()
-        if not rows:
-            return False
-        # ingest stores a seq once, so this one is new to the gap: count it, O(1) however big
-        # the gap is (a seq the probe had said was gone, and that arrives after all, moves
-        # from gone to repaired)
-        was_gone = self._db.execute(
-            "SELECT 1 FROM seq_gone WHERE probe = ? AND first_seq <= ? AND last_seq >= ? LIMIT 1",
-            (probe, seq, seq),
-        ).fetchone()
-        self._db.execute(
-            "UPDATE seq_gaps SET repaired = repaired + 1, gone = max(0, gone - ?),"
-            " closed_at = CASE WHEN repaired + 1 + max(0, gone - ?) >= missing THEN ? END"
-            " WHERE rowid IN (" + ",".join("?" * len(rows)) + ")",
-            (int(was_gone is not None), int(was_gone is not None), format_time(at), *[r[0] for r in rows]),
-        )
-        return True
-
-    def mark_gone(self, probe: str, ranges: Sequence[tuple[int, int]], at: datetime) -> int:
-        """The probe no longer has these seq numbers: what of them is missing is unrecoverable.
-        Returns how many missing results this made unrecoverable (0 for an answer seen before)."""
-        before = self._gone_total(probe)
-        for first, last in ranges:
+    def _upgrade(self) -> None:
+        todo = pending(MIGRATIONS, _version(self._db))
+        if todo and todo[0].version == 1:
+            todo[0].apply(self._db)  # executescript commits by itself: the schema stands alone
+            todo = todo[1:]
+        with self.transaction():
+            for migration in todo:
+                migration.apply(self._db)
             self._db.execute(
-                "INSERT OR IGNORE INTO seq_gone (probe, first_seq, last_seq, at) VALUES (?, ?, ?, ?)",
-                (probe, first, last, format_time(at)),
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(MIGRATIONS[-1].version),),
             )
-            for (rowid,) in self._db.execute(_OPEN_GAPS_OVER, (probe, last, first)).fetchall():
-                self._recount_gap(rowid, at)
-        return self._gone_total(probe) - before
-
-    def _gone_total(self, probe: str) -> int:
-        row = self._db.execute(
-            "SELECT coalesce(sum(gone), 0) FROM seq_gaps WHERE probe = ?", (probe,)
-        ).fetchone()
-        return int(row[0])
-
-    def _stored_seqs(self, probe: str, first: int, last: int) -> list[int]:
-        rows = self._db.execute(
-            "SELECT DISTINCT seq FROM results WHERE probe = ? AND seq BETWEEN ? AND ? ORDER BY seq",
-            (probe, first, last),
-        )
-        return [int(r[0]) for r in rows]
-
-    def _gone_ranges(self, probe: str, first: int, last: int) -> list[tuple[int, int]]:
-        """The probe's gone answers overlapping ``first..last``, merged and clipped."""
-        rows = self._db.execute(
-            "SELECT first_seq, last_seq FROM seq_gone WHERE probe = ? AND first_seq <= ? AND last_seq >= ?"
-            " ORDER BY first_seq",
-            (probe, last, first),
-        )
-        merged: list[tuple[int, int]] = []
-        for low, high in rows:
-            a, b = max(int(low), first), min(int(high), last)
-            if merged and a <= merged[-1][1] + 1:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-            else:
-                merged.append((a, b))
-        return merged
-
-    def _recount_gap(self, rowid: int, at: datetime) -> None:
-        probe, after, nxt, missing = self._db.execute(
-            "SELECT probe, after_seq, next_seq, missing FROM seq_gaps WHERE rowid = ?", (rowid,)
-        ).fetchone()
-        stored = set(self._stored_seqs(probe, after + 1, nxt - 1))
-        gone = sum(
-            (b - a + 1) - sum(1 for s in stored if a <= s <= b)
-            for a, b in self._gone_ranges(probe, after + 1, nxt - 1)
-        )
-        closed = format_time(at) if len(stored) + gone >= missing else None
-        self._db.execute(
-            "UPDATE seq_gaps SET repaired = ?, gone = ?, closed_at = ? WHERE rowid = ?",
-            (len(stored), gone, closed, rowid),
-        )
-
-    def missing_ranges(
-        self, probe: str, limit: int, *, join: int = 0, span: int = 0
-    ) -> list[tuple[int, int]]:
-        """Up to ``limit`` seq ranges still missing from the probe's open gaps (neither
-        stored nor gone), oldest first: what a replay request asks for. Ranges at most
-        ``join`` apart become one (of at most ``span`` seq numbers, when given): many
-        small gaps — a stranded session took every other result — are asked for in a
-        few requests, at the cost of resending what lies between."""
-        out: list[tuple[int, int]] = []
-        for after, nxt in self._db.execute(
-            "SELECT after_seq, next_seq FROM seq_gaps WHERE probe = ? AND closed_at IS NULL"
-            " ORDER BY after_seq",
-            (probe,),
-        ).fetchall():
-            have = [(s, s) for s in self._stored_seqs(probe, after + 1, nxt - 1)]
-            have += self._gone_ranges(probe, after + 1, nxt - 1)
-            expected = after + 1
-            for a, b in [*sorted(have), (nxt, nxt)]:
-                if a > expected:
-                    first, last = expected, a - 1
-                    if out and first - out[-1][1] - 1 <= join and (not span or last - out[-1][0] < span):
-                        out[-1] = (out[-1][0], last)
-                    elif len(out) >= limit:
-                        return out
-                    else:
-                        out.append((first, last))
-                expected = max(expected, b + 1)
-        return out
-
-    def first_seq(self, probe: str) -> int | None:
-        """The lowest seq stored for the probe (None: nothing stored)."""
-        row = self._db.execute("SELECT min(seq) FROM results WHERE probe = ?", (probe,)).fetchone()
-        return None if row[0] is None else int(row[0])
-
-    def contiguous_seq(self, probe: str) -> int | None:
-        """The highest seq up to which every result of the probe is stored or known gone:
-        what the monitor acknowledges to the probe (``probes.delivery``)."""
-        row = self._db.execute(
-            "SELECT min(after_seq) FROM seq_gaps WHERE probe = ? AND closed_at IS NULL", (probe,)
-        ).fetchone()
-        if row[0] is not None:
-            return int(row[0])
-        return self.last_seq(probe)
-
-    def outstanding(self) -> dict[str, int]:
-        """Missing results per probe, neither repaired nor gone (open gaps only)."""
-        rows = self._db.execute(
-            "SELECT probe, sum(missing - repaired - gone) FROM seq_gaps"
-            " WHERE closed_at IS NULL GROUP BY probe"
-        )
-        return {str(p): int(n) for p, n in rows}
-
-    def commit(self) -> None:
-        """End the unit of work: everything written since the last commit becomes durable."""
-        self._db.commit()
-
-    def _summaries(self, sql: str, args: Sequence[Any]) -> list[ResultSummary]:
-        """Summaries of the rows ``sql`` selects (row, id, target, finished_at, payload,
-        judged_at, clock_skew); an unreadable row is quarantined and skipped."""
-        out = []
-        for row, result_id, target, finished_at, payload, judged_at, skew in self._db.execute(sql, args):
-            try:
-                result = read_payload(payload)
-                out.append(summarize(result, judged_at=_judged(judged_at), clock_skew=_skew(skew)))
-            except ResultError as exc:
-                self._quarantine(row, result_id, target, finished_at, str(exc))
-        return out
-
-    def _quarantine(
-        self, row: int, result_id: object, target: object, finished_at: object, problem: str
-    ) -> None:
-        if row in self._quarantined:
-            return
-        entry = Quarantined(row, str(result_id)[:64], str(target)[:64], str(finished_at)[:32], problem[:300])
-        self._quarantined[row] = entry
-        logger.error(
-            "stored result at row %d (id %s) cannot be read and is skipped (quarantined): %s",
-            row, entry.id, entry.problem,
-        )  # fmt: skip
-
-    def quarantined(self) -> list[Quarantined]:
-        """Unreadable rows met by this store's reads so far (``check_chain(read=True)``
-        finds every one), oldest row first."""
-        return [self._quarantined[row] for row in sorted(self._quarantined)]
-
-    def results_between(
-        self, start: datetime, end: datetime, target: str | None = None
-    ) -> list[ResultSummary]:
-        """Results judged (``judged_at``) in [start, end), oldest first (unreadable rows skipped)."""
-        sql = f"SELECT {_SUMMARY_COLUMNS} FROM results WHERE judged_at >= ? AND judged_at < ?"
-        args: list[Any] = [format_time(start), format_time(end)]
-        if target is not None:
-            sql += " AND target = ?"
-            args.append(target)
-        return self._summaries(sql + " ORDER BY judged_at, row", args)
-
-    def result_by_request(self, request_id: str) -> list[ResultSummary]:
-        return self._summaries(
-            f"SELECT {_SUMMARY_COLUMNS} FROM results WHERE request_id = ? ORDER BY row",
-            [request_id],
-        )
-
-    def gaps_between(self, start: datetime, end: datetime) -> list[SeqGap]:
-        """Gaps detected in [start, end) or still open then, oldest first."""
-        rows = self._db.execute(
-            "SELECT probe, after_seq, next_seq, missing, detected_at, repaired, gone, closed_at FROM seq_gaps"
-            " WHERE detected_at < ? AND (detected_at >= ? OR closed_at IS NULL OR closed_at >= ?)"
-            " ORDER BY detected_at",
-            (format_time(end), format_time(start), format_time(start)),
-        )
-        return [
-            SeqGap(p, a, n, m, parse_time(d), r, g, None if c is None else parse_time(c))
-            for p, a, n, m, d, r, g, c in rows
-        ]
-
-    # ------------------------------------------------------------ incidents
-
-    def open_incident(
-        self,
-        *,
-        target: str,
-        kind: IncidentKind,
-        at: datetime,
-        last_good: ResultSummary | None,
-        first_failed: ResultSummary | None,
-        summary: str,
-    ) -> Incident | None:
-        """Open an incident; None when one of this kind is already open for the target."""
-        try:
-            cursor = self._db.execute(
-                "INSERT INTO incidents (target, kind, opened_at, last_good_id, last_good_at,"
-                " first_failed_id, first_failed_at, summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    target,
-                    kind,
-                    format_time(at),
-                    None if last_good is None else last_good.id,
-                    None if last_good is None else format_time(last_good.judged),
-                    None if first_failed is None else first_failed.id,
-                    None if first_failed is None else format_time(first_failed.judged_start),
-                    summary,
-                ),
-            )
-        except sqlite3.IntegrityError:
-            return None
-        # no commit here: the incident commits with its first page (enqueue_notification)
-        # or with the caller's batch, so a crash cannot leave an incident that never paged
-        return self._incident_rows("WHERE id = ?", [cursor.lastrowid])[0]
-
-    def resolve_incident(self, incident_id: int, at: datetime) -> None:
-        self._db.execute(
-            "UPDATE incidents SET resolved_at = ? WHERE id = ? AND resolved_at IS NULL",
-            (format_time(at), incident_id),
-        )
-
-    def _incident_rows(self, where: str, args: Sequence[Any]) -> list[Incident]:
-        rows = self._db.execute(
-            "SELECT id, target, kind, opened_at, resolved_at, last_good_id, last_good_at,"
-            f" first_failed_id, first_failed_at, summary FROM incidents {where}",
-            args,
-        ).fetchall()
-        out = []
-        for r in rows:
-            notes = tuple(
-                Notification(
-                    notifier=n[0],
-                    event=n[1],
-                    state=n[2],
-                    attempts=n[3],
-                    created_at=parse_time(n[4]),
-                    sent_at=_dt(n[5]),
-                    last_error=n[6],
-                )
-                for n in self._db.execute(
-                    "SELECT notifier, event, state, attempts, created_at, sent_at, last_error"
-                    " FROM notifications WHERE incident_id = ? ORDER BY id",
-                    (r[0],),
-                )
-            )
-            out.append(
-                Incident(
-                    id=r[0],
-                    target=r[1],
-                    kind=r[2],
-                    opened_at=parse_time(r[3]),
-                    resolved_at=_dt(r[4]),
-                    last_good_id=r[5],
-                    last_good_at=_dt(r[6]),
-                    first_failed_id=r[7],
-                    first_failed_at=_dt(r[8]),
-                    summary=r[9],
-                    notifications=notes,
-                )
-            )
-        return out
-
-    def open_incidents(self) -> list[Incident]:
-        return self._incident_rows("WHERE resolved_at IS NULL ORDER BY id", [])
-
-    def incidents(self, limit: int = 100) -> list[Incident]:
-        return self._incident_rows("ORDER BY id DESC LIMIT ?", [limit])
-
-    def incidents_between(self, start: datetime, end: datetime) -> list[Incident]:
-        """Incidents that overlap [start, end), oldest first."""
-        return self._incident_rows(
-            "WHERE opened_at < ? AND (resolved_at IS NULL OR resolved_at >= ?) ORDER BY opened_at",
-            [format_time(end), format_time(start)],
-        )
-
-    # ------------------------------------------------------------ notifications (durable queue)
-
-    def enqueue_notification(
-        self, incident_id: int, notifier: str, event: str, payload: dict[str, Any], at: datetime
-    ) -> bool:
-        """Queue one page; False if this incident already has it (a restart re-enqueues safely)."""
-        cursor = self._db.execute(
-            "INSERT OR IGNORE INTO notifications (incident_id, notifier, event, payload,"
-            " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                incident_id,
-                notifier,
-                event,
-                json.dumps(payload, sort_keys=True),
-                format_time(at),
-                format_time(at),
-            ),
-        )
-        return cursor.rowcount == 1
-
-    def due_notifications(self, now: datetime) -> list[QueuedNotification]:
-        rows = self._db.execute(
-            "SELECT id, incident_id, notifier, event, payload, attempts FROM notifications AS n"
-            " WHERE state = 'pending' AND next_attempt_at <= ?"
-            # a resolve never overtakes its trigger (PagerDuty would keep the incident open)
-            " AND NOT (event = 'resolve' AND EXISTS (SELECT 1 FROM notifications AS t"
-            " WHERE t.incident_id = n.incident_id AND t.notifier = n.notifier"
-            " AND t.event = 'trigger' AND t.state = 'pending'))"
-            " ORDER BY id",
-            (format_time(now),),
-        )
-        return [QueuedNotification(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
-
-    def next_notification_at(self) -> datetime | None:
-        row = self._db.execute(
-            "SELECT MIN(next_attempt_at) FROM notifications WHERE state = 'pending'"
-        ).fetchone()
-        return _dt(row[0])
-
-    def mark_notification(
-        self,
-        notification_id: int,
-        *,
-        state: Literal["pending", "sent", "failed"],
-        attempts: int,
-        at: datetime,
-        next_attempt_at: datetime | None = None,
-        error: str | None = None,
-    ) -> None:
-        self._db.execute(
-            "UPDATE notifications SET state = ?, attempts = ?, last_error = ?,"
-            " sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END,"
-            " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
-            (state, attempts, error, state, format_time(at), _t(next_attempt_at), notification_id),
-        )
-
-    # ------------------------------------------------------------ state and probes
-
-    def add_state_change(self, target: str, state: TargetStateName, at: datetime, why: str) -> None:
-        self._db.execute(
-            "INSERT INTO state_changes (target, state, at, why) VALUES (?, ?, ?, ?)",
-            (target, state, format_time(at), why),
-        )
-
-    def state_changes(self, since: datetime, until: datetime | None = None) -> list[StateChange]:
-        until = until or datetime.max.replace(tzinfo=UTC)
-        rows = self._db.execute(
-            "SELECT target, state, at FROM state_changes WHERE at >= ? AND at < ? ORDER BY at, row",
-            (format_time(since), format_time(until)),
-        )
-        return [StateChange(target=t, state=s, at=parse_time(a)) for t, s, a in rows]
-
-    def latest_states(self) -> dict[str, tuple[TargetStateName, datetime]]:
-        """Each target's last recorded state and since when (survives a restart)."""
-        rows = self._db.execute(
-            "SELECT target, state, at FROM state_changes WHERE row IN"
-            " (SELECT MAX(row) FROM state_changes GROUP BY target)"
-        )
-        return {t: (s, parse_time(a)) for t, s, a in rows}
-
-    def state_before(self, target: str, moment: datetime) -> TargetStateName | None:
-        row = self._db.execute(
-            "SELECT state FROM state_changes WHERE target = ? AND at < ? ORDER BY at DESC, row DESC LIMIT 1",
-            (target, format_time(moment)),
-        ).fetchone()
-        return None if row is None else row[0]
-
-    def set_probe_status(self, status: ProbeStatus) -> None:
-        """Latest status per probe, plus an event row whenever online/offline changes."""
-        row = self._db.execute("SELECT online FROM probe_status WHERE probe = ?", (status.probe,)).fetchone()
-        if row is None or bool(row[0]) != status.online:
+            # rows without a judged time, on every open: an older version may have written
+            # some since the columns came. No skew is known for them, so the probe's time,
+            # never later than the monitor received it
             self._db.execute(
-                "INSERT INTO probe_events (probe, online, at, version) VALUES (?, ?, ?, ?)",
-                (status.probe, int(status.online), format_time(status.at), status.version),
+                "UPDATE results SET judged_at = MIN(finished_at, received_at) WHERE judged_at IS NULL"
             )
-        self._db.execute(
-            "INSERT INTO probe_status (probe, online, at, version, targets) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (probe) DO UPDATE SET online = excluded.online, at = excluded.at,"
-            " version = excluded.version, targets = excluded.targets",
-            (
-                status.probe,
-                int(status.online),
-                format_time(status.at),
-                status.version,
-                json.dumps(status.targets),
-            ),
-        )
-
-    def probe_events(self, start: datetime, end: datetime) -> list[ProbeEvent]:
-        """Online/offline changes in [start, end), oldest first, each probe starting with its
-        last known state before ``start`` (dated ``start``)."""
-        rows = self._db.execute(
-            "SELECT probe, online, at, version FROM probe_events WHERE row IN"
-            " (SELECT MAX(row) FROM probe_events WHERE at < ? GROUP BY probe)"
-            " UNION ALL SELECT probe, online, at, version FROM probe_events WHERE at >= ? AND at < ?"
-            " ORDER BY at",
-            (format_time(start), format_time(start), format_time(end)),
-        ).fetchall()
-        return [ProbeEvent(p, bool(o), max(parse_time(a), start), v) for p, o, a, v in rows]
-
-    def probe_statuses(self) -> list[ProbeStatus]:
-        rows = self._db.execute("SELECT probe, online, at, version, targets FROM probe_status ORDER BY probe")
-        return [ProbeStatus(p, bool(o), parse_time(a), v, tuple(json.loads(t))) for p, o, a, v, t in rows]
-
-    # ------------------------------------------------------------ verifications (ecpm verify)
-
-    def add_verification(self, v: Verification) -> None:
-        self._db.execute(
-            "INSERT INTO verifications (request_id, target, probes, required, change_ref, requested_at,"
-            " deadline, finished_at, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                v.request_id,
-                v.target,
-                json.dumps(list(v.probes)),
-                v.required,
-                v.change_ref,
-                format_time(v.requested_at),
-                format_time(v.deadline),
-                _t(v.finished_at),
-                v.outcome,
-                json.dumps(v.detail, sort_keys=True),
-            ),
-        )
-
-    def finish_verification(
-        self, request_id: str, *, outcome: Literal["pass", "fail"], at: datetime, detail: dict[str, Any]
-    ) -> None:
-        self._db.execute(
-            "UPDATE verifications SET outcome = ?, finished_at = ?, detail = ? WHERE request_id = ?"
-            " AND outcome = 'pending'",
-            (outcome, format_time(at), json.dumps(detail, sort_keys=True), request_id),
-        )
-
-    def _verifications(self, where: str, args: Sequence[Any]) -> list[Verification]:
-        rows = self._db.execute(
-            "SELECT request_id, target, probes, required, change_ref, requested_at, deadline, finished_at,"
-            f" outcome, detail FROM verifications {where}",
-            args,
-        )
-        return [
-            Verification(r[0], r[1], tuple(json.loads(r[2])), r[3], r[4], parse_time(r[5]), parse_time(r[6]),
-                         _dt(r[7]), r[8], json.loads(r[9]))
-            for r in rows
-        ]  # fmt: skip
-
-    def verification(self, request_id: str) -> Verification | None:
-        found = self._verifications("WHERE request_id = ?", [request_id])
-        return found[0] if found else None
-
-    def verifications_between(self, start: datetime, end: datetime) -> list[Verification]:
-        return self._verifications(
-            "WHERE requested_at >= ? AND requested_at < ? ORDER BY requested_at",
-            [format_time(start), format_time(end)],
-        )
-
-    # ------------------------------------------------------------ retention and the chain
-
-    def prune(self, before: datetime) -> int:
-        """Delete results received before ``before``; the chain re-anchors on the last one."""
-        # the oldest rows by the monitor's own clock (received_at), as one contiguous prefix
-        # of the chain: a result stamped 1970 by a probe with a bad clock must not take
-        # every row before it along
-        keep = self._db.execute(
-            "SELECT MIN(row) FROM results WHERE received_at >= ?", (format_time(before),)
-        ).fetchone()[0]
-        last_row = self._db.execute("SELECT MAX(row) FROM results").fetchone()[0]
-        if last_row is None:
-            return 0
-        last = int(last_row) if keep is None else int(keep) - 1
-        if self._db.execute("SELECT COUNT(*) FROM results WHERE row <= ?", (last,)).fetchone()[0] == 0:
-            return 0
-        anchor = self._db.execute("SELECT hash FROM results WHERE row = ?", (last,)).fetchone()[0]
-        cursor = self._db.execute("DELETE FROM results WHERE row <= ?", (last,))
-        self._db.execute(
-            "INSERT INTO meta (key, value) VALUES ('chain_anchor', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (anchor,),
-        )
-        return cursor.rowcount
-
-    def iter_chain(self) -> Iterator[ChainRow]:
-        for row in self._db.execute("SELECT row, id, payload, prev_hash, hash FROM results ORDER BY row"):
-            yield ChainRow(*row)
-
-    def check_chain(
-        self, *, read: bool = False, on_read: Callable[[int, str, Result], None] | None = None
-    ) -> ChainReport:
-        """Walk the chain: hashes, links and columns. With ``read``, also read every payload
-        back (``parse_result``, as every reader does) and list the unreadable ones — the
-        ledger command's full check; the report reads its period's rows anyway. ``on_read``
-        (row, id, result) sees every readable result of the walk (the ledger checks
-        signatures with it, in the same pass)."""
-        prev, rows = self._anchor(), 0
-        quarantined: list[Quarantined] = []
-        walk = self._db.execute(
-            "SELECT row, id, payload, prev_hash, hash, probe, target, check_kind, seq, started_at,"
-            " finished_at, outcome, confirm, request_id FROM results ORDER BY row"
-        )
-        for row, result_id, payload, prev_hash, digest, *columns in walk:
-            rows += 1
-            problem, match = _link_problem(prev, row=(result_id, payload, prev_hash, digest), columns=columns)
-            if problem:
-                return ChainReport(False, rows, row, result_id, problem, prev, tuple(quarantined))
-            if match is None or read:
-                unreadable = self._read_link(row, result_id, payload, on_read) if match else None
-                if match is None:
-                    unreadable = "the payload is not a JSON object"
-                if unreadable is not None:
-                    self._quarantine(row, result_id, columns[1], columns[5], unreadable)
-                    quarantined.append(self._quarantined[row])
-            prev = digest
-        return ChainReport(True, rows, None, None, None, prev, tuple(quarantined))
-
-    @staticmethod
-    def _read_link(
-        row: int, result_id: str, payload: str, on_read: Callable[[int, str, Result], None] | None
-    ) -> str | None:
-        """Why a linked row's payload cannot be read back, or None (and ``on_read`` sees it)."""
-        try:
-            result = read_payload(payload)
-        except ResultError as exc:
-            return str(exc)
-        if on_read is not None:
-            on_read(row, result_id, result)
-        return None
-
-    def close(self) -> None:
-        self._db.close()
 
 
-# columns this version reads that older stores lack until the monitor migrates them
+def pending_migrations(path: str) -> list[Migration]:
+    """What a read-write open of ``path`` would apply (all of them: no store there yet)."""
+    if not Path(path).is_file():
+        return list(MIGRATIONS)
+    db = _open_read_only(path, check_columns=False)
+    try:
+        return pending(MIGRATIONS, _version(db))
+    finally:
+        db.close()
+
+
+def _version(db: sqlite3.Connection) -> int:
+    """The migration a store has reached: ``schema_version`` in ``meta`` (0: a new file),
+    but 1 while migration 2's columns are missing (versions before the numbering wrote 1
+    whatever columns they had)."""
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.OperationalError:  # no meta table: a new file
+        return 0
+    version = 0 if row is None else int(row[0])
+    return min(version, 1) if _missing_columns(db) else version
+
+
+# columns this version reads that older stores lack until migration 2
 _READ_COLUMNS = {(table, column) for table, column, _ in _ADDED_COLUMNS}
 
 
-def _open_read_only(path: str) -> sqlite3.Connection:
-    """``path`` opened so that nothing can be written (SQLite ``mode=ro``), or ``StoreError``."""
+def _missing_columns(db: sqlite3.Connection) -> list[str]:
+    tables = {table for table, _ in _READ_COLUMNS}
+    present = {(table, str(r[1])) for table in tables for r in db.execute(f"PRAGMA table_info({table})")}
+    return sorted(f"{t}.{c}" for t, c in _READ_COLUMNS - present)
+
+
+def _open_read_only(path: str, *, check_columns: bool = True) -> sqlite3.Connection:
+    """``path`` opened so that nothing can be written (SQLite ``mode=ro``), or ``StoreError``;
+    ``check_columns``: refuse a store that lacks what this version reads."""
     if not Path(path).is_file():
         raise StoreError(f"no store at {path}")
     uri = Path(path).resolve().as_uri() + "?mode=ro"
     try:
         db = sqlite3.connect(uri, uri=True, check_same_thread=False)
         tables = {str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        present = {(table, str(r[1])) for table in tables for r in db.execute(f"PRAGMA table_info({table})")}
+        missing = _missing_columns(db)
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path}: not an ecpm store ({exc})") from None
     if "results" not in tables or "meta" not in tables:
         db.close()
         raise StoreError(f"{path}: not an ecpm store (no results table)")
-    missing = sorted(f"{t}.{c}" for t, c in _READ_COLUMNS - present)
-    if missing:
+    if missing and check_columns:
         db.close()
         raise StoreError(
-            f"{path}: written by an older ecpm (no {', '.join(missing)}); start `ecpm monitor`"
-            " on it once to upgrade the schema, then read it"
+            f"{path}: written by an older ecpm (no {', '.join(missing)}); upgrade its schema with"
+            f" `ecpm db upgrade --db {path}` (or start `ecpm monitor` on it once), then read it"
         )
     return db
-
-
-def _link_problem(
-    prev: str, *, row: tuple[str, object, object, object], columns: list[Any]
-) -> tuple[str | None, bool | None]:
-    """What breaks the chain at this row (or None), and whether its columns match its
-    payload (``columns_match``: None when the payload is not a JSON object)."""
-    result_id, payload, prev_hash, digest = row
-    if not isinstance(payload, str):
-        return "the payload is not text (the row was altered)", None
-    if prev_hash != prev:
-        return "prev_hash does not match the previous row's hash (a row was removed or reordered)", None
-    if chain_hash(prev, payload) != digest:
-        return "hash does not match the row's content (the row was altered)", None
-    match = columns_match(result_id, columns, payload)
-    if match is False:
-        return "the row's columns differ from its hashed content (the row was altered)", False
-    return None, match

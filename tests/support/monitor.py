@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from monitor.config import MonitorConfig
 from monitor.core import MonitorCore
 from monitor.model import Incident
-from monitor.store import SqliteStore
+from monitor.store import is_url, open_store
 from probes.outcome import CheckOutcome, MediaStats
 from probes.result import Result
 from probes.status import Status
@@ -25,8 +25,16 @@ def key_for(probe: str) -> str:
     return f"key-of-{probe}"
 
 
+def store_section(where: Path | str) -> dict[str, str]:
+    """``store:`` for a test's directory (its ``monitor.db``), or for ``store_where``'s
+    file or PostgreSQL URL (``tests/support/postgres.py``)."""
+    if isinstance(where, Path):
+        return {"path": str(where / "monitor.db")}
+    return {"backend": "postgres", "url": where} if is_url(where) else {"path": where}
+
+
 def monitor_config(
-    tmp_path: Path,
+    tmp_path: Path | str,
     *,
     probes: Sequence[str] = ("p1",),
     targets: Sequence[str] = ("t1",),
@@ -39,7 +47,7 @@ def monitor_config(
     sections["reachability"].setdefault("resolve_after", "0s")
     data: dict[str, Any] = {
         "kind": "monitor",
-        "store": {"path": str(tmp_path / "monitor.db")},
+        "store": store_section(tmp_path),
         "probes": [{"id": p, "key": key_for(p)} for p in probes],
         "targets": [{"id": t, "interval": interval} for t in targets],
         "notifiers": list(notifiers),
@@ -177,11 +185,12 @@ class Pages(list[tuple[int, str, str]]):
         self.append((incident.id, incident.kind, event))
 
 
-def make_core(tmp_path: Path, clock: Clock, **kw: object) -> tuple[MonitorCore, CollectorRegistry, Pages]:
-    config = monitor_config(tmp_path, **kw)  # type: ignore[arg-type]
+def make_core(where: Path | str, clock: Clock, **kw: object) -> tuple[MonitorCore, CollectorRegistry, Pages]:
+    """A core on the store ``where`` names: a test directory, or ``store_where``'s value."""
+    config = monitor_config(where, **kw)  # type: ignore[arg-type]
     registry = CollectorRegistry()
     pages = Pages()
-    core = MonitorCore(config, SqliteStore(config.store.path), registry, pager=pages, clock=clock)
+    core = MonitorCore(config, open_store(config.store.where), registry, pager=pages, clock=clock)
     return core, registry, pages
 
 
