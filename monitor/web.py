@@ -142,28 +142,14 @@ def create_app(
         return _json({"at": time_json(snap.at), "probes": [probe_json(p) for p in snap.probes.values()]})
 
     async def api_incidents(request: Request) -> Response:
-        raw = request.query_params.get("limit", str(DEFAULT_INCIDENTS))
-        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_INCIDENTS:
-            return _error(400, f"limit must be a whole number from 1 to {MAX_INCIDENTS}")
+        limit = _limit(request)
+        if isinstance(limit, Response):
+            return limit
         snap = snapshot()
-        return _json({"at": time_json(snap.at), "incidents": [incident_json(i) for i in incidents(int(raw))]})
+        return _json({"at": time_json(snap.at), "incidents": [incident_json(i) for i in incidents(limit)]})
 
     async def run_action(request: Request) -> Response:
-        refused = _authorise(request, expected)
-        if refused is not None:
-            return refused
-        name = request.path_params["action"]
-        action = registered.get(name)
-        if action is None:
-            return _error(404, f"no such action: {name}")
-        body = await _read_body(request)
-        if isinstance(body, Response):
-            return body
-        try:
-            result = await action(body)
-        except ActionError as exc:
-            return _error(exc.status, str(exc))
-        return _json(result)
+        return await _run_action(request, registered, expected)
 
     return Starlette(
         routes=[
@@ -176,6 +162,33 @@ def create_app(
             Route("/api/v1/{action}", run_action, methods=["POST"]),
         ]
     )
+
+
+def _limit(request: Request) -> int | Response:
+    """``?limit=N`` of the incidents endpoint, or the 400 for a bad one."""
+    raw = request.query_params.get("limit", str(DEFAULT_INCIDENTS))
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_INCIDENTS:
+        return _error(400, f"limit must be a whole number from 1 to {MAX_INCIDENTS}")
+    return int(raw)
+
+
+async def _run_action(request: Request, registered: Mapping[str, Action], expected: str | None) -> Response:
+    """``POST /api/v1/{action}``: authorised, a known action, a JSON object body."""
+    refused = _authorise(request, expected)
+    if refused is not None:
+        return refused
+    name = request.path_params["action"]
+    action = registered.get(name)
+    if action is None:
+        return _error(404, f"no such action: {name}")
+    body = await _read_body(request)
+    if isinstance(body, Response):
+        return body
+    try:
+        result = await action(body)
+    except ActionError as exc:
+        return _error(exc.status, str(exc))
+    return _json(result)
 
 
 def _authorise(request: Request, expected: str | None) -> Response | None:

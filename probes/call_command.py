@@ -111,64 +111,81 @@ def _explain(exc: ValidationError) -> str:
 
 def build(args: argparse.Namespace) -> tuple[Target, SipSettings, Guard]:
     """The target, SIP settings and guard this call uses. Raises UsageError/ConfigError."""
-    probe: ProbeConfig | None = None
-    base: Target | None = None
-    if args.config:
-        probe = load_config(args.config, ProbeConfig)
-        if not args.target:
-            raise UsageError("--config needs --target ID")
-        base = next((t for t in probe.targets if t.id == args.target), None)
-        if base is None:
-            known = ", ".join(t.id for t in probe.targets)
-            raise UsageError(f"no target {args.target!r} in {args.config} (targets: {known})")
-    elif args.target:
-        raise UsageError("--target needs --config")
+    probe, base = _configured(args)
     if base is None and not args.uri:
         raise UsageError("give a URI, or --config FILE --target ID")
     try:
-        invite = _invite(base.checks.invite if base else None, args)
-        options = _options(base.checks.options if base else None, args)
-        if base is None:
-            target = Target(
-                id="cli",
-                uri=args.uri,
-                test_endpoint=True,  # the operator named it: a declared test endpoint
-                transport=args.transport or "udp",
-                outbound_proxy=args.proxy,
-                checks=Checks(invite=invite, options=options),
-            )
-        else:
-            update: dict[str, Any] = {"checks": Checks(invite=invite, options=options), "test_endpoint": True}
-            if args.uri:
-                update["uri"] = args.uri
-            if args.transport:
-                update["transport"] = args.transport
-            if args.proxy:
-                update["outbound_proxy"] = args.proxy
-            target = base.model_copy(update=update)
+        target = _target(base, args)
         if target.outbound_proxy is None and not target.uri.lower().startswith(("sip:", "sips:")):
             raise UsageError(f"{target.uri}: a urn: or tel: target needs an outbound proxy (--proxy)")
-        sip = probe.sip if probe is not None else SipSettings()
-        overrides: dict[str, Any] = {}
-        if args.bind:
-            overrides["bind"] = args.bind
-        if args.port is not None:
-            overrides["port"] = args.port
-        if args.sip_log_level is not None:
-            overrides["log_level"] = args.sip_log_level
-        if target.transport not in sip.transports:
-            overrides["transports"] = [*sip.transports, target.transport]
-        if overrides:
-            sip = SipSettings.model_validate({**sip.model_dump(), **overrides})
+        sip = _sip_settings(probe.sip if probe is not None else SipSettings(), target, args)
     except ValidationError as exc:
         raise UsageError(_explain(exc)) from None
+    return target, sip, _guard(probe, args)
+
+
+def _configured(args: argparse.Namespace) -> tuple[ProbeConfig | None, Target | None]:
+    """The probe config and its target named by ``--config``/``--target`` (None: not given)."""
+    if not args.config:
+        if args.target:
+            raise UsageError("--target needs --config")
+        return None, None
+    probe = load_config(args.config, ProbeConfig)
+    if not args.target:
+        raise UsageError("--config needs --target ID")
+    base = next((t for t in probe.targets if t.id == args.target), None)
+    if base is None:
+        known = ", ".join(t.id for t in probe.targets)
+        raise UsageError(f"no target {args.target!r} in {args.config} (targets: {known})")
+    return probe, base
+
+
+def _target(base: Target | None, args: argparse.Namespace) -> Target:
+    """The configured target (or the URI given) with the flags' checks, transport and proxy."""
+    invite = _invite(base.checks.invite if base else None, args)
+    options = _options(base.checks.options if base else None, args)
+    if base is None:
+        return Target(
+            id="cli",
+            uri=args.uri,
+            test_endpoint=True,  # the operator named it: a declared test endpoint
+            transport=args.transport or "udp",
+            outbound_proxy=args.proxy,
+            checks=Checks(invite=invite, options=options),
+        )
+    update: dict[str, Any] = {"checks": Checks(invite=invite, options=options), "test_endpoint": True}
+    if args.uri:
+        update["uri"] = args.uri
+    if args.transport:
+        update["transport"] = args.transport
+    if args.proxy:
+        update["outbound_proxy"] = args.proxy
+    return base.model_copy(update=update)
+
+
+def _sip_settings(sip: SipSettings, target: Target, args: argparse.Namespace) -> SipSettings:
+    """``sip`` with the flags' bind, port and log level, and the target's transport enabled."""
+    overrides: dict[str, Any] = {}
+    if args.bind:
+        overrides["bind"] = args.bind
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.sip_log_level is not None:
+        overrides["log_level"] = args.sip_log_level
+    if target.transport not in sip.transports:
+        overrides["transports"] = [*sip.transports, target.transport]
+    if overrides:
+        sip = SipSettings.model_validate({**sip.model_dump(), **overrides})
+    return sip
+
+
+def _guard(probe: ProbeConfig | None, args: argparse.Namespace) -> Guard:
     region = args.region or (probe.probe.region if probe is not None else "GB")
     prefixes = probe.guard.dial_prefixes if probe is not None else list(DEFAULT_DIAL_PREFIXES)
     try:
-        guard = Guard(home_region=region.upper(), dial_prefixes=prefixes)
+        return Guard(home_region=region.upper(), dial_prefixes=prefixes)
     except ValueError as exc:
         raise UsageError(f"--region: {exc}") from None
-    return target, sip, guard
 
 
 # ------------------------------------------------------------------- output

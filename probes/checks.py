@@ -207,6 +207,28 @@ class _Dialog:
     media_active: bool = False
     ended: CallEvent | None = None
 
+    def note(self, event: CallEvent, start: float) -> None:
+        """An event that does not end the signalling stage: sent, a response, media."""
+        if event.kind == "sent":
+            self.sent_at = event.at
+        elif event.kind == "response" and event.status is not None:
+            if self.sent_at is None:
+                self.sent_at = start
+            if self.first is None:
+                self.first = event
+            self.last = event
+            if 180 <= event.status < 200 and self.ringing_at is None:
+                self.ringing_at = event.at
+            if 200 <= event.status < 300:
+                self.answer = event
+        elif event.kind == "media":
+            self.note_media(event)
+
+    def note_media(self, event: CallEvent) -> None:
+        self.media_active = bool(event.media_active)
+        if self.media_active and self.media_at is None:
+            self.media_at = event.at
+
 
 async def invite_check(
     engine: SipEngine,
@@ -285,58 +307,52 @@ async def _signalling(
     deadline: float,
     shape: EmergencyShape | None,
 ) -> _Dialog:
+    """INVITE sent -> answered (confirmed), refused, or out of time; every stage timed."""
     d = _Dialog()
     start = call.started_at
     while True:
         now = time.monotonic()
-        if d.first is None:
-            limit, why = start + cfg.first_response_timeout, "no_response"
-        elif d.answer is None:
-            limit, why = (d.sent_at or start) + cfg.answer_timeout, "answer_timeout"
-        else:  # a 2xx came: answered, whatever comes next; pjsua confirms it (ACK) at once
-            limit, why = d.answer.at + CONFIRM_WAIT, "confirm"
-        if deadline < limit:
-            limit, why = deadline, "max_duration"
+        limit, why = _signal_timer(d, cfg, start, deadline)
         event = await call.next_event(limit - now)
         if event is None and d.answer is not None:  # answered but not yet confirmed: the media
             _signal_timings(result, d, start)  # stage judges the call (it has the deadline too)
             return d
         if event is None:  # our own timer fired first
-            stage = "transport" if d.first is None else "answer"
-            last = d.last
-            result.fail(
-                stage, why, status=last.status if last else None, sip_reason=last.reason if last else None
-            )
-            _signal_timings(result, d, start)
-            await call.hangup()  # CANCEL once a provisional came; pjsip waits for one otherwise
-            await call.wait_ended(2.0)
+            await _signal_timed_out(call, result, d, start, why)
             return d
-        if event.kind == "sent":
-            d.sent_at = event.at
-        elif event.kind == "response" and event.status is not None:
-            if d.sent_at is None:
-                d.sent_at = start
-            if d.first is None:
-                d.first = event
-            d.last = event
-            if 180 <= event.status < 200 and d.ringing_at is None:
-                d.ringing_at = event.at
-            if 200 <= event.status < 300:
-                d.answer = event
-        elif event.kind == "media":
-            d.media_active = bool(event.media_active)
-            if d.media_active and d.media_at is None:
-                d.media_at = event.at
-        elif event.kind == "confirmed":
+        if event.kind == "confirmed":
             if d.answer is None:
                 d.answer = event
             _signal_timings(result, d, start)
             return d
-        elif event.kind == "disconnected":
+        if event.kind == "disconnected":
             d.ended = event
             _signal_timings(result, d, start)
             _ended_before_answer(result, d, event, shape)
             return d
+        d.note(event, start)
+
+
+def _signal_timer(d: _Dialog, cfg: InviteCheck, start: float, deadline: float) -> tuple[float, str]:
+    """When the signalling stage we are in runs out, and the reason it then fails with."""
+    if d.first is None:
+        limit, why = start + cfg.first_response_timeout, "no_response"
+    elif d.answer is None:
+        limit, why = (d.sent_at or start) + cfg.answer_timeout, "answer_timeout"
+    else:  # a 2xx came: answered, whatever comes next; pjsua confirms it (ACK) at once
+        limit, why = d.answer.at + CONFIRM_WAIT, "confirm"
+    if deadline < limit:
+        limit, why = deadline, "max_duration"
+    return limit, why
+
+
+async def _signal_timed_out(call: OutgoingCall, result: Findings, d: _Dialog, start: float, why: str) -> None:
+    stage = "transport" if d.first is None else "answer"
+    last = d.last
+    result.fail(stage, why, status=last.status if last else None, sip_reason=last.reason if last else None)
+    _signal_timings(result, d, start)
+    await call.hangup()  # CANCEL once a provisional came; pjsip waits for one otherwise
+    await call.wait_ended(2.0)
 
 
 def _signal_timings(result: Findings, d: _Dialog, start: float) -> None:
@@ -484,9 +500,7 @@ async def _listen(call: OutgoingCall, d: _Dialog, *, until: float) -> _Listened:
             break
         event = await call.next_event(min(STATS_EVERY, until - now))
         if event is not None and event.kind == "media":
-            d.media_active = bool(event.media_active)
-            if d.media_active and d.media_at is None:
-                d.media_at = event.at
+            d.note_media(event)
         elif event is not None and event.kind == "disconnected":
             remote_end = event
             break

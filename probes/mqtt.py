@@ -77,7 +77,7 @@ import re
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -136,6 +136,35 @@ class Command:
 
 
 CommandHandler = Callable[[Command], str | None]  # None: accepted; else a bounded refusal reason
+
+
+@dataclass(slots=True)
+class _Window:
+    """One session's drain: the publishes awaiting PUBACK, the rows read ahead, the cursor."""
+
+    size: int  # at most this many publishes unacknowledged at once
+    in_flight: dict[asyncio.Task[None], Pending] = field(default_factory=dict)
+    buffer: deque[Pending] = field(default_factory=deque)
+    fetched: int = 0  # highest seq fetched in this session
+
+    @property
+    def full(self) -> bool:
+        return len(self.in_flight) >= self.size
+
+    def rewind(self) -> None:
+        """Read the outbox again from its start (a replay reopened rows below the cursor)."""
+        self.buffer.clear()
+        self.fetched = 0
+
+    def acknowledged(self) -> list[str]:
+        """The ids of the finished publishes that got their PUBACK; every finished one
+        leaves the window (a failed one stays unpublished in the outbox)."""
+        acked: list[str] = []
+        for task in [t for t in self.in_flight if t.done()]:
+            row = self.in_flight.pop(task)
+            if task.exception() is None:
+                acked.append(row.id)
+        return acked
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,10 +539,8 @@ class Publisher:
         """
         assert self._wake is not None and self._loop is not None
         wake, stop, loop = self._wake, self._stop_event(), self._loop
-        window: dict[asyncio.Task[None], Pending] = {}
-        buffer: deque[Pending] = deque()
-        fetched = 0  # highest seq fetched in this session
-        deadline: float | None = None
+        window = _Window(self._max_in_flight)
+        deadline: float | None = None  # stopping: give up on what is not sent by then
         stop_waiter = asyncio.ensure_future(stop.wait())
         try:
             while True:
@@ -522,48 +549,60 @@ class Publisher:
                 late = deadline is not None and loop.time() >= deadline
                 if self._rewind:  # a replay reopened results below the cursor
                     self._rewind = False
-                    buffer.clear()
-                    fetched = 0
+                    window.rewind()
                 if self._health_key() != self._reported or loop.time() >= self._next_status:
                     self._status_stale = True
-                if not late and len(window) < self._max_in_flight:
-                    if self._status_stale:
-                        await self._publish_status(client)
-                    if not buffer:
-                        wake.clear()
-                        buffer.extend(await self._outbox.pending(_PREFETCH, after_seq=fetched))
-                        if buffer:
-                            fetched = buffer[-1].seq
-                    while buffer and len(window) < self._max_in_flight:
-                        row = buffer.popleft()
-                        window[tasks.create_task(self._publish(client, row))] = row
-                if not window and (late or (deadline is not None and not buffer)):
+                if not late and not window.full:
+                    await self._refill(client, tasks, window, wake)
+                if not window.in_flight and (late or (deadline is not None and not window.buffer)):
                     break  # stopping: everything sent, or out of time
-                waiters: set[asyncio.Future[Any]] = set(window)
-                if len(window) < self._max_in_flight and not buffer:
-                    waiters.add(asyncio.ensure_future(wake.wait()))
-                if deadline is None:
-                    waiters.add(stop_waiter)
-                timeout = max(0.0, self._next_status - loop.time())
-                if deadline is not None:
-                    timeout = min(timeout, max(0.0, deadline - loop.time()))
-                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                for waiter in waiters - set(window) - {stop_waiter}:
-                    waiter.cancel()
-                acked = []
-                for task in [t for t in window if t.done()]:
-                    row = window.pop(task)
-                    if task.exception() is None:
-                        acked.append(row.id)
-                if acked:
-                    self._outbox.published_soon(acked)
-                    with self._lock:
-                        self._published += len(acked)
-                if late and window:
+                await self._await_any(window, wake, stop_waiter, deadline)
+                self._mark_published(window.acknowledged())
+                if late and window.in_flight:
                     break  # give up on the stragglers: they stay in the outbox
         finally:
             stop_waiter.cancel()
-            for task in window:
+            for task in window.in_flight:
                 task.cancel()
             if stop.is_set():
                 commands.cancel()
+
+    async def _refill(
+        self, client: aiomqtt.Client, tasks: asyncio.TaskGroup, window: _Window, wake: asyncio.Event
+    ) -> None:
+        """Send a stale status first, then fill the window, reading ahead when the buffer is empty."""
+        if self._status_stale:
+            await self._publish_status(client)
+        if not window.buffer:
+            wake.clear()
+            window.buffer.extend(await self._outbox.pending(_PREFETCH, after_seq=window.fetched))
+            if window.buffer:
+                window.fetched = window.buffer[-1].seq
+        while window.buffer and not window.full:
+            row = window.buffer.popleft()
+            window.in_flight[tasks.create_task(self._publish(client, row))] = row
+
+    async def _await_any(
+        self, window: _Window, wake: asyncio.Event, stop_waiter: asyncio.Future[Any], deadline: float | None
+    ) -> None:
+        """Until a publish finishes, new rows arrive (room in the window and nothing read
+        ahead), a stop is asked, a status falls due, or the drain's deadline passes."""
+        assert self._loop is not None
+        loop = self._loop
+        waiters: set[asyncio.Future[Any]] = set(window.in_flight)
+        if not window.full and not window.buffer:
+            waiters.add(asyncio.ensure_future(wake.wait()))
+        if deadline is None:
+            waiters.add(stop_waiter)
+        timeout = max(0.0, self._next_status - loop.time())
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - loop.time()))
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters - set(window.in_flight) - {stop_waiter}:
+            waiter.cancel()
+
+    def _mark_published(self, acked: list[str]) -> None:
+        if acked:
+            self._outbox.published_soon(acked)
+            with self._lock:
+                self._published += len(acked)

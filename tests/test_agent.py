@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from probes.result import Result, parse_result
+from probes.result import Result
 from probes.result import verify_signature as verify
 from tests.support.brokers import Broker
+from tests.support.mqtt import Subscriber
 from tests.support.net import free_port
 from tests.support.paths import REPO
 from tests.support.peers import peer_path
@@ -72,34 +73,6 @@ class ProbeProcess(Process):
         super().__init__("probe", config, tmp_path, "probe")
 
 
-class Subscriber:
-    """mosquitto_sub with a persistent session: it misses nothing while it is connected."""
-
-    def __init__(self, broker: Broker, topic: str, out: Path, *, name: str = "ecpm-test-sub") -> None:
-        self.out = out
-        self._file = out.open("ab")
-        self.proc = subprocess.Popen(
-            [peer_path("mosquitto_sub"), "-h", broker.host, "-p", str(broker.port), "-t", topic,
-             "-q", "1", "-c", "-i", name, "-v"],
-            stdout=self._file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def lines(self) -> list[tuple[str, bytes]]:
-        out = []
-        for line in self.out.read_bytes().splitlines():
-            topic, _, payload = line.partition(b" ")
-            out.append((topic.decode(), payload))
-        return out
-
-    def results(self) -> list[Result]:
-        return [parse_result(p) for t, p in self.lines() if "/results/" in t]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self._file.close()
-
-
 def outbox_depth(path: Path) -> int:
     """Unpublished rows in a stopped probe's outbox (a running probe holds it locked);
     published ones stay until a monitor confirms them."""
@@ -135,7 +108,7 @@ def assert_complete(results: list[Result]) -> list[Result]:
 def test_two_targets_signed_results_without_gaps(
     tmp_path: Path, broker: Broker, responder: ResponderProcess
 ) -> None:
-    sub = Subscriber(broker, "ecpm/v1/#", tmp_path / "sub.txt")
+    sub = Subscriber(broker, "ecpm/v1/#", tmp_path / "sub.txt", name="ecpm-test-sub")
     probe = ProbeProcess(tmp_path, probe_config(tmp_path, broker, responder))
     try:
         wait_for(
@@ -157,7 +130,7 @@ def test_two_targets_signed_results_without_gaps(
 
 
 def test_broker_outage_loses_nothing(tmp_path: Path, broker: Broker, responder: ResponderProcess) -> None:
-    sub = Subscriber(broker, "ecpm/v1/results/#", tmp_path / "sub.txt")
+    sub = Subscriber(broker, "ecpm/v1/results/#", tmp_path / "sub.txt", name="ecpm-test-sub")
     probe = ProbeProcess(tmp_path, probe_config(tmp_path, broker, responder, ("a",)))
     try:
         wait_for(lambda: len(sub.results()) >= 2, 30, "first results")
@@ -186,7 +159,7 @@ def test_kill_9_with_results_in_the_outbox_then_restart(
     probe.stop(signal.SIGKILL)
     stranded = outbox_depth(tmp_path / "outbox.db")
     broker.start()
-    sub = Subscriber(broker, "ecpm/v1/results/#", tmp_path / "sub.txt")
+    sub = Subscriber(broker, "ecpm/v1/results/#", tmp_path / "sub.txt", name="ecpm-test-sub")
     time.sleep(0.5)
     again = ProbeProcess(tmp_path, config)
     try:
@@ -226,7 +199,7 @@ def test_last_will_marks_a_killed_probe_offline(
 def test_sighup_swaps_a_valid_config_and_refuses_a_broken_one(
     tmp_path: Path, broker: Broker, responder: ResponderProcess
 ) -> None:
-    sub = Subscriber(broker, "ecpm/v1/results/#", tmp_path / "sub.txt")
+    sub = Subscriber(broker, "ecpm/v1/results/#", tmp_path / "sub.txt", name="ecpm-test-sub")
     config = probe_config(tmp_path, broker, responder, ("a",))
     probe = ProbeProcess(tmp_path, config)
     try:

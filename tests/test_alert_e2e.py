@@ -18,19 +18,16 @@ about 30 s more). ``ECPM_WRITE_BENCHMARKS=1`` writes them to BENCHMARKS.md:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import re
 import secrets
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +41,7 @@ from tests.support.paths import AM_CONFIG, PROM_CONFIG, RULES
 from tests.support.paths import REPO as ROOT
 from tests.support.peers import peer_path
 from tests.support.processes import Proc, wait_for
-from tests.support.system import Monitor, start_monitor
+from tests.support.system import Delivery, Monitor, Receiver, start_monitor
 
 pytestmark = pytest.mark.peers("prometheus", "prometheus-alertmanager", "mosquitto")
 
@@ -53,65 +50,27 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 COMMAND = "ECPM_WRITE_BENCHMARKS=1 .venv/bin/python -m pytest tests/test_alert_e2e.py -s"
 
 
-@dataclass(frozen=True)
-class Delivery:
-    at: float  # time.monotonic() on receipt
-    path: str
-    body: dict[str, Any]
+def find(webhook: Receiver, *, receiver: str, status: str, alertname: str, target: str) -> Delivery | None:
+    """The first delivery from Alertmanager's ``receiver`` with that alert in that status."""
+    for d in webhook.deliveries():
+        if d.body.get("receiver") == receiver and any(
+            a["status"] == status
+            and a["labels"].get("alertname") == alertname
+            and a["labels"].get("target") == target
+            for a in d.body.get("alerts", [])
+        ):
+            return d
+    return None
 
 
-class WebhookReceiver:
-    """Alertmanager's webhook receiver: an HTTP server that keeps every POST."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[Delivery] = []
-        self._lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                body = json.loads(self.rfile.read(length))
-                with outer._lock:
-                    outer.deliveries.append(Delivery(time.monotonic(), self.path, body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.url = f"http://{HOST}:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def find(self, *, receiver: str, status: str, alertname: str, target: str) -> Delivery | None:
-        with self._lock:
-            for d in self.deliveries:
-                if d.body.get("receiver") == receiver and any(
-                    a["status"] == status
-                    and a["labels"].get("alertname") == alertname
-                    and a["labels"].get("target") == target
-                    for a in d.body.get("alerts", [])
-                ):
-                    return d
-        return None
-
-    def __enter__(self) -> WebhookReceiver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
-
-
-def alertmanager_config(path: Path, webhook: WebhookReceiver) -> Path:
+def alertmanager_config(path: Path, webhook: Receiver) -> Path:
     """The shipped routing and inhibition; every receiver becomes a webhook to the test."""
     config = yaml.safe_load(AM_CONFIG.read_text(encoding="utf-8"))
     config["receivers"] = [
-        {"name": r["name"], "webhook_configs": [{"url": f"{webhook.url}/{r['name']}", "send_resolved": True}]}
+        {
+            "name": r["name"],
+            "webhook_configs": [{"url": f"{webhook.base}/{r['name']}", "send_resolved": True}],
+        }
         for r in config["receivers"]
     ]
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -160,7 +119,7 @@ class Stack:
     monitor: Monitor
     prometheus: Proc
     responder: Proc
-    webhook: WebhookReceiver
+    webhook: Receiver
     procs: list[Proc]  # watched while waiting: a crash fails the test at once, with its log
 
 
@@ -179,7 +138,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     )
     with contextlib.ExitStack() as es:
         broker = es.enter_context(Broker(tmp_path))
-        webhook = es.enter_context(WebhookReceiver())
+        webhook = es.enter_context(Receiver())
         am = es.enter_context(Proc.alertmanager(tmp_path, alertmanager_config(tmp_path / "am.yml", webhook)))
         monitor = es.enter_context(
             start_monitor(
@@ -256,8 +215,8 @@ def test_broken_path_pages_through_prometheus_and_alertmanager_then_resolves(tmp
             procs,
         )
         page = wait_for(
-            lambda: webhook.find(
-                receiver="pagerduty", status="firing", alertname="EmergencyPathDown", target=TARGET
+            lambda: find(
+                webhook, receiver="pagerduty", status="firing", alertname="EmergencyPathDown", target=TARGET
             ),
             40,  # the page route's group_wait: 10s
             "the page to reach the pagerduty receiver",
@@ -269,8 +228,8 @@ def test_broken_path_pages_through_prometheus_and_alertmanager_then_resolves(tmp
         assert TARGET in alert["annotations"]["summary"]
         for receiver in ("slack", "ops-webhook"):  # the shipped routes continue to these
             wait_for(
-                lambda r=receiver: webhook.find(
-                    receiver=r, status="firing", alertname="EmergencyPathDown", target=TARGET
+                lambda r=receiver: find(
+                    webhook, receiver=r, status="firing", alertname="EmergencyPathDown", target=TARGET
                 ),
                 45,  # slack: the default group_wait, 30s
                 f"the page to reach {receiver}",
@@ -287,8 +246,8 @@ def test_broken_path_pages_through_prometheus_and_alertmanager_then_resolves(tmp
             procs,
         )
         resolved = wait_for(
-            lambda: webhook.find(
-                receiver="pagerduty", status="resolved", alertname="EmergencyPathDown", target=TARGET
+            lambda: find(
+                webhook, receiver="pagerduty", status="resolved", alertname="EmergencyPathDown", target=TARGET
             ),
             100,  # resolved notifications wait for the route's group_interval: 1m
             "the resolve message at the pagerduty receiver",
@@ -297,7 +256,7 @@ def test_broken_path_pages_through_prometheus_and_alertmanager_then_resolves(tmp
         # never paged for anything else on the way
         other = {
             a["labels"]["alertname"]
-            for d in webhook.deliveries
+            for d in webhook.deliveries()
             for a in d.body["alerts"]
             if a["labels"]["alertname"] != "EmergencyPathDown"
         }

@@ -41,8 +41,8 @@ from probes.result import Result
 from probes.status import MAX_STATUS_BYTES, MAX_STATUS_TARGETS
 from tests.support.brokers import Broker
 from tests.support.monitor import ProbeSim, StatusSim, key_for
+from tests.support.mqtt import Subscriber
 from tests.support.net import free_port
-from tests.support.peers import peer_path
 from tests.support.processes import Process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -295,30 +295,9 @@ def start_probe(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     )
 
 
-class Captured:
-    """Every retained-or-not status published on ecpm/v1/status/p1, as raw bytes."""
-
-    def __init__(self, port: int, path: Path) -> None:
-        self.path = path
-        self._out = path.open("wb")
-        self.proc = subprocess.Popen(
-            [peer_path("mosquitto_sub"), "-p", str(port), "-t", "ecpm/v1/status/p1", "-F", "%x"],
-            stdout=self._out,
-        )
-        time.sleep(0.3)
-
-    def payloads(self) -> list[bytes]:
-        return [bytes.fromhex(line) for line in self.path.read_text().split() if line]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
-        self._out.close()
-
-
 def test_signed_status_and_last_will_end_to_end_and_forgeries_change_nothing(tmp_path: Path) -> None:
     with Broker(tmp_path, persistence=True) as broker, monitor_on(tmp_path, broker) as m:
-        seen = Captured(broker.port, tmp_path / "statuses.txt")
+        seen = Subscriber(broker, "ecpm/v1/status/p1", tmp_path / "statuses.txt")
         probe = start_probe(broker.port, tmp_path)
         try:
             wait_for(lambda: m.probe("p1")["online"] is True, 20, "p1 online from its signed status")

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -31,20 +32,29 @@ from tests.support.processes import Process, wait_for
 from tests.support.sip import ResponderProcess
 
 
-class Receiver:
-    """A real HTTP server that records every JSON body POSTed to it.
+@dataclass(frozen=True)
+class Delivery:
+    at: float  # time.monotonic() on receipt
+    path: str
+    body: dict[str, Any]
 
-    ``headers`` holds each request's headers (names in lower case) and ``answered`` the
-    status each got (None: never answered). ``hold(n)`` makes it keep the next ``n``
-    POSTs open, recorded but unanswered, until ``release()`` (or ``max_hold`` seconds),
-    and then drop their connections without an answer: a page POST in flight that never
-    completes, for tests that kill the monitor at that moment. Later POSTs are answered."""
+
+class Receiver:
+    """A real HTTP server that records every JSON body POSTed to it (a pager, a webhook).
+
+    ``headers`` holds each request's headers (names in lower case), ``received_at`` its
+    time.monotonic() on receipt and ``answered`` the status each got (None: never
+    answered). ``hold(n)`` makes it keep the next ``n`` POSTs open, recorded but
+    unanswered, until ``release()`` (or ``max_hold`` seconds), and then drop their
+    connections without an answer: a page POST in flight that never completes, for tests
+    that kill the monitor at that moment. Later POSTs are answered."""
 
     def __init__(self, *, max_hold: float = 60.0) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
         self.headers: list[dict[str, str]] = []
         self.answered: list[int | None] = []
+        self.received_at: list[float] = []
         self.statuses: list[int] = []  # answer these first, in order; then 200
         self._to_hold = 0
         self._release = threading.Event()
@@ -52,7 +62,7 @@ class Receiver:
         received, paths, statuses = self.bodies, self.paths, self.statuses
         headers, answered, release = self.headers, self.answered, self._release
         receiver = self
-        lock = threading.Lock()
+        lock = self._lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
@@ -62,6 +72,7 @@ class Receiver:
                     index = len(received)
                     headers.append({k.lower(): v for k, v in self.headers.items()})
                     answered.append(None)
+                    receiver.received_at.append(time.monotonic())
                     paths.append(self.path)
                     received.append(body)
                     held = receiver._to_hold > 0
@@ -99,10 +110,23 @@ class Receiver:
     def events(self) -> list[tuple[str, int]]:
         return [(b["event"], b["incident"]["id"]) for b in self.bodies]
 
+    def deliveries(self) -> list[Delivery]:
+        with self._lock:
+            return [
+                Delivery(at, path, body)
+                for at, path, body in zip(self.received_at, self.paths, self.bodies, strict=True)
+            ]
+
     def close(self) -> None:
         self._release.set()
         self.server.shutdown()
         self.server.server_close()
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class System:
