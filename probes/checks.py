@@ -50,7 +50,8 @@ from probes.sip import (
 
 ANNOUNCEMENT: Final = Path(__file__).with_name("data") / "announcement.wav"
 ENGINE_MARGIN: Final = 10.0  # the engine's own hard limit is the check's max_duration + this
-TEARDOWN_WAIT: Final = 5.0  # BYE sent -> call released, or fail at teardown
+TEARDOWN_WAIT: Final = 5.0  # BYE or CANCEL sent -> call released, or fail at teardown
+NO_ANSWER_WAIT: Final = 2.0  # no response at all: how long the hangup may take before the result goes
 STATS_EVERY: Final = 0.25  # RTCP figures sampled this often while listening
 CONFIRM_WAIT: Final = 1.0  # 2xx received -> pjsua's CONFIRMED (ACK sent); media judges the call after it
 
@@ -352,7 +353,10 @@ async def _signal_timed_out(call: OutgoingCall, result: Findings, d: _Dialog, st
     result.fail(stage, why, status=last.status if last else None, sip_reason=last.reason if last else None)
     _signal_timings(result, d, start)
     await call.hangup()  # CANCEL once a provisional came; pjsip waits for one otherwise
-    await call.wait_ended(2.0)
+    # after a provisional the peer answers the CANCEL (487, then our ACK): wait for that as
+    # for any teardown, so a loaded machine still ends the dialog cleanly; with none, the
+    # INVITE can only time out (Timer B, 32 s), which no result should wait for
+    await call.wait_ended(TEARDOWN_WAIT if d.first is not None else NO_ANSWER_WAIT)
 
 
 def _signal_timings(result: Findings, d: _Dialog, start: float) -> None:

@@ -81,7 +81,7 @@ def test_closed_port_fails_within_the_timeout() -> None:
     result = json.loads(run.stdout)
     assert (result["stage"], result["reason"]) == ("transport", "no_response")
     assert result["finished_at"] > result["started_at"]
-    assert took < 3.0  # interpreter start + 0.5 s + engine shutdown
+    assert took < 4.5  # interpreter start + 0.5 s + engine shutdown: not the 5 s default timer
 
 
 def test_guard_refusal_exits_2_and_sends_nothing(sink: UdpSink) -> None:

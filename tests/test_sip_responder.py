@@ -80,7 +80,7 @@ def test_fault_fails_at_its_stage(
     took = time.monotonic() - started
     assert (out.outcome, out.stage, out.reason, out.sip_status) == ("fail", stage, reason, status), out
     if reason == "answer_timeout":  # 2 s after the INVITE went out, then CANCEL
-        assert 1.9 <= took < 4.0
+        assert 1.9 <= took < 8.0  # the 2 s answer timer, not the call's max duration
         assert "answer" not in out.timings and out.timings["ringing"] < 0.1
     if fault == "one_way_media":
         assert out.media is not None and out.media.tone_heard and out.media.echo_heard is False

@@ -99,7 +99,7 @@ def test_ring_forever_fails_at_answer_with_cancel(sipp_factory: SipFactory) -> N
     out = check(peer.uri, expect_tone=False, answer_timeout="1500ms")
     took = time.monotonic() - started
     assert (out.outcome, out.stage, out.reason, out.sip_status) == ("fail", "answer", "answer_timeout", 180)
-    assert 1.5 <= took < 3.0
+    assert 1.5 <= took < 8.0  # the 1.5 s answer timer, not the call's max duration
     assert peer.wait() == 0  # SIPp's scenario completes only after CANCEL, 487 and ACK
     log = peer.log()
     assert "CANCEL sip:" in log and "487 Request Terminated" in log
@@ -112,16 +112,18 @@ def test_closed_port_fails_within_first_response_timeout(tmp_path: Path) -> None
     took = time.monotonic() - started
     assert (out.outcome, out.stage, out.reason) == ("fail", "transport", "no_response"), out
     assert out.sip_status is None
-    assert 0.8 <= took < 1.6
+    assert 0.8 <= took < 4.0  # the 800 ms timer, not Timer B (32 s)
 
 
 def test_closed_tcp_port_fails_at_transport_at_once() -> None:
     port = free_port()
     started = time.monotonic()
-    out = check(f"sip:ecpm-test@127.0.0.1:{port}", transport="tcp", expect_tone=False)
+    out = check(
+        f"sip:ecpm-test@127.0.0.1:{port}", transport="tcp", expect_tone=False, first_response_timeout="10s"
+    )
     took = time.monotonic() - started
     assert (out.outcome, out.stage, out.reason) == ("fail", "transport", "transport_error"), out
-    assert took < 0.8  # connection refused: no need to wait for a timer
+    assert took < 5.0  # connection refused: no need to wait for the 10 s timer
 
 
 def test_options_against_sipp(sipp_factory: SipFactory) -> None:
