@@ -51,17 +51,20 @@ Key = tuple[str, ...]
 
 
 def _num(value: float) -> str:
+    if value - value == 0.0:  # finite: the common case first
+        return repr(float(value))
     if math.isnan(value):
         return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+    return "+Inf" if value > 0 else "-Inf"
 
 
 @lru_cache(maxsize=1 << 18)  # label sets are bounded: configured targets × probes × vocabularies
-def _labels(names: Key, values: Key) -> str:
+def _head(name: str, names: Key, values: Key) -> str:
+    """``name{label="value",...} ``: a sample line up to its value."""
+    if not values:
+        return f"{name} "
     escaped = (v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"") for v in values)
-    return ",".join(f'{n}="{v}"' for n, v in zip(names, escaped, strict=True))
+    return name + "{" + ",".join(f'{n}="{v}"' for n, v in zip(names, escaped, strict=True)) + "} "
 
 
 class Family(Metric):
@@ -93,10 +96,7 @@ class Family(Metric):
         doc = self.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {self.sample_name} {doc}\n# TYPE {self.sample_name} {self.type}\n")
         names = self.label_names
-        for name, key, value in self.rows():
-            out.append(
-                f"{name}{{{_labels(names, key)}}} {_num(value)}\n" if key else f"{name} {_num(value)}\n"
-            )
+        out.extend(f"{_head(name, names, key)}{_num(value)}\n" for name, key, value in self.rows())
 
 
 class Histogram(Family):
@@ -143,10 +143,11 @@ class Histogram(Family):
     def render(self, out: list[str]) -> None:
         doc = self.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {self.name} {doc}\n# TYPE {self.name} histogram\n")
-        names, short = self.label_names, self.label_names[:-1]
-        for name, key, value in self.rows():
-            labels = _labels(names if len(key) == len(names) else short, key)
-            out.append(f"{name}{{{labels}}} {_num(value)}\n")
+        names, short, n = self.label_names, self.label_names[:-1], len(self.label_names)
+        out.extend(
+            f"{_head(name, names if len(key) == n else short, key)}{_num(value)}\n"
+            for name, key, value in self.rows()
+        )
 
 
 class _Families(Collector):
