@@ -14,6 +14,7 @@ the caller passes in (never the global one).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -304,67 +305,42 @@ class MonitorMetrics:
 
         registry.register(_Families(families))
         # few series each (per reason, probe or notifier): ordinary prometheus_client metrics
-        self.rejected = Counter(
-            "results_rejected",
-            "Messages refused by ingest, by reason",
-            ["reason"],
-            namespace=NAMESPACE,
-            registry=registry,
+        counter = functools.partial(Counter, namespace=NAMESPACE, registry=registry)
+        gauge = functools.partial(Gauge, namespace=NAMESPACE, registry=registry)
+        self.rejected = counter("results_rejected", "Messages refused by ingest, by reason", ["reason"])
+        self.missing = counter(
+            "results_missing", "Results never received: gaps in a probe's sequence numbers", ["probe"]
         )
-        self.missing = Counter(
-            "results_missing",
-            "Results never received: gaps in a probe's sequence numbers",
-            ["probe"],
-            namespace=NAMESPACE,
-            registry=registry,
-        )
-        self.repaired = Counter(
+        self.repaired = counter(
             "results_repaired",
             "Missing results received later (replayed from the probe's outbox): a gap repaired",
             ["probe"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.unrecoverable = Counter(
+        self.unrecoverable = counter(
             "results_unrecoverable",
             "Missing results the probe no longer has (never stored, or evicted unconfirmed)",
             ["probe"],
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.duplicates = Counter(
-            "results_duplicate",
-            "Results received again (QoS 1 redelivery), stored once",
-            namespace=NAMESPACE,
-            registry=registry,
+        self.duplicates = counter(
+            "results_duplicate", "Results received again (QoS 1 redelivery), stored once"
         )
-        self.notifications = Counter(
-            "notifications",
-            "Pages sent by the monitor's own notifiers",
-            ["notifier", "outcome"],
-            namespace=NAMESPACE,
-            registry=registry,
+        self.notifications = counter(
+            "notifications", "Pages sent by the monitor's own notifiers", ["notifier", "outcome"]
         )
-        self.max_clock_skew = Gauge(
+        self.max_clock_skew = gauge(
             "ingest_max_clock_skew_seconds",
             "ingest.max_clock_skew: a probe clock skew beyond this is alerted on (EcpmProbeClockSkew)",
-            namespace=NAMESPACE,
-            registry=registry,
         )
         self.max_clock_skew.set(max_clock_skew)
         # the monitor's own broker connection (set by the service): when it is cut off, every
         # target goes unknown for a reason that is not the probes'
-        self.mqtt_connected = Gauge(
+        self.mqtt_connected = gauge(
             "monitor_mqtt_connected",
             "1 while the monitor is connected to its MQTT broker and subscribed, else 0",
-            namespace=NAMESPACE,
-            registry=registry,
         )
-        self.mqtt_last_message = Gauge(
+        self.mqtt_last_message = gauge(
             "monitor_mqtt_last_message_timestamp_seconds",
             "Unix time of the last MQTT message the monitor received (0: none since it started)",
-            namespace=NAMESPACE,
-            registry=registry,
         )
         for reason in REJECT_LABELS:
             self.rejected.labels(reason)
