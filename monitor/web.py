@@ -47,6 +47,7 @@ bug and becomes a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import string
@@ -55,7 +56,7 @@ from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Final, TypeAlias
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -67,6 +68,7 @@ from ecpm.errors import EcpmError
 from ecpm.http import ListenError
 from ecpm.settings import Listen
 from monitor.html import Markup, Node, csp_hashes, duration, el, escape, html, utc
+from monitor.metrics import exposition
 from monitor.model import (
     TARGET_STATES,
     Incident,
@@ -128,7 +130,11 @@ def create_app(
         return HTMLResponse(template.render(title=_title(snap), page=page), headers=template.headers)
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        # in a thread: a scrape of 1,000 targets must not hold up ingest and paging
+        zipped = "gzip" in request.headers.get("accept-encoding", "")
+        body = await asyncio.to_thread(exposition, registry, compress=zipped)
+        headers = {"Content-Encoding": "gzip"} if zipped else None
+        return Response(body, media_type=CONTENT_TYPE_LATEST, headers=headers)
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
