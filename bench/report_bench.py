@@ -1,11 +1,11 @@
 """How long ``ecpm report`` takes over a year of results (figures in BENCHMARKS.md).
 
     .venv/bin/python bench/report_bench.py                 # 365 days, one target, one probe
-    .venv/bin/python bench/report_bench.py --days 30 --targets 2
+    .venv/bin/python bench/report_bench.py --days 30 --targets 10 --probes 3   # issue 14's figure
 
 Builds (once; reused when the file exists) a store of signed results as the monitor
-keeps them: an ``invite`` test call every 30 s per target, all day, every day (365 x
-2880 = 1,051,200 rows for one target), with a scripted 15-minute outage each week
+keeps them: an ``invite`` test call every 30 s per target and probe, all day, every day
+(365 x 2880 = 1,051,200 rows for one target and one probe), with a scripted 15-minute outage each week
 (recorded as state changes and an incident, as the monitor would) and a 10-minute
 monitoring gap each month. Then runs the real command, ``ecpm report`` over the whole
 year in every format, and prints the wall time and peak memory of the report alone.
@@ -57,7 +57,7 @@ def template(outcome: str) -> Result:
     )
 
 
-def build(path: Path, days: int, targets: int) -> None:
+def build(path: Path, days: int, targets: int, probes: int) -> None:
     store = SqliteStore(path)
     good, bad = template("pass"), template("fail")
     seq = 0
@@ -92,16 +92,19 @@ def build(path: Path, days: int, targets: int) -> None:
             base = bad if week_outage else good
             ms = int((t - START).total_seconds() * 1000)
             for n in range(targets):
-                seq += 1
-                result = replace(
-                    base,
-                    id=new_id(int(START.timestamp() * 1000) + ms),
-                    seq=seq,
-                    target=f"t{n}",
-                    started_at=t - timedelta(seconds=2),
-                    finished_at=t,
-                ).signed(KEY)
-                store.add_result(result, t)
+                for p in range(probes):
+                    seq += 1
+                    done = t + timedelta(milliseconds=p)  # the probes call the same targets
+                    result = replace(
+                        base,
+                        id=new_id(int(START.timestamp() * 1000) + ms),
+                        probe=f"p{p + 1}",
+                        seq=seq,
+                        target=f"t{n}",
+                        started_at=done - timedelta(seconds=2),
+                        finished_at=done,
+                    ).signed(KEY)
+                    store.add_result(result, done)
         if t.hour == 0 and t.minute == 0 and t.second == 0:
             store.commit()
             if day % 30 == 0:
@@ -117,14 +120,15 @@ def main() -> int:
     )
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--targets", type=int, default=1)
+    parser.add_argument("--probes", type=int, default=1)
     parser.add_argument("--db", type=Path, default=None, help="store to build or reuse")
     parser.add_argument("--out", type=Path, default=Path("/tmp/ecpm-report-bench"))
     args = parser.parse_args()
-    db = args.db or Path(f"/tmp/ecpm-bench-{args.days}d-{args.targets}t.db")
+    db = args.db or Path(f"/tmp/ecpm-bench-{args.days}d-{args.targets}t-{args.probes}p.db")
     if not db.exists():
         print(f"building {db} ...", file=sys.stderr)
         started = time.monotonic()
-        build(db, args.days, args.targets)
+        build(db, args.days, args.targets, args.probes)
         print(f"built in {time.monotonic() - started:.0f} s", file=sys.stderr)
     rows = SqliteStore(db).check_chain().rows
     end = (START + timedelta(days=args.days)).date().isoformat()

@@ -67,7 +67,7 @@ from monitor.model import (
     TargetStateName,
 )
 from monitor.skew import skewed
-from monitor.store import ProbeEvent, ReportSource, Verification
+from monitor.store import ProbeEvent, ReportSource, ResultGroup, ResultWindow, SkewedRow, Verification
 from probes.outcome import CALL_KINDS, CHECK_KINDS
 from probes.result import ResultError, format_time, parse_time
 
@@ -340,6 +340,27 @@ class _SkewSeen:
                     SkewedResult(r.id, r.probe, r.target, r.seq, r.finished_at, r.judged, skew)
                 )
 
+    def add_group(self, g: ResultGroup) -> None:
+        """As ``add`` on each result of the group, but for the listing (``list``)."""
+        self.results += g.results
+        self.estimated += g.estimated
+        if g.skew_low is not None and g.skew_high is not None:
+            self.low = g.skew_low if self.low is None else min(self.low, g.skew_low)
+            self.high = g.skew_high if self.high is None else max(self.high, g.skew_high)
+        if g.skewed and g.skewed_first_ms is not None and g.skewed_last_ms is not None:
+            self.skewed += g.skewed
+            first, last = _at(g.skewed_first_ms), _at(g.skewed_last_ms)
+            self.first = first if self.first is None else min(self.first, first)
+            self.last = last if self.last is None else max(self.last, last)
+
+    def list(self, row: SkewedRow) -> None:
+        if len(self.listed) < SKEWED_LISTED:
+            judged = _at(row.judged_ms)
+            finished = parse_time(row.finished_at)
+            self.listed.append(
+                SkewedResult(row.id, row.probe, row.target, row.seq, finished, judged, row.clock_skew)
+            )
+
 
 @dataclass(frozen=True, slots=True)
 class LedgerCheck:
@@ -463,7 +484,10 @@ def build_report(
         if v.target in wanted:
             verifications[v.target].append(v)
 
-    period = _PeriodTally(max_clock_skew)
+    say("ledger: verifying the hash chain over every stored row")
+    # rows before ``verified`` passed the chain check: the report counts them in SQL
+    ledger, verified = _ledger(source, start=start, end=end)
+    period = _PeriodTally(max_clock_skew, verified)
     reports = []
     for n, info in enumerate(targets, 1):
         say(f"target {info.id} ({n}/{len(targets)})")
@@ -484,8 +508,6 @@ def build_report(
     say("probe outages and sequence gaps")
     outages = _probe_outages(source.probe_events(start, until), start=start, until=until)
     seq_gaps = tuple(source.gaps_between(start, end))
-    say("ledger: verifying the hash chain over every stored row")
-    ledger = _ledger(source, start=start, end=end)
     unreadable = period.unreadable + _quarantined(source, wanted, start=start, end=end)
     return Report(
         schema=SCHEMA,
@@ -599,6 +621,10 @@ class _Buckets:
             self._pdd_index = k
         self._pdd_values.append(value)
 
+    def set_pdd(self, k: int, median: float, most: float) -> None:
+        self.pdd_median[k] = median
+        self.pdd_max[k] = most
+
     def flush_pdd(self) -> None:
         if self._pdd_values:
             self.pdd_median[self._pdd_index] = statistics.median(self._pdd_values)
@@ -664,6 +690,11 @@ class _Fresh:
             self.intervals[-1][1] = max(self.intervals[-1][1], at + self.window)
         else:
             self.intervals.append([at, at + self.window])
+
+    def add_run(self, first: int, last: int) -> None:
+        """Results from ``first`` to ``last``, none more than ``window`` after the one before."""
+        self.add(first)
+        self.intervals[-1][1] = max(self.intervals[-1][1], last + self.window)
 
     def split(self, state: TargetStateName, a: int, b: int) -> Iterator[tuple[TargetStateName, int, int]]:
         """``[a, b)`` in ``state`` where fresh, ``unknown`` where not."""
@@ -732,6 +763,7 @@ class _PeriodTally:
     probe's clock, and the stored results it could not read."""
 
     max_clock_skew: float
+    verified_below: int  # rows before this one verified: read aggregated (report_window)
     versions: dict[tuple[str, str], _Seen] = field(default_factory=dict)  # (probe, version)
     skews: dict[str, _SkewSeen] = field(default_factory=dict)  # probe
     unreadable: list[Unreadable] = field(default_factory=list)
@@ -739,6 +771,14 @@ class _PeriodTally:
     def add(self, r: ResultSummary) -> None:
         _see(self.versions, (r.probe, r.version), r.judged)
         self.skews.setdefault(r.probe, _SkewSeen()).add(r, self.max_clock_skew)
+
+    def add_window(self, w: ResultWindow) -> None:
+        """A window's results, aggregated: as ``add`` on each of them."""
+        for g in w.groups:
+            _see_many(self.versions, (g.probe, g.version), g.results, _at(g.first_ms), _at(g.last_ms))
+            self.skews.setdefault(g.probe, _SkewSeen()).add_group(g)
+        for row in w.skewed:
+            self.skews[row.probe].list(row)
 
     def versions_seen(self) -> tuple[VersionSeen, ...]:
         """By probe, then by when each version was first seen."""
@@ -753,6 +793,16 @@ class _PeriodTally:
 
 
 _K = TypeVar("_K")
+
+
+def _see_many(tally: dict[_K, _Seen], key: _K, count: int, first: datetime, last: datetime) -> None:
+    seen = tally.get(key)
+    if seen is None:
+        tally[key] = _Seen(count, first, last)
+    else:
+        seen.count += count
+        seen.first = min(seen.first, first)
+        seen.last = max(seen.last, last)
 
 
 def _see(tally: dict[_K, _Seen], key: _K, moment: datetime) -> None:
@@ -778,6 +828,13 @@ class _Silences:
         if at - self.last_seen > self.longest[1] - self.longest[0]:
             self.longest = (self.last_seen, at)
         self.last_seen = max(self.last_seen, at)
+
+    def see_window(self, first: int, last: int, widest: tuple[int, int] | None) -> None:
+        """A window's results: the first, the last, and the first widest gap between two."""
+        self.see(first)
+        if widest is not None and widest[1] - widest[0] > self.longest[1] - self.longest[0]:
+            self.longest = widest
+        self.last_seen = max(self.last_seen, last)
 
     def longest_until(self, until: int) -> Silence:
         a, b = self.longest
@@ -830,6 +887,34 @@ class _TargetTally:
             self._call(r, self.buckets.index(at))
         elif r.check in CHECK_KINDS:  # every other kind is a ping
             self._ping(r, self.buckets.index(at))
+
+    def add_window(self, w: ResultWindow) -> None:
+        """A window's results, aggregated (no blocked attempt among them): as ``add`` on each."""
+        if not w.runs:
+            return
+        self.silences.see_window(w.runs[0][0], w.runs[-1][1], w.widest)
+        self.lead_in_window(w)
+        for g in w.groups:
+            _see_many(self.coverage, g.probe, g.results, _at(g.first_ms), _at(g.last_ms))
+            if g.check in CALL_KINDS:
+                counted = _counted(g.outcome)
+                self.calls["placed"] += g.results
+                self.calls[counted] += g.results
+                self.kinds["confirmations" if g.confirm else "on_demand" if g.on_demand else "scheduled"] += (
+                    g.results
+                )
+                self.buckets.calls[g.bucket] += g.results
+                getattr(self.buckets, counted)[g.bucket] += g.results
+            elif g.check in CHECK_KINDS:
+                self.pings["sent"] += g.results
+                self.pings[_counted(g.outcome)] += g.results
+                self.buckets.pings[g.bucket] += g.results
+        for k, median, most in w.pdd:
+            self.buckets.set_pdd(k, median, most)
+
+    def lead_in_window(self, w: ResultWindow) -> None:
+        for first, last in w.runs:
+            self.fresh.add_run(first, last)
 
     def _call(self, r: ResultSummary, k: int) -> None:
         counted = _counted(r.outcome)
@@ -895,13 +980,21 @@ def _target_report(
     state; and the two availabilities."""
     start_ms, until_ms = _ms(start), _ms(until)
     tally = _TargetTally.covering(start_ms, until_ms, info.fresh_within)
-    for r in _read(source, info.id, start_ms - tally.fresh.window, start_ms, period.unreadable):
-        tally.lead_in(r)
-    for r in _period_results(
-        source, info.id, start=start_ms, until=until_ms, unreadable=period.unreadable, say=say
-    ):
-        period.add(r)
-        tally.add(r)
+    lead_in = _window(source, info.id, start_ms - tally.fresh.window, start_ms, tally=tally, period=period)
+    if lead_in is not None:
+        tally.lead_in_window(lead_in)
+    else:
+        for r in _read(source, info.id, start_ms - tally.fresh.window, start_ms, period.unreadable):
+            tally.lead_in(r)
+    for a, b in _days(info.id, start=start_ms, until=until_ms, say=say):
+        window = _window(source, info.id, a, b, tally=tally, period=period)
+        if window is not None:
+            period.add_window(window)
+            tally.add_window(window)
+            continue
+        for r in _read(source, info.id, a, b, period.unreadable):  # row by row, from the payloads
+            period.add(r)
+            tally.add(r)
     timeline = _effective(_timeline(before, changes, start=start, until=until), tally.fresh)
     state_time = _time_in_states(timeline, tally.buckets)
     calls = tally.call_counts()
@@ -925,16 +1018,8 @@ def _target_report(
     )
 
 
-def _period_results(
-    source: ReportSource,
-    target: str,
-    *,
-    start: int,
-    until: int,
-    unreadable: list[Unreadable],
-    say: Progress,
-) -> Iterator[ResultSummary]:
-    """The target's results judged in ``[start, until)``, oldest first, read one UTC day at a time."""
+def _days(target: str, *, start: int, until: int, say: Progress) -> Iterator[tuple[int, int]]:
+    """``[start, until)`` cut at UTC midnights: the report reads one day at a time."""
     days = -(-(until - start) // _DAY_MS)
     chunk, day = start, 0
     while chunk < until:
@@ -942,8 +1027,27 @@ def _period_results(
         stop = min(until, (chunk // _DAY_MS + 1) * _DAY_MS)
         if days > 1:
             say(f"target {target}: {format_time(_at(chunk))[:10]} (day {day}/{days})")
-        yield from _read(source, target, chunk, stop, unreadable)
+        yield chunk, stop
         chunk = stop
+
+
+def _window(
+    source: ReportSource, target: str, a: int, b: int, *, tally: _TargetTally, period: _PeriodTally
+) -> ResultWindow | None:
+    """``target``'s results judged in ``[a, b)`` aggregated by the store, or None: read them
+    row by row (a row the chain check did not verify, or a blocked attempt, is among them)."""
+    return source.report_window(
+        target,
+        _at(a),
+        _at(b),
+        verified_below=period.verified_below,
+        origin_ms=tally.buckets.origin,
+        bucket_ms=_BUCKET_MS,
+        fresh_ms=tally.fresh.window,
+        calls=sorted(CALL_KINDS),
+        skew_bound=period.max_clock_skew,
+        refused=GUARD_REFUSED,
+    )
 
 
 def _time_in_states(timeline: Sequence[Span], buckets: _Buckets) -> _StateTime:
@@ -1080,22 +1184,22 @@ def _finished_text(payload: object) -> str:
     return "" if i < 0 else payload[i + len(_FINISHED) : i + len(_FINISHED) + 24]
 
 
-def _ledger(source: ReportSource, *, start: datetime, end: datetime) -> LedgerCheck:
-    """Walk the chain once for the hashes a reader can quote, then verify every row."""
-    lo, hi = format_time(start), format_time(end)
-    total = 0
-    period_last: tuple[int, str, str] | None = None
-    last: tuple[int, str, str] | None = None
-    for row, result_id, payload, _prev, digest in source.iter_chain():
-        total += 1
-        last = (row, result_id, digest)
-        if lo <= _finished_text(payload) < hi:
-            period_last = last
+def _ledger(source: ReportSource, *, start: datetime, end: datetime) -> tuple[LedgerCheck, int]:
+    """Verify every row, then find the hashes a reader can quote: in SQL over the rows that
+    verified (their ``finished_at`` column is their payload's), from the payloads after them."""
+    before = source.chain_marks(start, end, below=0).last
     chain = source.check_chain()
+    verified = (0 if before is None else before[0] + 1) if chain.ok else (chain.first_broken_row or 0)
+    marks = source.chain_marks(start, end, below=verified)
+    period_last, last = marks.period_last, marks.last
+    lo, hi = format_time(start), format_time(end)
+    for row, result_id, payload, _prev, digest in source.iter_chain(since=verified):
+        if lo <= _finished_text(payload) < hi:
+            period_last = (row, result_id, digest)
     return LedgerCheck(
         ok=chain.ok,
         rows_checked=chain.rows,
-        rows_total=max(total, chain.rows),
+        rows_total=max(marks.rows, chain.rows),
         first_broken_row=chain.first_broken_row,
         first_broken_id=chain.first_broken_id,
         problem=chain.problem,
@@ -1106,4 +1210,4 @@ def _ledger(source: ReportSource, *, start: datetime, end: datetime) -> LedgerCh
         last_row=None if last is None else last[0],
         last_id=None if last is None else last[1],
         last_hash=None if last is None else last[2],
-    )
+    ), verified

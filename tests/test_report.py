@@ -873,3 +873,38 @@ def test_csv_cells_from_the_store_are_quoted_in_the_file(day: Day, tmp_path: Pat
     for i, text in enumerate(texts):
         expected = "'" + text if text in FORMULA_COUSINS else text
         assert got[f"t{i}"] == expected, (text, got[f"t{i}"])
+
+
+class RowByRow:
+    """A store that aggregates nothing: the report reads every window from the payloads."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.windows = 0
+
+    def report_window(self, *args: Any, **kw: Any) -> None:
+        self.windows += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_sql_aggregates_give_the_figures_of_reading_every_row(any_day: Day) -> None:
+    store = open_store(any_day.path, read_only=True)
+    try:
+        kw: dict[str, Any] = {"start": DAY, "end": NEXT_DAY, "targets": TARGETS, "generated_at": GENERATED}
+        slow = RowByRow(store)
+        by_rows = build_report(cast(Any, slow), **kw)
+        counted: list[int] = []
+        real = store.report_window
+
+        def window(*args: Any, **kw: Any) -> Any:
+            found = real(*args, **kw)
+            counted.append(found is not None)
+            return found
+
+        store.report_window = window  # type: ignore[method-assign]
+        assert build_report(store, **kw) == by_rows
+    finally:
+        store.close()
+    assert slow.windows == len(counted) and sum(counted) == len(counted) - 1  # ie-112's refusal: by rows

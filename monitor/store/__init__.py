@@ -27,6 +27,7 @@ from monitor.store.protocols import (
 )
 from monitor.store.records import (
     GENESIS,
+    ChainMarks,
     ChainReport,
     ChainRow,
     Migration,
@@ -34,6 +35,9 @@ from monitor.store.records import (
     ProbeStatus,
     Quarantined,
     QueuedNotification,
+    ResultGroup,
+    ResultWindow,
+    SkewedRow,
     Verification,
     chain_hash,
     read_payload,
@@ -74,6 +78,7 @@ def pending_migrations(where: str | Path) -> list[Migration]:
 
 __all__ = [
     "GENESIS",
+    "ChainMarks",
     "ChainReport",
     "ChainRow",
     "ChainSource",
@@ -85,8 +90,11 @@ __all__ = [
     "Quarantined",
     "QueuedNotification",
     "ReportSource",
+    "ResultGroup",
+    "ResultWindow",
     "SeqBook",
     "SeqReads",
+    "SkewedRow",
     "SqliteStore",
     "Store",
     "StoreError",

@@ -22,12 +22,14 @@ from typing import Any, Literal, Protocol
 
 from monitor.model import Incident, IncidentKind, ResultSummary, SeqGap, StateChange, TargetStateName
 from monitor.store.records import (
+    ChainMarks,
     ChainReport,
     ChainRow,
     ProbeEvent,
     ProbeStatus,
     Quarantined,
     QueuedNotification,
+    ResultWindow,
     Verification,
 )
 from probes.result import Result
@@ -103,7 +105,7 @@ class VerificationBook(UnitOfWork, Protocol):
 class ChainSource(Protocol):
     """The results chain, walked (``ecpm ledger verify``, the report's ledger section)."""
 
-    def iter_chain(self) -> Iterator[ChainRow]: ...
+    def iter_chain(self, since: int = 0) -> Iterator[ChainRow]: ...
     def check_chain(
         self, *, read: bool = False, on_read: Callable[[int, str, Result], None] | None = None
     ) -> ChainReport: ...
@@ -123,6 +125,23 @@ class ReportSource(ChainSource, Protocol):
     def gaps_between(self, start: datetime, end: datetime) -> list[SeqGap]: ...
     def probe_events(self, start: datetime, end: datetime) -> list[ProbeEvent]: ...
     def verifications_between(self, start: datetime, end: datetime) -> list[Verification]: ...
+
+    # the report's aggregates (``monitor.store.sql``: over rows the chain check verified)
+    def report_window(
+        self,
+        target: str,
+        start: datetime,
+        end: datetime,
+        *,
+        verified_below: int,
+        origin_ms: int,
+        bucket_ms: int,
+        fresh_ms: int,
+        calls: Sequence[str],
+        skew_bound: float,
+        refused: str,
+    ) -> ResultWindow | None: ...
+    def chain_marks(self, start: datetime, end: datetime, *, below: int) -> ChainMarks: ...
 
 
 class Store(SeqBook, Marks, NotificationQueue, VerificationBook, ReportSource, Protocol):

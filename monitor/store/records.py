@@ -32,8 +32,9 @@ def read_payload(payload: object) -> Result:
 
 
 def columns_match(result_id: str, columns: list[Any], payload: str) -> bool | None:
-    """Do a row's indexed columns (what queries select on) say what its hashed payload says?
-    None when the payload is not a JSON object at all (the row is unreadable)."""
+    """Do a row's columns (what queries select on, and the report's once it has them: see
+    ``monitor.store.sql``) say what its hashed payload says? None when the payload is not a
+    JSON object at all (the row is unreadable)."""
     try:
         data = json.loads(payload)
     except UNREADABLE:
@@ -42,7 +43,14 @@ def columns_match(result_id: str, columns: list[Any], payload: str) -> bool | No
         return None
     keys = ("probe", "target", "check", "seq", "started_at", "finished_at", "outcome")
     expected = [data.get(k) for k in keys] + [int(bool(data.get("confirm"))), data.get("request_id")]
-    return result_id == data.get("id") and columns == expected
+    indexed, report = columns[: len(expected)], columns[len(expected) :]
+    if result_id != data.get("id") or indexed != expected:
+        return False
+    if report[-1] is None:  # not read back yet: the report reads the payload itself
+        return True
+    timings = data.get("timings")
+    ringing = timings.get("ringing") if isinstance(timings, dict) else None
+    return report[:-1] == [data.get("reason"), ringing, data.get("version")]
 
 
 def chain_hash(prev_hash: str, payload: str) -> str:
@@ -150,6 +158,59 @@ class ChainRow(NamedTuple):
     payload: str
     prev_hash: str
     hash: str
+
+
+class ResultGroup(NamedTuple):
+    """Results of one target in a window, alike in everything the report counts by
+    (``SqlStore.report_window``); times are Unix milliseconds of ``judged_at``."""
+
+    probe: str
+    version: str
+    bucket: int  # (judged_ms - origin) // bucket length
+    check: str
+    outcome: str
+    confirm: bool
+    on_demand: bool  # placed for a request (request_id)
+    results: int
+    first_ms: int
+    last_ms: int
+    estimated: int  # of them, with a clock skew estimate
+    skew_low: float | None
+    skew_high: float | None
+    skewed: int  # beyond the bound asked for
+    skewed_first_ms: int | None
+    skewed_last_ms: int | None
+
+
+class SkewedRow(NamedTuple):
+    id: str
+    probe: str
+    target: str
+    seq: int
+    finished_at: str
+    judged_ms: int
+    clock_skew: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResultWindow:
+    """What the report needs of one target's results in a window, aggregated by the store.
+    Times are Unix milliseconds of ``judged_at``."""
+
+    groups: tuple[ResultGroup, ...]
+    pdd: tuple[tuple[int, float, float], ...]  # (bucket, median, max) of passed calls' post-dial delay
+    runs: tuple[tuple[int, int], ...]  # (first, last) of each run of results at most ``fresh`` apart
+    widest: tuple[int, int] | None  # the first widest gap between two results
+    skewed: tuple[SkewedRow, ...]  # every result beyond the skew bound, oldest first
+
+
+class ChainMarks(NamedTuple):
+    """Where the chain stands, for the report's ledger section: rows stored, the last row,
+    and the last row before ``below`` whose result finished in the period asked for."""
+
+    rows: int
+    last: tuple[int, str, str] | None  # (row, id, hash)
+    period_last: tuple[int, str, str] | None
 
 
 class Migration(NamedTuple):

@@ -33,11 +33,12 @@ sorts as time (PostgreSQL's columns use the "C" collation for that).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from ecpm.errors import EcpmError
@@ -53,12 +54,16 @@ from monitor.model import (
 from monitor.skew import judge
 from monitor.store.records import (
     GENESIS,
+    ChainMarks,
     ChainReport,
     ChainRow,
     ProbeEvent,
     ProbeStatus,
     Quarantined,
     QueuedNotification,
+    ResultGroup,
+    ResultWindow,
+    SkewedRow,
     Verification,
     chain_hash,
     columns_match,
@@ -94,7 +99,9 @@ CREATE TABLE IF NOT EXISTS results (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL,
     judged_at TEXT,  -- the monitor-judged time (monitor.skew); added by migration 2 to older stores
-    clock_skew REAL  -- the probe's estimated skew it was judged with, seconds; NULL: not known
+    clock_skew REAL,  -- the probe's estimated skew it was judged with, seconds; NULL: not known
+    -- what the report aggregates in SQL (REPORT_COLUMNS), set once the payload was read back
+    reason TEXT, post_dial_delay REAL, version TEXT, judged_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS results_target_time ON results (target, finished_at);
 CREATE INDEX IF NOT EXISTS results_request ON results (request_id) WHERE request_id IS NOT NULL;
@@ -159,6 +166,15 @@ CREATE TABLE IF NOT EXISTS probe_status (
     probe TEXT PRIMARY KEY, online INTEGER NOT NULL, at TEXT NOT NULL, version TEXT, targets TEXT NOT NULL
 );
 """
+# the report's columns (SQLite's migration 3, PostgreSQL's 2): the payload's reason,
+# timings.ringing and version, and judged_at in Unix milliseconds; NULL until the payload was
+# read back (add_result, or fill_report_columns for rows stored before them)
+REPORT_COLUMNS = (
+    ("reason", "TEXT"),
+    ("post_dial_delay", "REAL"),
+    ("version", "TEXT"),
+    ("judged_ms", "INTEGER"),
+)
 # added with the judged time (SQLite's migration 2)
 JUDGED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS results_judged ON results (judged_at)",
@@ -186,6 +202,28 @@ def _judged(value: object) -> datetime | None:
 
 def _skew(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# what check_chain compares with the payload (records.columns_match): the columns queries
+# select on, then the report's (compared once the row has them: judged_ms set)
+_CHECKED_COLUMNS = (
+    "probe, target, check_kind, seq, started_at, finished_at, outcome, confirm, request_id,"
+    " reason, post_dial_delay, version, judged_ms"
+)
+
+
+def _report_values(result: Result, judged_at: str) -> tuple[str | None, float | None, str, int]:
+    """The report's columns of a result read back, ``judged_at`` as stored (REPORT_COLUMNS)."""
+    judged = parse_time(judged_at)
+    return result.reason, result.timings.get("ringing"), result.version, _epoch_ms(judged)
+
+
+def _epoch_ms(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MS
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 
 
 # what _summaries reads of a row
@@ -221,6 +259,9 @@ class SqlStore:
     # can another process append to this chain? Then its tip is read again, under
     # ``_lock_chain``, in each transaction that appends (``monitor.store.postgres``)
     _CHAIN_SHARED = False
+    # SQL giving ``columns_match``'s verdict per row (1, 0, NULL) over ``_CHECKED_COLUMNS``,
+    # when the backend can say it without failing on a row that is not JSON; else Python decides
+    _COLUMNS_MATCH: str | None = None
 
     def _opened(self) -> None:
         """The connection is ready: read where the chain ends."""
@@ -262,6 +303,33 @@ class SqlStore:
             raise
         self._db.execute("RELEASE unit")
         self.commit()
+
+    def fill_report_columns(self) -> int:
+        """Give every row stored before the report's columns (or by an older version since)
+        its ``REPORT_COLUMNS``, from its payload read back; a row that does not read back
+        keeps them NULL, and the report reads it from its payload (and names it). Part of a
+        read-write open; returns how many rows it filled."""
+        filled, after = 0, -1
+        while True:  # in batches: a year of rows is gigabytes of payloads
+            todo = self._db.execute(
+                "SELECT row, payload, judged_at FROM results"
+                " WHERE row > ? AND judged_ms IS NULL AND judged_at IS NOT NULL ORDER BY row LIMIT 5000",
+                (after,),
+            ).fetchall()
+            if not todo:
+                return filled
+            for row, payload, judged_at in todo:
+                after = row
+                try:
+                    values = _report_values(read_payload(payload), judged_at)
+                except (ResultError, ValueError, TypeError):
+                    continue
+                self._db.execute(
+                    "UPDATE results SET reason = ?, post_dial_delay = ?, version = ?, judged_ms = ?"
+                    " WHERE row = ?",
+                    (*values, row),
+                )
+                filled += 1
 
     def _load_tip(self) -> str:
         row = self._db.execute("SELECT hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
@@ -316,11 +384,13 @@ class SqlStore:
                 return False
             raise ResultError("fields", f"result {result.id} does not read back as it was stored")
         digest = chain_hash(tip, payload)
+        judged = judge(result.finished_at, received_at, None) if judged_at is None else judged_at
         # a duplicate id is found by the insert itself: one statement per result
         stored = self._db.execute(
             "INSERT INTO results (id, probe, target, check_kind, seq, started_at, finished_at, outcome,"
-            " confirm, request_id, received_at, payload, prev_hash, hash, judged_at, clock_skew)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            " confirm, request_id, received_at, payload, prev_hash, hash, judged_at, clock_skew,"
+            " reason, post_dial_delay, version, judged_ms)"
+            f" VALUES ({', '.join('?' * 20)}) ON CONFLICT (id) DO NOTHING",
             (
                 result.id,
                 result.probe,
@@ -336,8 +406,9 @@ class SqlStore:
                 payload,
                 tip,
                 digest,
-                format_time(judge(result.finished_at, received_at, None) if judged_at is None else judged_at),
+                format_time(judged),
                 None if clock_skew is None else round(clock_skew, 3),
+                *_report_values(result, format_time(judged)),
             ),
         )
         if stored.rowcount != 1:
@@ -901,8 +972,11 @@ class SqlStore:
         )
         return cursor.rowcount
 
-    def iter_chain(self) -> Iterator[ChainRow]:
-        with self._walk("SELECT row, id, payload, prev_hash, hash FROM results ORDER BY row") as rows:
+    def iter_chain(self, since: int = 0) -> Iterator[ChainRow]:
+        """The chain's rows from row ``since`` on, in chain order."""
+        with self._walk(
+            "SELECT row, id, payload, prev_hash, hash FROM results WHERE row >= ? ORDER BY row", (since,)
+        ) as rows:
             for row in rows:
                 yield ChainRow(*row)
 
@@ -915,9 +989,11 @@ class SqlStore:
         (row, id, result) sees every readable result of the walk (the ledger checks
         signatures with it, in the same pass)."""
         prev = self._anchor()
+        # a backend that can compare the columns with the payload in SQL says so in one more
+        # column (1, 0, NULL: not a JSON object): the walk then parses no JSON in Python
+        matched = f", {self._COLUMNS_MATCH}" if self._COLUMNS_MATCH else ""
         with self._walk(
-            "SELECT row, id, payload, prev_hash, hash, probe, target, check_kind, seq, started_at,"
-            " finished_at, outcome, confirm, request_id FROM results ORDER BY row"
+            f"SELECT row, id, payload, prev_hash, hash, {_CHECKED_COLUMNS}{matched} FROM results ORDER BY row"
         ) as walk:
             return self._check_links(walk, prev, read=read, on_read=on_read)
 
@@ -932,9 +1008,14 @@ class SqlStore:
         """``check_chain``'s walk from the anchor ``prev``."""
         rows = 0
         quarantined: list[Quarantined] = []
+        in_sql = bool(self._COLUMNS_MATCH)
         for row, result_id, payload, prev_hash, digest, *columns in walk:
             rows += 1
-            problem, match = _link_problem(prev, row=(result_id, payload, prev_hash, digest), columns=columns)
+            problem = _link_problem(prev, row=(payload, prev_hash, digest))
+            if problem is None:
+                match = _matched(columns.pop()) if in_sql else columns_match(result_id, columns, payload)
+                if match is False:
+                    problem = "the row's columns differ from its hashed content (the row was altered)"
             if problem:
                 return ChainReport(False, rows, row, result_id, problem, prev, tuple(quarantined))
             if match is None or read:
@@ -963,20 +1044,151 @@ class SqlStore:
     def close(self) -> None:
         self._db.close()
 
+    # ------------------------------------------------------------ the report's aggregates
+    #
+    # The evidence report counts in SQL, over the rows ``check_chain`` has verified: their
+    # columns say what their hashed payloads say (the report's columns included), and a row
+    # has the report's columns only once its payload was read back. A window holding any
+    # other row (not verified, not read back, or a blocked attempt) is None: the report
+    # reads that window row by row from the payloads (``results_between``), as before.
 
-def _link_problem(
-    prev: str, *, row: tuple[str, object, object, object], columns: list[Any]
-) -> tuple[str | None, bool | None]:
-    """What breaks the chain at this row (or None), and whether its columns match its
-    payload (``columns_match``: None when the payload is not a JSON object)."""
-    result_id, payload, prev_hash, digest = row
+    def report_window(
+        self,
+        target: str,
+        start: datetime,
+        end: datetime,
+        *,
+        verified_below: int,
+        origin_ms: int,
+        bucket_ms: int,
+        fresh_ms: int,
+        calls: Sequence[str],
+        skew_bound: float,
+        refused: str,
+    ) -> ResultWindow | None:
+        """``target``'s results judged in [start, end), aggregated (``ResultWindow``), or None
+        when the window holds a row at or after ``verified_below``, one without the report's
+        columns, or one whose reason is ``refused``."""
+        where = "FROM results WHERE target = ? AND judged_at >= ? AND judged_at < ?"
+        span = (target, format_time(start), format_time(end))
+        skewed = "abs(clock_skew) > ?"
+        rows = self._db.execute(
+            "SELECT probe, version, (judged_ms - ?) / ?, check_kind, outcome, confirm,"
+            " CASE WHEN request_id IS NULL OR request_id = '' THEN 0 ELSE 1 END AS on_demand,"
+            " count(*), min(judged_ms), max(judged_ms), count(clock_skew), min(clock_skew), max(clock_skew),"
+            f" sum(CASE WHEN {skewed} THEN 1 ELSE 0 END),"
+            f" min(CASE WHEN {skewed} THEN judged_ms END), max(CASE WHEN {skewed} THEN judged_ms END),"
+            " count(judged_ms), max(row), sum(CASE WHEN reason = ? THEN 1 ELSE 0 END)"
+            f" {where} GROUP BY 1, 2, 3, 4, 5, 6, 7",
+            (origin_ms, bucket_ms, skew_bound, skew_bound, skew_bound, refused, *span),
+        ).fetchall()
+        if any(r[16] < r[7] or r[17] >= verified_below or r[18] for r in rows):
+            return None
+        groups = tuple(
+            ResultGroup(
+                r[0], r[1], int(r[2]), r[3], r[4], bool(r[5]), bool(r[6]), int(r[7]), int(r[8]), int(r[9]),
+                int(r[10]), _skew(r[11]), _skew(r[12]), int(r[13]), _int(r[14]), _int(r[15]),
+            )
+            for r in rows
+        )  # fmt: skip
+        if not groups:
+            return ResultWindow((), (), (), None, ())
+        kinds = ", ".join("?" * len(calls))
+        # the median (the middle one or two) and the maximum of each bucket, as statistics.median
+        pdd = self._db.execute(
+            "SELECT k, i, n, pdd FROM (SELECT k, pdd, row_number() OVER (PARTITION BY k ORDER BY pdd) AS i,"
+            " count(*) OVER (PARTITION BY k) AS n FROM (SELECT (judged_ms - ?) / ? AS k,"
+            f" post_dial_delay AS pdd {where} AND check_kind IN ({kinds}) AND outcome = 'pass'"
+            " AND post_dial_delay IS NOT NULL) AS r) AS w"
+            " WHERE i = n OR i = (n + 1) / 2 OR i = (n + 2) / 2 ORDER BY k, i",
+            (origin_ms, bucket_ms, *span, *calls),
+        ).fetchall()
+        ordered = f"SELECT judged_ms AS at, lag(judged_ms) OVER (ORDER BY judged_ms, row) AS prev {where}"
+        runs = self._db.execute(
+            "SELECT prev, at, next FROM (SELECT judged_ms AS at,"
+            " lag(judged_ms) OVER (ORDER BY judged_ms, row) AS prev,"
+            f" lead(judged_ms) OVER (ORDER BY judged_ms, row) AS next {where}) AS w"
+            " WHERE prev IS NULL OR next IS NULL OR at - prev > ? OR next - at > ? ORDER BY at",
+            (*span, fresh_ms, fresh_ms),
+        ).fetchall()
+        widest = self._db.execute(
+            f"SELECT prev, at FROM ({ordered}) AS w WHERE prev IS NOT NULL"
+            " ORDER BY at - prev DESC, at LIMIT 1",
+            span,
+        ).fetchone()
+        listed: tuple[SkewedRow, ...] = ()
+        if any(g.skewed for g in groups):
+            listed = tuple(
+                SkewedRow(str(i), str(p), str(t), int(q), str(f), int(j), float(c))
+                for i, p, t, q, f, j, c in self._db.execute(
+                    f"SELECT id, probe, target, seq, finished_at, judged_ms, clock_skew {where} AND {skewed}"
+                    " ORDER BY judged_at, row",
+                    (*span, skew_bound),
+                )
+            )
+        return ResultWindow(
+            groups=groups,
+            pdd=_medians(pdd),
+            runs=_runs(runs, fresh_ms),
+            widest=None if widest is None else (int(widest[0]), int(widest[1])),
+            skewed=listed,
+        )
+
+    def chain_marks(self, start: datetime, end: datetime, *, below: int) -> ChainMarks:
+        """Rows stored, the last one, and the last verified row (before ``below``) whose
+        ``finished_at`` column falls in [start, end)."""
+        count = int(self._db.execute("SELECT count(*) FROM results").fetchone()[0])
+        last = self._db.execute("SELECT row, id, hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
+        period = self._db.execute(
+            "SELECT row, id, hash FROM results WHERE row < ? AND finished_at >= ? AND finished_at < ?"
+            " ORDER BY row DESC LIMIT 1",
+            (below, format_time(start), format_time(end)),
+        ).fetchone()
+        return ChainMarks(
+            count, None if last is None else tuple(last), None if period is None else tuple(period)
+        )
+
+
+def _link_problem(prev: str, *, row: tuple[object, object, object]) -> str | None:
+    """What breaks the chain's hashes or links at this row, or None."""
+    payload, prev_hash, digest = row
     if not isinstance(payload, str):
-        return "the payload is not text (the row was altered)", None
+        return "the payload is not text (the row was altered)"
     if prev_hash != prev:
-        return "prev_hash does not match the previous row's hash (a row was removed or reordered)", None
+        return "prev_hash does not match the previous row's hash (a row was removed or reordered)"
     if chain_hash(prev, payload) != digest:
-        return "hash does not match the row's content (the row was altered)", None
-    match = columns_match(result_id, columns, payload)
-    if match is False:
-        return "the row's columns differ from its hashed content (the row was altered)", False
-    return None, match
+        return "hash does not match the row's content (the row was altered)"
+    return None
+
+
+def _int(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _medians(rows: Sequence[Any]) -> tuple[tuple[int, float, float], ...]:
+    """(bucket, median, max) from each bucket's middle one or two values and its last."""
+    out = []
+    for k, group in itertools.groupby(rows, key=lambda r: int(r[0])):
+        values = list(group)
+        n = int(values[0][2])
+        middle = [float(v[3]) for v in values if int(v[1]) in ((n + 1) // 2, (n + 2) // 2)]
+        median = middle[0] if len(middle) == 1 else (middle[0] + middle[1]) / 2
+        out.append((k, median, float(values[-1][3])))
+    return tuple(out)
+
+
+def _runs(rows: Sequence[Any], fresh_ms: int) -> tuple[tuple[int, int], ...]:
+    """(first, last) of each run, from the rows that begin or end one (oldest first)."""
+    out: list[tuple[int, int]] = []
+    first = 0
+    for prev, at, nxt in rows:
+        if prev is None or at - prev > fresh_ms:
+            first = int(at)
+        if nxt is None or nxt - at > fresh_ms:
+            out.append((first, int(at)))
+    return tuple(out)
+
+
+def _matched(value: object) -> bool | None:
+    """A backend's SQL verdict on the columns (``SqlStore._COLUMNS_MATCH``) as ``columns_match``'s."""
+    return None if value is None else bool(value)

@@ -10,9 +10,12 @@ store whose schema is older than this version reads (``ecpm db upgrade``, or the
 monitor on start, upgrades it).
 
 Migrations are numbered (``MIGRATIONS``; the version reached is ``schema_version`` in
-``meta``): 1 the schema, 2 the judged-time and gap-repair columns. Every read-write
-open also gives any row found without a judged time (written by an older version)
-``judged_at = min(finished_at, received_at)``, ``clock_skew`` NULL (not known).
+``meta``): 1 the schema, 2 the judged-time and gap-repair columns, 3 the report's
+columns. Every read-write open also gives any row found without a judged time (written
+by an older version) ``judged_at = min(finished_at, received_at)``, ``clock_skew`` NULL
+(not known), and any row without the report's columns its values from its payload
+(``SqlStore.fill_report_columns``: the first open of a store from before them reads every
+payload once).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sqlite3
 from pathlib import Path
 
 from monitor.store.records import Migration, pending
-from monitor.store.sql import JUDGED_INDEXES, SCHEMA, SqlStore, StoreError
+from monitor.store.sql import JUDGED_INDEXES, REPORT_COLUMNS, SCHEMA, SqlStore, StoreError
 
 # columns added after a store was first written: (table, column, declaration), by migration 2
 _ADDED_COLUMNS = (
@@ -33,11 +36,20 @@ _ADDED_COLUMNS = (
 )
 
 
-def _add_columns(db: sqlite3.Connection) -> None:
-    """Migration 2, idempotent (a store can have the columns and still be marked 1)."""
-    for table, column, declaration in _ADDED_COLUMNS:
+# the report's columns, by migration 3 (filled from the payloads on every read-write open)
+_REPORT_ADDED = tuple(("results", column, declaration) for column, declaration in REPORT_COLUMNS)
+
+
+def _add(db: sqlite3.Connection, columns: tuple[tuple[str, str, str], ...]) -> None:
+    """Idempotent (a store can have the columns and still be marked before them)."""
+    for table, column, declaration in columns:
         if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Migration 2."""
+    _add(db, _ADDED_COLUMNS)
     for index in JUDGED_INDEXES:
         db.execute(index)
 
@@ -46,13 +58,32 @@ def _add_columns(db: sqlite3.Connection) -> None:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the schema", lambda db: db.executescript(SCHEMA)),
     Migration(2, "judged time and gap repair columns", _add_columns),
+    Migration(3, "report columns", lambda db: _add(db, _REPORT_ADDED)),
 )
+
+# columns_match in SQL, over sql._CHECKED_COLUMNS: SQLite's json functions parse the payload
+# once per row (a cache across calls) and say NULL for text that is not a JSON object
+_COLUMNS_MATCH = """CASE WHEN typeof(payload) = 'text' AND json_valid(payload)
+ AND json_type(payload) = 'object' THEN
+ id IS json_extract(payload, '$.id') AND probe IS json_extract(payload, '$.probe')
+ AND target IS json_extract(payload, '$.target') AND check_kind IS json_extract(payload, '$.check')
+ AND seq IS json_extract(payload, '$.seq') AND started_at IS json_extract(payload, '$.started_at')
+ AND finished_at IS json_extract(payload, '$.finished_at') AND outcome IS json_extract(payload, '$.outcome')
+ AND confirm IS (coalesce(json_extract(payload, '$.confirm'), 0) NOT IN (0, ''))
+ AND request_id IS json_extract(payload, '$.request_id')
+ AND (judged_ms IS NULL OR (reason IS json_extract(payload, '$.reason')
+  AND version IS json_extract(payload, '$.version')
+  AND (post_dial_delay IS json_extract(payload, '$.timings.ringing')
+   -- both parsers' doubles: equal to the last digit or two
+   OR abs(post_dial_delay - json_extract(payload, '$.timings.ringing')) <= 1e-12 * abs(post_dial_delay))))
+END"""
 
 
 class SqliteStore(SqlStore):
     """``Store`` on one SQLite file."""
 
     _db: sqlite3.Connection
+    _COLUMNS_MATCH = _COLUMNS_MATCH
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = str(path)
@@ -68,7 +99,7 @@ class SqliteStore(SqlStore):
         self._opened()
 
     def _upgrade(self) -> None:
-        todo = pending(MIGRATIONS, _version(self._db))
+        todo = _todo(self._db)
         if todo and todo[0].version == 1:
             todo[0].apply(self._db)  # executescript commits by itself: the schema stands alone
             todo = todo[1:]
@@ -86,6 +117,7 @@ class SqliteStore(SqlStore):
             self._db.execute(
                 "UPDATE results SET judged_at = MIN(finished_at, received_at) WHERE judged_at IS NULL"
             )
+            self.fill_report_columns()
 
 
 def pending_migrations(path: str) -> list[Migration]:
@@ -94,7 +126,7 @@ def pending_migrations(path: str) -> list[Migration]:
         return list(MIGRATIONS)
     db = _open_read_only(path, check_columns=False)
     try:
-        return pending(MIGRATIONS, _version(db))
+        return _todo(db)
     finally:
         db.close()
 
@@ -102,23 +134,33 @@ def pending_migrations(path: str) -> list[Migration]:
 def _version(db: sqlite3.Connection) -> int:
     """The migration a store has reached: ``schema_version`` in ``meta`` (0: a new file),
     but 1 while migration 2's columns are missing (versions before the numbering wrote 1
-    whatever columns they had)."""
+    whatever columns they had), 2 while migration 3's are."""
     try:
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.OperationalError:  # no meta table: a new file
         return 0
     version = 0 if row is None else int(row[0])
-    return min(version, 1) if _missing_columns(db) else version
+    if _missing_columns(db, _ADDED_COLUMNS):
+        return min(version, 1)
+    return min(version, 2) if _missing_columns(db, _REPORT_ADDED) else version
 
 
-# columns this version reads that older stores lack until migration 2
-_READ_COLUMNS = {(table, column) for table, column, _ in _ADDED_COLUMNS}
+def _todo(db: sqlite3.Connection) -> list[Migration]:
+    """The migrations a read-write open applies: those after the version reached, less
+    migration 3 where its columns are there already (the schema of this version made them)."""
+    todo = pending(MIGRATIONS, _version(db))
+    return [m for m in todo if m.version != 3 or _missing_columns(db, _REPORT_ADDED)]
 
 
-def _missing_columns(db: sqlite3.Connection) -> list[str]:
-    tables = {table for table, _ in _READ_COLUMNS}
+def _missing_columns(
+    db: sqlite3.Connection, columns: tuple[tuple[str, str, str], ...] = _ADDED_COLUMNS + _REPORT_ADDED
+) -> list[str]:
+    """Of ``columns`` (by default every one this version reads that older stores lack), those
+    the store lacks."""
+    wanted = {(table, column) for table, column, _ in columns}
+    tables = {table for table, _ in wanted}
     present = {(table, str(r[1])) for table in tables for r in db.execute(f"PRAGMA table_info({table})")}
-    return sorted(f"{t}.{c}" for t, c in _READ_COLUMNS - present)
+    return sorted(f"{t}.{c}" for t, c in wanted - present)
 
 
 def _open_read_only(path: str, *, check_columns: bool = True) -> sqlite3.Connection:
