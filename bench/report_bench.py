@@ -9,6 +9,13 @@ keeps them: an ``invite`` test call every 30 s per target and probe, all day, ev
 (recorded as state changes and an incident, as the monitor would) and a 10-minute
 monitoring gap each month. Then runs the real command, ``ecpm report`` over the whole
 year in every format, and prints the wall time and peak memory of the report alone.
+
+Peer (``--peer``): the same aggregates as plain SQL in ``sqlite3`` on the same file, the
+payload's fields by ``json_extract`` (what any store has): calls and pings per target,
+quarter hour and outcome; each bucket's post-dial delay median and maximum; coverage,
+versions and clock skew per probe; the gaps between results per target (freshness and
+the longest silence). No chain check, no report written: what the database engine itself
+takes to compute the figures.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from monitor.store import SqliteStore  # noqa: E402
 from probes.outcome import CheckOutcome, MediaStats  # noqa: E402
-from probes.result import Result, new_id  # noqa: E402
+from probes.result import Result, format_time, new_id  # noqa: E402
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
 INTERVAL = timedelta(seconds=30)
@@ -114,6 +122,37 @@ def build(path: Path, days: int, targets: int, probes: int) -> None:
     store.close()
 
 
+# the peer's queries: whole-period aggregates, as one would write them by hand
+_MS = "CAST(round((julianday(judged_at) - 2440587.5) * 86400000) AS INTEGER)"
+PEER = (
+    f"SELECT target, {_MS} / 900000 AS k, check_kind, outcome, confirm, request_id IS NOT NULL,"
+    " json_extract(payload, '$.reason') = 'guard_refused', count(*) FROM results"
+    " WHERE judged_at >= :a AND judged_at < :b GROUP BY 1, 2, 3, 4, 5, 6, 7",
+    "SELECT target, k, max(pdd), avg(pdd) FILTER (WHERE i IN ((n + 1) / 2, (n + 2) / 2)) FROM ("
+    " SELECT target, k, pdd, row_number() OVER w AS i, count(*) OVER w AS n FROM ("
+    f"  SELECT target, {_MS} / 900000 AS k, json_extract(payload, '$.timings.ringing') AS pdd FROM results"
+    "  WHERE judged_at >= :a AND judged_at < :b AND check_kind = 'invite' AND outcome = 'pass')"
+    " WHERE pdd IS NOT NULL WINDOW w AS (PARTITION BY target, k ORDER BY pdd)) GROUP BY 1, 2",
+    "SELECT target, probe, json_extract(payload, '$.version'), count(*), min(judged_at), max(judged_at),"
+    " count(clock_skew), min(clock_skew), max(clock_skew), sum(abs(clock_skew) > 30) FROM results"
+    " WHERE judged_at >= :a AND judged_at < :b GROUP BY 1, 2, 3",
+    f"SELECT target, max(gap), sum(gap > 90000) FROM (SELECT target, {_MS} - lag({_MS}) OVER"
+    " (PARTITION BY target ORDER BY judged_at) AS gap FROM results"
+    " WHERE judged_at >= :a AND judged_at < :b) GROUP BY 1",
+)
+
+
+def peer(db: Path, start: str, end: str) -> float:
+    """Seconds the peer's queries take on ``db`` (read-only, cold statement cache)."""
+    conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True)
+    started = time.monotonic()
+    for sql in PEER:
+        conn.execute(sql, {"a": start, "b": end}).fetchall()
+    took = time.monotonic() - started
+    conn.close()
+    return took
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -123,6 +162,7 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=1)
     parser.add_argument("--db", type=Path, default=None, help="store to build or reuse")
     parser.add_argument("--out", type=Path, default=Path("/tmp/ecpm-report-bench"))
+    parser.add_argument("--peer", action="store_true", help="also time the plain-SQL peer, after")
     args = parser.parse_args()
     db = args.db or Path(f"/tmp/ecpm-bench-{args.days}d-{args.targets}t-{args.probes}p.db")
     if not db.exists():
@@ -130,7 +170,7 @@ def main() -> int:
         started = time.monotonic()
         build(db, args.days, args.targets, args.probes)
         print(f"built in {time.monotonic() - started:.0f} s", file=sys.stderr)
-    rows = SqliteStore(db).check_chain().rows
+    rows = SqliteStore(db).check_chain().rows  # a read-write open: brings the schema up to date
     end = (START + timedelta(days=args.days)).date().isoformat()
     code = (
         "import argparse, sys, monitor.report_command as m\n"
@@ -152,6 +192,9 @@ def main() -> int:
         f" peak RSS {peak:.0f} MiB; report.html {sizes['report.html'] / 1e6:.1f} MB,"
         f" report.json {sizes['report.json'] / 1e6:.1f} MB, buckets.csv {sizes['buckets.csv'] / 1e6:.1f} MB"
     )
+    if args.peer:
+        took_peer = peer(db, format_time(START), format_time(START + timedelta(days=args.days)))
+        print(f"peer, plain SQL in sqlite3: {took_peer:.1f} s; ratio ecpm / peer {took / took_peer:.2f}x")
     return 0
 
 

@@ -42,9 +42,11 @@ Judged time and clock skew
     ``ingest.max_clock_skew`` (``clock_skew``; the first ``SKEWED_LISTED`` per probe are
     listed, all are counted).
 
-Efficiency: results are streamed one target and one UTC day at a time; per-bucket
-post-dial delays are reduced to median and maximum as soon as a bucket is complete.
-A year of 30-second results (~1M rows) takes well under a minute (``bench/report_bench.py``).
+Efficiency: the ledger is verified first; then each target's results are read one UTC
+day at a time, aggregated by the store (``ReportSource.report_window``) when the chain
+check verified every row of the day, else row by row from the payloads (a broken or
+unreadable row, a blocked attempt): the same figures either way (``docs/evidence.md``,
+"Scale"; ``bench/report_bench.py``).
 """
 
 from __future__ import annotations
@@ -747,15 +749,6 @@ class _Seen:
     first: datetime
     last: datetime
 
-    @classmethod
-    def once(cls, moment: datetime) -> _Seen:
-        return cls(1, moment, moment)
-
-    def add(self, moment: datetime) -> None:
-        self.count += 1
-        self.first = min(self.first, moment)
-        self.last = max(self.last, moment)
-
 
 @dataclass(slots=True)
 class _PeriodTally:
@@ -806,11 +799,7 @@ def _see_many(tally: dict[_K, _Seen], key: _K, count: int, first: datetime, last
 
 
 def _see(tally: dict[_K, _Seen], key: _K, moment: datetime) -> None:
-    seen = tally.get(key)
-    if seen is None:
-        tally[key] = _Seen.once(moment)
-    else:
-        seen.add(moment)
+    _see_many(tally, key, 1, moment, moment)
 
 
 @dataclass(slots=True)

@@ -269,6 +269,7 @@ def test_a_store_too_old_to_read_says_how_to_upgrade_it(tmp_path: Path) -> None:
     store, path = filled(tmp_path, 1)
     store.close()
     db = sqlite3.connect(path)
+    db.execute("DROP INDEX results_report")  # as a store from before it: an index holds the column
     db.execute("ALTER TABLE results DROP COLUMN clock_skew")
     db.commit()
     db.close()
@@ -305,6 +306,7 @@ def test_db_upgrade_brings_a_store_from_before_the_numbering_up_to_date(tmp_path
     store, path = filled(tmp_path, 1)
     store.close()
     db = sqlite3.connect(path)
+    db.execute("DROP INDEX results_report")  # as a store from before it: an index holds the column
     db.execute("ALTER TABLE results DROP COLUMN clock_skew")
     db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     db.commit()
@@ -317,6 +319,36 @@ def test_db_upgrade_brings_a_store_from_before_the_numbering_up_to_date(tmp_path
     )  # fmt: skip
     assert db_upgrade(path).returncode == 0
     assert SqliteStore(path, read_only=True).check_chain().ok
+
+
+# SQLite-only: alters the file with sqlite3
+def test_a_store_from_before_the_report_columns_gets_them_filled_from_its_payloads(tmp_path: Path) -> None:
+    store, path = filled(tmp_path, 3)
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP INDEX results_unread")
+    db.execute("DROP INDEX results_report")
+    for column in ("reason", "post_dial_delay", "version", "judged_ms"):
+        db.execute(f"ALTER TABLE results DROP COLUMN {column}")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match=r"older ecpm \(no results.judged_ms, results.post_dial_delay"):
+        SqliteStore(path, read_only=True)
+    pending = db_upgrade(path, "--check")
+    assert (pending.returncode, pending.stdout) == (
+        1,
+        f"pending: {path} needs migrations 3 (report columns)\n",
+    )
+    assert db_upgrade(path).returncode == 0
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM results WHERE judged_ms IS NULL").fetchone() == (0,)
+    assert {r[0] for r in db.execute("SELECT version FROM results")} == {"0.1.0"}
+    db.execute("UPDATE results SET version = '9.9.9' WHERE row = 2")  # a filled column is checked too
+    db.commit()
+    db.close()
+    report = SqliteStore(path, read_only=True).check_chain()
+    assert (report.ok, report.first_broken_row) == (False, 2) and "columns differ" in (report.problem or "")
 
 
 # ------------------------------------------------------------------ PostgreSQL's own

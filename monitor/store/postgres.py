@@ -42,7 +42,15 @@ import psycopg
 
 from monitor.store import shown
 from monitor.store.records import Migration, pending
-from monitor.store.sql import JUDGED_INDEXES, REPORT_COLUMNS, SCHEMA, Cursor, SqlStore, StoreError
+from monitor.store.sql import (
+    JUDGED_INDEXES,
+    REPORT_COLUMNS,
+    SCHEMA,
+    UNREAD_INDEX,
+    Cursor,
+    SqlStore,
+    StoreError,
+)
 
 CHAIN_LOCK = 0x6563706D_00000001  # "ecpm", 1: the results chain's tip
 MIGRATE_LOCK = 0x6563706D_00000002  # "ecpm", 2: the schema
@@ -66,7 +74,9 @@ _REPORT_ADDED = ", ".join(
 )
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the schema", lambda db: db.execute(_translate(SCHEMA) + ";\n".join(JUDGED_INDEXES))),
-    Migration(2, "report columns", lambda db: db.execute(f"ALTER TABLE results {_REPORT_ADDED}")),
+    Migration(
+        2, "report columns", lambda db: db.execute(f"ALTER TABLE results {_REPORT_ADDED}; {UNREAD_INDEX}")
+    ),
 )
 
 _MIGRATIONS_TABLE = (
@@ -146,7 +156,7 @@ class PostgresStore(SqlStore):
             raise
         self._db: _Qmark = _Qmark(conn)
         if not read_only:
-            self.fill_report_columns()  # rows an older version wrote
+            self._fill_report_columns()  # rows an older version wrote
             self._db.commit()
         self._opened()
 

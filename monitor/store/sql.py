@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -79,7 +80,8 @@ _OPEN_GAPS_OVER = (
 )
 
 # the tables, in SQLite's words (``monitor.store.postgres`` translates them); what
-# migrations added since a store was first written is with each backend's migrations
+# migrations added since a store was first written is with each backend's migrations;
+# reason .. judged_ms are the report's (REPORT_COLUMNS: migration 3 adds them to older stores)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
@@ -98,14 +100,14 @@ CREATE TABLE IF NOT EXISTS results (
     payload TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL,
+    reason TEXT, post_dial_delay REAL, version TEXT, judged_ms INTEGER,
     judged_at TEXT,  -- the monitor-judged time (monitor.skew); added by migration 2 to older stores
-    clock_skew REAL,  -- the probe's estimated skew it was judged with, seconds; NULL: not known
-    -- what the report aggregates in SQL (REPORT_COLUMNS), set once the payload was read back
-    reason TEXT, post_dial_delay REAL, version TEXT, judged_ms INTEGER
+    clock_skew REAL  -- the probe's estimated skew it was judged with, seconds; NULL: not known
 );
 CREATE INDEX IF NOT EXISTS results_target_time ON results (target, finished_at);
 CREATE INDEX IF NOT EXISTS results_request ON results (request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS results_probe_seq ON results (probe, seq);
+CREATE INDEX IF NOT EXISTS results_unread ON results (row) WHERE judged_ms IS NULL;
 CREATE TABLE IF NOT EXISTS probe_seq (probe TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seq_gaps (
     probe TEXT NOT NULL, after_seq INTEGER NOT NULL, next_seq INTEGER NOT NULL,
@@ -168,12 +170,21 @@ CREATE TABLE IF NOT EXISTS probe_status (
 """
 # the report's columns (SQLite's migration 3, PostgreSQL's 2): the payload's reason,
 # timings.ringing and version, and judged_at in Unix milliseconds; NULL until the payload was
-# read back (add_result, or fill_report_columns for rows stored before them)
+# read back (add_result, or _fill_report_columns for rows stored before them)
 REPORT_COLUMNS = (
     ("reason", "TEXT"),
     ("post_dial_delay", "REAL"),
     ("version", "TEXT"),
     ("judged_ms", "INTEGER"),
+)
+# the rows without the report's columns (a few, or none): found without a scan on every open
+UNREAD_INDEX = "CREATE INDEX IF NOT EXISTS results_unread ON results (row) WHERE judged_ms IS NULL"
+# what a report window reads, in judged order, without touching the table's rows (a row
+# holds its payload: one target's day is thousands of pages apart). SQLite makes it on
+# every read-write open, in place of results_target_judged, whose prefix it is
+REPORT_INDEX = (
+    "CREATE INDEX IF NOT EXISTS results_report ON results (target, judged_at, judged_ms, probe, version,"
+    " check_kind, outcome, confirm, request_id, clock_skew, reason, post_dial_delay)"
 )
 # added with the judged time (SQLite's migration 2)
 JUDGED_INDEXES = (
@@ -304,7 +315,7 @@ class SqlStore:
         self._db.execute("RELEASE unit")
         self.commit()
 
-    def fill_report_columns(self) -> int:
+    def _fill_report_columns(self) -> int:
         """Give every row stored before the report's columns (or by an older version since)
         its ``REPORT_COLUMNS``, from its payload read back; a row that does not read back
         keeps them NULL, and the report reads it from its payload (and names it). Part of a
@@ -1093,29 +1104,15 @@ class SqlStore:
         )  # fmt: skip
         if not groups:
             return ResultWindow((), (), (), None, ())
+        # the times and the passed calls' post-dial delays, in judged order, straight from the
+        # index: runs, gaps and medians are cheaper on these plain numbers than in SQL windows
         kinds = ", ".join("?" * len(calls))
-        # the median (the middle one or two) and the maximum of each bucket, as statistics.median
-        pdd = self._db.execute(
-            "SELECT k, i, n, pdd FROM (SELECT k, pdd, row_number() OVER (PARTITION BY k ORDER BY pdd) AS i,"
-            " count(*) OVER (PARTITION BY k) AS n FROM (SELECT (judged_ms - ?) / ? AS k,"
-            f" post_dial_delay AS pdd {where} AND check_kind IN ({kinds}) AND outcome = 'pass'"
-            " AND post_dial_delay IS NOT NULL) AS r) AS w"
-            " WHERE i = n OR i = (n + 1) / 2 OR i = (n + 2) / 2 ORDER BY k, i",
-            (origin_ms, bucket_ms, *span, *calls),
+        series = self._db.execute(
+            f"SELECT judged_ms, CASE WHEN check_kind IN ({kinds}) AND outcome = 'pass'"
+            f" THEN post_dial_delay END {where} AND judged_ms IS NOT NULL AND row < ? ORDER BY judged_at",
+            (*calls, *span, verified_below),
         ).fetchall()
-        ordered = f"SELECT judged_ms AS at, lag(judged_ms) OVER (ORDER BY judged_ms, row) AS prev {where}"
-        runs = self._db.execute(
-            "SELECT prev, at, next FROM (SELECT judged_ms AS at,"
-            " lag(judged_ms) OVER (ORDER BY judged_ms, row) AS prev,"
-            f" lead(judged_ms) OVER (ORDER BY judged_ms, row) AS next {where}) AS w"
-            " WHERE prev IS NULL OR next IS NULL OR at - prev > ? OR next - at > ? ORDER BY at",
-            (*span, fresh_ms, fresh_ms),
-        ).fetchall()
-        widest = self._db.execute(
-            f"SELECT prev, at FROM ({ordered}) AS w WHERE prev IS NOT NULL"
-            " ORDER BY at - prev DESC, at LIMIT 1",
-            span,
-        ).fetchone()
+        times = [int(at) for at, _ in series]
         listed: tuple[SkewedRow, ...] = ()
         if any(g.skewed for g in groups):
             listed = tuple(
@@ -1128,9 +1125,9 @@ class SqlStore:
             )
         return ResultWindow(
             groups=groups,
-            pdd=_medians(pdd),
-            runs=_runs(runs, fresh_ms),
-            widest=None if widest is None else (int(widest[0]), int(widest[1])),
+            pdd=_medians(series, origin_ms, bucket_ms),
+            runs=_runs(times, fresh_ms),
+            widest=_widest(times),
             skewed=listed,
         )
 
@@ -1165,28 +1162,36 @@ def _int(value: object) -> int | None:
     return None if value is None else int(value)  # type: ignore[call-overload]
 
 
-def _medians(rows: Sequence[Any]) -> tuple[tuple[int, float, float], ...]:
-    """(bucket, median, max) from each bucket's middle one or two values and its last."""
-    out = []
-    for k, group in itertools.groupby(rows, key=lambda r: int(r[0])):
-        values = list(group)
-        n = int(values[0][2])
-        middle = [float(v[3]) for v in values if int(v[1]) in ((n + 1) // 2, (n + 2) // 2)]
-        median = middle[0] if len(middle) == 1 else (middle[0] + middle[1]) / 2
-        out.append((k, median, float(values[-1][3])))
+def _medians(series: Sequence[Any], origin_ms: int, bucket_ms: int) -> tuple[tuple[int, float, float], ...]:
+    """(bucket, median, max) of the post-dial delays in ``series`` ((judged_ms, delay or None))."""
+    delays = [((int(at) - origin_ms) // bucket_ms, float(pdd)) for at, pdd in series if pdd is not None]
+    return tuple(
+        (k, statistics.median(values), max(values))
+        for k, group in itertools.groupby(delays, key=lambda d: d[0])
+        for values in [[v for _, v in group]]
+    )
+
+
+def _runs(times: Sequence[int], fresh_ms: int) -> tuple[tuple[int, int], ...]:
+    """(first, last) of each run of ``times`` (ascending) none more than ``fresh_ms`` apart."""
+    if not times:
+        return ()
+    out, first = [], times[0]
+    for prev, at in itertools.pairwise(times):
+        if at - prev > fresh_ms:
+            out.append((first, prev))
+            first = at
+    out.append((first, times[-1]))
     return tuple(out)
 
 
-def _runs(rows: Sequence[Any], fresh_ms: int) -> tuple[tuple[int, int], ...]:
-    """(first, last) of each run, from the rows that begin or end one (oldest first)."""
-    out: list[tuple[int, int]] = []
-    first = 0
-    for prev, at, nxt in rows:
-        if prev is None or at - prev > fresh_ms:
-            first = int(at)
-        if nxt is None or nxt - at > fresh_ms:
-            out.append((first, int(at)))
-    return tuple(out)
+def _widest(times: Sequence[int]) -> tuple[int, int] | None:
+    """The first widest gap between two of ``times`` (ascending)."""
+    if len(times) < 2:
+        return None
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    i = gaps.index(max(gaps))
+    return times[i], times[i + 1]
 
 
 def _matched(value: object) -> bool | None:

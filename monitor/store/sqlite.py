@@ -14,8 +14,8 @@ Migrations are numbered (``MIGRATIONS``; the version reached is ``schema_version
 columns. Every read-write open also gives any row found without a judged time (written
 by an older version) ``judged_at = min(finished_at, received_at)``, ``clock_skew`` NULL
 (not known), and any row without the report's columns its values from its payload
-(``SqlStore.fill_report_columns``: the first open of a store from before them reads every
-payload once).
+(``SqlStore._fill_report_columns``: the first open of a store from before them reads every
+payload once), and the report's covering index (``sql.REPORT_INDEX``) is made if missing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ import sqlite3
 from pathlib import Path
 
 from monitor.store.records import Migration, pending
-from monitor.store.sql import JUDGED_INDEXES, REPORT_COLUMNS, SCHEMA, SqlStore, StoreError
+from monitor.store.sql import (
+    JUDGED_INDEXES,
+    REPORT_COLUMNS,
+    REPORT_INDEX,
+    SCHEMA,
+    UNREAD_INDEX,
+    SqlStore,
+    StoreError,
+)
 
 # columns added after a store was first written: (table, column, declaration), by migration 2
 _ADDED_COLUMNS = (
@@ -54,11 +62,17 @@ def _add_columns(db: sqlite3.Connection) -> None:
         db.execute(index)
 
 
+def _add_report_columns(db: sqlite3.Connection) -> None:
+    """Migration 3."""
+    _add(db, _REPORT_ADDED)
+    db.execute(UNREAD_INDEX)
+
+
 # (version, what it does, how): applied in order on a read-write open and by ``ecpm db upgrade``
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the schema", lambda db: db.executescript(SCHEMA)),
     Migration(2, "judged time and gap repair columns", _add_columns),
-    Migration(3, "report columns", lambda db: _add(db, _REPORT_ADDED)),
+    Migration(3, "report columns", _add_report_columns),
 )
 
 # columns_match in SQL, over sql._CHECKED_COLUMNS: SQLite's json functions parse the payload
@@ -117,7 +131,11 @@ class SqliteStore(SqlStore):
             self._db.execute(
                 "UPDATE results SET judged_at = MIN(finished_at, received_at) WHERE judged_at IS NULL"
             )
-            self.fill_report_columns()
+            self._fill_report_columns()
+            # an index, not a column: kept out of the numbered migrations, so that a store
+            # can still be brought back from before any of them (its first open takes a while)
+            self._db.execute(REPORT_INDEX)
+            self._db.execute("DROP INDEX IF EXISTS results_target_judged")
 
 
 def pending_migrations(path: str) -> list[Migration]:
