@@ -97,10 +97,10 @@ CREATE TABLE IF NOT EXISTS results (
     confirm INTEGER NOT NULL,
     request_id TEXT,
     received_at TEXT NOT NULL,
+    reason TEXT, post_dial_delay REAL, version TEXT, judged_ms INTEGER,
     payload TEXT NOT NULL,
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL,
-    reason TEXT, post_dial_delay REAL, version TEXT, judged_ms INTEGER,
     judged_at TEXT,  -- the monitor-judged time (monitor.skew); added by migration 2 to older stores
     clock_skew REAL  -- the probe's estimated skew it was judged with, seconds; NULL: not known
 );
@@ -270,9 +270,12 @@ class SqlStore:
     # can another process append to this chain? Then its tip is read again, under
     # ``_lock_chain``, in each transaction that appends (``monitor.store.postgres``)
     _CHAIN_SHARED = False
-    # SQL giving ``columns_match``'s verdict per row (1, 0, NULL) over ``_CHECKED_COLUMNS``,
-    # when the backend can say it without failing on a row that is not JSON; else Python decides
+    # what check_chain reads of each row after (row, id): the payload, prev_hash, hash, then
+    # what the columns check needs. Here the columns, for columns_match in Python; a backend
+    # that can give its verdict in SQL (1, 0, NULL: not a JSON object) without failing on a
+    # row that is not JSON sets _COLUMNS_MATCH and reads that one value instead
     _COLUMNS_MATCH: str | None = None
+    _CHAIN_WALK = f"payload, prev_hash, hash, {_CHECKED_COLUMNS}"
 
     def _opened(self) -> None:
         """The connection is ready: read where the chain ends."""
@@ -1000,12 +1003,7 @@ class SqlStore:
         (row, id, result) sees every readable result of the walk (the ledger checks
         signatures with it, in the same pass)."""
         prev = self._anchor()
-        # a backend that can compare the columns with the payload in SQL says so in one more
-        # column (1, 0, NULL: not a JSON object): the walk then parses no JSON in Python
-        matched = f", {self._COLUMNS_MATCH}" if self._COLUMNS_MATCH else ""
-        with self._walk(
-            f"SELECT row, id, payload, prev_hash, hash, {_CHECKED_COLUMNS}{matched} FROM results ORDER BY row"
-        ) as walk:
+        with self._walk(f"SELECT row, id, {self._CHAIN_WALK} FROM results ORDER BY row") as walk:
             return self._check_links(walk, prev, read=read, on_read=on_read)
 
     def _check_links(
@@ -1019,12 +1017,13 @@ class SqlStore:
         """``check_chain``'s walk from the anchor ``prev``."""
         rows = 0
         quarantined: list[Quarantined] = []
-        in_sql = bool(self._COLUMNS_MATCH)
+        in_sql = self._COLUMNS_MATCH is not None
         for row, result_id, payload, prev_hash, digest, *columns in walk:
             rows += 1
             problem = _link_problem(prev, row=(payload, prev_hash, digest))
+            match: bool | None = None
             if problem is None:
-                match = _matched(columns.pop()) if in_sql else columns_match(result_id, columns, payload)
+                match = _matched(columns[0]) if in_sql else columns_match(result_id, columns, payload)
                 if match is False:
                     problem = "the row's columns differ from its hashed content (the row was altered)"
             if problem:
@@ -1034,7 +1033,10 @@ class SqlStore:
                 if match is None:
                     unreadable = "the payload is not a JSON object"
                 if unreadable is not None:
-                    self._quarantine(row, result_id, columns[1], columns[5], unreadable)
+                    target, finished_at = self._db.execute(
+                        "SELECT target, finished_at FROM results WHERE row = ?", (row,)
+                    ).fetchone()
+                    self._quarantine(row, result_id, target, finished_at, unreadable)
                     quarantined.append(self._quarantined[row])
             prev = digest
         return ChainReport(True, rows, None, None, None, prev, tuple(quarantined))

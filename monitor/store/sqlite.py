@@ -98,6 +98,7 @@ class SqliteStore(SqlStore):
 
     _db: sqlite3.Connection
     _COLUMNS_MATCH = _COLUMNS_MATCH
+    _CHAIN_WALK = f"payload, prev_hash, hash, {_COLUMNS_MATCH}"
 
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = str(path)
