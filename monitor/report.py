@@ -69,7 +69,15 @@ from monitor.model import (
     TargetStateName,
 )
 from monitor.skew import skewed
-from monitor.store import ProbeEvent, ReportSource, ResultGroup, ResultWindow, SkewedRow, Verification
+from monitor.store import (
+    ProbeEvent,
+    ReportSource,
+    ResultGroup,
+    ResultWindow,
+    SkewedRow,
+    Verification,
+    WindowAsk,
+)
 from probes.outcome import CALL_KINDS, CHECK_KINDS
 from probes.result import ResultError, format_time, parse_time
 
@@ -1025,18 +1033,16 @@ def _window(
 ) -> ResultWindow | None:
     """``target``'s results judged in ``[a, b)`` aggregated by the store, or None: read them
     row by row (a row the chain check did not verify, or a blocked attempt, is among them)."""
-    return source.report_window(
-        target,
-        _at(a),
-        _at(b),
+    ask = WindowAsk(
         verified_below=period.verified_below,
         origin_ms=tally.buckets.origin,
         bucket_ms=_BUCKET_MS,
         fresh_ms=tally.fresh.window,
-        calls=sorted(CALL_KINDS),
+        calls=tuple(sorted(CALL_KINDS)),
         skew_bound=period.max_clock_skew,
         refused=GUARD_REFUSED,
     )
+    return source.report_window(target, _at(a), _at(b), ask)
 
 
 def _time_in_states(timeline: Sequence[Span], buckets: _Buckets) -> _StateTime:

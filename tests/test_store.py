@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from monitor.store import GENESIS, SqliteStore, Store, StoreError, chain_hash, is_url, open_store
-from tests.support.monitor import T0, ProbeSim
+from tests.support.monitor import T0, ProbeSim, key_for
 
 
 def filled(where: Path | str, n: int = 5) -> tuple[Store, str]:
@@ -130,6 +131,18 @@ def test_a_past_dated_result_does_not_take_the_ledger_with_it(store_where: str) 
     store.commit()
     assert store.prune(T0 + timedelta(seconds=15)) == 2  # only the two oldest by receive time
     assert store.check_chain().rows == 4
+
+
+def test_a_version_holding_a_nul_is_stored_and_verifies(store_where: str) -> None:
+    store = open_store(store_where)
+    result = replace(ProbeSim("p1").result("t1", "pass", T0), version="0.1\x00x").signed(key_for("p1"))
+    assert store.add_result(result, T0)  # PostgreSQL's text cannot hold it, SQLite's json_extract stops at it
+    store.commit()
+    report = store.check_chain(read=True)
+    assert (report.ok, report.quarantined) == (True, ())
+    assert [r.version for r in store.results_between(T0 - timedelta(days=1), T0 + timedelta(days=1))] == [
+        "0.1\x00x"
+    ]
 
 
 # SQLite-only: alters the file with sqlite3

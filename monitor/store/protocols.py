@@ -31,6 +31,7 @@ from monitor.store.records import (
     QueuedNotification,
     ResultWindow,
     Verification,
+    WindowAsk,
 )
 from probes.result import Result
 
@@ -128,18 +129,7 @@ class ReportSource(ChainSource, Protocol):
 
     # the report's aggregates (``monitor.store.sql``: over rows the chain check verified)
     def report_window(
-        self,
-        target: str,
-        start: datetime,
-        end: datetime,
-        *,
-        verified_below: int,
-        origin_ms: int,
-        bucket_ms: int,
-        fresh_ms: int,
-        calls: Sequence[str],
-        skew_bound: float,
-        refused: str,
+        self, target: str, start: datetime, end: datetime, ask: WindowAsk
     ) -> ResultWindow | None: ...
     def chain_marks(self, start: datetime, end: datetime, *, below: int) -> ChainMarks: ...
 

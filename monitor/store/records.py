@@ -160,6 +160,18 @@ class ChainRow(NamedTuple):
     hash: str
 
 
+class WindowAsk(NamedTuple):
+    """How the report asks for a window (``SqlStore.report_window``)."""
+
+    verified_below: int  # rows before this one passed the chain check: only those are aggregated
+    origin_ms: int  # where bucket 0 starts (Unix ms)
+    bucket_ms: int
+    fresh_ms: int  # results further apart than this end a run
+    calls: tuple[str, ...]  # the check kinds that are calls (post-dial delays)
+    skew_bound: float  # a clock skew beyond it, either way, is counted and listed
+    refused: str  # the reason of a blocked attempt: a window with one is read row by row
+
+
 class ResultGroup(NamedTuple):
     """Results of one target in a window, alike in everything the report counts by
     (``SqlStore.report_window``); times are Unix milliseconds of ``judged_at``."""

@@ -66,6 +66,7 @@ from monitor.store.records import (
     ResultWindow,
     SkewedRow,
     Verification,
+    WindowAsk,
     chain_hash,
     columns_match,
     read_payload,
@@ -223,8 +224,12 @@ _CHECKED_COLUMNS = (
 )
 
 
-def _report_values(result: Result, judged_at: str) -> tuple[str | None, float | None, str, int]:
-    """The report's columns of a result read back, ``judged_at`` as stored (REPORT_COLUMNS)."""
+def _report_values(result: Result, judged_at: str) -> tuple[str | None, float | None, str | None, int | None]:
+    """The report's columns of a result read back, ``judged_at`` as stored (REPORT_COLUMNS);
+    none for text holding a NUL, which PostgreSQL cannot store (the report reads that row
+    from its payload)."""
+    if "\x00" in f"{result.reason}{result.version}":
+        return None, None, None, None
     judged = parse_time(judged_at)
     return result.reason, result.timings.get("ringing"), result.version, _epoch_ms(judged)
 
@@ -272,8 +277,8 @@ class SqlStore:
     _CHAIN_SHARED = False
     # what check_chain reads of each row after (row, id): the payload, prev_hash, hash, then
     # what the columns check needs. Here the columns, for columns_match in Python; a backend
-    # that can give its verdict in SQL (1, 0, NULL: not a JSON object) without failing on a
-    # row that is not JSON sets _COLUMNS_MATCH and reads that one value instead
+    # that can give its verdict in SQL (1, 0, NULL: not a JSON object; 2: let Python decide)
+    # without failing on a row that is not JSON sets _COLUMNS_MATCH and reads that instead
     _COLUMNS_MATCH: str | None = None
     _CHAIN_WALK = f"payload, prev_hash, hash, {_CHECKED_COLUMNS}"
 
@@ -1023,7 +1028,12 @@ class SqlStore:
             problem = _link_problem(prev, row=(payload, prev_hash, digest))
             match: bool | None = None
             if problem is None:
-                match = _matched(columns[0]) if in_sql else columns_match(result_id, columns, payload)
+                if in_sql and columns[0] != _PYTHON_DECIDES:
+                    match = _matched(columns[0])
+                else:
+                    match = columns_match(
+                        result_id, self._checked_columns(row) if in_sql else columns, payload
+                    )
                 if match is False:
                     problem = "the row's columns differ from its hashed content (the row was altered)"
             if problem:
@@ -1040,6 +1050,11 @@ class SqlStore:
                     quarantined.append(self._quarantined[row])
             prev = digest
         return ChainReport(True, rows, None, None, None, prev, tuple(quarantined))
+
+    def _checked_columns(self, row: int) -> list[Any]:
+        return list(
+            self._db.execute(f"SELECT {_CHECKED_COLUMNS} FROM results WHERE row = ?", (row,)).fetchone()
+        )
 
     @staticmethod
     def _read_link(
@@ -1066,22 +1081,12 @@ class SqlStore:
     # reads that window row by row from the payloads (``results_between``), as before.
 
     def report_window(
-        self,
-        target: str,
-        start: datetime,
-        end: datetime,
-        *,
-        verified_below: int,
-        origin_ms: int,
-        bucket_ms: int,
-        fresh_ms: int,
-        calls: Sequence[str],
-        skew_bound: float,
-        refused: str,
+        self, target: str, start: datetime, end: datetime, ask: WindowAsk
     ) -> ResultWindow | None:
         """``target``'s results judged in [start, end), aggregated (``ResultWindow``), or None
-        when the window holds a row at or after ``verified_below``, one without the report's
-        columns, or one whose reason is ``refused``."""
+        when the window holds a row at or after ``ask.verified_below``, one without the
+        report's columns, or a blocked attempt (reason ``ask.refused``)."""
+        verified_below, origin_ms, bucket_ms, fresh_ms, calls, skew_bound, refused = ask
         where = "FROM results WHERE target = ? AND judged_at >= ? AND judged_at < ?"
         span = (target, format_time(start), format_time(end))
         skewed = "abs(clock_skew) > ?"
@@ -1194,6 +1199,9 @@ def _widest(times: Sequence[int]) -> tuple[int, int] | None:
     gaps = [b - a for a, b in itertools.pairwise(times)]
     i = gaps.index(max(gaps))
     return times[i], times[i + 1]
+
+
+_PYTHON_DECIDES = 2  # a backend's SQL verdict: columns_match must decide this row
 
 
 def _matched(value: object) -> bool | None:

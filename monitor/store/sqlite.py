@@ -75,21 +75,23 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "report columns", _add_report_columns),
 )
 
-# columns_match in SQL, over sql._CHECKED_COLUMNS: SQLite's json functions parse the payload
-# once per row (a cache across calls) and say NULL for text that is not a JSON object
-_COLUMNS_MATCH = """CASE WHEN typeof(payload) = 'text' AND json_valid(payload)
- AND json_type(payload) = 'object' THEN
+# columns_match's verdict in SQL: 1, 0, NULL (not a JSON object), or 2 where Python must
+# decide (sql._CHECKED_COLUMNS, columns_match): a row without the report's columns (never
+# read back, so its payload's types are not known to be a result's: SQLite compares other
+# types than Python does), or one whose text holds a NUL, where json_extract stops.
+# SQLite's json functions parse the payload once for all the calls on one row
+_COLUMNS_MATCH = """CASE WHEN judged_ms IS NULL OR instr(payload, '\\u0000') > 0 THEN 2
+ WHEN typeof(payload) = 'text' AND json_valid(payload) AND json_type(payload) = 'object' THEN
  id IS json_extract(payload, '$.id') AND probe IS json_extract(payload, '$.probe')
  AND target IS json_extract(payload, '$.target') AND check_kind IS json_extract(payload, '$.check')
  AND seq IS json_extract(payload, '$.seq') AND started_at IS json_extract(payload, '$.started_at')
  AND finished_at IS json_extract(payload, '$.finished_at') AND outcome IS json_extract(payload, '$.outcome')
- AND confirm IS (coalesce(json_extract(payload, '$.confirm'), 0) NOT IN (0, ''))
+ AND confirm IS (json_extract(payload, '$.confirm') IS 1)
  AND request_id IS json_extract(payload, '$.request_id')
- AND (judged_ms IS NULL OR (reason IS json_extract(payload, '$.reason')
-  AND version IS json_extract(payload, '$.version')
-  AND (post_dial_delay IS json_extract(payload, '$.timings.ringing')
-   -- both parsers' doubles: equal to the last digit or two
-   OR abs(post_dial_delay - json_extract(payload, '$.timings.ringing')) <= 1e-12 * abs(post_dial_delay))))
+ AND reason IS json_extract(payload, '$.reason') AND version IS json_extract(payload, '$.version')
+ AND (post_dial_delay IS json_extract(payload, '$.timings.ringing')
+  -- both parsers' doubles: equal to the last digit or two
+  OR abs(post_dial_delay - json_extract(payload, '$.timings.ringing')) <= 1e-12 * abs(post_dial_delay))
 END"""
 
 
