@@ -880,10 +880,10 @@ class _TargetTally:
             self.refusals.append(r)
             return
         self.fresh.add(at)
-        if r.check in CALL_KINDS:
-            self._call(r, self.buckets.index(at))
-        elif r.check in CHECK_KINDS:  # every other kind is a ping
-            self._ping(r, self.buckets.index(at))
+        k = self.buckets.index(at)
+        self._count(r.check, r.outcome, k=k, n=1, confirm=r.confirm, on_demand=bool(r.request_id))
+        if r.check in CALL_KINDS and r.outcome == "pass" and r.post_dial_delay is not None:
+            self.buckets.add_pdd(k, r.post_dial_delay)
 
     def add_window(self, w: ResultWindow) -> None:
         """A window's results, aggregated (no blocked attempt among them): as ``add`` on each."""
@@ -893,19 +893,7 @@ class _TargetTally:
         self.lead_in_window(w)
         for g in w.groups:
             _see_many(self.coverage, g.probe, g.results, _at(g.first_ms), _at(g.last_ms))
-            if g.check in CALL_KINDS:
-                counted = _counted(g.outcome)
-                self.calls["placed"] += g.results
-                self.calls[counted] += g.results
-                self.kinds["confirmations" if g.confirm else "on_demand" if g.on_demand else "scheduled"] += (
-                    g.results
-                )
-                self.buckets.calls[g.bucket] += g.results
-                getattr(self.buckets, counted)[g.bucket] += g.results
-            elif g.check in CHECK_KINDS:
-                self.pings["sent"] += g.results
-                self.pings[_counted(g.outcome)] += g.results
-                self.buckets.pings[g.bucket] += g.results
+            self._count(g.check, g.outcome, k=g.bucket, n=g.results, confirm=g.confirm, on_demand=g.on_demand)
         for k, median, most in w.pdd:
             self.buckets.set_pdd(k, median, most)
 
@@ -913,20 +901,19 @@ class _TargetTally:
         for first, last in w.runs:
             self.fresh.add_run(first, last)
 
-    def _call(self, r: ResultSummary, k: int) -> None:
-        counted = _counted(r.outcome)
-        self.calls["placed"] += 1
-        self.calls[counted] += 1
-        self.kinds["confirmations" if r.confirm else "on_demand" if r.request_id else "scheduled"] += 1
-        self.buckets.calls[k] += 1
-        getattr(self.buckets, counted)[k] += 1
-        if r.outcome == "pass" and r.post_dial_delay is not None:
-            self.buckets.add_pdd(k, r.post_dial_delay)
-
-    def _ping(self, r: ResultSummary, k: int) -> None:
-        self.pings["sent"] += 1
-        self.pings[_counted(r.outcome)] += 1
-        self.buckets.pings[k] += 1
+    def _count(self, check: str, outcome: str, *, k: int, n: int, confirm: bool, on_demand: bool) -> None:
+        """``n`` results of one kind and outcome in bucket ``k``, row by row or aggregated alike."""
+        counted = _counted(outcome)
+        if check in CALL_KINDS:
+            self.calls["placed"] += n
+            self.calls[counted] += n
+            self.kinds["confirmations" if confirm else "on_demand" if on_demand else "scheduled"] += n
+            self.buckets.calls[k] += n
+            getattr(self.buckets, counted)[k] += n
+        elif check in CHECK_KINDS:  # every other kind is a ping
+            self.pings["sent"] += n
+            self.pings[counted] += n
+            self.buckets.pings[k] += n
 
     def call_counts(self) -> CallCounts:
         return CallCounts(**self.calls, **self.kinds)
