@@ -7,7 +7,7 @@
     │                                  emergency number
     ├── SipError                       probes.sip: the SIP engine could not do what was asked
     │   ├── EngineClosed               the engine is not running (not started, or closed)
-    │   ├── CallSetupError             pjsua2 refused to start a request (``status``: SIP code)
+    │   ├── CallSetupError             pjsua2 refused to start a request (``status``: pjsip's status code)
     │   └── NoCallSlot                 no call slot became free within the wait limit
     ├── LayoutError                    probes.sip_targets: pjsip's structures are not laid out
     │                                  as expected (another build); the engine refuses to start
