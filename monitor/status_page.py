@@ -1,8 +1,15 @@
 """The status page: what ``GET /`` shows, built from one Snapshot with ``monitor.html``.
 
+Top to bottom: the verdict, the open incidents (at most ``OPEN_ON_PAGE``), the targets
+the query asks for (``monitor.selection``: ``?state=``, ``?q=``, ``?page=`` of
+``PAGE_TARGETS``) worst first as cards, every other target asked for as one link to its
+card's page, the probes and the recently resolved incidents. So the page stays the same
+size whether 10 or 2,000 targets are configured, and a problem is on its first page.
+
 The page is one ``<main id="page">`` inside ``templates/status.html``, whose inline script
-fetches the same URL every few seconds and swaps that element in place; without
-JavaScript the template's ``<noscript>`` refresh reloads it.
+fetches the same URL (query and all) every few seconds and swaps that element in place;
+without JavaScript the template's ``<noscript>`` refresh reloads it, and the filter links
+and the search form are plain query strings.
 """
 
 from __future__ import annotations
@@ -25,15 +32,19 @@ from monitor.model import (
     TargetStateName,
     TargetView,
 )
+from monitor.selection import WORST_FIRST, Selection, TargetQuery
 from monitor.skew import skewed
 from monitor.views import finite, probe_status, time_json
 
-__all__ = ["RESOLVED_ON_PAGE", "Template", "render_page", "title"]
+__all__ = ["MAX_PAGE_TARGETS", "PAGE_TARGETS", "RESOLVED_ON_PAGE", "Template", "render_page", "title"]
 
 REFRESH_SECONDS: Final = 5
 STALE_AFTER: Final = timedelta(minutes=1)  # an older snapshot gets a "stale page" warning
 TIMELINE: Final = timedelta(hours=24)
 RESOLVED_ON_PAGE: Final = 8
+OPEN_ON_PAGE: Final = 50
+PAGE_TARGETS: Final = 50  # target cards on a page unless ?limit= asks otherwise
+MAX_PAGE_TARGETS: Final = 200
 
 
 # ---------------------------------------------------------------- page text
@@ -84,7 +95,12 @@ def when(value: datetime | None, now: datetime, *, short: bool = False, missing:
     """Absolute UTC and relative: ``<time>14:03:11 UTC</time> (12 min ago)``."""
     if value is None:
         return html(missing)
-    stamp = el("time", _abs(value, now if short else None), datetime=time_json(value), title=time_json(value))
+    stamp = el(  # the title gives the date a short stamp leaves out
+        "time",
+        _abs(value, now if short else None),
+        datetime=time_json(value),
+        title=short and time_json(value),
+    )
     return html(stamp, " ", el("span", f"({_ago(value, now)})", class_="muted"))
 
 
@@ -127,15 +143,15 @@ def _counts(snap: Snapshot) -> dict[TargetStateName, int]:
     return counts
 
 
-def render_page(snap: Snapshot, recent: Sequence[Incident], *, now: datetime) -> Markup:
-    """The ``<main id="page">`` of the status page (the refresh script swaps it in place)."""
+def render_page(snap: Snapshot, recent: Sequence[Incident], *, now: datetime, query: TargetQuery) -> Markup:
+    """The ``<main id="page">`` of the status page (the refresh script swaps it in place):
+    the targets ``query`` asks for, worst first, as cards; the rest of them as links."""
+    chosen = query.select(snap.targets.values(), worst_first=True)
     return el(
         "main",
         _header(snap, now),
         _open_incidents(snap, now),
-        el("h2", "Targets"),
-        [_target_card(t, snap, now) for t in snap.targets.values()]
-        or el("p", "No targets configured.", class_="empty"),
+        _targets(snap, chosen, now),
         _probes(snap, now),
         _resolved(recent, now),
         el(
@@ -174,7 +190,7 @@ def _header(snap: Snapshot, now: datetime) -> Markup:
     elif worst == "up":
         verdict = f"✓ All {total} emergency call paths up"
     else:
-        names = ", ".join(t.id for t in snap.targets.values() if t.state == worst)
+        names = _names([t.id for t in snap.targets.values() if t.state == worst])
         label = {"down": "DOWN", "unknown": "UNKNOWN (no fresh results)", "degraded": "DEGRADED"}[worst]
         verdict = f"{_STATE_MARK[worst]} {counts[worst]} of {total} emergency call paths {label}: {names}"
     probes_up = sum(1 for p in snap.probes.values() if p.up)
@@ -213,7 +229,108 @@ def _header(snap: Snapshot, now: datetime) -> Markup:
     )
 
 
-def _target_card(t: TargetView, snap: Snapshot, now: datetime) -> Markup:
+NAMES_SHOWN: Final = 10  # a list of names longer than this (verdict, a probe's targets) is cut
+
+
+def _names(ids: Sequence[str]) -> str:
+    more = len(ids) - NAMES_SHOWN
+    return ", ".join(ids[:NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
+def _targets(snap: Snapshot, chosen: Selection, now: datetime) -> Markup:
+    if not snap.targets:
+        return html(el("h2", "Targets"), el("p", "No targets configured.", class_="empty"))
+    changes: dict[str, list[StateChange]] = {}
+    for c in snap.timeline:  # one pass, not one per card
+        changes.setdefault(c.target, []).append(c)
+    cards = [_target_card(t, snap, changes.get(t.id, ()), now) for t in chosen.shown]
+    if not cards:
+        nothing = "No targets on this page." if chosen.matched else "No targets match this filter."
+        cards = [el("p", nothing, " ", el("a", "Show all targets", href="?"), class_="empty")]
+    pager = _pager(chosen)
+    return html(el("h2", "Targets"), _filter(chosen), pager, cards, pager, _rest(chosen))
+
+
+_FILTERS: Final[tuple[tuple[str, tuple[TargetStateName, ...]], ...]] = (
+    ("all", ()),
+    ("problems", _BAD_STATES),
+    *((s, (s,)) for s in WORST_FIRST),
+)
+
+
+def _filter(chosen: Selection) -> Markup:
+    """Links to each state's targets (with their counts) and a search box: query strings
+    both, so they work without JavaScript."""
+    q = chosen.query
+    links = []
+    for label, states in _FILTERS:
+        count = sum(chosen.counts[s] for s in states or TARGET_STATES)
+        current = "page" if states == q.states else None
+        links.append(el("a", f"{label} {count}", href=q.href(states=states), aria_current=current))
+    keep = [("state", ",".join(q.states))] if q.states else []
+    keep += [("limit", str(q.limit))] if q.limit != q.default_limit else []
+    search = el(
+        "form",
+        [el("input", type="hidden", name=name, value=value) for name, value in keep],
+        el("input", type="search", name="q", value=q.text, placeholder="target or description"),
+        el("button", "Search", type="submit"),
+        method="get",
+        role="search",
+        aria_label="Search targets",
+    )
+    return el("div", el("nav", links, aria_label="Filter targets by state"), search, class_="filter noprint")
+
+
+PAGER_AROUND: Final = 4  # page links either side of the current one
+
+
+def _pager(chosen: Selection) -> Markup | None:
+    if chosen.pages <= 1 and chosen.query.page == 1:
+        return None
+    q, last = chosen.query, chosen.pages
+    first = chosen.start + 1
+    shown = f"{first}–{chosen.start + len(chosen.shown)}" if chosen.shown else "none"
+    numbers = sorted({1, last, *range(max(1, q.page - PAGER_AROUND), min(last, q.page + PAGER_AROUND) + 1)})
+    links: list[Node] = []
+    if q.page > 1:
+        links.append(el("a", "‹ previous", href=q.href(page=min(q.page - 1, last)), rel="prev"))
+    for n in numbers:
+        current = "page" if n == q.page else None
+        links.append(el("a", str(n), href=q.href(page=n), aria_current=current))
+    if q.page < last:
+        links.append(el("a", "next ›", href=q.href(page=q.page + 1), rel="next"))
+    return el(
+        "nav",
+        el("span", f"Targets {shown} of {len(chosen.matched)}, worst first · page {q.page} of {last}"),
+        links,
+        class_="pager noprint",
+        aria_label="Target pages",
+    )
+
+
+def _rest(chosen: Selection) -> Markup | None:
+    """The targets asked for that are not on this page: one link each, to its card's page."""
+    end = chosen.start + len(chosen.shown)
+    groups: dict[TargetStateName, list[Node]] = {}
+    hrefs: dict[int, str] = {}  # one query string per page, not one per target
+    for i, t in enumerate(chosen.matched):
+        if not chosen.start <= i < end:
+            page = chosen.page_of(i)
+            href = hrefs.get(page) or hrefs.setdefault(page, chosen.query.href(page=page))
+            groups.setdefault(t.state, []).extend((el("a", t.id, href=f"{href}#target-{t.id}"), " "))
+    if not groups:
+        return None
+    lines = [
+        el("p", el("b", f"{_STATE_MARK[s]} {s} ({len(links) // 2})"), " ", links, class_=f"rest-{s}")
+        for s, links in groups.items()
+    ]
+    return html(
+        el("h2", f"Not on this page ({len(chosen.matched) - len(chosen.shown)})"),
+        el("div", lines, class_="rest"),
+    )
+
+
+def _target_card(t: TargetView, snap: Snapshot, changes: Sequence[StateChange], now: datetime) -> Markup:
     facts = [
         el("span", el("b", "Since "), when(t.since, now)),
         el("span", el("b", "Last success "), when(t.last_success_at, now, missing="never")),
@@ -239,13 +356,16 @@ def _target_card(t: TargetView, snap: Snapshot, now: datetime) -> Markup:
         ),
         el("p", t.why, class_="why"),
         el("div", facts, class_="facts"),
-        _timeline(t, snap),
+        _timeline(t, changes, snap.at),
         _results(t.latest, now, snap.max_clock_skew),
         class_=f"card st-{t.state}",
         id=f"target-{t.id}",
         data_target=t.id,
         data_state=t.state,
     )
+
+
+_MARK: Final = Markup("\x00")  # split out of a constant column template; data never meets it
 
 
 class _Table:
@@ -255,15 +375,17 @@ class _Table:
         self.head = head
         self.numeric = frozenset(numeric)
         self.rows: list[Markup] = []
+        # each column's <td> built once, around a mark split off: a card has hundreds of cells
+        self._cells = [
+            el("td", el("span", _MARK), class_=self._class(label), data_label=label).split(_MARK)
+            for label in head
+        ]
 
     def _class(self, label: str) -> str | None:
         return "num" if label in self.numeric else None
 
     def row(self, *cells: Node, **attrs: str | None) -> None:
-        tds = [
-            el("td", el("span", cell), class_=self._class(label), data_label=label)
-            for label, cell in zip(self.head, cells, strict=True)
-        ]
+        tds = [Markup(f"{a}{html(cell)}{b}") for (a, b), cell in zip(self._cells, cells, strict=True)]
         self.rows.append(el("tr", tds, **attrs))
 
     def render(self) -> Markup:
@@ -339,11 +461,11 @@ _STRIP_MIN: Final = 8.0  # a bad spell is drawn at least this wide, so a short o
 _TICKS: Final = (("t0", "24 h ago"), ("t25", "18 h"), ("t50", "12 h"), ("t75", "6 h"), ("t100", "now"))
 
 
-def _timeline(t: TargetView, snap: Snapshot) -> Markup:
-    end = utc(snap.at)
+def _timeline(t: TargetView, changes: Sequence[StateChange], at: datetime) -> Markup:
+    end = utc(at)
     start = end - TIMELINE
     span = TIMELINE.total_seconds()
-    segments = _segments(t, [c for c in snap.timeline if c.target == t.id], start, end)
+    segments = _segments(t, changes, start, end)
     share: dict[str, float] = {}
     good: list[Markup] = []
     bad: list[Markup] = []  # bad spells are painted last, on top
@@ -416,7 +538,7 @@ def _open_incidents(snap: Snapshot, now: datetime) -> Markup:
         "Summary",
         numeric=("#", "Detection latency"),
     )
-    for i in snap.open_incidents:
+    for i in snap.open_incidents[:OPEN_ON_PAGE]:
         table.row(
             str(i.id),
             el("b", i.target, class_="mono"),
@@ -430,7 +552,12 @@ def _open_incidents(snap: Snapshot, now: datetime) -> Markup:
             data_incident=str(i.id),
             data_target=i.target,
         )
-    return html(el("h2", f"Open incidents ({len(snap.open_incidents)})"), table.render())
+    more = len(snap.open_incidents) - OPEN_ON_PAGE
+    rest = None
+    if more > 0:
+        api = el("a", "/api/v1/incidents", href="/api/v1/incidents")
+        rest = el("p", f"and {more} newer ones: each down target's card links its own, all are in ", api)
+    return html(el("h2", f"Open incidents ({len(snap.open_incidents)})"), table.render(), rest)
 
 
 _PROBE_BADGE: Final[Mapping[str, tuple[str, str]]] = {
@@ -470,7 +597,7 @@ def _probes(snap: Snapshot, now: datetime) -> Markup:
                 el("span", f"beyond {snap.max_clock_skew:g} s", class_="tag") if p.clock_skewed else None,
             ),
             p.version or "—",
-            ", ".join(p.targets) or "—",
+            _names(p.targets) or "—",
             data_probe=p.id,
             data_status=status,
             data_delivery="trouble" if trouble else "ok",
@@ -513,7 +640,7 @@ class Template:
             "Referrer-Policy": "no-referrer",
             "Content-Security-Policy": (
                 f"default-src 'none'; style-src {hashes['style']}; script-src {hashes['script']}; "
-                "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+                "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'self'; "
                 "frame-ancestors 'none'"
             ),
         }

@@ -2,10 +2,14 @@
 
 Endpoints::
 
-    GET  /                   status page (HTML; refreshes itself every 5 s)
+    GET  /                   status page (HTML, ``monitor.status_page``; refreshes itself every
+                             5 s): ?state=&q=&limit=&page= as ``monitor.selection`` reads them
     GET  /metrics            Prometheus text exposition of the registry given to create_app
     GET  /healthz            200 "ok" while the process serves HTTP
-    GET  /api/v1/targets     {"at": TIME, "targets": [Target, ...]}      in configuration order
+    GET  /api/v1/targets     {"at": TIME, "targets": [Target, ...]}      in configuration order;
+                             ?state= and ?q= filter, ?limit=N (1..1000) &page=N page (without
+                             limit: every target); X-Total-Count the targets matched, and when
+                             paged an RFC 8288 Link to the first, prev, next and last pages
     GET  /api/v1/probes      {"at": TIME, "probes": [Probe, ...]}
     GET  /api/v1/incidents   {"at": TIME, "incidents": [Incident, ...]}  newest first, open and
                              resolved; ?limit=N (1..1000, default 100)
@@ -36,7 +40,7 @@ milliseconds (``"2025-06-25T14:03:11.250Z"``); durations are seconds in fields n
   first_failed_at, detection_latency_seconds, summary, notifications`` [Notification].
 - Notification: ``notifier, event`` (trigger|resolve)``, state`` (pending|sent|failed)``,
   attempts, created_at, sent_at, last_error``.
-- Errors: ``{"error": "what is wrong"}`` with a 4xx status.
+- Errors: ``{"error": "what is wrong"}`` with a 4xx status (a bad query: 400, naming it).
 
 State-changing endpoints (every POST) need ``Authorization: Bearer <token>``: a missing
 or wrong token is 401 (with ``WWW-Authenticate``); with no token configured they are
@@ -48,6 +52,7 @@ bug and becomes a 500.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -67,7 +72,8 @@ from ecpm.http import ListenError
 from ecpm.settings import Listen
 from monitor.metrics import exposition
 from monitor.model import Incident, Snapshot
-from monitor.status_page import RESOLVED_ON_PAGE, Template, render_page, title
+from monitor.selection import QueryError, Selection, TargetQuery
+from monitor.status_page import MAX_PAGE_TARGETS, PAGE_TARGETS, RESOLVED_ON_PAGE, Template, render_page, title
 from monitor.views import incident_json, probe_json, target_json, time_json
 
 __all__ = ["Action", "ActionError", "ListenError", "create_app", "serve"]
@@ -79,6 +85,7 @@ Action: TypeAlias = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_BODY: Final = 64 * 1024
 DEFAULT_INCIDENTS: Final = 100
 MAX_INCIDENTS: Final = 1000
+MAX_API_TARGETS: Final = 1000  # a page of /api/v1/targets; without ?limit, every target
 
 
 class ActionError(EcpmError):
@@ -108,9 +115,7 @@ def create_app(
     template = Template.load()
 
     async def status_page(request: Request) -> Response:
-        snap = snapshot()
-        page = render_page(snap, incidents(RESOLVED_ON_PAGE * 2), now=datetime.now(UTC))
-        return HTMLResponse(template.render(title=title(snap), page=page), headers=template.headers)
+        return await _status_page(request, template, snapshot(), incidents)
 
     async def metrics(request: Request) -> Response:
         # in a thread: a scrape of 1,000 targets must not hold up ingest and paging
@@ -123,8 +128,7 @@ def create_app(
         return PlainTextResponse("ok")
 
     async def api_targets(request: Request) -> Response:
-        snap = snapshot()
-        return _json({"at": time_json(snap.at), "targets": [target_json(t) for t in snap.targets.values()]})
+        return await _api_targets(request, snapshot())
 
     async def api_probes(request: Request) -> Response:
         snap = snapshot()
@@ -151,6 +155,60 @@ def create_app(
             Route("/api/v1/{action}", run_action, methods=["POST"]),
         ]
     )
+
+
+async def _status_page(
+    request: Request, template: Template, snap: Snapshot, incidents: Callable[[int], Sequence[Incident]]
+) -> Response:
+    query = _target_query(request, default_limit=PAGE_TARGETS, max_limit=MAX_PAGE_TARGETS)
+    if isinstance(query, QueryError):
+        return PlainTextResponse(str(query), status_code=400)
+    recent = incidents(RESOLVED_ON_PAGE * 2)
+    zipped = "gzip" in request.headers.get("accept-encoding", "")
+
+    def body() -> bytes:
+        page = render_page(snap, recent, now=datetime.now(UTC), query=query)
+        text = template.render(title=title(snap), page=page).encode()
+        return gzip.compress(text, compresslevel=1) if zipped else text  # a tenth of the bytes, each refresh
+
+    headers = {**template.headers, "Vary": "Accept-Encoding"}
+    if zipped:
+        headers["Content-Encoding"] = "gzip"
+    # in a thread, as /metrics: the snapshot is immutable, and 1,000 targets must not hold up ingest
+    return HTMLResponse(await asyncio.to_thread(body), headers=headers)
+
+
+async def _api_targets(request: Request, snap: Snapshot) -> Response:
+    query = _target_query(request, default_limit=None, max_limit=MAX_API_TARGETS)
+    if isinstance(query, QueryError):
+        return _error(400, str(query))
+    chosen = query.select(snap.targets.values(), worst_first=False)
+
+    def body() -> bytes:
+        return _dumps({"at": time_json(snap.at), "targets": [target_json(t) for t in chosen.shown]})
+
+    headers = {"Cache-Control": "no-store", **_paging(request.url.path, chosen)}
+    return Response(await asyncio.to_thread(body), media_type="application/json", headers=headers)
+
+
+def _target_query(request: Request, *, default_limit: int | None, max_limit: int) -> TargetQuery | QueryError:
+    params = {name: request.query_params.getlist(name) for name in request.query_params}
+    try:
+        return TargetQuery.parse(params, default_limit=default_limit, max_limit=max_limit)
+    except QueryError as exc:
+        return exc
+
+
+def _paging(path: str, chosen: Selection) -> dict[str, str]:
+    """``X-Total-Count`` (targets that match) and, when paged, an RFC 8288 ``Link`` to the
+    first, previous, next and last pages: the body keeps its one shape."""
+    headers = {"X-Total-Count": str(len(chosen.matched))}
+    q, last = chosen.query, chosen.pages
+    if q.limit is not None:
+        rels = {"first": 1, "prev": min(q.page - 1, last), "next": q.page + 1, "last": last}
+        links = [f'<{path}{q.href(page=n)}>; rel="{rel}"' for rel, n in rels.items() if 1 <= n <= last]
+        headers["Link"] = ", ".join(links)
+    return headers
 
 
 def _limit(request: Request) -> int | Response:
@@ -206,11 +264,15 @@ async def _read_body(request: Request) -> dict[str, Any] | Response:
     return body
 
 
+def _dumps(content: Any) -> bytes:
+    return json.dumps(
+        content, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default
+    ).encode()
+
+
 class _JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return json.dumps(
-            content, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default
-        ).encode()
+        return _dumps(content)
 
 
 def _json_default(value: object) -> object:
