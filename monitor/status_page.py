@@ -556,7 +556,7 @@ def _open_incidents(snap: Snapshot, now: datetime) -> Markup:
     rest = None
     if more > 0:
         api = el("a", "/api/v1/incidents", href="/api/v1/incidents")
-        rest = el("p", f"and {more} newer ones: each down target's card links its own, all are in ", api)
+        rest = el("p", f"and {more} newer ones (each down target's card names its own), all in ", api)
     return html(el("h2", f"Open incidents ({len(snap.open_incidents)})"), table.render(), rest)
 
 
