@@ -144,10 +144,15 @@ async def main(targets: int, probes: int, repeats: int) -> None:
     print(f"ratio ecpm / peer (time, uncompressed): {ratio:.2f}x")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def arguments(doc: str | None) -> argparse.Namespace:
+    """``--targets``, ``--probes``, ``--repeats``: what the benches of a filled monitor take."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--targets", type=int, default=1000)
     parser.add_argument("--probes", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    args = arguments(__doc__)
     asyncio.run(main(args.targets, args.probes, args.repeats))

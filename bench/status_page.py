@@ -16,7 +16,6 @@ browser asks). Median (min–max) of the repeats.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import statistics
@@ -33,7 +32,7 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import FileResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-from bench.metrics_scrape import fill, fmt, timed  # noqa: E402
+from bench.metrics_scrape import arguments, fill, fmt, timed  # noqa: E402
 from monitor.web import create_app  # noqa: E402
 
 ASKED = {  # label: (path, Accept-Encoding)
@@ -95,9 +94,5 @@ async def main(targets: int, probes: int, repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--targets", type=int, default=1000)
-    parser.add_argument("--probes", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    args = arguments(__doc__)
     asyncio.run(main(args.targets, args.probes, args.repeats))
