@@ -57,16 +57,14 @@ class TargetQuery:
         assert page is not None
         return cls(tuple(sorted(states, key=WORST_FIRST.index)), text, page, limit, default_limit)
 
-    def matches(self, t: TargetView) -> bool:
-        """Its text only: the counts by state a filter offers are counted over these."""
-        folded = self.text.casefold()
-        return not folded or folded in t.id.casefold() or folded in t.description.casefold()
-
     def select(self, targets: Iterable[TargetView], *, worst_first: bool) -> Selection:
+        """The targets asked for, in order, and the counts by state of those the text
+        matches (what each state's filter link would show)."""
+        folded = self.text.casefold()
         counts = dict.fromkeys(TARGET_STATES, 0)
         chosen: list[TargetView] = []
         for t in targets:
-            if self.matches(t):
+            if not folded or folded in t.id.casefold() or folded in t.description.casefold():
                 counts[t.state] += 1
                 if not self.states or t.state in self.states:
                     chosen.append(t)

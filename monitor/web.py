@@ -185,7 +185,10 @@ async def _api_targets(request: Request, snap: Snapshot) -> Response:
     chosen = query.select(snap.targets.values(), worst_first=False)
 
     def body() -> bytes:
-        return _dumps({"at": time_json(snap.at), "targets": [target_json(t) for t in chosen.shown]})
+        # one dumps a target, not one for all: the GIL changes hands between them, so the loop
+        # is never held for the whole list (1.7 MB at 1,000 targets)
+        items = b",".join(_dumps(target_json(t)) for t in chosen.shown)
+        return b'{"at":%s,"targets":[%s]}' % (_dumps(time_json(snap.at)), items)
 
     headers = {"Cache-Control": "no-store", **_paging(request.url.path, chosen)}
     return Response(await asyncio.to_thread(body), media_type="application/json", headers=headers)
