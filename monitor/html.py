@@ -1,4 +1,4 @@
-"""The one way the monitor writes HTML: the status page (``monitor.web``) and the evidence
+"""The one way the monitor writes HTML: the status page (``monitor.status_page``) and the evidence
 report (``monitor.report_render.html``) both build it here.
 
 ``el`` and ``html`` escape every plain ``str``; only a :class:`Markup` (what they return)
