@@ -62,7 +62,6 @@ def html(*children: Node) -> Markup:
 
 _VOID = frozenset({"br", "meta", "link", "input"})
 _SVG_EMPTY = frozenset({"line", "polyline", "rect"})  # written ``<line .../>`` when childless
-_ATTRS: dict[str, str] = {}  # keyword → attribute name, worked out once each
 
 
 def el(name: str, /, *children: Node, **attrs: str | int | float | bool | None) -> Markup:
@@ -74,7 +73,7 @@ def el(name: str, /, *children: Node, **attrs: str | int | float | bool | None) 
     for key, value in attrs.items():
         if value is None or value is False:
             continue
-        attr = _ATTRS.get(key) or _ATTRS.setdefault(key, key.rstrip("_").replace("_", "-"))
+        attr = key.rstrip("_").replace("_", "-")
         opening += f" {attr}" if value is True else f' {attr}="{escape(str(value))}"'
     if name in _VOID:
         return Markup(opening + ">")
