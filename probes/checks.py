@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -122,15 +122,7 @@ def registrar_dial(target: Target) -> Dial:
     account = target.account
     if account is None:
         raise CallSetupError(f"target {target.id} has no account to register")
-    return Dial(
-        uri=account.registrar,
-        target=target.id,
-        declared_test_endpoint=target.test_endpoint,
-        proxy=target.outbound_proxy,
-        transport=account.transport,
-        carrier_test_service=target.carrier(),
-        account=account,
-    )
+    return replace(dial_for(target), uri=account.registrar, transport=account.transport, auth=None)
 
 
 @dataclass(slots=True)
