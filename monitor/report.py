@@ -68,7 +68,7 @@ from monitor.model import (
 )
 from monitor.skew import skewed
 from monitor.store import ProbeEvent, ReportSource, Verification
-from probes.outcome import CALL_KINDS, CHECK_KINDS
+from probes.outcome import CALL_KINDS
 from probes.result import ResultError, format_time, parse_time
 
 SCHEMA: Final = "ecpm.report/1"
@@ -787,6 +787,7 @@ class _Silences:
 
 
 _CALLS: Final = ("placed", "passed", "failed", "inconclusive")  # CallCounts, by outcome
+PING_KIND: Final = "options"  # the report's pings (report-v1 "options": OPTIONS pings sent)
 _PLACED_AS: Final = ("scheduled", "confirmations", "on_demand")  # CallCounts, by why placed
 _PINGS: Final = ("sent", "passed", "failed", "inconclusive")  # PingCounts
 
@@ -828,7 +829,7 @@ class _TargetTally:
         self.fresh.add(at)
         if r.check in CALL_KINDS:
             self._call(r, self.buckets.index(at))
-        elif r.check in CHECK_KINDS:  # every other kind is a ping
+        elif r.check == PING_KIND:  # the schema's "options" figures; register is not a ping there
             self._ping(r, self.buckets.index(at))
 
     def _call(self, r: ResultSummary, k: int) -> None:
