@@ -33,6 +33,7 @@ from probes import media, nena
 from probes.config import EmergencyShape, InviteCheck, OptionsCheck, Target
 from probes.guard import GuardRefusal
 from probes.outcome import CheckOutcome, MediaStats, Outcome
+from probes.scheduler import verdict_ready
 from probes.sip import (
     CallEvent,
     CallOptions,
@@ -616,11 +617,17 @@ async def _announce(
     call: OutgoingCall, result: Findings, announcement: Path, deadline: float
 ) -> CallEvent | None:
     """A person may have answered: say so before hanging up. The call's end, if it ended
-    while the announcement played (the far end hung up, or we refused its target)."""
+    while the announcement played (the far end hung up, or we refused its target).
+
+    The media verdict is already a failure (no test endpoint was heard) and the first
+    failure wins, so the result goes out as the prompt starts (``verdict_ready``) rather
+    than 3.75 s later; the scheduler keeps the slot until the call has ended."""
     length = media.wav_duration(announcement)
     if not await call.play_file(announcement):
         return None
     result.detail["announcement"] = "played"
+    if result.outcome != "pass":  # always so here; a pass would wait for its teardown timing
+        verdict_ready(result.done())
     ended = await call.wait_ended(max(0.0, min(length + 0.3, deadline - time.monotonic())))
     if ended is not None and ended.cause == "guard_refused" and ended.refusal is not None:
         _refused_remote(result, ended.refusal, "media")

@@ -98,10 +98,12 @@ class CheckSettings(Protocol):
 
 class InviteCheck(StrictModel):
     interval: Annotated[float, duration(at_most=DAY)] = 30.0
-    # no response at all: fail at transport
-    first_response_timeout: Annotated[float, duration(at_most=MINUTE)] = 5.0
-    # ringing without answer: CANCEL, fail at answer
-    answer_timeout: Annotated[float, duration(at_most=5 * MINUTE)] = 15.0
+    # no response at all: fail at transport (a next hop answers 100 Trying in milliseconds;
+    # 3 s still covers two retransmissions of a lost INVITE, at 0.5 s and 1.5 s)
+    first_response_timeout: Annotated[float, duration(at_most=MINUTE)] = 3.0
+    # ringing without answer: CANCEL, fail at answer (fitted to automatic test endpoints,
+    # which answer at once; a target that rings first needs its own)
+    answer_timeout: Annotated[float, duration(at_most=5 * MINUTE)] = 4.0
     # how long to listen for tones after answer
     media_time: Annotated[float, duration(at_most=5 * MINUTE)] = 2.0
     max_duration: Annotated[float, duration(at_most=15 * MINUTE)] = 30.0  # hard limit for the whole call
