@@ -82,7 +82,7 @@ def test_fault_fails_at_its_stage(
     assert (out.outcome, out.stage, out.reason, out.sip_status) == ("fail", stage, reason, status), out
     if reason == "answer_timeout":  # 2 s after the INVITE went out, then CANCEL
         assert 1.9 <= took < 8.0  # the 2 s answer timer, not the call's max duration
-        assert "answer" not in out.timings and out.timings["ringing"] < 0.1
+        assert "answer" not in out.timings and out.timings["ringing"] < 1.0  # rings at once
     if fault == "one_way_media":
         assert out.media is not None and out.media.tone_heard and out.media.echo_heard is False
     if fault == "no_media":
@@ -95,7 +95,7 @@ def test_delayed_answer_passes_when_the_wait_is_long_enough(clean_responder: Res
         out = invite(proc.uri, answer_timeout="3s")
         assert out.outcome == "pass", out
         assert 1.5 <= out.timings["answer"] < 2.5
-        assert out.timings["ringing"] < 0.1  # post-dial delay is still short
+        assert out.timings["ringing"] < 0.75  # ringing at once, not at the answer
     finally:
         assert proc.stop() == 0
 
