@@ -16,6 +16,8 @@
     ├── StoreError                     monitor.store: the store cannot be opened as asked
     │                                  (missing, unreachable, not a store, or too old to read)
     ├── ActionError                    monitor.web: an HTTP API action refused its request
+    ├── QueryError (also ValueError)   monitor.selection: a status page or API query parameter
+    │                                  it cannot take (a 400 naming the parameter)
     ├── ListenError                    ecpm.http: an HTTP listener cannot bind its address
     │   └── HealthError                probes.health: the health endpoint cannot listen
     └── WireError (also ValueError)    probes.wire: a payload is not valid; ``reason`` is a

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlencode
 
+from ecpm.errors import EcpmError
 from monitor.model import TARGET_STATES, TargetStateName, TargetView
 
 __all__ = ["WORST_FIRST", "QueryError", "Selection", "TargetQuery"]
@@ -24,7 +25,7 @@ MAX_TEXT: Final = 200
 MAX_PAGE: Final = 1_000_000
 
 
-class QueryError(ValueError):
+class QueryError(EcpmError, ValueError):
     """A query parameter the selection cannot take; its message names the parameter."""
 
 
