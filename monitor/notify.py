@@ -14,6 +14,11 @@ restarts (``event_key``): the webhook's ``Idempotency-Key`` header and body, Pag
 so a Slack channel may show a repeat. The stored row holds the neutral event; the
 notifier-specific body, with its secrets, is built only at send time.
 
+Several monitors on one store (docs/scaling.md) each run a dispatcher: a page is claimed
+before it is sent (``claim_notification``: a row lock on PostgreSQL, held on the
+dispatcher's own connection until the outcome is marked), so one monitor sends it, and
+one killed mid-send lets it go at once for another to send (the at-least-once above).
+
     httpx.HTTPError (network, timeout)  ─┐
     HTTP 429 / 5xx                       ─┼─▶ retry (attempts ≤ retries), else failed
     other HTTP 4xx                       ─┴─▶ failed at once
@@ -147,8 +152,10 @@ class Dispatcher:
         """Deliver due pages until cancelled."""
         async with httpx.AsyncClient(transport=self._transport) as client:
             while True:
-                for item in self._store.due_notifications(self._clock()):
-                    await self._deliver(client, item)
+                for due in self._store.due_notifications(self._clock()):
+                    with self._store.claim_notification(due.id, self._clock()) as item:
+                        if item is not None:  # else: sent or being sent by another monitor
+                            await self._deliver(client, item)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self._sleep_for())
