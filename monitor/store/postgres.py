@@ -226,12 +226,6 @@ class Election:
             self._conn.close()
         self._conn, self._held = None, False
 
-    def __enter__(self) -> Election:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _upgrade(conn: psycopg.Connection[Any]) -> None:
     with conn.transaction():
