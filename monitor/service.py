@@ -88,12 +88,14 @@ class MonitorService:
         self._store_down = False  # the store's connection broke; _store_back reopens it
         self._reopening = asyncio.Lock()
         self._store_epoch = 0  # store connections reopened: a batch begun before one is not acked
+        self._elected: bool | None = None  # what the election said last (None: not asked yet)
         # the core restores its state but evaluates nothing (so pages nothing) until run():
         # by then the dispatcher exists, and an incident the stored state opens at once
         # (e.g. a gap after a long stop) is stored and paged like any other
         self.core = MonitorCore(config, self.store, self.registry, pager=self._page)
         self.dispatcher = Dispatcher(
-            store=self.page_store,
+            store=self.store,
+            sender=self.page_store,
             notifiers=config.notifiers,
             metrics=self.core.metrics,
             monitor=config.id,
@@ -275,9 +277,9 @@ class MonitorService:
     def _elect(self) -> None:
         """Whether this monitor evaluates, as the store's election says now."""
         held = self.election.held()
-        if held != self.core.evaluator:
-            logger.warning("monitor %s: %s", self.config.id, "evaluating" if held else "no longer evaluating")
-        self.core.evaluator = held
+        if held != self.core.evaluator or self._elected is None:
+            logger.warning("monitor %s: %s", self.config.id, "evaluating" if held else "not evaluating")
+        self.core.evaluator = self._elected = held
         self.core.metrics.evaluator.set(1.0 if held else 0.0)
 
     async def _pages(self) -> None:
