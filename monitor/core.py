@@ -51,6 +51,7 @@ from monitor.status_ingest import OrderMarks, StatusValidator
 from monitor.store import ProbeStatus, Store
 from probes.delivery import OutboxHealth
 from probes.result import format_time
+from probes.status import Order
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class MonitorCore:
         self._synced = True  # the recorded states were read (_restore) since it began evaluating
         self._tail = 0
         self._own: set[str] = set()
+        self._applied: dict[str, Order] = {}  # each probe's last status order taken here
         self._restore()
 
     # ------------------------------------------------------------ restart
@@ -251,6 +253,11 @@ class MonitorCore:
         if verdict.gap is not None:
             last, seq = verdict.gap
             self.delivery.gap(result.probe, last, seq, now)
+        elif verdict.first and (health := self._outbox_health.get(result.probe)) is not None:
+            # a probe's first result here need not be its lowest unconfirmed one (replicas
+            # split its results: a lower seq may be at the other): what lies between the
+            # probe's last ack (its status) and this seq is a gap, to fill or to replay
+            self._head_gap(result.probe, health.confirmed_seq, result.seq, now)
         if verdict.new_last_seq is not None:
             self.store.set_last_seq(result.probe, verdict.new_last_seq)
         else:  # at or below the last seq: accepted only because it fills a gap
@@ -264,6 +271,10 @@ class MonitorCore:
             self._own.add(result.id)  # tracked now: _follow skips its row
         return None
 
+    def _head_gap(self, probe: str, confirmed: int, seq: int, now: datetime) -> None:
+        if seq > confirmed + 1:
+            self.delivery.gap(probe, confirmed, seq, now)
+
     @cached_property
     def _statuses(self) -> StatusValidator:
         return StatusValidator(self.config, OrderMarks(self.store))
@@ -276,7 +287,9 @@ class MonitorCore:
         if isinstance(verdict, Rejected):
             return self._reject(verdict.reason, topic, verdict.detail)
         status = verdict.status
-        if verdict.duplicate:  # the retained copy again, on a resubscribe
+        # the retained copy again, on a resubscribe; on a shared store it may be another
+        # replica that stored it first: taken again here (every step of it is idempotent)
+        if verdict.duplicate and (not self.store.shared or self._applied.get(status.probe) == status.order):
             logger.debug("status of %s seen already", status.probe)
             return None
         previous = self._probe_status.get(status.probe)
@@ -288,6 +301,7 @@ class MonitorCore:
         self._probe_status[status.probe] = stored
         self.store.set_probe_status(stored)
         self._statuses.record(status)
+        self._applied[status.probe] = status.order
         if status.outbox is not None:
             self._outbox_health[status.probe] = status.outbox
             self.delivery.status(status.probe, status.outbox, now)

@@ -17,7 +17,9 @@ from monitor.core import MonitorCore
 from monitor.store import StoreError, StoreLost, open_store
 from monitor.store.postgres import PostgresStore
 from monitor.store.sqlite import SqliteStore
-from tests.support.monitor import Clock, ProbeSim
+from probes.delivery import OutboxHealth
+from probes.status import Status
+from tests.support.monitor import Clock, ProbeSim, StatusSim
 from tests.support.monitor import make_core as make
 
 
@@ -52,6 +54,32 @@ def test_one_probes_results_split_between_replicas_keep_one_sequence_book(postgr
     a.store.commit()
     assert b.store.outstanding() == {}
     assert b.store.contiguous_seq("p1") == 5 and a.store.last_seq("p1") == 5
+
+
+def test_a_probes_first_results_split_lower_seq_second_fill_the_head(postgres_url: str) -> None:
+    clock = Clock()
+    a, _, _ = make(postgres_url, clock)
+    b, _, _ = make(postgres_url, clock)
+    probe = StatusSim("p1")
+    probe.connected_at = clock()
+    outbox = OutboxHealth(
+        unpublished=2, unconfirmed=0, last_seq=2, confirmed_seq=0, lost=0, evicted=0, overflow=0,
+        oldest_age=None, error=None, gone=(),
+    )  # fmt: skip
+    status = Status.make(
+        probe="p1", online=True, reason=None, version="0.1.0", started_at=clock(), connected_at=clock(),
+        at=clock(), targets=("t1",), key=probe.key, outbox=outbox,
+    ).to_json()  # fmt: skip
+    for core in (a, b):  # the retained status reaches every replica
+        assert core.handle(probe.topic(), status) is None
+        core.store.commit()
+    sim = ProbeSim("p1")
+    first, second = (sim.result("t1", "pass", clock()) for _ in range(2))
+    assert b.handle(sim.topic("t1"), second.to_json()) is None  # seq 2 is stored first
+    b.store.commit()
+    assert a.handle(sim.topic("t1"), first.to_json()) is None  # seq 1: the head, not seq_reused
+    a.store.commit()
+    assert a.store.outstanding() == {} and b.store.contiguous_seq("p1") == 2
 
 
 def test_one_evaluator_opens_the_incident_the_other_shows_it_and_takes_over(postgres_url: str) -> None:
