@@ -3,15 +3,16 @@
     .venv/bin/python bench/replicas.py [--n 5000]
 
 Each setup drains the same backlog: its monitors (real ``ecpm monitor`` subprocesses,
-MQTT 5 persistent sessions, shared subscription ``$share/ecpm/...``) subscribe, are
-stopped, N signed results (tests.support.monitor.ProbeSim, 5 probes) are published to
-mosquitto, and the monitors are started again: the broker hands each session its queued
-share. The clock runs from the first stored row to the Nth (the store polled every
-10 ms), so start-up is not counted; CPU is the monitors' own over the same span, and on
-PostgreSQL the server's too (the postmaster and its backends). Setups: ``sqlite`` (one
-monitor), ``postgres`` (one), ``postgres x2`` (two replicas on one database). Peer, in
-the same run: a plain aiomqtt QoS 1 subscriber with a persistent session, in its own
-process, draining a backlog of the same N payloads. PostgreSQL is the tests' own cluster
+MQTT 5 persistent sessions, shared subscription ``$share/ecpm/...``) subscribe and store
+each probe's first result, are stopped, N signed results (tests.support.monitor.ProbeSim,
+5 probes) are published to mosquitto, and the monitors are started again, together: the
+broker hands each session its queued share. The clock runs from the first row stored
+after every monitor has subscribed to the last (the store polled every 10 ms), so
+start-up is not counted; CPU is the monitors' own over the same span, and on PostgreSQL
+the server's too (the postmaster and its backends). Setups: ``sqlite`` (one monitor),
+``postgres`` (one), ``postgres x2`` (two replicas on one database). Peer, in the same
+run: a plain aiomqtt QoS 1 subscriber with a persistent session, in its own process,
+draining a backlog of the same N payloads. PostgreSQL is the tests' own cluster
 (``tests/support/postgres.py``: a unix socket, ``fsync=off``, as SQLite's
 ``synchronous=NORMAL`` does not sync each commit either).
 """
@@ -23,11 +24,11 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ import aiomqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import monitor_memory  # noqa: E402
 from bench.ingest import cpu_seconds  # noqa: E402
 from bench.outbox_drain import publish_plain  # noqa: E402
 from tests.support.brokers import Broker  # noqa: E402
@@ -61,34 +63,13 @@ def monitor_config(name: str, port: int, store: str) -> str:
     )
 
 
-class Monitor:
-    """One ``ecpm monitor`` subprocess; ``start`` waits until it is subscribed."""
+class Monitor(monitor_memory.Monitor):
+    """One ``ecpm monitor`` subprocess on ``store`` (a SQLite file or a PostgreSQL URL);
+    ``start()`` returns once it has subscribed."""
 
     def __init__(self, tmp: Path, name: str, port: int, store: str) -> None:
-        self.config = tmp / f"{name}.yaml"
+        super().__init__(tmp, port, "auto", name)
         self.config.write_text(monitor_config(name, port, store), encoding="utf-8")
-        self.log = tmp / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, *, wait: bool = True) -> None:
-        self.log.write_bytes(b"")
-        with self.log.open("wb") as log:
-            argv = [sys.executable, "-m", "ecpm", "--log-level", "info", "monitor", "-c", str(self.config)]
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        deadline = time.monotonic() + 30
-        while wait and "subscribed to" not in self.log.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"monitor did not start: {self.log.read_text(errors='replace')}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 def tree_cpu(root: int) -> float:
@@ -107,18 +88,17 @@ def tree_cpu(root: int) -> float:
 
 
 def measure(
-    count: Callable[[], int], n: int, cpu: Callable[[], float], timeout: float = 300
+    count: Callable[[], int], n: int, cpu: Callable[[], float], *, before: int
 ) -> tuple[float, float]:
-    """(results/s, CPU seconds) from the first stored row to the Nth."""
-    deadline = time.monotonic() + timeout
-    while (first := count()) == 0:
+    """(results/s, CPU seconds) from the first row stored beyond ``before`` to the Nth."""
+    deadline = time.monotonic() + 60
+    while (first := count()) == before:
         if time.monotonic() > deadline:
             raise RuntimeError("nothing stored")
         time.sleep(0.01)
     start, cpu0 = time.monotonic(), cpu()
-    deadline = time.monotonic() + 60
     while (stored := count()) < n:
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline + 60:
             raise RuntimeError(f"stored {stored} of {n}")
         time.sleep(0.01)
     return (n - first) / (time.monotonic() - start), cpu() - cpu0
@@ -162,16 +142,19 @@ def run_setup(
     for m in monitors:  # subscribe (the sessions) and store each probe's first result
         m.start()
     asyncio.run(publish(port, backlog(sims, len(sims))))
-    measure(count, len(sims), lambda: 0.0)
+    measure(count, len(sims), lambda: 0.0, before=0)
     for m in monitors:  # then away while the backlog is published
         m.stop()
     asyncio.run(publish(port, backlog(sims, n)))
     try:
-        for m in monitors:
-            m.start(wait=False)
-        pids = [m.proc.pid for m in monitors if m.proc]
+        starts = [threading.Thread(target=m.start) for m in monitors]  # together: each its share
+        for thread in starts:
+            thread.start()
+        for thread in starts:
+            thread.join()
+        pids = [m.pid for m in monitors]
         cpu0 = tree_cpu(server) if server else 0.0
-        rate, cpu = measure(count, len(sims) + n, lambda: sum(cpu_seconds(p) for p in pids))
+        rate, cpu = measure(count, len(sims) + n, lambda: sum(cpu_seconds(p) for p in pids), before=count())
         return rate, cpu / n * 1e6, ((tree_cpu(server) if server else 0.0) - cpu0) / n * 1e6
     except RuntimeError:
         for m in monitors:
