@@ -21,6 +21,7 @@ from probes.delivery import OutboxHealth
 from probes.status import Status
 from tests.support.monitor import Clock, ProbeSim, StatusSim
 from tests.support.monitor import make_core as make
+from tests.support.processes import wait_for
 
 
 def feed(core: MonitorCore, sim: ProbeSim, outcome: str, clock: Clock, **kw: object) -> None:
@@ -103,9 +104,8 @@ def test_one_evaluator_opens_the_incident_the_other_shows_it_and_takes_over(post
         snapshot = b.evaluate(clock())
         assert snapshot.targets["t1"].open_incident == 1
         assert snapshot.targets["t1"].since == a.evaluate(clock()).targets["t1"].since
-        leader.close()  # a dies: its session, and the lock with it, is gone
-        b.evaluator = follower.held()
-        assert b.evaluator
+        leader.close()  # a dies: its session, and the lock with it, is gone (once the server sees it)
+        b.evaluator = wait_for(follower.held, 10, "b holding the evaluator's lock")
         clock.advance(10)
         feed(b, sim, "fail", clock)
         assert b.evaluate(clock()).targets["t1"].state == "down"
@@ -131,14 +131,22 @@ def test_a_page_is_claimed_by_one_connection_and_let_go_when_it_dies(postgres_ur
     first, second = open_store(postgres_url), open_store(postgres_url)
     due = first.due_notifications(clock())
     assert len(due) == 1
-    with pytest.raises(StoreLost), first.claim_notification(due[0].id, clock()) as mine:
-        assert mine is not None and mine.payload == {"k": 1}
+    held = first.claim_notification(due[0].id, clock())
+    mine = held.__enter__()
+    assert mine is not None and mine.payload == {"k": 1}
+    with second.claim_notification(due[0].id, clock()) as theirs:
+        assert theirs is None  # held by the first: skipped, not waited for
+    first.close()  # killed mid-send: the lock goes with its session (once the server sees it)
+    with pytest.raises(StoreLost):
+        held.__exit__(None, None, None)
+
+    def send() -> bool:
         with second.claim_notification(due[0].id, clock()) as theirs:
-            assert theirs is None  # held by the first: skipped, not waited for
-        first.close()  # killed mid-send: the lock goes with the connection
-        with second.claim_notification(due[0].id, clock()) as theirs:
-            assert theirs is not None
-            second.mark_notification(theirs.id, state="sent", attempts=1, at=clock())
+            if theirs is not None:
+                second.mark_notification(theirs.id, state="sent", attempts=1, at=clock())
+            return theirs is not None
+
+    wait_for(send, 10, "the page free for the second connection")
     with second.claim_notification(due[0].id, clock() + timedelta(days=1)) as again:
         assert again is None  # sent: no one sends it again
     second.close()
