@@ -135,10 +135,12 @@ def test_postgres_restarted_under_load_loses_nothing_and_the_replicas_reconnect(
     system.start_probes()
     system.wait_state("t-p1", "up")
     postgres_cluster.stop()  # immediate: every connection cut, as in a crash
-    system.wait_for(
-        lambda: all(system.metric_of(STORE_UP, n) == 0 for n in system.replicas), 30, "store_up 0 on both"
-    )
-    postgres_cluster.serve()
+    try:
+        system.wait_for(
+            lambda: all(system.metric_of(STORE_UP, n) == 0 for n in system.replicas), 30, "store_up 0 on both"
+        )
+    finally:
+        postgres_cluster.serve()  # whatever happens: later tests share the cluster
     system.wait_for(
         lambda: all(system.metric_of(STORE_UP, n) == 1 for n in system.replicas), 60, "store_up 1 again"
     )
