@@ -224,7 +224,7 @@ class MonitorService:
             ):
                 self.store.commit()
                 if pending and epoch != self._store_epoch:  # begun on a connection that broke since
-                    raise StoreLost("the batch began before the store reconnected")
+                    raise aiomqtt.MqttError("a batch begun before the store reconnected: it comes again")
                 for mid, qos in pending:
                     ack_id(client, mid, qos)
                 pending.clear()
