@@ -14,7 +14,8 @@
     ├── OutboxError                    probes.outbox: the outbox cannot be opened or written
     ├── PublisherError                 probes.mqtt: the MQTT settings cannot be used
     ├── StoreError                     monitor.store: the store cannot be opened as asked
-    │                                  (missing, unreachable, not a store, or too old to read)
+    │   │                              (missing, unreachable, not a store, or too old to read)
+    │   └── StoreLost                  its connection broke mid-work (PostgreSQL): reconnect
     ├── ActionError                    monitor.web: an HTTP API action refused its request
     ├── QueryError (also ValueError)   monitor.selection: a status page or API query parameter
     │                                  it cannot take (a 400 naming the parameter)

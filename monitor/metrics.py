@@ -354,6 +354,19 @@ class MonitorMetrics:
             "monitor_mqtt_last_message_timestamp_seconds",
             "Unix time of the last MQTT message the monitor received (0: none since it started)",
         )
+        # the store's connection and, with replicas, which monitor evaluates (docs/scaling.md)
+        self.store_up = gauge(
+            "monitor_store_up", "1 while the monitor's store answers, 0 while it reconnects (PostgreSQL)"
+        )
+        self.store_up.set(1.0)
+        self.store_reconnects = counter(
+            "monitor_store_reconnects", "Times the monitor reopened its store after losing the connection"
+        )
+        self.evaluator = gauge(
+            "monitor_evaluator",
+            "1 on the monitor that evaluates reachability, opens incidents and asks for replays"
+            " (one per store), 0 on its replicas",
+        )
         for reason in REJECT_LABELS:
             self.rejected.labels(reason)
         for probe in probes:

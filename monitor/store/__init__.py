@@ -16,8 +16,10 @@ from pathlib import Path
 from monitor.store import sqlite
 from monitor.store.protocols import (
     ChainSource,
+    Election,
     Marks,
     NotificationQueue,
+    Replicas,
     ReportSource,
     SeqBook,
     SeqReads,
@@ -39,7 +41,7 @@ from monitor.store.records import (
     read_payload,
     summarize,
 )
-from monitor.store.sql import StoreError
+from monitor.store.sql import StoreError, StoreLost
 from monitor.store.sqlite import SqliteStore
 
 
@@ -77,6 +79,7 @@ __all__ = [
     "ChainReport",
     "ChainRow",
     "ChainSource",
+    "Election",
     "Marks",
     "Migration",
     "NotificationQueue",
@@ -84,12 +87,14 @@ __all__ = [
     "ProbeStatus",
     "Quarantined",
     "QueuedNotification",
+    "Replicas",
     "ReportSource",
     "SeqBook",
     "SeqReads",
     "SqliteStore",
     "Store",
     "StoreError",
+    "StoreLost",
     "UnitOfWork",
     "Verification",
     "VerificationBook",

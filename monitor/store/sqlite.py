@@ -3,7 +3,9 @@
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction
 survives the process being killed (the monitor acknowledges MQTT messages only after
 the commit), though not necessarily a power cut before the next checkpoint. One
-process writes a file: the chain's tip is kept in memory between transactions.
+process writes a file: the chain's tip is kept in memory between transactions, and a
+monitor holds ``<file>.monitor-lock`` (``election``) so that a second one on the same file
+refuses to start (several monitors need PostgreSQL: docs/scaling.md).
 A read-only store (``read_only=True``: the report, ``ecpm ledger verify``) is opened
 with SQLite's ``mode=ro``; it creates no schema and migrates nothing, and refuses a
 store whose schema is older than this version reads (``ecpm db upgrade``, or the
@@ -17,6 +19,8 @@ open also gives any row found without a judged time (written by an older version
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from pathlib import Path
 
@@ -67,6 +71,9 @@ class SqliteStore(SqlStore):
             self._upgrade()
         self._opened()
 
+    def election(self) -> Sole:
+        return Sole(self.path)
+
     def _upgrade(self) -> None:
         todo = pending(MIGRATIONS, _version(self._db))
         if todo and todo[0].version == 1:
@@ -86,6 +93,30 @@ class SqliteStore(SqlStore):
             self._db.execute(
                 "UPDATE results SET judged_at = MIN(finished_at, received_at) WHERE judged_at IS NULL"
             )
+
+
+class Sole:
+    """The one monitor of a SQLite file: always the evaluator, holding ``<file>.monitor-lock``
+    (an exclusive ``flock``, let go when the process ends however it ends)."""
+
+    def __init__(self, path: str) -> None:
+        self._fd: int | None = os.open(f"{path}.monitor-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise StoreError(
+                f"{path}: another ecpm monitor writes this store; one SQLite file takes one monitor"
+                " (several share a PostgreSQL store: docs/scaling.md)"
+            ) from None
+
+    def held(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def pending_migrations(path: str) -> list[Migration]:
