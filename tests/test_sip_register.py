@@ -11,37 +11,20 @@ from typing import Any
 import pytest
 
 from probes.checks import invite_check
-from probes.config import Checks, InviteCheck, RegisterCheck, SipAccount, Target
+from probes.config import Target
 from probes.outcome import CheckOutcome
 from probes.register import register_check
 from probes.sip import SipEngine
 from tests.support.kamailio import PASSWORD, USER, Kamailio
 from tests.support.monitor import Clock, ProbeSim, make_core
 from tests.support.net import HOST, free_port
-from tests.support.sip import with_engine
+from tests.support.sip import account_target, with_engine
 
 pytestmark = pytest.mark.peers("kamailio")
 
 
 def target(registrar: str, uri: str, **account: Any) -> Target:
-    fields = {"registrar": registrar, "username": USER, "password": PASSWORD, "expiry": "60s", **account}
-    return Target(
-        id="desk",
-        uri=uri,
-        test_endpoint=True,
-        account=SipAccount.model_validate(fields),
-        checks=Checks(
-            register=RegisterCheck.model_validate({"timeout": "1s"}),
-            invite=InviteCheck.model_validate(
-                {
-                    "first_response_timeout": "2s",
-                    "answer_timeout": "3s",
-                    "media_time": "1s",
-                    "max_duration": "10s",
-                }
-            ),
-        ),
-    )
+    return account_target(registrar, uri, **{"username": USER, "password": PASSWORD, **account})
 
 
 def test_register_passes_through_the_digest_challenge(kamailio: Kamailio) -> None:
