@@ -15,13 +15,13 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN mkdir -p ecpm probes monitor \
  && touch ecpm/__init__.py probes/__init__.py monitor/__init__.py \
- && /opt/ecpm/bin/pip install . \
+ && /opt/ecpm/bin/pip install '.[postgres]' \
  && /opt/ecpm/bin/pip uninstall -y ecpm
 COPY ecpm ./ecpm
 COPY probes ./probes
 COPY monitor ./monitor
 RUN /opt/ecpm/bin/pip install --no-deps . \
- && /opt/ecpm/bin/python -c "import pjsua2, monitor.service, probes.config" \
+ && /opt/ecpm/bin/python -c "import pjsua2, psycopg, monitor.service, probes.config" \
  && /opt/ecpm/bin/ecpm --version
 
 FROM ${PYTHON_IMAGE}

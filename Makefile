@@ -4,7 +4,7 @@
 #   make test  - install what the tests need (Python deps in .venv, system peers via apt-get
 #                when root), then lint, type-check and run every test
 #   make faults  - the fault suite (tests/faults: brokers stopped, monitors and probes killed,
-#                a full disk, skewed clocks; one case at a time) and the ingest fuzz at
+#                a full disk, skewed clocks, monitor replicas on one PostgreSQL; one case at a time) and the ingest fuzz at
 #                ECPM_FUZZ_SCALE=10 (105,000 examples); .ci/run runs it after make test
 PYTHON ?= python3
 VENV   := .venv

@@ -44,9 +44,7 @@ from tests.support.monitor import Clock, ProbeSim, monitor_config  # noqa: E402
 def fill(tmp: Path, targets: int, probes: int) -> tuple[MonitorCore, CollectorRegistry]:
     names = [f"psap-{i:04d}" for i in range(targets)]
     probe_ids = [f"probe-{chr(97 + i)}" for i in range(probes)]
-    config = monitor_config(tmp, probes=probe_ids, targets=names[:1], interval="30s")
-    one = config.targets[0]  # the config caps targets at 500: the bench goes past it, unvalidated
-    config = config.model_copy(update={"targets": [one.model_copy(update={"id": n}) for n in names]})
+    config = monitor_config(tmp, probes=probe_ids, targets=names, interval="30s")
     clock = Clock()
     registry = CollectorRegistry()
     core = MonitorCore(config, SqliteStore(config.store.path), registry, pager=lambda *_: None, clock=clock)
@@ -146,10 +144,15 @@ async def main(targets: int, probes: int, repeats: int) -> None:
     print(f"ratio ecpm / peer (time, uncompressed): {ratio:.2f}x")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def arguments(doc: str | None) -> argparse.Namespace:
+    """``--targets``, ``--probes``, ``--repeats``: what the benches of a filled monitor take."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--targets", type=int, default=1000)
     parser.add_argument("--probes", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    args = arguments(__doc__)
     asyncio.run(main(args.targets, args.probes, args.repeats))

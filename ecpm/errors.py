@@ -7,15 +7,18 @@
     │                                  emergency number
     ├── SipError                       probes.sip: the SIP engine could not do what was asked
     │   ├── EngineClosed               the engine is not running (not started, or closed)
-    │   ├── CallSetupError             pjsua2 refused to start a request (``status``: SIP code)
+    │   ├── CallSetupError             pjsua2 refused to start a request (``status``: pjsip's status code)
     │   └── NoCallSlot                 no call slot became free within the wait limit
     ├── LayoutError                    probes.sip_targets: pjsip's structures are not laid out
     │                                  as expected (another build); the engine refuses to start
     ├── OutboxError                    probes.outbox: the outbox cannot be opened or written
     ├── PublisherError                 probes.mqtt: the MQTT settings cannot be used
     ├── StoreError                     monitor.store: the store cannot be opened as asked
-    │                                  (missing, unreachable, not a store, or too old to read)
+    │   │                              (missing, unreachable, not a store, or too old to read)
+    │   └── StoreLost                  its connection broke mid-work (PostgreSQL): reconnect
     ├── ActionError                    monitor.web: an HTTP API action refused its request
+    ├── QueryError (also ValueError)   monitor.selection: a status page or API query parameter
+    │                                  it cannot take (a 400 naming the parameter)
     ├── ListenError                    ecpm.http: an HTTP listener cannot bind its address
     │   └── HealthError                probes.health: the health endpoint cannot listen
     └── WireError (also ValueError)    probes.wire: a payload is not valid; ``reason`` is a

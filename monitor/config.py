@@ -152,7 +152,7 @@ class MonitorConfig(StrictModel):
     http: Http = Field(default_factory=Http)
     reachability: Reachability = Field(default_factory=Reachability)
     probes: list[KnownProbe] = Field(min_length=1, max_length=500)
-    targets: list[MonitoredTarget] = Field(min_length=1, max_length=500)
+    targets: list[MonitoredTarget] = Field(min_length=1, max_length=2000)
     notifiers: list[Notifier] = Field(default_factory=list, max_length=50)
 
     def config_problems(self) -> list[tuple[Loc, str]]:

@@ -12,6 +12,13 @@ Constructing a core restores its state from the store but evaluates nothing and 
 never pages: the first ``evaluate()`` (the caller's, once its pager can take a page)
 opens whatever incident the stored state calls for — e.g. a gap after the monitor was
 away longer than ``gap_incident_after`` — stored and paged like any other.
+
+Replicas (several monitors on one PostgreSQL store, docs/scaling.md): each ingests its
+share of the results under the store's writer lock (``hold_writers``), and each
+evaluation first follows what the others appended (``_follow``), so every replica's
+trackers, snapshot and pages hold the same results. Only the ``evaluator`` (the
+store's ``Election``, set by the service) records state changes and opens and resolves
+incidents; the others take each target's recorded state from the store.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from monitor.status_ingest import OrderMarks, StatusValidator
 from monitor.store import ProbeStatus, Store
 from probes.delivery import OutboxHealth
 from probes.result import format_time
+from probes.status import Order
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +114,13 @@ class MonitorCore:
         self._ingest = ResultValidator(config, store)
         self.delivery = Delivery(config, store, self.metrics)
         self.skew = SkewEstimator()  # each probe's clock skew: results are judged by it (monitor.skew)
+        # replicas: whether this monitor evaluates (the service asks the store's Election),
+        # the last row followed, and the results stored here since (tracked already)
+        self.evaluator = True
+        self._synced = True  # the recorded states were read (_restore) since it began evaluating
+        self._tail = 0
+        self._own: set[str] = set()
+        self._applied: dict[str, Order] = {}  # each probe's last status order taken here
         self._restore()
 
     # ------------------------------------------------------------ restart
@@ -130,7 +145,34 @@ class MonitorCore:
                 self._states[target] = _Standing("unknown", last_beat, "the monitor was not running")
             else:
                 self._states[target] = _Standing(state, since, "restored after restart")
+        if self.store.shared:
+            self._tail = self.store.last_row()
         self.store.commit()
+
+    def reload(self) -> None:
+        """After the store lost its connection (``StoreLost``) and reconnected: what was not
+        committed is gone (the broker delivers it again), so rebuild from what was."""
+        self.trackers = {t.id: TargetTracker(t, self.config.reachability) for t in self.config.targets}
+        self._states.clear()
+        self._last_result_at.clear()
+        self._own.clear()
+        self._probe_status = {s.probe: s for s in self.store.probe_statuses()}
+        self.__dict__.pop("_statuses", None)  # its order marks may be ones never committed
+        self.delivery = Delivery(self.config, self.store, self.metrics)
+        self.skew = SkewEstimator()
+        self._restore()
+
+    def _follow(self, now: datetime) -> None:
+        """Track the results other monitors on the store appended since the last look."""
+        while True:
+            before = self._tail
+            self._tail, summaries = self.store.results_after(before)
+            for summary in summaries:
+                if summary.id not in self._own:
+                    self._track(summary, now)
+            if self._tail == before:
+                break
+        self._own.clear()
 
     def _track(self, summary: ResultSummary, now: datetime) -> None:
         """Feed a result to its target's tracker at its judged time (``monitor.skew``),
@@ -178,6 +220,9 @@ class MonitorCore:
         redelivered and kill it again after every restart.
         """
         try:
+            if topic.startswith((self._results_prefix, self._status_prefix)):
+                # replicas: read the sequence book only after every other writer committed
+                self.store.hold_writers()
             if topic.startswith(self._results_prefix):
                 return self._result(topic, payload)
             if topic.startswith(self._status_prefix):
@@ -208,6 +253,11 @@ class MonitorCore:
         if verdict.gap is not None:
             last, seq = verdict.gap
             self.delivery.gap(result.probe, last, seq, now)
+        elif verdict.first and (health := self._outbox_health.get(result.probe)) is not None:
+            # a probe's first result here need not be its lowest unconfirmed one (replicas
+            # split its results: a lower seq may be at the other): what lies between the
+            # probe's last ack (its status) and this seq is a gap, to fill or to replay
+            self._head_gap(result.probe, health.confirmed_seq, result.seq, now)
         if verdict.new_last_seq is not None:
             self.store.set_last_seq(result.probe, verdict.new_last_seq)
         else:  # at or below the last seq: accepted only because it fills a gap
@@ -217,7 +267,13 @@ class MonitorCore:
         except (ValueError, TypeError, OverflowError) as exc:  # validated: never, but never fatal
             logger.error("result %s stored but not counted in the metrics: %s", result.id, exc)
         self._track(replace(verdict.summary, judged_at=judged, clock_skew=skew), now)
+        if self.store.shared:
+            self._own.add(result.id)  # tracked now: _follow skips its row
         return None
+
+    def _head_gap(self, probe: str, confirmed: int, seq: int, now: datetime) -> None:
+        if seq > confirmed + 1:
+            self.delivery.gap(probe, confirmed, seq, now)
 
     @cached_property
     def _statuses(self) -> StatusValidator:
@@ -231,7 +287,9 @@ class MonitorCore:
         if isinstance(verdict, Rejected):
             return self._reject(verdict.reason, topic, verdict.detail)
         status = verdict.status
-        if verdict.duplicate:  # the retained copy again, on a resubscribe
+        # the retained copy again, on a resubscribe; on a shared store it may be another
+        # replica that stored it first: taken again here (every step of it is idempotent)
+        if verdict.duplicate and (not self.store.shared or self._applied.get(status.probe) == status.order):
             logger.debug("status of %s seen already", status.probe)
             return None
         previous = self._probe_status.get(status.probe)
@@ -243,6 +301,7 @@ class MonitorCore:
         self._probe_status[status.probe] = stored
         self.store.set_probe_status(stored)
         self._statuses.record(status)
+        self._applied[status.probe] = status.order
         if status.outbox is not None:
             self._outbox_health[status.probe] = status.outbox
             self.delivery.status(status.probe, status.outbox, now)
@@ -257,13 +316,20 @@ class MonitorCore:
     def evaluate(self, now: datetime | None = None) -> Snapshot:
         """Recompute every target's state; record changes; open/resolve incidents; new snapshot."""
         now = now or self.clock()
+        if self.store.shared:
+            self._follow(now)
+            self.delivery.follow(now)
+        if not (self.evaluator and self._synced):  # another monitor may have recorded states
+            self._sync_states()
+        self._synced = self.evaluator
         open_by_key: OpenIncidents = {(i.target, i.kind): i for i in self.store.open_incidents()}
         views: dict[str, TargetView] = {}
         for target_id, tracker in self.trackers.items():
             verdict = self._verdict(target_id, tracker, now)
             standing = self._record(target_id, verdict, now)
-            self._down_rule(open_by_key, tracker, verdict, now)
-            self._gap_rule(open_by_key, tracker, standing, now)
+            if self.evaluator:
+                self._down_rule(open_by_key, tracker, verdict, now)
+                self._gap_rule(open_by_key, tracker, standing, now)
             views[target_id] = self._target_view(tracker, verdict, standing, open_by_key)
         self.store.commit()  # state changes and incidents together (pages commit with their incident)
         self._snapshot = Snapshot(
@@ -285,19 +351,28 @@ class MonitorCore:
             verdict = replace(verdict, why=f"{self._cut_off}; {verdict.why}")
         return verdict
 
+    def _sync_states(self) -> None:
+        """Each target's state as recorded in the store (by the evaluating monitor)."""
+        for target, (state, since) in self.store.latest_states().items():
+            if target in self.trackers:
+                known = self._states.get(target)
+                self._states[target] = _Standing(state, since, known.why if known else "as recorded")
+
     def _record(self, target_id: str, verdict: Verdict, now: datetime) -> _Standing:
         """Store a change of state (since now); the standing keeps its ``since`` otherwise and
-        always carries the latest reason."""
+        always carries the latest reason. A monitor that does not evaluate records nothing:
+        it shows a change (since now) until the evaluator's record of it arrives."""
         previous = self._states.get(target_id)
         since = now
         if previous is not None and previous.state == verdict.state:
             since = previous.since
-        else:
+        elif self.evaluator:
             self.store.add_state_change(target_id, verdict.state, now, verdict.why)
             if previous is not None:
                 logger.info("target %s: %s → %s (%s)", target_id, previous.state, verdict.state, verdict.why)
         standing = _Standing(verdict.state, since, verdict.why)
-        self._states[target_id] = standing
+        if self.evaluator:
+            self._states[target_id] = standing
         return standing
 
     def _down_rule(

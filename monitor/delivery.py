@@ -20,6 +20,12 @@ published before this monitor first subscribed, which no store has confirmed).
 
 All of it is bookkeeping in the store (``seq_gaps``, ``seq_gone``), so a restart loses
 nothing: acks are sent again on connect, open gaps are asked for again.
+
+Replicas (docs/scaling.md): every monitor on a shared store acks after its own commits
+(an ack says what the store holds, whoever stored it; the probe keeps the highest), but
+only the evaluating one asks for replays (``outgoing(replays=True)``): two askers would
+restart each other's replay. It learns of every replica's gaps, and of the repairs other
+replicas stored (progress), from the store each evaluation (``follow``).
 """
 
 from __future__ import annotations
@@ -105,6 +111,15 @@ class Delivery:
     def _refresh(self) -> None:
         self._outstanding = None
 
+    def follow(self, now: datetime) -> None:
+        """What other monitors on the store recorded: gaps to ask for, gaps they repaired."""
+        before = self._outstanding or {}
+        self._outstanding = self._store.outstanding()
+        for probe, missing in self._outstanding.items():
+            self._replay_due.setdefault(probe, now)
+            if missing < before.get(probe, missing):
+                self._progress[probe] = now
+
     @property
     def outstanding(self) -> dict[str, int]:
         """Missing results per probe, neither repaired nor gone (read once per change: a
@@ -119,8 +134,9 @@ class Delivery:
         """After a reconnect: the broker may have lost the retained acks."""
         self._sent_ack.clear()
 
-    def outgoing(self, now: datetime) -> list[Outgoing]:
-        """Acks and replay requests due now; call after the store committed."""
+    def outgoing(self, now: datetime, *, replays: bool = True) -> list[Outgoing]:
+        """Acks and replay requests (unless ``replays`` is False) due now; call after the
+        store committed."""
         out: list[Outgoing] = []
         for probe, key in self._keys.items():
             seq = self._store.contiguous_seq(probe)
@@ -128,7 +144,7 @@ class Delivery:
                 out.append(Outgoing(f"{self._acks}{probe}", make_ack(probe, seq, now, key), retain=True))
                 self._sent_ack[probe] = seq
             due = self._replay_due.get(probe)
-            if due is None or due > now:
+            if not replays or due is None or due > now:
                 continue
             progress = self._progress.get(probe)
             if progress is not None and now - progress < REPLAY_EVERY:

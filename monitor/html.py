@@ -1,4 +1,4 @@
-"""The one way the monitor writes HTML: the status page (``monitor.web``) and the evidence
+"""The one way the monitor writes HTML: the status page (``monitor.status_page``) and the evidence
 report (``monitor.report_render.html``) both build it here.
 
 ``el`` and ``html`` escape every plain ``str``; only a :class:`Markup` (what they return)
@@ -41,44 +41,45 @@ def escape(text: str) -> str:
     )
 
 
-def _flatten(node: Node, out: list[str]) -> None:
-    if node is None:
-        return
-    if isinstance(node, Markup):
-        out.append(node)
-    elif isinstance(node, str):
-        out.append(escape(node))
-    else:
-        for child in node:
-            _flatten(child, out)
+def _flatten(nodes: Sequence[Node], out: list[str]) -> None:
+    for node in nodes:
+        if node is None:
+            continue
+        if type(node) is Markup:  # the common case first: a page is mostly built elements
+            out.append(node)
+        elif isinstance(node, str):
+            out.append(node if isinstance(node, Markup) else escape(node))
+        else:
+            _flatten(node, out)
 
 
 def html(*children: Node) -> Markup:
     """Join children into markup, escaping every plain string."""
     out: list[str] = []
-    _flatten(list(children), out)
+    _flatten(children, out)
     return Markup("".join(out))
 
 
-_VOID = frozenset({"br", "meta", "link"})
+_VOID = frozenset({"br", "meta", "link", "input"})
 _SVG_EMPTY = frozenset({"line", "polyline", "rect"})  # written ``<line .../>`` when childless
 
 
-def el(name: str, *children: Node, **attrs: str | int | float | bool | None) -> Markup:
+def el(name: str, /, *children: Node, **attrs: str | int | float | bool | None) -> Markup:
     """``el("td", "x", class_="num", data_label="MOS")`` → ``<td class="num" data-label="MOS">x</td>``.
 
     An attribute that is None or False is left out; True writes it bare. A trailing ``_``
     is dropped (``class_``) and any other ``_`` becomes ``-`` (``data_label``)."""
-    parts = [name]
+    opening = "<" + name
     for key, value in attrs.items():
         if value is None or value is False:
             continue
         attr = key.rstrip("_").replace("_", "-")
-        parts.append(attr if value is True else f'{attr}="{escape(str(value))}"')
-    opening = "<" + " ".join(parts)
+        opening += f" {attr}" if value is True else f' {attr}="{escape(str(value))}"'
     if name in _VOID:
         return Markup(opening + ">")
-    inner = html(*children)
+    out: list[str] = []
+    _flatten(children, out)
+    inner = "".join(out)
     if not inner and name in _SVG_EMPTY:
         return Markup(opening + "/>")
     return Markup(f"{opening}>{inner}</{name}>")

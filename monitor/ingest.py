@@ -60,6 +60,7 @@ class Accepted:
     duplicate: bool  # its id is already stored: count it, store nothing
     gap: tuple[int, int] | None  # (last stored seq, this seq) when results are missing between
     new_last_seq: int | None  # the probe's new highest seq, when this one raises it
+    first: bool = False  # the first result of its probe in the store (no last seq yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,4 +155,4 @@ class ResultValidator:
             )
         gap = (last, seq) if last is not None and seq > last + 1 else None
         new_last = seq if last is None or seq > last else None
-        return Accepted(result, summary, duplicate=False, gap=gap, new_last_seq=new_last)
+        return Accepted(result, summary, duplicate=False, gap=gap, new_last_seq=new_last, first=last is None)

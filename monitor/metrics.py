@@ -47,6 +47,8 @@ REJECT_LABELS = tuple(
 # the failing-stage label: a stage from the wire that is not one of STAGES counts as this
 OTHER_STAGE = "other"
 NOTIFY_OUTCOMES = ("sent", "retry", "failed")
+REGISTER = "register"  # the check kind whose latest result per probe is ecpm_registration_up
+REGISTERED = {"pass": 1.0, "fail": 0.0}
 
 Key = tuple[str, ...]
 
@@ -175,6 +177,13 @@ def state_families(snap: Snapshot) -> list[Family]:
     mos = Family(
         f"{NAMESPACE}_media_mos", "E-model MOS estimate of the latest call", "gauge", ["target", "probe"]
     )
+    registration = Family(
+        f"{NAMESPACE}_registration_up",
+        "1 when the latest register check of the target's account passed, 0 when it failed"
+        " (NaN: inconclusive); only for targets that run a register check",
+        "gauge",
+        ["target", "probe"],
+    )
     open_by_target: dict[str, int] = {}
     for incident in snap.open_incidents:
         open_by_target[incident.target] = open_by_target.get(incident.target, 0) + 1
@@ -189,6 +198,8 @@ def state_families(snap: Snapshot) -> list[Family]:
         for r in view.latest:
             if r.check in CALL_KINDS and r.mos is not None and (view.id, r.probe) not in mos.values:
                 mos.values[(view.id, r.probe)] = r.mos
+            if r.check == REGISTER and (view.id, r.probe) not in registration.values:
+                registration.values[(view.id, r.probe)] = REGISTERED.get(r.outcome, math.nan)
     probe_up = Family(
         f"{NAMESPACE}_probe_up", "1 when the probe is online and reporting on time", "gauge", ["probe"]
     )
@@ -248,6 +259,7 @@ def state_families(snap: Snapshot) -> list[Family]:
         last_ok,
         incidents,
         mos,
+        registration,
         probe_up,
         skew,
         outstanding,
@@ -341,6 +353,19 @@ class MonitorMetrics:
         self.mqtt_last_message = gauge(
             "monitor_mqtt_last_message_timestamp_seconds",
             "Unix time of the last MQTT message the monitor received (0: none since it started)",
+        )
+        # the store's connection and, with replicas, which monitor evaluates (docs/scaling.md)
+        self.store_up = gauge(
+            "monitor_store_up", "1 while the monitor's store answers, 0 while it reconnects (PostgreSQL)"
+        )
+        self.store_up.set(1.0)
+        self.store_reconnects = counter(
+            "monitor_store_reconnects", "Times the monitor reopened its store after losing the connection"
+        )
+        self.evaluator = gauge(
+            "monitor_evaluator",
+            "1 on the monitor that evaluates reachability, opens incidents and asks for replays"
+            " (one per store), 0 on its replicas",
         )
         for reason in REJECT_LABELS:
             self.rejected.labels(reason)

@@ -14,6 +14,11 @@ restarts (``event_key``): the webhook's ``Idempotency-Key`` header and body, Pag
 so a Slack channel may show a repeat. The stored row holds the neutral event; the
 notifier-specific body, with its secrets, is built only at send time.
 
+Several monitors on one store (docs/scaling.md) each run a dispatcher: a page is claimed
+before it is sent (``claim_notification``: a row lock on PostgreSQL, held on the
+``sender``, the dispatcher's own connection, until the outcome is marked), so one monitor sends it, and
+one killed mid-send lets it go at once for another to send (the at-least-once above).
+
     httpx.HTTPError (network, timeout)  ─┐
     HTTP 429 / 5xx                       ─┼─▶ retry (attempts ≤ retries), else failed
     other HTTP 4xx                       ─┴─▶ failed at once
@@ -117,6 +122,7 @@ class Dispatcher:
         self,
         *,
         store: NotificationQueue,
+        sender: NotificationQueue | None = None,
         notifiers: Sequence[Notifier],
         metrics: MonitorMetrics,
         monitor: str,
@@ -124,7 +130,8 @@ class Dispatcher:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._store = store
+        self._store = store  # pages are queued here, in the transaction of their incident
+        self._sender = sender or store  # and claimed and marked here (replicas: its own connection)
         self._notifiers = {n.name: n for n in notifiers}
         self._metrics = metrics
         self._monitor = monitor
@@ -147,22 +154,24 @@ class Dispatcher:
         """Deliver due pages until cancelled."""
         async with httpx.AsyncClient(transport=self._transport) as client:
             while True:
-                for item in self._store.due_notifications(self._clock()):
-                    await self._deliver(client, item)
+                for due in self._sender.due_notifications(self._clock()):
+                    with self._sender.claim_notification(due.id, self._clock()) as item:
+                        if item is not None:  # else: sent or being sent by another monitor
+                            await self._deliver(client, item)
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=self._sleep_for())
 
     def _sleep_for(self) -> float:
-        nxt = self._store.next_notification_at()
+        nxt = self._sender.next_notification_at()
         if nxt is None:
             return 5.0
         return min(5.0, max(0.05, (nxt - self._clock()).total_seconds()))
 
     def _mark(self, notification_id: int, **outcome: Any) -> None:
         """A page's outcome, durable at once: a restart must not send a sent page again."""
-        with self._store.transaction():
-            self._store.mark_notification(notification_id, **outcome)
+        with self._sender.transaction():
+            self._sender.mark_notification(notification_id, **outcome)
 
     async def _deliver(self, client: httpx.AsyncClient, item: QueuedNotification) -> None:
         notifier = self._notifiers.get(item.notifier)

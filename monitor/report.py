@@ -78,7 +78,7 @@ from monitor.store import (
     Verification,
     WindowAsk,
 )
-from probes.outcome import CALL_KINDS, CHECK_KINDS
+from probes.outcome import CALL_KINDS
 from probes.result import ResultError, format_time, parse_time
 
 SCHEMA: Final = "ecpm.report/1"
@@ -841,6 +841,7 @@ class _Silences:
 
 
 _CALLS: Final = ("placed", "passed", "failed", "inconclusive")  # CallCounts, by outcome
+PING_KIND: Final = "options"  # the report's pings (report-v1 "options": OPTIONS pings sent)
 _PLACED_AS: Final = ("scheduled", "confirmations", "on_demand")  # CallCounts, by why placed
 _PINGS: Final = ("sent", "passed", "failed", "inconclusive")  # PingCounts
 
@@ -910,7 +911,7 @@ class _TargetTally:
             self.kinds["confirmations" if confirm else "on_demand" if on_demand else "scheduled"] += n
             self.buckets.calls[k] += n
             getattr(self.buckets, counted)[k] += n
-        elif check in CHECK_KINDS:  # every other kind is a ping
+        elif check == PING_KIND:  # the schema's "options" figures; register is not a ping there
             self.pings["sent"] += n
             self.pings[counted] += n
             self.buckets.pings[k] += n

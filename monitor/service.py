@@ -27,12 +27,24 @@ Tasks, all in one asyncio loop:
 - **pages**: the notifier dispatcher.
 - **http**: /metrics, /healthz, the JSON API and the status page.
 - **retention**: prunes results older than ``store.retention`` hourly.
+
+Replicas (docs/scaling.md): monitors on one PostgreSQL store and one shared subscription
+split the results. Each tick asks the store's ``Election`` whether this one evaluates
+(``ecpm_monitor_evaluator``); pages go out through a store connection of their own, each
+claimed before it is sent. SQLite takes one monitor per file: a second one refuses to start.
+
+A store connection that breaks (``StoreLost``: PostgreSQL restarted, a network cut) is
+reopened every second until the server answers (``ecpm_monitor_store_up`` 0 meanwhile,
+``ecpm_monitor_store_reconnects_total``), the core is rebuilt from what was committed, and
+the MQTT session is dropped and resumed: the broker delivers again every message not
+acknowledged, and none was acknowledged before its batch committed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -49,7 +61,7 @@ from monitor.config import MonitorConfig
 from monitor.core import MonitorCore
 from monitor.delivery import Outgoing
 from monitor.notify import Dispatcher
-from monitor.store import open_store
+from monitor.store import StoreError, StoreLost, open_store
 from monitor.verification import PostChangeVerifier
 from monitor.web import create_app, serve
 
@@ -70,12 +82,20 @@ class MonitorService:
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.store = open_store(config.store.where)
+        self.election = self.store.election()  # SQLite: refuses a second monitor on the file
+        # replicas: pages are claimed on a connection of their own (a row lock held while sent)
+        self.page_store = open_store(config.store.where) if self.store.shared else self.store
+        self._store_down = False  # the store's connection broke; _store_back reopens it
+        self._reopening = asyncio.Lock()
+        self._store_epoch = 0  # store connections reopened: a batch begun before one is not acked
+        self._elected: bool | None = None  # what the election said last (None: not asked yet)
         # the core restores its state but evaluates nothing (so pages nothing) until run():
         # by then the dispatcher exists, and an incident the stored state opens at once
         # (e.g. a gap after a long stop) is stored and paged like any other
         self.core = MonitorCore(config, self.store, self.registry, pager=self._page)
         self.dispatcher = Dispatcher(
             store=self.store,
+            sender=self.page_store,
             notifiers=config.notifiers,
             metrics=self.core.metrics,
             monitor=config.id,
@@ -98,6 +118,7 @@ class MonitorService:
         await asyncio.wait_for(self.mqtt_client.publish(topic, payload, qos=1), timeout=10)
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._elect()
         self.core.evaluate()  # the first evaluation after a (re)start: the pager exists now
         app = create_app(
             snapshot=self.core.snapshot,
@@ -110,7 +131,7 @@ class MonitorService:
             asyncio.create_task(self._mqtt(), name="mqtt"),
             asyncio.create_task(self._tick(), name="tick"),
             asyncio.create_task(self._send_delivery(), name="delivery"),
-            asyncio.create_task(self.dispatcher.run(), name="pages"),
+            asyncio.create_task(self._pages(), name="pages"),
             asyncio.create_task(serve(app, self.config.http.listen), name="http"),
             asyncio.create_task(self._retention(), name="retention"),
         ]
@@ -122,8 +143,11 @@ class MonitorService:
         for task in (*tasks, stopper):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.store.commit()
-        self.store.close()
+        with contextlib.suppress(StoreLost):
+            self.store.commit()
+        self.election.close()
+        for store in {id(self.store): self.store, id(self.page_store): self.page_store}.values():
+            store.close()
         for task in tasks:  # a task that ended by itself is a failure worth raising
             if task in done and not task.cancelled() and (error := task.exception()) is not None:
                 raise error
@@ -163,7 +187,13 @@ class MonitorService:
         self.core.delivery.resend_acks()  # the broker may have lost the retained ones
         self.connected.set()
         self.core.broker_connection(True)
-        await self._consume(client)
+        try:
+            await self._consume(client)
+        except StoreLost as exc:
+            await self._store_back(exc)
+            # the batch that was being stored is gone: resume the session, and the broker
+            # delivers again what was not acknowledged
+            raise aiomqtt.MqttError("the store reconnected: unacknowledged messages come again") from None
 
     def _down(self, exc: BaseException | None) -> None:
         self.connected.clear()
@@ -176,11 +206,14 @@ class MonitorService:
         evaluated = 0.0
         interval = self.config.store.commit_interval
         last_message = self.core.metrics.mqtt_last_message
+        epoch = self._store_epoch
         async for message in client.messages:
             last_message.set(time.time())
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             self.core.handle(message.topic.value, payload)
             if message.qos > 0:
+                if not pending:
+                    epoch = self._store_epoch
                 pending.append((message.mid, message.qos))
             del message, payload  # a batch keeps packet ids, not payloads
             # commit when the queue is drained, the batch is big, or it has waited long enough
@@ -190,6 +223,8 @@ class MonitorService:
                 or time.monotonic() - started >= interval
             ):
                 self.store.commit()
+                if pending and epoch != self._store_epoch:  # begun on a connection that broke since
+                    raise aiomqtt.MqttError("a batch begun before the store reconnected: it comes again")
                 for mid, qos in pending:
                     ack_id(client, mid, qos)
                 pending.clear()
@@ -206,7 +241,7 @@ class MonitorService:
         """Acks and replay requests (monitor.delivery), computed right after a commit with no
         await in between, so an ack never covers a row a crash could still lose."""
         self.store.commit()
-        for out in self.core.delivery.outgoing(self.core.clock()):
+        for out in self.core.delivery.outgoing(self.core.clock(), replays=self.core.evaluator):
             if self._outgoing.full():
                 logger.warning("delivery queue full: %s dropped (sent again later)", out.topic)
                 continue
@@ -229,17 +264,67 @@ class MonitorService:
 
     async def _tick(self) -> None:
         while True:
-            self.core.evaluate()
-            self.core.beat()  # a restart after silence records the time away as unknown
-            if self.mqtt_client is not None:
-                self._queue_delivery()  # replay requests are asked again while outstanding
+            try:
+                self._elect()
+                self.core.evaluate()
+                self.core.beat()  # a restart after silence records the time away as unknown
+                if self.mqtt_client is not None:
+                    self._queue_delivery()  # replay requests are asked again while outstanding
+            except StoreLost as exc:
+                await self._store_back(exc)
             await asyncio.sleep(1.0)
+
+    def _elect(self) -> None:
+        """Whether this monitor evaluates, as the store's election says now."""
+        held = self.election.held()
+        if held != self.core.evaluator or self._elected is None:
+            logger.warning("monitor %s: %s", self.config.id, "evaluating" if held else "not evaluating")
+        self.core.evaluator = self._elected = held
+        self.core.metrics.evaluator.set(1.0 if held else 0.0)
+
+    async def _pages(self) -> None:
+        while True:
+            try:
+                await self.dispatcher.run()
+            except StoreLost as exc:  # the pages' own connection: reopened by itself
+                logger.error("pages: %s; reconnecting", exc)
+                await self._reopen(self.page_store)
+
+    async def _store_back(self, exc: StoreLost) -> None:
+        """The store's connection broke: reopen it and rebuild the core from what was
+        committed. Whichever task meets it first does it; the others wait for that one."""
+        self._store_down = True  # set before any await: whoever meets it marks it
+        async with self._reopening:
+            if not self._store_down:
+                return  # reopened meanwhile by another task
+            logger.error("store: %s; reconnecting every second", exc)
+            self.core.metrics.store_up.set(0.0)
+            await self._reopen(self.store, after=self.core.reload)
+            self._store_down = False
+            self._store_epoch += 1
+            self.core.metrics.store_up.set(1.0)
+            self.core.metrics.store_reconnects.inc()
+            logger.warning("store: reconnected")
+
+    @staticmethod
+    async def _reopen(store: Any, *, after: Callable[[], None] = lambda: None) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(store.reconnect)
+                after()
+                return
+            except StoreError:  # still away (StoreLost: lost again while rebuilding)
+                await asyncio.sleep(1.0)
 
     async def _retention(self) -> None:
         while True:
             cutoff = datetime.now(UTC) - timedelta(seconds=self.config.store.retention)
-            with self.store.transaction():
-                pruned = self.store.prune(cutoff)
+            try:
+                with self.store.transaction():
+                    pruned = self.store.prune(cutoff)
+            except StoreLost as exc:
+                await self._store_back(exc)
+                continue
             if pruned:
                 logger.info("retention: pruned %d results older than %s", pruned, cutoff.isoformat())
             await asyncio.sleep(3600)

@@ -2,8 +2,8 @@
 
 An entry names the kind and gives its settings model (the ``checks.<kind>`` section of a
 target, ``probes/config.py``), its runner (``async (engine, target, settings) ->
-CheckOutcome``; invite and options are in ``probes/checks.py``, a new kind brings its own
-module), the stages it times and fails at, the bounded
+CheckOutcome``; invite and options are in ``probes/checks.py``, register in ``probes/register.py``: a
+new kind brings its own module), the stages it times and fails at, the bounded
 reasons it fails with, and whether it is a test call (its results decide reachability)
 or a ping. Everything that needs to know the kinds reads this: the agent runs
 ``REGISTRY[kind]``, MQTT commands accept its names, ``ecpm call`` prints its stages.
@@ -30,8 +30,9 @@ from probes.checks import (
     invite_check,
     options_check,
 )
-from probes.config import CheckSettings, InviteCheck, OptionsCheck, Target
+from probes.config import CheckSettings, InviteCheck, OptionsCheck, RegisterCheck, Target
 from probes.outcome import STAGES, CheckOutcome
+from probes.register import REGISTER_REASONS, register_check
 from probes.scheduler import SCHEDULER_REASONS
 from probes.sip import SipEngine
 
@@ -74,6 +75,14 @@ REGISTRY: Final[Mapping[str, CheckKind[Any]]] = _registry(
         run=options_check,
         stages=("transport", "answer"),
         reasons=(*SETUP_REASONS, *STATUS_REASONS),
+        call=False,
+    ),
+    CheckKind(
+        name="register",
+        settings=RegisterCheck,
+        run=register_check,
+        stages=("transport", "trying", "answer"),
+        reasons=(*SETUP_REASONS, *STATUS_REASONS, *REGISTER_REASONS),
         call=False,
     ),
 )

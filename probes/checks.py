@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -33,6 +33,7 @@ from probes import media, nena
 from probes.config import EmergencyShape, InviteCheck, OptionsCheck, Target
 from probes.guard import GuardRefusal
 from probes.outcome import CheckOutcome, MediaStats, Outcome
+from probes.scheduler import verdict_ready
 from probes.sip import (
     CallEvent,
     CallOptions,
@@ -67,10 +68,11 @@ STATUS_REASONS: Final = (
 )  # fmt: skip
 # What nena.score_answer gives an emergency-shaped call's answer
 NENA_REASONS: Final = ("unsupported_service", "test_call_limit", "no_location_echo", "location_mismatch")
-# The invite check's own: a call slot, the answer timer, media and teardown, the hard cap
+# The invite check's own: the registration of a call from an account, a call slot, the answer
+# timer, media and teardown, the hard cap
 CALL_REASONS: Final = (
-    "no_call_slot", "answer_timeout", "no_media", "no_rtp", "no_tone", "no_echo", "remote_hangup",
-    "teardown_timeout", "max_duration",
+    "not_registered", "no_call_slot", "answer_timeout", "no_media", "no_rtp", "no_tone", "no_echo",
+    "remote_hangup", "teardown_timeout", "max_duration",
 )  # fmt: skip
 
 
@@ -112,7 +114,16 @@ def dial_for(target: Target) -> Dial:
         transport=target.transport,
         auth=target.auth,
         carrier_test_service=target.carrier(),
+        account=target.account,
     )
+
+
+def registrar_dial(target: Target) -> Dial:
+    """The REGISTER of the target's account: its registrar, judged by the guard as any dial."""
+    account = target.account
+    if account is None:
+        raise CallSetupError(f"target {target.id} has no account to register")
+    return replace(dial_for(target), uri=account.registrar, transport=account.transport, auth=None)
 
 
 @dataclass(slots=True)
@@ -253,6 +264,8 @@ async def invite_check(
         if shape.location is not None and cid is not None:
             pidf = nena.build_pidf_lo(shape.location)
             parts = (Part("application/pidf+xml", pidf, (("Content-ID", f"<{cid}>"),)),)
+    if target.account is not None and (unregistered := await _registered(engine, target, cfg, result)):
+        return unregistered
     workdir = Path(tempfile.mkdtemp(prefix="ecpm-call-"))
     recording = workdir / "received.wav"
     try:
@@ -299,6 +312,32 @@ async def invite_check(
         return result.done()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _registered(
+    engine: SipEngine, target: Target, cfg: InviteCheck, result: Findings
+) -> CheckOutcome | None:
+    """A call from an account needs its registration (registered now, if it never was): a
+    lost one fails the call at once, at transport, with the registrar's last word."""
+    try:
+        reg = await asyncio.wait_for(
+            engine.register(registrar_dial(target), timeout=cfg.first_response_timeout, fresh=False),
+            2 * cfg.first_response_timeout + 1.0,
+        )
+    except GuardRefusal as refusal:
+        return result.refused(refusal)
+    except TimeoutError:
+        result.fail("transport", "not_registered")
+        return result.done()
+    except (EngineClosed, CallSetupError, SipError) as exc:
+        return result.not_sent(exc)
+    if reg.registered:
+        return None
+    result.fail("transport", "not_registered")
+    result.detail["registration"] = f"{reg.status} {reg.reason}"
+    if reg.lost is not None:
+        result.detail["lost"] = reg.lost
+    return result.done()
 
 
 async def _signalling(
@@ -578,11 +617,17 @@ async def _announce(
     call: OutgoingCall, result: Findings, announcement: Path, deadline: float
 ) -> CallEvent | None:
     """A person may have answered: say so before hanging up. The call's end, if it ended
-    while the announcement played (the far end hung up, or we refused its target)."""
+    while the announcement played (the far end hung up, or we refused its target).
+
+    The media verdict is already a failure (no test endpoint was heard) and the first
+    failure wins, so the result goes out as the prompt starts (``verdict_ready``) rather
+    than 3.75 s later; the scheduler keeps the slot until the call has ended."""
     length = media.wav_duration(announcement)
     if not await call.play_file(announcement):
         return None
     result.detail["announcement"] = "played"
+    if result.outcome != "pass":  # always so here; a pass would wait for its teardown timing
+        verdict_ready(result.done())
     ended = await call.wait_ended(max(0.0, min(length + 0.3, deadline - time.monotonic())))
     if ended is not None and ended.cause == "guard_refused" and ended.refusal is not None:
         _refused_remote(result, ended.refusal, "media")

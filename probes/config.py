@@ -6,6 +6,7 @@ and ``config/responder.example.yaml``; keep the two in step.
 
 from __future__ import annotations
 
+import warnings
 from typing import Annotated, Literal, Protocol, Self
 
 import phonenumbers
@@ -97,10 +98,12 @@ class CheckSettings(Protocol):
 
 class InviteCheck(StrictModel):
     interval: Annotated[float, duration(at_most=DAY)] = 30.0
-    # no response at all: fail at transport
-    first_response_timeout: Annotated[float, duration(at_most=MINUTE)] = 5.0
-    # ringing without answer: CANCEL, fail at answer
-    answer_timeout: Annotated[float, duration(at_most=5 * MINUTE)] = 15.0
+    # no response at all: fail at transport (a next hop answers 100 Trying in milliseconds;
+    # 3 s still covers two retransmissions of a lost INVITE, at 0.5 s and 1.5 s)
+    first_response_timeout: Annotated[float, duration(at_most=MINUTE)] = 3.0
+    # ringing without answer: CANCEL, fail at answer (fitted to automatic test endpoints,
+    # which answer at once; a target that rings first needs its own)
+    answer_timeout: Annotated[float, duration(at_most=5 * MINUTE)] = 4.0
     # how long to listen for tones after answer
     media_time: Annotated[float, duration(at_most=5 * MINUTE)] = 2.0
     max_duration: Annotated[float, duration(at_most=15 * MINUTE)] = 30.0  # hard limit for the whole call
@@ -135,24 +138,41 @@ class OptionsCheck(StrictModel):
         return self.timeout
 
 
-class Checks(StrictModel):
-    """A target's ``checks:``: one optional field per check kind, named as the kind and
-    typed as its registry entry's ``settings`` (probes.check_kinds; a test keeps them in
-    step). Nothing else here names a kind."""
+class RegisterCheck(StrictModel):
+    interval: Annotated[float, duration(at_most=DAY)] = 60.0
+    # each REGISTER transaction (the challenged one, then the one with credentials): no
+    # final response within it fails at transport
+    timeout: Annotated[float, duration(at_most=MINUTE)] = 5.0
 
-    invite: InviteCheck | None = None
-    options: OptionsCheck | None = None
+    @property
+    def time_limit(self) -> float:
+        return 2 * self.timeout  # REGISTER -> 401/407, then REGISTER with credentials -> 200
 
-    @model_validator(mode="after")
-    def _at_least_one(self) -> Self:
-        if not self.enabled():
-            raise ValueError(f"enable at least one check: {' or '.join(type(self).model_fields)}")
-        return self
 
-    def enabled(self) -> dict[str, CheckSettings]:
-        """The kinds this target runs, in field order, with their settings."""
-        found = {kind: getattr(self, kind) for kind in type(self).model_fields}
-        return {kind: settings for kind, settings in found.items() if settings is not None}
+# "register" is also ABCMeta.register, a method of the model's metaclass (never seen on an
+# instance, where the field lives): pydantic warns that the field shadows it.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", 'Field name "register"', UserWarning)
+
+    class Checks(StrictModel):
+        """A target's ``checks:``: one optional field per check kind, named as the kind and
+        typed as its registry entry's ``settings`` (probes.check_kinds; a test keeps them in
+        step). Nothing else here names a kind."""
+
+        invite: InviteCheck | None = None
+        options: OptionsCheck | None = None
+        register: RegisterCheck | None = None
+
+        @model_validator(mode="after")
+        def _at_least_one(self) -> Self:
+            if not self.enabled():
+                raise ValueError(f"enable at least one check: {' or '.join(type(self).model_fields)}")
+            return self
+
+        def enabled(self) -> dict[str, CheckSettings]:
+            """The kinds this target runs, in field order, with their settings."""
+            found = {kind: getattr(self, kind) for kind in type(self).model_fields}
+            return {kind: settings for kind, settings in found.items() if settings is not None}
 
 
 class Auth(StrictModel):
@@ -173,6 +193,21 @@ class Auth(StrictModel):
         return found
 
 
+class SipAccount(Auth):
+    """A SIP account the probe registers as a phone does: ``register`` checks it, and every
+    call of a target with an account is placed from it (through ``outbound_proxy``, or the
+    registrar, answering 401/407 challenges with these credentials)."""
+
+    registrar: str  # REGISTER's Request-URI, e.g. "sip:registrar.example:5060"; its host is the AOR's domain
+    auth_username: str | None = None  # the digest user name when it is not ``username``
+    expiry: Annotated[float, duration(at_least=10, at_most=DAY)] = 300.0  # the Expires asked for
+    transport: Transport = "udp"
+
+    @property
+    def auth_user(self) -> str:
+        return self.auth_username or self.username
+
+
 class CarrierService(StrictModel):
     number: str
     region: Region
@@ -188,6 +223,7 @@ class Target(StrictModel):
     transport: Transport = "udp"
     outbound_proxy: str | None = None  # e.g. "sip:127.0.0.1:5090;lr" (needed for urn: targets)
     auth: Auth | None = None
+    account: SipAccount | None = None  # the account its calls are placed from (probe.account if unset)
     # never start two calls to this target closer than this
     min_spacing: Annotated[float, duration(at_most=HOUR)] = 2.0
     emergency: EmergencyShape | None = None
@@ -244,6 +280,7 @@ class HealthSettings(StrictModel):
 class ProbeConfig(StrictModel):
     kind: Literal["probe"]
     probe: ProbeIdentity
+    account: SipAccount | None = None  # the account of every target that names none
     sip: SipSettings = Field(default_factory=SipSettings)
     guard: GuardSettings = Field(default_factory=GuardSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
@@ -251,6 +288,14 @@ class ProbeConfig(StrictModel):
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     targets: list[Target] = Field(min_length=1, max_length=500)
+
+    @model_validator(mode="after")
+    def _probe_account(self) -> Self:
+        if self.account is not None:  # resolved here, so a check sees its target's account
+            update = {"account": self.account}
+            targets = [t if t.account else t.model_copy(update=update) for t in self.targets]
+            object.__setattr__(self, "targets", targets)  # frozen: set once, while validating
+        return self
 
     def config_problems(self) -> list[tuple[Loc, str]]:
         """Cross-field checks, located exactly: duplicate ids and the live-number guard."""
@@ -262,7 +307,13 @@ class ProbeConfig(StrictModel):
             seen.add(target.id)
             if target.uri.lower().startswith("urn:") and target.outbound_proxy is None:
                 problems.append((("targets", i, "outbound_proxy"), "a urn: target needs an outbound_proxy"))
-            for key, uri in (("uri", target.uri), ("outbound_proxy", target.outbound_proxy)):
+            if target.checks.register is not None and target.account is None:
+                problems.append((("targets", i, "account"), "a register check needs an account"))
+            account = target.account
+            registrar = None if account is None else account.registrar
+            for key, uri in (
+                ("uri", target.uri), ("outbound_proxy", target.outbound_proxy), ("account", registrar)
+            ):  # fmt: skip
                 if uri is None:
                     continue
                 try:
@@ -274,12 +325,13 @@ class ProbeConfig(StrictModel):
                         carrier_test_service=target.carrier(),
                     )
                 except GuardRefusal as refusal:
-                    problems.append(
-                        (
-                            ("targets", i, key),
-                            f"refused by the live-number guard ({refusal.reason}): {refusal.detail}",
-                        )
-                    )
+                    # the probe-wide account is named where it is written, once
+                    shared = key == "account" and account is self.account
+                    leaf: Loc = ("account", "registrar") if key == "account" else (key,)
+                    loc: Loc = leaf if shared else ("targets", i, *leaf)
+                    problem = (loc, f"refused by the live-number guard ({refusal.reason}): {refusal.detail}")
+                    if problem not in problems:
+                        problems.append(problem)
         return problems
 
 

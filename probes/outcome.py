@@ -19,7 +19,7 @@ Outcome = Literal["pass", "fail", "inconclusive"]
 # result schema and the monitor read it without pjsua2. What each kind *is* (settings,
 # runner, stages, reasons) is its entry in the registry, ``probes.check_kinds.REGISTRY``;
 # tests/test_check_kinds.py keeps the registry and these names in step.
-CHECK_KINDS: Final[tuple[str, ...]] = ("invite", "options")
+CHECK_KINDS: Final[tuple[str, ...]] = ("invite", "options", "register")
 # The kinds that are test calls: their results decide reachability (the monitor judges a
 # target by its calls once it has seen one); the others are pings, which only degrade it.
 CALL_KINDS: Final[frozenset[str]] = frozenset({"invite"})

@@ -31,11 +31,19 @@ Hard timeout
     the runner has really finished (no overlapping calls, even then); a runner
     still not finished after another margin is logged at ERROR and counted as stuck.
 
+Early verdict
+    A runner whose verdict is final before it returns hands it over with
+    ``verdict_ready(outcome)`` (the invite check does, before it plays its
+    announcement to a far end that is not a test endpoint): the report goes at once,
+    and the slot stays taken until the runner has ended (the call is hung up), within
+    the same hard timeout. What the runner returns afterwards is not reported again.
+
 Confirmation
     After a ``fail`` (including ``hard_timeout``), when ``confirm_failures`` is on,
     one immediate check of the same kind follows, subject to spacing and the
     concurrency limit, reported with ``confirm=True``. A confirmation is never
-    itself confirmed.
+    itself confirmed. It starts when the failed check's slot is free, so never while
+    that call is still up.
 
 Backoff
     An ``inconclusive`` outcome with SIP status 486 (the NENA test-call service is
@@ -64,6 +72,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import random
@@ -86,6 +95,18 @@ BUSY_STATUS: Final = 486  # NENA i3 test-call service: over its test-call limit
 MAX_QUEUED_REQUESTS: Final = 8  # per (target, kind)
 
 CheckRunner = Callable[[Target, str], Awaitable[CheckOutcome]]
+# set in each runner's own task by the scheduler; unset elsewhere (``ecpm call``, tests)
+_EARLY: Final[contextvars.ContextVar[Callable[[CheckOutcome], None]]] = contextvars.ContextVar("ecpm_early")
+
+
+def verdict_ready(outcome: CheckOutcome) -> None:
+    """A runner's verdict is final: report it now, although the runner goes on (module
+    docstring, *Early verdict*). Outside the scheduler it does nothing."""
+    deliver = _EARLY.get(None)
+    if deliver is not None:
+        deliver(outcome)
+
+
 RequestRefusal = Literal["unknown_target", "check_disabled", "duplicate", "queue_full", "stopping"]
 
 
@@ -380,7 +401,10 @@ class Scheduler:
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
 
-    async def _call_runner(self, target: Target, kind: str) -> CheckOutcome:
+    async def _call_runner(
+        self, target: Target, kind: str, early: asyncio.Future[CheckOutcome]
+    ) -> CheckOutcome:
+        _EARLY.set(lambda outcome: None if early.done() else early.set_result(outcome))  # this task only
         return await self._runner(target, kind)
 
     async def _job(
@@ -390,11 +414,16 @@ class Scheduler:
         started_at = datetime.now(UTC)
         margin = self._settings.check_timeout_margin
         hard = check_limit(target, kind) + margin
-        task = asyncio.create_task(self._call_runner(target, kind))
+        deadline = loop.time() + hard
+        early: asyncio.Future[CheckOutcome] = loop.create_future()
+        task = asyncio.create_task(self._call_runner(target, kind, early))
         slot.runner_task = task
         try:
-            done, _ = await asyncio.wait({task}, timeout=hard)
-            if task in done:
+            done, _ = await asyncio.wait({task, early}, timeout=hard, return_when=asyncio.FIRST_COMPLETED)
+            reported_early = early in done
+            if reported_early:
+                outcome = early.result()
+            elif task in done:
                 outcome = self._outcome_of(task, target, kind, started_at)
             else:
                 task.cancel()
@@ -415,6 +444,8 @@ class Scheduler:
                 )
             self._after(slot, outcome, confirm, loop.time())
             await self._emit(CheckReport(target, kind, outcome, confirm, request_id))
+            if reported_early:
+                await self._after_verdict(task, target, kind, deadline - loop.time())
             if not task.done():
                 await self._await_cleanup(task, target, kind, margin)
         finally:
@@ -426,6 +457,22 @@ class Scheduler:
             if slot.removed and self._slots is not None and self._slots.get(slot.key) is slot:
                 del self._slots[slot.key]
             self._event().set()
+
+    async def _after_verdict(
+        self, task: asyncio.Task[CheckOutcome], target: Target, kind: str, left: float
+    ) -> None:
+        """A runner that reported early finishes within its hard timeout, or is cancelled."""
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, left))
+        if not done:
+            logger.warning("%s check of %s overran its hard timeout after its verdict", kind, target.id)
+            task.cancel()
+        elif not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "%s check of %s raised after its verdict (a bug in ecpm)",
+                kind,
+                target.id,
+                exc_info=task.exception(),
+            )
 
     async def _await_cleanup(
         self, task: asyncio.Task[CheckOutcome], target: Target, kind: str, margin: float

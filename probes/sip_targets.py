@@ -202,6 +202,7 @@ class Outbound:
     uri: str  # its Request-URI as it goes on the wire
     call_id: str
     routes: tuple[str, ...] = ()  # every URI of every Route header (a loose route is sent to)
+    cseq: int = 0  # its CSeq number: a retransmission keeps it, a new request (after a 401) does not
 
     @property
     def where(self) -> str:
@@ -370,14 +371,24 @@ def _routes(text: str) -> tuple[str, ...]:
     return header_uris(values)
 
 
-def _call_id(text: str) -> str:
+def _header(text: str, *names: str) -> str:
+    """The first header of a printed message named one of ``names`` (lower case), or ""."""
     for line in text.split("\r\n")[1:]:
         if not line:
             break
         name, _, value = line.partition(":")
-        if name.strip().lower() in ("call-id", "i"):
+        if name.strip().lower() in names:
             return value.strip()
     return ""
+
+
+def _call_id(text: str) -> str:
+    return _header(text, "call-id", "i")
+
+
+def _cseq(text: str) -> int:
+    number = _header(text, "cseq").partition(" ")[0]
+    return int(number) if number.isdigit() else 0
 
 
 class Screen:
@@ -564,7 +575,7 @@ class Screen:
             info = ctypes.string_at(info_ptr).decode(errors="replace")
             if not info.startswith(f"Request msg {method}/"):
                 raise LayoutError(f"request line {method} does not match {info!r}")
-            if self.outbound(Outbound(method, uri, _call_id(text), _routes(text))):
+            if self.outbound(Outbound(method, uri, _call_id(text), _routes(text), _cseq(text))):
                 self.refused_outbound += 1
                 return REFUSED_STATUS
             return 0

@@ -9,6 +9,8 @@ peers="mosquitto:mosquitto mosquitto_sub:mosquitto-clients sipp:sip-tester promt
 peers="$peers amtool:prometheus-alertmanager prometheus-alertmanager:prometheus-alertmanager"
 # PostgreSQL (the store tests): Debian keeps initdb and pg_ctl in /usr/lib/postgresql/<version>/bin
 peers="$peers initdb:postgresql pg_ctl:postgresql"
+# Kamailio (the registrar/proxy of the register tests): the daemon is in /usr/sbin
+peers="$peers kamailio:kamailio"
 pg_bin=$(printf '%s:' /usr/lib/postgresql/*/bin)
 missing=()
 for pair in $peers; do
@@ -22,8 +24,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian starts mosquitto as a service on 1883, and postgresql a cluster on 5432; the
-  # tests run their own brokers on free ports and their own cluster on a private socket.
+  # Debian starts mosquitto as a service on 1883, postgresql a cluster on 5432 and kamailio
+  # on 5060; the tests run their own brokers, cluster and kamailio on free loopback ports.
 else
   echo "peers: MISSING ${missing[*]} — install them with: sudo apt-get install ${missing[*]}" >&2
 fi

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import settings
 
 from tests.support.brokers import Broker
+from tests.support.kamailio import Kamailio
 from tests.support.net import UdpSink
 from tests.support.peers import PEER_PACKAGES, find
 from tests.support.sip import ResponderProcess, Sipp
@@ -108,3 +109,10 @@ def clean_responder(responder: ResponderProcess) -> Iterator[ResponderProcess]:
     responder.set_fault("none")
     yield responder
     responder.set_fault("none")
+
+
+@pytest.fixture
+def kamailio(tmp_path: Path, responder: ResponderProcess) -> Iterator[Kamailio]:
+    """Kamailio on a free loopback port, routing its test service to the module's responder."""
+    with Kamailio(tmp_path, responder=responder.uri).start() as running:
+        yield running

@@ -50,7 +50,7 @@ def test_example_defaults_are_explicit() -> None:
     # the example spells out every default: validating it gives the same as the model defaults
     probe = load_any(ROOT / "config" / "probe.example.yaml")
     assert probe.sip.max_calls == 4
-    assert probe.targets[0].checks.invite.first_response_timeout == 5.0
+    assert probe.targets[0].checks.invite.first_response_timeout == 3.0
     assert probe.schedule.backoff_after_busy == 300.0
     assert probe.probe.secret.get_secret_value() == "example-key-change-me"
 

@@ -137,7 +137,7 @@ def test_signed_nonsense_is_rejected_with_its_own_reason(tmp_path: Path) -> None
         ({"started_at": "1970-01-01T00:00:00.000Z", "finished_at": "1970-01-01T00:00:01.000Z"}, "too_old"),
         ({"started_at": "2999-01-01T00:00:00.000Z", "finished_at": "2999-01-01T00:00:01.000Z"}, "in_future"),
         ({"started_at": "2026-11-01T10:00:00.000Z"}, "out_of_range"),  # a two-hour "check"
-        ({"check": "register"}, "unknown_check"),
+        ({"check": "subscribe"}, "unknown_check"),
     ]
     for change, reason in cases:
         data = {**wire(sim, clock), **change}

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from monitor.core import MonitorCore
 from monitor.ingest import MONITOR_REASONS
 from monitor.store import SqliteStore, chain_hash
+from probes.outcome import CHECK_KINDS
 from probes.result import REJECT_REASONS, format_time, parse_result, parse_time
 from probes.result import verify_signature as verify
 from tests.support.hostile import sign, signed_payload
@@ -94,7 +95,7 @@ class Harness:
             received = parse_time(received_at)
             assert started <= finished <= started + timedelta(hours=1)
             assert received - MAX_AGE <= finished <= received + AHEAD
-            assert probe in PROBES and target in TARGETS and data["check"] in ("invite", "options")
+            assert probe in PROBES and target in TARGETS and data["check"] in CHECK_KINDS
             assert verify(parse_result(text.encode()), key_for(probe))
             same = self.db.execute("SELECT COUNT(*) FROM results WHERE probe = ? AND seq = ?", (probe, seq))
             assert same.fetchone()[0] == 1, f"seq {seq} of {probe} stored twice"
@@ -143,9 +144,7 @@ times = st.sampled_from(
 )  # fmt: skip
 # (character-by-character regex strategies are slow; these alphabets cover the patterns' edges)
 names = st.sampled_from([*PROBES, *TARGETS, "p9", "t9", "", "P1", "../x"]) | st.text("ap019_.-/", max_size=9)
-codes = st.sampled_from(["invite", "options", "register", "INVITE", "", "other"]) | st.text(
-    "aiz09_ -", max_size=11
-)
+codes = st.sampled_from([*CHECK_KINDS, "subscribe", "INVITE", "", "other"]) | st.text("aiz09_ -", max_size=11)
 numbers = st.sampled_from(
     [0, -1, 1, 99, 100, 699, 700, 2**53, 10**30, 10**400, 0.5, 1e308, -0.0]
 ) | st.floats(allow_nan=False, allow_infinity=False)

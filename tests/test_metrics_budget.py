@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.web import create_app
@@ -63,3 +65,18 @@ def test_no_created_series(tmp_path: Path) -> None:
     text = scrape(tmp_path)
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
     assert names and not [n for n in names if n.endswith("_created")]
+
+
+@pytest.mark.peers("promtool")
+def test_the_exposition_passes_promtool(tmp_path: Path) -> None:
+    """The per-target series are rendered by ecpm itself, not prometheus_client: Prometheus's
+    own checker must accept the text (format and metric-name lint)."""
+    done = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=scrape(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "")

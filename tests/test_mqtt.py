@@ -244,7 +244,7 @@ def test_commands_are_checked_counted_and_never_crash(broker: Broker, tmp_path: 
         ("ecpm/v1/commands/p1", b"{not json", False),
         ("ecpm/v1/commands/p1", b"\xff\xfe\x00", False),
         ("ecpm/v1/commands/p1", json.dumps([1, 2]), False),
-        ("ecpm/v1/commands/p1", json.dumps({"target": "t1", "check": "register"}), False),
+        ("ecpm/v1/commands/p1", json.dumps({"target": "t1", "check": "subscribe"}), False),
         ("ecpm/v1/commands/p1", json.dumps({"target": "t1", "check": "invite", "x": 1}), False),
         ("ecpm/v1/commands/p1", json.dumps({"target": "T 1", "check": "invite"}), False),
         ("ecpm/v1/commands/p1", json.dumps({"target": "t1", "check": "invite", "request_id": 5}), False),

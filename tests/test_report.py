@@ -50,7 +50,7 @@ from monitor.store import Verification, is_url, open_store
 from probes.outcome import CheckOutcome, MediaStats
 from probes.result import Result
 from tests.support import browser
-from tests.support.monitor import StatusSim, key_for, monitor_config, store_section
+from tests.support.monitor import ProbeSim, StatusSim, key_for, monitor_config, store_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs/schema/report-v1.json").read_text())
@@ -908,3 +908,22 @@ def test_sql_aggregates_give_the_figures_of_reading_every_row(any_day: Day) -> N
     finally:
         store.close()
     assert slow.windows == len(counted) and sum(counted) == len(counted) - 1  # ie-112's refusal: by rows
+
+
+def test_register_results_are_not_counted_as_options_pings(tmp_path: Path) -> None:
+    """The report's ``options`` figures are OPTIONS pings (report-v1); a register check's
+    results are neither calls nor pings there."""
+    path = tmp_path / "monitor.db"
+    store = open_store(path)
+    sim = ProbeSim("p1")
+    t0 = DAY + timedelta(hours=1)
+    for i, check in enumerate(("options", "register", "register", "options", "register")):
+        at = t0 + timedelta(minutes=i)
+        store.add_result(sim.result("t1", "pass", at, check=check), at)
+    store.add_state_change("t1", "up", t0, "passing")
+    store.commit()
+    store.close()
+    report = report_of(path, targets=[TargetInfo("t1")])
+    (t,) = report.targets
+    assert (t.pings.sent, t.pings.passed) == (2, 2)
+    assert t.calls.placed == 0

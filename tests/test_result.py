@@ -231,7 +231,7 @@ def test_measurements_are_normalised_not_refused() -> None:
         ({}, {"stage": "Not A Code"}),
         ({}, {"reason": "x" * 100}),
         ({}, {"outcome": "maybe"}),
-        ({}, {"check": "register"}),
+        ({}, {"check": "subscribe"}),
         ({"seq": r.MAX_SEQ + 1}, {}),
     ],
 )
@@ -294,7 +294,7 @@ def _media(**changes: Any) -> dict[str, Any]:
         (_wire(timings={"ringing": 10**400}), "out_of_range"),
         (_wire(timings={"ringing": 3600.001}), "out_of_range"),
         (_wire(timings={"ringing": "1"}), "fields"),
-        (_wire(check="register"), "unknown_check"),
+        (_wire(check="subscribe"), "unknown_check"),
         (_wire(check="INVITE"), "fields"),
         (_wire(finished_at="2024-05-01T11:59:59.999Z"), "time_order"),
         (_wire(started_at="2024-05-01T10:59:00.000Z"), "out_of_range"),

@@ -21,7 +21,7 @@ import pytest
 
 from probes.config import ScheduleSettings, Target
 from probes.outcome import CheckOutcome
-from probes.scheduler import CheckReport, Scheduler
+from probes.scheduler import CheckReport, Scheduler, verdict_ready
 
 T = TypeVar("T")
 
@@ -230,6 +230,26 @@ def test_a_failure_is_confirmed_once_at_once() -> None:
     # the failed confirmation is not confirmed again; next scheduled at 30 → confirm at 32
     assert got == [(1.0, False), (3.0, True), (31.0, False), (33.0, True)]
     assert fake.starts("t1", "invite") == [0.0, 2.0, 30.0, 32.0]
+
+
+def test_an_early_verdict_is_reported_at_once_and_the_slot_waits_for_the_call() -> None:
+    async def announcing(tid: str, kind: str, n: int) -> CheckOutcome:
+        await asyncio.sleep(2.0)  # the media window: no test endpoint heard
+        failed = outcome(kind, "fail", stage="media", reason="no_tone")
+        verdict_ready(failed)
+        await asyncio.sleep(4.0)  # the announcement, then the hang-up
+        return outcome(kind, "fail", stage="media", reason="no_tone", timings={"teardown": 0.1})
+
+    fake = Fake(announcing)
+    sched = make(fake, [target(invite="30s", spacing="1s")])
+    run_virtual(run_for(sched, 20))
+    got = [(round(t, 3), r.confirm, r.outcome.timings) for t, r in fake.reports]
+    # reported when the verdict was ready (2 s), once; the confirmation starts when the
+    # first call has ended (6 s), never while it is still up
+    assert got == [(2.0, False, {}), (8.0, True, {})]
+    assert fake.starts("t1", "invite") == [0.0, 6.0]
+    assert fake.overlaps == 0
+    verdict_ready(outcome("invite"))  # outside a scheduled runner: nothing happens
 
 
 def test_confirmation_can_be_turned_off() -> None:

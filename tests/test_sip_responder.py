@@ -15,9 +15,10 @@ import pytest
 
 from ecpm.settings import TlsFiles
 from probes.checks import ANNOUNCEMENT, invite_check, options_check
-from probes.config import EmergencyShape, Location, SipSettings
+from probes.config import EmergencyShape, Location, ScheduleSettings, SipSettings, Target
 from probes.media import wav_duration
 from probes.outcome import CheckOutcome
+from probes.scheduler import CheckReport, Scheduler
 from probes.sip import SipEngine
 from tests.support.paths import REPO
 from tests.support.peers import peer_path
@@ -81,7 +82,7 @@ def test_fault_fails_at_its_stage(
     assert (out.outcome, out.stage, out.reason, out.sip_status) == ("fail", stage, reason, status), out
     if reason == "answer_timeout":  # 2 s after the INVITE went out, then CANCEL
         assert 1.9 <= took < 8.0  # the 2 s answer timer, not the call's max duration
-        assert "answer" not in out.timings and out.timings["ringing"] < 0.1
+        assert "answer" not in out.timings and out.timings["ringing"] < 1.0  # rings at once
     if fault == "one_way_media":
         assert out.media is not None and out.media.tone_heard and out.media.echo_heard is False
     if fault == "no_media":
@@ -94,7 +95,7 @@ def test_delayed_answer_passes_when_the_wait_is_long_enough(clean_responder: Res
         out = invite(proc.uri, answer_timeout="3s")
         assert out.outcome == "pass", out
         assert 1.5 <= out.timings["answer"] < 2.5
-        assert out.timings["ringing"] < 0.1  # post-dial delay is still short
+        assert out.timings["ringing"] < 0.75  # ringing at once, not at the answer
     finally:
         assert proc.stop() == 0
 
@@ -107,6 +108,47 @@ def test_announcement_when_no_responder_tone(clean_responder: ResponderProcess) 
     assert out.detail.get("announcement") == "played"
     assert took >= 1.0 + wav_duration(ANNOUNCEMENT)  # media window, then the whole prompt
     assert out.reason == "no_tone" and "teardown" in out.timings
+
+
+def test_through_the_scheduler_the_result_goes_as_the_announcement_starts(
+    clean_responder: ResponderProcess,
+) -> None:
+    """The verdict is final before the prompt: reported at once, while the slot stays
+    taken until the call has ended (no confirmation call during the prompt)."""
+    target = make_target(clean_responder.uri, expect_tone_hz=1800, options=False)
+
+    async def body(engine: SipEngine) -> tuple[float, CheckReport, float]:
+        loop = asyncio.get_running_loop()
+        reported: list[tuple[float, CheckReport]] = []
+        ended: list[float] = []
+        call_over = asyncio.Event()
+
+        async def run(t: Target, kind: str) -> CheckOutcome:
+            try:
+                return await invite_check(engine, t, announcement=ANNOUNCEMENT)
+            finally:
+                ended.append(loop.time())
+                call_over.set()
+
+        async def sink(report: CheckReport) -> None:
+            reported.append((loop.time(), report))
+
+        schedule = ScheduleSettings(jitter=0.0, confirm_failures=False)
+        scheduler = Scheduler(targets=[target], settings=schedule, runner=run, sink=sink)
+        started = loop.time()
+        task = asyncio.create_task(scheduler.run())
+        await call_over.wait()
+        await scheduler.stop()
+        await task
+        assert len(reported) == 1
+        return reported[0][0] - started, reported[0][1], ended[0] - started
+
+    at, report, ended = with_engine(body)
+    out = report.outcome
+    assert out.reason == "no_tone" and out.detail.get("announcement") == "played"
+    assert "teardown" not in out.timings  # handed over before the hang-up
+    assert at < 1.0 + wav_duration(ANNOUNCEMENT)  # the media window, not the whole prompt
+    assert ended >= at + wav_duration(ANNOUNCEMENT)  # the call went on after the report
 
 
 def test_options_pass(clean_responder: ResponderProcess) -> None:

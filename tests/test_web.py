@@ -650,3 +650,159 @@ def test_clock_skew_on_the_api_and_the_status_page() -> None:
     assert "probe clock +300.0 s" in first.text
     assert first.find("time").attrs["datetime"] == latest["judged_at"]  # shown at its judged time
     assert "probe clock" not in card.find("tr", data_probe="man-1").text
+
+
+# ------------------------------------------------------------------ many targets: filter and paging
+
+
+def estate(n: int, *, down_every: int = 20) -> Snapshot:
+    """``n`` targets ``psap-0000``… on three probes, one in ``down_every`` down, one degraded."""
+    targets: dict[str, TargetView] = {}
+    for i in range(n):
+        name = f"psap-{i:04d}"
+        state: TargetStateName = "down" if i % down_every == 0 else "degraded" if i == 7 else "up"
+        calls = [result(p, name, at=ago(seconds=5 + k), outcome="fail" if state == "down" else "pass")
+                 for k, p in enumerate(("lon-1", "man-1", "edi-1"))]  # fmt: skip
+        options = [
+            result(p, name, at=ago(seconds=9), check="options", pdd=None, mos=None)
+            for p in ("lon-1", "man-1")
+        ]
+        why = "last 2 calls failed" if state == "down" else "last 2 calls passed"
+        targets[name] = target(name, state, since=ago(hours=1), why=why, latest=[*calls, *options],
+                               description=f"answering point {i}")  # fmt: skip
+    changes = tuple(StateChange(t, "up", ago(hours=3)) for t in targets)
+    return Snapshot(at=NOW, targets=targets, probes=PROBES, open_incidents=(), timeline=changes)
+
+
+def cards(markup: str) -> list[tuple[str, str]]:
+    return [
+        (c.attrs["data-target"], c.attrs["data-state"]) for c in browser.parse(markup).find_all("article")
+    ]
+
+
+def test_page_shows_the_worst_first_a_page_at_a_time_and_links_the_rest() -> None:
+    app = make_app(estate(120))
+    text = request(app, "GET", "/").text
+    shown = cards(text)
+    assert len(shown) == 50
+    down = [(f"psap-{i:04d}", "down") for i in range(0, 120, 20)]
+    assert shown[:7] == [*down, ("psap-0007", "degraded")]  # then the up ones, in configuration order
+    assert shown[7:9] == [("psap-0001", "up"), ("psap-0002", "up")]
+    dom = browser.parse(text)
+    pager = dom.find_all("nav", class_="pager")[0]
+    assert "Targets 1–50 of 120" in pager.text and "page 1 of 3" in pager.text
+    assert [a.attrs["href"] for a in pager.find_all("a", rel="next")] == ["?page=2"]
+    rest = dom.find("div", class_="rest")  # every target not on this page, a link to its card
+    links = {a.text: a.attrs["href"] for a in rest.find_all("a")}
+    assert len(links) == 70 and links["psap-0119"] == "?page=3#target-psap-0119"
+    assert "psap-0001" not in links
+
+    last = cards(request(app, "GET", "/", params={"page": "3"}).text)
+    assert len(last) == 20 and last[-1] == ("psap-0119", "up")
+    assert "No targets on this page" in request(app, "GET", "/", params={"page": "9"}).text
+
+
+def test_page_filters_by_state_and_text_in_the_query_string() -> None:
+    app = make_app(estate(120))
+    assert cards(request(app, "GET", "/", params={"state": "down"}).text) == [
+        (f"psap-{i:04d}", "down") for i in range(0, 120, 20)
+    ]
+    problems = request(app, "GET", "/?state=degraded,down").text
+    assert [s for _, s in cards(problems)] == ["down"] * 6 + ["degraded"]
+    dom = browser.parse(problems)
+    counts = {
+        a.text.split()[0]: a for a in dom.find("nav", aria_label="Filter targets by state").find_all("a")
+    }
+    assert (
+        counts["all"].text == "all 120" and counts["down"].text == "down 6" and counts["up"].text == "up 113"
+    )
+    assert counts["down"].attrs["href"] == "?state=down"
+    assert dom.find("input", name="state").attrs["value"] == "down,degraded"  # the search keeps the filter
+
+    found = request(app, "GET", "/", params={"q": "PSAP-011"}).text
+    assert [t for t, _ in cards(found)] == [f"psap-{i:04d}" for i in range(110, 120)]
+    assert browser.parse(found).find("input", name="q").attrs["value"] == "PSAP-011"
+    assert "No targets match" in request(app, "GET", "/", params={"q": "nowhere"}).text
+    assert len(cards(request(app, "GET", "/", params={"limit": "5", "page": "2"}).text)) == 5
+    for bad in ({"state": "sideways"}, {"page": "0"}, {"page": "x"}, {"limit": "201"}, {"q": "x" * 201}):
+        r = request(app, "GET", "/", params=bad)
+        assert r.status_code == 400, bad
+        assert next(iter(bad)) in r.text
+
+
+def test_page_at_1000_targets_stays_small() -> None:
+    snap = estate(1000)
+    r = request(make_app(snap), "GET", "/", headers={"Accept-Encoding": "identity"})
+    assert len(cards(r.text)) == 50
+    assert len(r.content) < 500_000
+    zipped = request(make_app(snap), "GET", "/", headers={"Accept-Encoding": "gzip"})
+    assert zipped.headers["content-encoding"] == "gzip" and cards(zipped.text) == cards(r.text)
+    assert zipped.num_bytes_downloaded < len(r.content) / 5
+
+
+def test_api_targets_filter_and_pages() -> None:
+    app = make_app(estate(120))
+    whole = request(app, "GET", "/api/v1/targets")
+    assert len(whole.json()["targets"]) == 120 and "link" not in whole.headers  # without ?limit: every one
+    assert whole.headers["x-total-count"] == "120"
+    r = request(app, "GET", "/api/v1/targets", params={"limit": "50", "page": "2"})
+    assert set(r.json()) == {"at", "targets"}
+    ids = [t["id"] for t in r.json()["targets"]]
+    assert ids == [f"psap-{i:04d}" for i in range(50, 100)]  # configuration order, as without paging
+    assert r.headers["link"] == (
+        '</api/v1/targets?limit=50>; rel="first", </api/v1/targets?limit=50>; rel="prev", '
+        '</api/v1/targets?limit=50&page=3>; rel="next", </api/v1/targets?limit=50&page=3>; rel="last"'
+    )
+    down = request(app, "GET", "/api/v1/targets", params={"state": "down", "q": "psap-00"})
+    assert [t["id"] for t in down.json()["targets"]] == [
+        "psap-0000",
+        "psap-0020",
+        "psap-0040",
+        "psap-0060",
+        "psap-0080",
+    ]
+    assert down.headers["x-total-count"] == "5"
+    for bad in ({"state": "nope"}, {"limit": "0"}, {"limit": "1001"}, {"page": "-1"}):
+        r = request(app, "GET", "/api/v1/targets", params=bad)
+        assert r.status_code == 400 and next(iter(bad)) in r.json()["error"]
+
+
+@pytest.mark.peers("chromium")
+def test_filtered_page_in_chromium_keeps_its_query_when_it_refreshes() -> None:
+    calls = 0
+
+    def snapshot() -> Snapshot:  # the first refresh brings psap-0001 down too
+        nonlocal calls
+        calls += 1
+        snap = estate(120)
+        if calls == 1:
+            return snap
+        one = replace(snap.targets["psap-0001"], state="down")
+        return replace(snap, targets={**snap.targets, "psap-0001": one})
+
+    async def scenario() -> None:
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(make_app(snapshot), "127.0.0.1:0", ready=ready.set_result))
+        url = await asyncio.wait_for(ready, 5)
+        try:  # 6 s of virtual time: one refresh
+            dom = browser.parse(
+                await asyncio.to_thread(browser.dump_dom, f"{url}?state=down", budget_ms=6_000)
+            )
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert calls >= 2
+        assert dom.find("html").attrs.get("data-live") == "on"
+        shown = [c.attrs["data-target"] for c in dom.find_all("article")]
+        assert shown == [
+            "psap-0000",
+            "psap-0001",
+            "psap-0020",
+            "psap-0040",
+            "psap-0060",
+            "psap-0080",
+            "psap-0100",
+        ]
+
+    asyncio.run(scenario())

@@ -16,8 +16,10 @@ from pathlib import Path
 from monitor.store import sqlite
 from monitor.store.protocols import (
     ChainSource,
+    Election,
     Marks,
     NotificationQueue,
+    Replicas,
     ReportSource,
     SeqBook,
     SeqReads,
@@ -44,7 +46,7 @@ from monitor.store.records import (
     read_payload,
     summarize,
 )
-from monitor.store.sql import StoreError
+from monitor.store.sql import StoreError, StoreLost
 from monitor.store.sqlite import SqliteStore
 
 
@@ -83,6 +85,7 @@ __all__ = [
     "ChainReport",
     "ChainRow",
     "ChainSource",
+    "Election",
     "Marks",
     "Migration",
     "NotificationQueue",
@@ -90,6 +93,7 @@ __all__ = [
     "ProbeStatus",
     "Quarantined",
     "QueuedNotification",
+    "Replicas",
     "ReportSource",
     "ResultGroup",
     "ResultWindow",
@@ -99,6 +103,7 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoreError",
+    "StoreLost",
     "UnitOfWork",
     "Verification",
     "VerificationBook",

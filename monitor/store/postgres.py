@@ -24,6 +24,18 @@ A read-only open (the report, ``ecpm ledger verify``) sets the session READ ONLY
 REPEATABLE READ — nothing can be written, and the whole read sees one snapshot — and
 refuses a database whose schema is missing or behind.
 
+Several monitors, one store (docs/scaling.md): ingest holds the chain's lock before it
+reads the sequence book (``hold_writers``), so replicas keep it as one writer would; a
+page is claimed with ``SELECT … FOR UPDATE SKIP LOCKED`` on a connection of its own
+(``claim_notification``), so one monitor sends it; and one monitor at a time evaluates
+reachability, the holder of ``pg_try_advisory_lock(EVALUATOR_LOCK)`` on a connection of
+its own (``Election``): a session lock, so a monitor killed or cut off from the server
+loses it with its session and a follower's next try (every second) takes it.
+
+A connection that breaks mid-work (the server restarted, a network cut) raises
+``StoreLost``: the open transaction is gone, ``reconnect()`` opens a new connection
+(``StoreError`` while the server is still away) and the caller does its work again.
+
 A commit returns once the server has it durable (``synchronous_commit`` as the server
 is set, on by default): the monitor's acknowledgement to the broker still follows it.
 Traffic goes where the URL says; a unix socket (``host=/path``) or 127.0.0.1 in tests.
@@ -50,10 +62,13 @@ from monitor.store.sql import (
     Cursor,
     SqlStore,
     StoreError,
+    StoreLost,
 )
 
 CHAIN_LOCK = 0x6563706D_00000001  # "ecpm", 1: the results chain's tip
 MIGRATE_LOCK = 0x6563706D_00000002  # "ecpm", 2: the schema
+EVALUATOR_LOCK = 0x6563706D_00000003  # "ecpm", 3: which monitor evaluates (a session lock)
+CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 WALK_BATCH = 2000  # rows a walk of the chain fetches per round trip
 _walks = itertools.count(1)
 
@@ -91,6 +106,21 @@ def _percent(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextmanager
+def _or_lost(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """psycopg's OperationalError (a broken connection, a transaction the server ended)
+    as ``StoreLost``: for the caller, the open transaction is gone either way."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise StoreLost(f"the store's connection failed: {_first_line(exc)}") from exc
+
+
 class _Qmark:
     """A psycopg connection spoken to as ``SqlStore`` speaks to sqlite3's."""
 
@@ -98,10 +128,12 @@ class _Qmark:
         self.conn = conn
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
-        return self.conn.execute(_percent(sql), tuple(parameters))
+        with _or_lost(self.conn):
+            return self.conn.execute(_percent(sql), tuple(parameters))
 
     def commit(self) -> None:
-        self.conn.commit()
+        with _or_lost(self.conn):
+            self.conn.commit()
 
     def close(self) -> None:
         self.conn.close()
@@ -111,12 +143,12 @@ class _Qmark:
         self.conn.close()
 
 
-def connect(url: str) -> psycopg.Connection[Any]:
+def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+    timeout: dict[str, Any] = {} if "connect_timeout" in url else {"connect_timeout": CONNECT_TIMEOUT}
     try:
-        return psycopg.connect(url)
+        return psycopg.connect(url, autocommit=autocommit, **timeout)
     except psycopg.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StoreError(f"{shown(url)}: cannot open the store ({first})") from None
+        raise StoreError(f"{shown(url)}: cannot open the store ({_first_line(exc)})") from None
 
 
 def _version(conn: psycopg.Connection[Any]) -> int | None:
@@ -140,6 +172,7 @@ class PostgresStore(SqlStore):
     """``Store`` on one PostgreSQL database; any number of writers may share it."""
 
     _CHAIN_SHARED = True
+    _CLAIM = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = url
@@ -163,13 +196,56 @@ class PostgresStore(SqlStore):
     @contextmanager
     def _walk(self, sql: str, args: Sequence[Any] = ()) -> Iterator[Iterator[Any]]:
         # a server-side cursor: a walk of the whole chain holds a batch in memory, not the table
-        with self._db.conn.cursor(name=f"walk_{next(_walks)}") as cursor:
+        with _or_lost(self._db.conn), self._db.conn.cursor(name=f"walk_{next(_walks)}") as cursor:
             cursor.itersize = WALK_BATCH
             cursor.execute(_percent(sql), tuple(args))
             yield iter(cursor)
 
     def _lock_chain(self) -> None:
         self._db.execute("SELECT pg_advisory_xact_lock(?)", (CHAIN_LOCK,))
+
+    def reconnect(self) -> None:
+        """After ``StoreLost``: a new connection (the old one rolled back, if it stands);
+        ``StoreError`` while the server cannot be reached."""
+        old = self._db.conn
+        if old.broken or old.closed:
+            self._db = _Qmark(connect(self.url))
+            old.close()
+        else:
+            old.rollback()
+        self._tip = None
+
+    def election(self) -> Election:
+        return Election(self.url)
+
+
+class Election:
+    """Whether this monitor is the one that evaluates: it holds ``EVALUATOR_LOCK``, a
+    session-level advisory lock, on a connection of its own (module docstring). ``held()``
+    is asked every second: it confirms the session is alive, or tries to take the lock."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.Connection[Any] | None = None
+        self._held = False
+
+    def held(self) -> bool:
+        try:
+            if self._conn is None:
+                self._conn = connect(self._url, autocommit=True)
+            if self._held:
+                self._conn.execute("SELECT 1")  # the session, hence the lock, still stands
+            else:
+                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (EVALUATOR_LOCK,)).fetchone()
+                self._held = bool(row and row[0])
+        except (psycopg.Error, StoreError):
+            self.close()  # lost connection, lost leadership: a new session tries again
+        return self._held
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn, self._held = None, False
 
 
 def _upgrade(conn: psycopg.Connection[Any]) -> None:

@@ -5,7 +5,8 @@ visible in its signature: ingest reads sequence facts (``SeqReads``), delivery k
 sequence book (``SeqBook``), the pager its queue (``NotificationQueue``), ``ecpm verify``
 its runs (``VerificationBook``), the report reads (``ReportSource``) and the ledger walks
 the chain (``ChainSource``). ``Store`` is all of them plus what only the core does, and
-is what a backend implements (``SqliteStore``; PostgreSQL can follow).
+is what a backend implements (``SqliteStore``, ``PostgresStore``); ``Replicas`` is what
+several monitors on one store need of it (docs/scaling.md).
 
 The unit of work is explicit: no store method commits by itself. Writes join the one
 open transaction until its owner ends it — ``commit()`` after a batch (the service,
@@ -80,6 +81,9 @@ class NotificationQueue(UnitOfWork, Protocol):
     ) -> bool: ...
     def due_notifications(self, now: datetime) -> list[QueuedNotification]: ...
     def next_notification_at(self) -> datetime | None: ...
+    def claim_notification(
+        self, notification_id: int, now: datetime
+    ) -> AbstractContextManager[QueuedNotification | None]: ...
     def mark_notification(
         self,
         notification_id: int,
@@ -134,7 +138,30 @@ class ReportSource(ChainSource, Protocol):
     def chain_marks(self, start: datetime, end: datetime, *, below: int) -> ChainMarks: ...
 
 
-class Store(SeqBook, Marks, NotificationQueue, VerificationBook, ReportSource, Protocol):
+class Election(Protocol):
+    """Whether this monitor evaluates reachability (records states, opens incidents, asks for
+    replays); asked every second. SQLite's is always held (one monitor per file)."""
+
+    def held(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+class Replicas(Protocol):
+    """Several monitors on one store (PostgreSQL; on SQLite each is trivial)."""
+
+    @property
+    def shared(self) -> bool: ...
+    def hold_writers(self) -> None: ...
+    def last_row(self) -> int: ...
+    def results_after(self, row: int, limit: int = 1000) -> tuple[int, list[ResultSummary]]: ...
+    def claim_notification(
+        self, notification_id: int, now: datetime
+    ) -> AbstractContextManager[QueuedNotification | None]: ...
+    def reconnect(self) -> None: ...
+    def election(self) -> Election: ...
+
+
+class Store(SeqBook, Marks, NotificationQueue, VerificationBook, ReportSource, Replicas, Protocol):
     """Everything: what a backend implements and the monitor's core owns."""
 
     def add_result(

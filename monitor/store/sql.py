@@ -37,7 +37,7 @@ import itertools
 import json
 import logging
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -250,6 +250,11 @@ class StoreError(EcpmError):
     """The store cannot be opened as asked: missing, unreachable, not a store, or too old to read."""
 
 
+class StoreLost(StoreError):
+    """The open transaction is gone (the connection to the server broke, or the server ended
+    it): nothing since the last commit was stored. ``reconnect()``, then do it again."""
+
+
 class Cursor(Protocol):
     @property
     def rowcount(self) -> int: ...
@@ -281,6 +286,9 @@ class SqlStore:
     # without failing on a row that is not JSON sets _COLUMNS_MATCH and reads that instead
     _COLUMNS_MATCH: str | None = None
     _CHAIN_WALK = f"payload, prev_hash, hash, {_CHECKED_COLUMNS}"
+
+    # how a page is held while it is sent (``claim_notification``): PostgreSQL's row lock
+    _CLAIM = ""
 
     def _opened(self) -> None:
         """The connection is ready: read where the chain ends."""
@@ -640,8 +648,11 @@ class SqlStore:
     def _summaries(self, sql: str, args: Sequence[Any]) -> list[ResultSummary]:
         """Summaries of the rows ``sql`` selects (row, id, target, finished_at, payload,
         judged_at, clock_skew); an unreadable row is quarantined and skipped."""
+        return self._summarize(self._db.execute(sql, args))
+
+    def _summarize(self, rows: Iterable[Any]) -> list[ResultSummary]:
         out = []
-        for row, result_id, target, finished_at, payload, judged_at, skew in self._db.execute(sql, args):
+        for row, result_id, target, finished_at, payload, judged_at, skew in rows:
             try:
                 result = read_payload(payload)
                 out.append(summarize(result, judged_at=_judged(judged_at), clock_skew=_skew(skew)))
@@ -964,6 +975,57 @@ class SqlStore:
             "WHERE requested_at >= ? AND requested_at < ? ORDER BY requested_at",
             [format_time(start), format_time(end)],
         )
+
+    # ------------------------------------------------------------ replicas (several monitors, one store)
+
+    @property
+    def shared(self) -> bool:
+        """Can other monitors write this store at the same time (PostgreSQL)?"""
+        return self._CHAIN_SHARED
+
+    def hold_writers(self) -> None:
+        """Wait for every other writer's open transaction and keep the next ones waiting
+        until this one ends (the chain's lock, ``_lock_chain``). Ingest takes it before it
+        reads the sequence book: what it reads is then what every transaction before it
+        committed, so replicas sharing one probe's results keep ``last_seq`` and the gaps
+        as one monitor would, whatever order the results reach them in."""
+        self._chain_tip()
+
+    def reconnect(self) -> None:
+        """After ``StoreLost``, ready for work again (only a server's store loses it)."""
+
+    def last_row(self) -> int:
+        """The newest row of the chain (0: none): where following it starts."""
+        return int(self._db.execute("SELECT coalesce(max(row), 0) FROM results").fetchone()[0])
+
+    def results_after(self, row: int, limit: int = 1000) -> tuple[int, list[ResultSummary]]:
+        """Results appended after ``row``, in chain order, at most ``limit`` rows; and the
+        last row read. Rows are numbered under the chain's lock, so a row committed later
+        never has a lower number: following by number misses nothing another monitor adds."""
+        rows = self._db.execute(
+            f"SELECT {_SUMMARY_COLUMNS} FROM results WHERE row > ? ORDER BY row LIMIT ?", (row, limit)
+        ).fetchall()
+        return (int(rows[-1][0]) if rows else row), self._summarize(rows)
+
+    @contextmanager
+    def claim_notification(self, notification_id: int, now: datetime) -> Iterator[QueuedNotification | None]:
+        """The page if it is still due, held for this connection until the block ends (then
+        committed): on PostgreSQL a row lock that another monitor's claim skips, so each page
+        is sent by one monitor, and a monitor that dies mid-send lets it go with its
+        connection. None: sent or claimed elsewhere meanwhile. Use a connection of its own
+        for it (the lock lasts as long as its transaction)."""
+        row = self._db.execute(
+            "SELECT id, incident_id, notifier, event, payload, attempts FROM notifications"
+            f" WHERE id = ? AND state = 'pending' AND next_attempt_at <= ?{self._CLAIM}",
+            (notification_id, format_time(now)),
+        ).fetchone()
+        item = None
+        if row is not None:
+            item = QueuedNotification(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+        try:
+            yield item
+        finally:
+            self.commit()
 
     # ------------------------------------------------------------ retention and the chain
 

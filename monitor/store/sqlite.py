@@ -3,7 +3,9 @@
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a committed transaction
 survives the process being killed (the monitor acknowledges MQTT messages only after
 the commit), though not necessarily a power cut before the next checkpoint. One
-process writes a file: the chain's tip is kept in memory between transactions.
+process writes a file: the chain's tip is kept in memory between transactions, and a
+monitor holds ``<file>.monitor-lock`` (``election``) so that a second one on the same file
+refuses to start (several monitors need PostgreSQL: docs/scaling.md).
 A read-only store (``read_only=True``: the report, ``ecpm ledger verify``) is opened
 with SQLite's ``mode=ro``; it creates no schema and migrates nothing, and refuses a
 store whose schema is older than this version reads (``ecpm db upgrade``, or the
@@ -20,6 +22,8 @@ payload once), and the report's covering index (``sql.REPORT_INDEX``) is made if
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from pathlib import Path
 
@@ -115,6 +119,9 @@ class SqliteStore(SqlStore):
             self._upgrade()
         self._opened()
 
+    def election(self) -> Sole:
+        return Sole(self.path)
+
     def _upgrade(self) -> None:
         todo = _todo(self._db)
         if todo and todo[0].version == 1:
@@ -139,6 +146,30 @@ class SqliteStore(SqlStore):
             # can still be brought back from before any of them (its first open takes a while)
             self._db.execute(REPORT_INDEX)
             self._db.execute("DROP INDEX IF EXISTS results_target_judged")
+
+
+class Sole:
+    """The one monitor of a SQLite file: always the evaluator, holding ``<file>.monitor-lock``
+    (an exclusive ``flock``, let go when the process ends however it ends)."""
+
+    def __init__(self, path: str) -> None:
+        self._fd: int | None = os.open(f"{path}.monitor-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise StoreError(
+                f"{path}: another ecpm monitor writes this store; one SQLite file takes one monitor"
+                " (several share a PostgreSQL store: docs/scaling.md)"
+            ) from None
+
+    def held(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def pending_migrations(path: str) -> list[Migration]:

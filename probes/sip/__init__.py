@@ -32,8 +32,8 @@ Traps designed around (each measured on the pinned pjsua2 wheel)
 
 Safety (probes.sip.safety)
     :meth:`Gate.hand_over <probes.sip.safety.Gate.hand_over>` is the one function that
-    gives a URI (request URI and outbound proxy) to pjsua2, for INVITE and OPTIONS
-    alike; it runs the guard first. A refusal is logged and counted by the guard,
+    gives a URI (request URI and outbound proxy) to pjsua2, for INVITE, OPTIONS and
+    REGISTER alike; it runs the guard first. A refusal is logged and counted by the guard,
     counted by the engine, raised as :class:`~probes.guard.GuardRefusal`, and nothing
     is sent. Every Contact and Record-Route the far end names, and the Request-URI of
     every request leaving the process, is judged inside pjsip
@@ -75,6 +75,7 @@ from probes.sip.values import (
     IncomingRequest,
     OptionsReply,
     Part,
+    Registration,
     RemoteRefusal,
     RtpStats,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "OptionsReply",
     "OutgoingCall",
     "Part",
+    "Registration",
     "RemoteRefusal",
     "RtpStats",
     "SipEngine",

@@ -20,6 +20,7 @@ from probes.sip.values import (
     Dial,
     DisconnectCause,
     OptionsReply,
+    Registration,
     RemoteRefusal,
     RtpStats,
 )
@@ -43,6 +44,45 @@ class Account(pj.Account):  # type: ignore[misc]
     @callback
     def onSendRequest(self, prm: Any) -> None:
         self._core.on_request_done(self, prm)
+
+
+class RegisteredAccount(Account):
+    """An account that registers (``Dial.account``): pjsua refreshes it before it expires
+    and retries after a failure; each end of an attempt comes to ``Core.on_reg_state``."""
+
+    def __init__(self, core: Core, name: str) -> None:
+        super().__init__(core, name)
+        self.reg_call_id = ""  # the Call-ID of its REGISTERs (pjsua keeps one per account)
+        self.attempt: RegisterAttempt | None = None  # ours, in flight
+        self.waiting: list[PendingRegister] = []
+        self.last: Registration | None = None
+        self.lost: str | None = None  # why the registration was lost, until it is back
+
+    @property
+    def registered(self) -> bool:
+        return self.last is not None and self.last.registered
+
+    @callback
+    def onRegState(self, prm: Any) -> None:
+        self._core.on_reg_state(self, prm)
+
+
+@dataclass(slots=True)
+class RegisterAttempt:
+    """The REGISTERs of one attempt as they left (``Gate`` sees each): the first, and the
+    first with a new CSeq (the one with credentials, after a 401/407; a retransmission
+    keeps its CSeq)."""
+
+    started_at: float
+    sent_at: float | None = None
+    cseq: int = 0
+    credentials_at: float | None = None
+
+    def sent(self, at: float, cseq: int) -> None:
+        if self.sent_at is None:
+            self.sent_at, self.cseq = at, cseq
+        elif cseq != self.cseq and self.credentials_at is None:
+            self.credentials_at = at
 
 
 class Call(NoTransfers, pj.Call):  # type: ignore[misc]
@@ -169,6 +209,14 @@ class PendingCall:
     queued_at: float
     deadline: float
     cancelled: bool = False
+
+
+@dataclass(slots=True)
+class PendingRegister:
+    dial: Dial  # uri: the registrar; account: the account
+    timeout: float  # pjsip's transaction timeout for the first REGISTER
+    fresh: bool  # send a REGISTER; False: the account's current state will do (a call's check)
+    fut: asyncio.Future[Registration]
 
 
 @dataclass(slots=True)

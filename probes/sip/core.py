@@ -26,7 +26,15 @@ import pjsua2 as pj
 from probes.config import SipSettings
 from probes.guard import Guard
 from probes.sip.bridge import CLOCK_RATE
-from probes.sip.calls import Account, Call, PendingCall, PendingOptions
+from probes.sip.calls import (
+    Account,
+    Call,
+    PendingCall,
+    PendingOptions,
+    PendingRegister,
+    RegisterAttempt,
+    RegisteredAccount,
+)
 from probes.sip.crossing import fail, post, reject, resolve
 from probes.sip.errors import CallSetupError, EngineClosed, NoCallSlot, SipError
 from probes.sip.native import (
@@ -44,8 +52,17 @@ from probes.sip.native import (
     uri_host,
 )
 from probes.sip.safety import Gate
-from probes.sip.values import MAX_MESSAGE, CallEvent, Dial, IncomingRequest, OptionsReply, Part
-from probes.sip_targets import LayoutError, Screen
+from probes.sip.values import (
+    MAX_MESSAGE,
+    CallEvent,
+    Dial,
+    IncomingRequest,
+    OptionsReply,
+    Part,
+    Registration,
+    Renewal,
+)
+from probes.sip_targets import LayoutError, Outbound, Screen
 
 if TYPE_CHECKING:
     from probes.sip.engine import SipEngine
@@ -56,6 +73,7 @@ T = TypeVar("T")
 
 BATCH: Final = 8  # closures run per loop turn (an unbounded burst caused retransmits)
 SHUTDOWN_CALL_WAIT: Final = 2.0  # hang-ups at shutdown: wait this long for DISCONNECTED
+REGISTER_RETRY: Final = 30  # s: pjsua registers again this long after a registration failed
 
 
 class EngineState(enum.Enum):
@@ -129,6 +147,8 @@ class Core:
         self.placed = self.incoming = self.options_sent = 0
         self.gate = Gate(guard)
         self.screen: Screen | None = None  # probes.sip_targets: hands remote targets to the gate
+        self.gate.registers = self._register_sent
+        self.registering: RegisteredAccount | None = None  # whose REGISTER is being sent now
 
     # lifecycle --------------------------------------------------------------------
 
@@ -350,6 +370,8 @@ class Core:
         return acc
 
     def account_for(self, dial: Dial) -> Account:
+        if dial.account is not None:
+            return self._registered(dial)
         auth = dial.auth
         key = (
             "uac",
@@ -363,7 +385,7 @@ class Core:
         if found is not None:
             return found
         uac = [k for k in self.accounts if k[0] == "uac"]
-        if len(uac) >= 5:  # PJSUA_MAX_ACC is 8: keep room; drop an idle one
+        if len(self.accounts) >= 7:  # PJSUA_MAX_ACC is 8: keep room; drop an idle one
             for k in uac:
                 acc = self.accounts[k]
                 if acc.calls == 0 and not acc.options:
@@ -375,6 +397,114 @@ class Core:
         user = "ecpm-probe" if auth is None else auth.username
         return self._new_account(key, user, dial=dial)
 
+    # registrations ------------------------------------------------------------------
+
+    def _registered(self, dial: Dial) -> RegisteredAccount:
+        """The registered account of ``dial.account`` (created unregistered the first time)."""
+        a = dial.account
+        assert a is not None
+        key = (
+            "reg", a.registrar, a.username, a.auth_user, a.realm, a.secret.get_secret_value(),
+            a.transport, str(a.expiry), dial.proxy or "",
+        )  # fmt: skip
+        found = self.accounts.get(key)
+        if isinstance(found, RegisteredAccount):
+            return found
+        if len(self.accounts) >= 7:
+            raise CallSetupError("too many distinct accounts and proxy/auth/transport combinations in use")
+        tid = self.transport_ids.get(a.transport)
+        if tid is None:
+            raise CallSetupError(f"transport {a.transport} is not enabled (sip.transports)")
+        acc = RegisteredAccount(self, "/".join(key[:3]))
+        cfg = pj.AccountConfig()
+        cfg.idUri = f"sip:{a.username}@{uri_host(a.registrar) or host_literal(self.settings.bind)}"
+        reg = cfg.regConfig
+        reg.registrarUri = a.registrar
+        reg.registerOnAdd = False  # Core.register sends it, timed
+        reg.timeoutSec = int(a.expiry)
+        reg.retryIntervalSec = REGISTER_RETRY
+        reg.firstRetryIntervalSec = REGISTER_RETRY
+        cfg.callConfig.timerUse = pj.PJSUA_SIP_TIMER_INACTIVE
+        mt = cfg.mediaConfig.transportConfig
+        mt.boundAddress = self.settings.bind
+        mt.port = 0
+        if dial.proxy:
+            cfg.sipConfig.proxies.append(dial.proxy)
+        cred = pj.AuthCredInfo("digest", a.realm, a.auth_user, 0, a.secret.get_secret_value())
+        cfg.sipConfig.authCreds.append(cred)
+        cfg.sipConfig.transportId = tid
+        acc.create(cfg, False)
+        self.accounts[key] = acc
+        return acc
+
+    def register(self, req: PendingRegister) -> None:
+        """A registration of ``req.dial.account``: a fresh REGISTER (the register check), or
+        for a call, its state unless it has never registered. The guard judges the registrar
+        and the outbound proxy first (``Gate.hand_over``), as for any request."""
+
+        def send(acc: Account) -> None:
+            assert isinstance(acc, RegisteredAccount)
+            if not req.fresh and acc.last is not None and acc.attempt is None:
+                post(self.loop, resolve, req.fut, acc.last)
+                return
+            acc.waiting.append(req)
+            if acc.attempt is not None:  # one in flight: its end answers this too
+                return
+            acc.attempt = RegisterAttempt(time.monotonic())
+            self.registering = acc
+            set_tsx_timeout(req.timeout)
+            try:
+                acc.setRegistration(True)
+            except pj.Error as exc:
+                acc.attempt = None
+                acc.waiting.remove(req)
+                raise CallSetupError(f"cannot register at {req.dial.uri}: {pj_error(exc)}") from None
+            finally:
+                set_tsx_timeout(self.td)
+                self.registering = None
+
+        try:
+            self.gate.hand_over(req.dial, self.account_for, send)
+        except Exception as exc:
+            fail(self.loop, req.fut, exc, pj_as=CallSetupError)
+
+    def _register_sent(self, msg: Outbound) -> None:
+        mine = (a for a in self.accounts.values() if isinstance(a, RegisteredAccount))
+        acc = next((a for a in mine if a.reg_call_id == msg.call_id), self.registering)
+        if acc is None:
+            return
+        acc.reg_call_id = msg.call_id
+        if acc.attempt is not None:
+            acc.attempt.sent(time.monotonic(), msg.cseq)
+
+    def on_reg_state(self, acc: RegisteredAccount, prm: Any) -> None:
+        now = time.monotonic()
+        status, reason, expires = int(prm.code), str(prm.reason), int(prm.expiration)
+        from_network = bool(str(prm.rdata.wholeMsg)) if prm.rdata is not None else False
+        registered = 200 <= status < 300 and expires > 0
+        attempt, acc.attempt = acc.attempt, None
+        if self.state is not EngineState.RUNNING and not acc.waiting:
+            return  # the unregistration at shutdown
+        renewal: Renewal = "new" if acc.last is None else "re-registered" if acc.lost else "refresh"
+        lost = acc.lost
+        if registered:
+            acc.lost = None
+        elif acc.lost is None:
+            acc.lost = f"{status} {reason}"
+        result = Registration(
+            status=status, reason=reason, from_network=from_network, registered=registered,
+            expires=max(0, expires), renewal=renewal, lost=lost,
+            started_at=attempt.started_at if attempt else now,
+            sent_at=attempt.sent_at if attempt else None,
+            credentials_at=attempt.credentials_at if attempt else None, finished_at=now,
+        )  # fmt: skip
+        acc.last = result
+        waiting, acc.waiting = acc.waiting, []
+        for req in waiting:
+            post(self.loop, resolve, req.fut, result)
+        if not waiting and not registered:
+            logger.warning("registration of %s lost: %s %s", acc.name, status, reason)
+
     def _wind_down(self) -> None:
         """Hang up, let DISCONNECTED and OPTIONS completions arrive, then drop everything."""
         self.move(EngineState.CLOSING)
@@ -385,12 +515,7 @@ class Core:
                         break
                     fn, fut = self.commands.popleft()
                 self._guarded(fn, fut)
-        for req in self.pending_calls:
-            post(self.loop, reject, req.fut, EngineClosed("the SIP engine is shutting down"))
-        self.pending_calls.clear()
-        for opt in self.pending_options:
-            post(self.loop, reject, opt.fut, EngineClosed("the SIP engine is shutting down"))
-        self.pending_options.clear()
+        self._drop_pending()
         if self.ep is None:
             return
         for call in list(self.calls.values()):
@@ -400,9 +525,8 @@ class Core:
         calls_until = time.monotonic() + SHUTDOWN_CALL_WAIT
         while True:
             now = time.monotonic()
-            outstanding = [o for a in self.accounts.values() for o in a.options.values()]
-            options_until = max((o.sent_at + o.timeout + 1.0 for o in outstanding), default=0.0)
-            if (not self.calls or now >= calls_until) and (not outstanding or now >= options_until):
+            until = self._transactions_until()
+            if (not self.calls or now >= calls_until) and (until is None or now >= until):
                 break
             self.ep.libHandleEvents(10)
         for call in list(self.calls.values()):  # still not DISCONNECTED: give up on them
@@ -414,6 +538,30 @@ class Core:
                 CallEvent("disconnected", time.monotonic(), None, "engine closed", cause="engine_closed"),
             )
         self.calls.clear()
+
+    def _drop_pending(self) -> None:
+        """Fail every request still waiting: calls, OPTIONS, registrations."""
+        closed = EngineClosed("the SIP engine is shutting down")
+        waiting: list[asyncio.Future[Any]] = [req.fut for req in self.pending_calls]
+        waiting += [opt.fut for opt in self.pending_options]
+        for acc in self.accounts.values():
+            if isinstance(acc, RegisteredAccount):
+                waiting += [req.fut for req in acc.waiting]
+                acc.waiting.clear()
+        self.pending_calls.clear()
+        self.pending_options.clear()
+        for fut in waiting:
+            post(self.loop, reject, fut, closed)
+
+    def _transactions_until(self) -> float | None:
+        """When the last OPTIONS or REGISTER in flight ends (an account deleted under a live
+        transaction trips a C assertion); None when there is none."""
+        ends = [o.sent_at + o.timeout + 1.0 for a in self.accounts.values() for o in a.options.values()]
+        ends += [
+            a.attempt.started_at + self.td for a in self.accounts.values()
+            if isinstance(a, RegisteredAccount) and a.attempt is not None
+        ]  # fmt: skip
+        return max(ends, default=None)
 
     def _destroy(self) -> None:
         accounts = list(self.accounts.values())

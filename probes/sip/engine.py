@@ -13,13 +13,21 @@ from typing import Final, TypeVar
 
 from probes.config import SipSettings
 from probes.guard import Guard
-from probes.sip.calls import PendingCall, PendingOptions
+from probes.sip.calls import PendingCall, PendingOptions, PendingRegister
 from probes.sip.core import Core, EngineState
 from probes.sip.crossing import post, resolve
 from probes.sip.errors import EngineClosed, SipError
 from probes.sip.handles import CallHandle, IncomingCall, IncomingHandler, OutgoingCall
 from probes.sip.native import clib
-from probes.sip.values import CallEvent, CallOptions, Dial, EngineStats, IncomingRequest, OptionsReply
+from probes.sip.values import (
+    CallEvent,
+    CallOptions,
+    Dial,
+    EngineStats,
+    IncomingRequest,
+    OptionsReply,
+    Registration,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +294,23 @@ class SipEngine:
         except BaseException:
             opt.cancelled = True
             raise
+
+    async def register(
+        self,
+        dial: Dial,
+        *,
+        timeout: float,  # noqa: ASYNC109 - pjsip's own transaction timeout, not an asyncio one
+        fresh: bool = True,
+    ) -> Registration:
+        """Register ``dial.account`` at ``dial.uri`` (its registrar) and wait for the end of
+        the attempt; pjsua then refreshes it. ``fresh=False``: the account's last state,
+        registering only if it never has (what a call from the account needs). Raises
+        GuardRefusal (nothing sent), CallSetupError, EngineClosed."""
+        core, loop = self._require()
+        fut: asyncio.Future[Registration] = loop.create_future()
+        req = PendingRegister(dial, timeout, fresh, fut)
+        core.queue(lambda: core.register(req), fut)
+        return await fut
 
     def serve(self, handler: IncomingHandler | None) -> None:
         """Hand every incoming INVITE to ``handler`` (a task per call; the call is

@@ -77,6 +77,7 @@ class Gate:
         self.passed: dict[tuple[str, str, CarrierTestService | None], None] = {}
         self.verdicts: dict[tuple[str, str], RemoteRefusal] = {}
         self.to_end: deque[tuple[str, RemoteRefusal, bool]] = deque()
+        self.registers: Callable[[Outbound], None] | None = None  # told of every REGISTER sent
 
     def hand_over(self, dial: Dial, account_for: Callable[[Dial], A], send: Callable[[A], T]) -> T:
         """The one function that gives a URI to pjsua2. The guard judges the request URI
@@ -159,6 +160,8 @@ class Gate:
     def judge_outbound(self, msg: Outbound) -> bool:
         """Every request about to be sent (its Request-URI and each Route URI): True
         refuses to send it."""
+        if msg.method == "REGISTER" and self.registers is not None:
+            self.registers(msg)  # its stages are timed by what leaves, retransmissions included
         verdict = None
         for where, uri in msg.targets():
             verdict = self._judge(uri, msg.call_id, where, None, sip_only=where != msg.where)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from ecpm.settings import Transport
-from probes.config import Auth
+from probes.config import Auth, SipAccount
 from probes.guard import CarrierTestService
 
 MAX_MESSAGE: Final = 64 * 1024  # SIP message text handed to asyncio is cut here
@@ -24,6 +24,7 @@ class Dial:
     transport: Transport = "udp"
     auth: Auth | None = None
     carrier_test_service: CarrierTestService | None = None
+    account: SipAccount | None = None  # the registered account it goes from (REGISTER: uri = registrar)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,26 @@ class OptionsReply:
     sent_at: float
     finished_at: float
     message: str | None
+
+
+Renewal = Literal["new", "refresh", "re-registered"]
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """The end of one registration attempt of an account (ours, or pjsua's own refresh)."""
+
+    status: int
+    reason: str
+    from_network: bool  # False: pjsip made it up (timeout 408, transport error 503)
+    registered: bool  # a 2xx that kept a binding (expires > 0)
+    expires: int  # what the registrar granted
+    renewal: Renewal  # the account's first, a refresh, or the first after a lost one
+    lost: str | None  # why the registration before this one was lost ("408 Request Timeout")
+    started_at: float  # the attempt began in the pjsua2 thread
+    sent_at: float | None  # its first REGISTER on the wire
+    credentials_at: float | None  # the REGISTER with credentials sent, after a 401/407
+    finished_at: float
 
 
 @dataclass(frozen=True, slots=True)

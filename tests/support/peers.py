@@ -16,6 +16,7 @@ PEER_PACKAGES = {
     "amtool": "prometheus-alertmanager",
     "alertmanager": "prometheus-alertmanager",
     "chromium": "chromium",
+    "kamailio": "kamailio",
 }
 
 

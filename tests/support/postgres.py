@@ -68,6 +68,10 @@ class Cluster:
                 os.chown(path, owner.pw_uid, owner.pw_gid)
         self._run("initdb", "-D", str(self.data), "-U", "ecpm", "--auth=trust", "-E", "UTF8",
                   "--locale=C", "--no-sync")  # fmt: skip
+        self.serve()
+
+    def serve(self) -> None:
+        """Start the server on the cluster (again, after ``stop``: the fault suite's restart)."""
         options = f"-p {PORT} -k {self.socket} -c listen_addresses='' -c fsync=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-o", options, "start")
 

@@ -20,7 +20,16 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from probes.config import Checks, EmergencyShape, InviteCheck, OptionsCheck, SipSettings, Target
+from probes.config import (
+    Checks,
+    EmergencyShape,
+    InviteCheck,
+    OptionsCheck,
+    RegisterCheck,
+    SipAccount,
+    SipSettings,
+    Target,
+)
 from probes.guard import Guard
 from probes.sip import SipEngine
 from tests.support.net import HOST, free_port, tcp_listening, udp_port_in_use
@@ -194,6 +203,29 @@ def make_target(
         checks=Checks(
             invite=InviteCheck.model_validate(settings),
             options=OptionsCheck.model_validate({"timeout": "1s"}) if options else None,
+        ),
+    )
+
+
+def account_target(registrar: str, uri: str, **account: Any) -> Target:
+    """A target called from a SIP account (``account`` overrides its fields), with a
+    register check and short timers."""
+    fields = {"registrar": registrar, "username": "desk", "password": "secret", "expiry": "60s", **account}
+    return Target(
+        id="desk",
+        uri=uri,
+        test_endpoint=True,  # Target alone does not run the guard: the engine must
+        account=SipAccount.model_validate(fields),
+        checks=Checks(
+            register=RegisterCheck.model_validate({"timeout": "1s"}),
+            invite=InviteCheck.model_validate(
+                {
+                    "first_response_timeout": "2s",
+                    "answer_timeout": "3s",
+                    "media_time": "1s",
+                    "max_duration": "10s",
+                }
+            ),
         ),
     )
 

@@ -1,0 +1,113 @@
+"""The register check and calls from a registered account, against a real Kamailio
+(tests/kamailio/kamailio.cfg: digest auth, usrloc, record-route, the test service routed
+to the responder). Every peer is on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from probes.checks import invite_check
+from probes.config import Target
+from probes.outcome import CheckOutcome
+from probes.register import register_check
+from probes.sip import SipEngine
+from tests.support.kamailio import PASSWORD, USER, Kamailio
+from tests.support.monitor import Clock, ProbeSim, make_core
+from tests.support.net import HOST, free_port
+from tests.support.sip import account_target, with_engine
+
+pytestmark = pytest.mark.peers("kamailio")
+
+
+def target(registrar: str, uri: str, **account: Any) -> Target:
+    return account_target(registrar, uri, **{"username": USER, "password": PASSWORD, **account})
+
+
+def test_register_passes_through_the_digest_challenge(kamailio: Kamailio) -> None:
+    out = with_engine(lambda e: register_check(e, target(kamailio.registrar, kamailio.service_uri)))
+    assert out.outcome == "pass", out
+    assert out.sip_status == 200 and out.detail["registration"] == "new"
+    assert set(out.timings) == {"transport", "trying", "answer"}
+    assert out.timings["trying"] <= out.timings["answer"]  # the 401, then the 200 to the retry
+    assert 10 <= int(out.detail["expires"]) <= 60
+    assert "ecpm: challenged REGISTER" in kamailio.text()
+
+
+def test_a_wrong_password_fails_auth_failed(kamailio: Kamailio) -> None:
+    t = target(kamailio.registrar, kamailio.service_uri, password="not-the-password")
+    out = with_engine(lambda e: register_check(e, t))
+    assert (out.outcome, out.stage, out.reason) == ("fail", "answer", "auth_failed"), out
+    assert out.sip_status == 401
+
+
+def test_a_registrar_that_is_down_fails_at_transport_fast() -> None:
+    t = target(f"sip:{HOST}:{free_port()}", f"sip:ecpm-test@{HOST}:5060")  # nothing listens
+    began = time.monotonic()
+    out = with_engine(lambda e: register_check(e, t))
+    assert (out.outcome, out.stage) == ("fail", "transport"), out
+    assert out.reason in ("no_response", "transport_error")
+    assert time.monotonic() - began < 8
+
+
+def test_a_call_from_the_account_answers_the_407_and_verifies_media(kamailio: Kamailio) -> None:
+    t = target(kamailio.registrar, kamailio.service_uri)
+    out = with_engine(lambda e: invite_check(e, t))
+    assert out.outcome == "pass", out
+    assert out.media is not None and out.media.tone_heard and out.media.echo_heard
+    log = kamailio.text()  # the config logs each challenge and relay
+    assert "ecpm: challenged INVITE" in log and "ecpm: relayed INVITE to the responder" in log
+
+
+def registration_up(tmp_path: Path, outcomes: list[CheckOutcome]) -> list[float | None]:
+    """ecpm_registration_up after each of these register outcomes reaches a monitor."""
+    clock = Clock()
+    core, registry, _ = make_core(tmp_path, clock, probes=("p1",), targets=("desk",))
+    sim, seen = ProbeSim("p1"), []
+    for out in outcomes:
+        result = sim.result("desk", out.outcome, clock.advance(1), check="register", stage=out.stage)
+        assert core.handle(sim.topic("desk"), result.to_json()) is None
+        core.store.commit()
+        core.evaluate(clock())
+        seen.append(registry.get_sample_value("ecpm_registration_up", {"target": "desk", "probe": "p1"}))
+    return seen
+
+
+def test_kamailio_restarted_shows_the_loss_and_the_re_registration(
+    kamailio: Kamailio, tmp_path: Path
+) -> None:
+    t = target(kamailio.registrar, kamailio.service_uri)
+
+    async def body(engine: SipEngine) -> list[CheckOutcome]:
+        outs = [await register_check(engine, t)]
+        kamailio.stop()
+        outs.append(await register_check(engine, t))  # lost: the registrar is gone
+        outs.append(await invite_check(engine, t))  # a call that needs it fails at once
+        kamailio.restart()
+        outs.append(await register_check(engine, t))
+        outs.append(await invite_check(engine, t))
+        return outs
+
+    first, lost, call_lost, back, call_back = with_engine(body)
+    assert first.outcome == "pass" and first.detail["registration"] == "new"
+    assert (lost.outcome, lost.stage) == ("fail", "transport"), lost
+    assert (call_lost.outcome, call_lost.stage, call_lost.reason) == ("fail", "transport", "not_registered")
+    assert "answer" not in call_lost.timings
+    assert back.outcome == "pass" and back.detail["registration"] == "re-registered", back
+    assert back.detail["lost"]
+    assert call_back.outcome == "pass", call_back
+    assert registration_up(tmp_path, [first, lost, back]) == [1.0, 0.0, 1.0]
+
+
+def test_a_call_from_the_registered_account_to_a_live_number_is_refused(kamailio: Kamailio) -> None:
+    """Registered for real, the account changes where the INVITE goes (through the
+    registrar's proxy), never whether the guard judges it: no INVITE reaches Kamailio."""
+    live = kamailio.service_uri.replace("ecpm-test@", "999@")
+    t = target(kamailio.registrar, live)
+    out = with_engine(lambda e: invite_check(e, t))
+    assert (out.outcome, out.reason) == ("fail", "guard_refused"), out
+    assert out.detail["guard.reason"] == "emergency_number"
+    assert "challenged INVITE" not in kamailio.text() and "relayed INVITE" not in kamailio.text()
