@@ -13,7 +13,9 @@ trace but its counter and log line. Checks, in order; the first failure rejects:
    ``finished_at >= started_at``, at most ``MAX_SECONDS`` apart).
 3. ``unknown_probe`` — the probe is not configured.
 4. ``topic_mismatch`` — the topic's probe/target differ from the payload's.
-5. ``signature`` — the HMAC does not verify with that probe's key.
+5. ``signature`` — the HMAC does not verify with that probe's key (checked over the
+   received bytes when they are the result's wire form, ``probes.wire.unsigned``: what a
+   probe publishes; otherwise over the canonical bytes encoded again).
 6. ``unknown_target`` — the target is not configured.
 7. ``too_old`` / ``in_future`` — ``finished_at`` more than ``ingest.max_result_age``
    before the monitor's receive time, or ``started_at``/``finished_at`` more than
@@ -61,6 +63,7 @@ class Accepted:
     gap: tuple[int, int] | None  # (last stored seq, this seq) when results are missing between
     new_last_seq: int | None  # the probe's new highest seq, when this one raises it
     first: bool = False  # the first result of its probe in the store (no last seq yet)
+    wire: bytes | None = None  # the payload, when it is the result's wire form (stored as it came)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,8 @@ class SignedMessage(Protocol):
 
     @property
     def probe(self) -> str: ...
-    def signature_ok(self, key: bytes | str) -> bool: ...
+    def wire_of(self, payload: bytes) -> bytes | None: ...
+    def signature_ok(self, key: bytes | str, *, wire: bytes | None = None) -> bool: ...
 
 
 M = TypeVar("M", bound=SignedMessage)
@@ -89,10 +93,11 @@ def open_signed(
     keys: Mapping[str, bytes],
     topic_of: Callable[[M], str],
     what: str,
-) -> M | Rejected:
+) -> tuple[M, bytes | None] | Rejected:
     """The checks every signed message passes before anything reads what it says, in this
     order: its size before it is parsed, its shape, a configured probe, the topic it came
-    on (a probe's key signs only its own topics), its signature."""
+    on (a probe's key signs only its own topics), its signature. Returns the message and
+    ``payload`` when that is the message's wire form (``Signed.wire_of``), else None."""
     if len(payload) > max_bytes:
         return Rejected("too_large", f"{what} of {len(payload)} bytes > {max_bytes}")
     try:
@@ -104,9 +109,10 @@ def open_signed(
         return Rejected("unknown_probe", f"{what} of unconfigured probe {message.probe}")
     if topic != topic_of(message):
         return Rejected("topic_mismatch", f"{what} of {message.probe} came on another probe's topic")
-    if not message.signature_ok(key):
+    wire = message.wire_of(payload)
+    if not message.signature_ok(key, wire=wire):
         return Rejected("signature", f"bad signature on a {what} of {message.probe}")
-    return message
+    return message, wire
 
 
 class ResultValidator:
@@ -120,7 +126,7 @@ class ResultValidator:
         self._store = store
 
     def check(self, topic: str, payload: bytes, now: datetime) -> Accepted | Rejected:
-        result = open_signed(
+        opened = open_signed(
             payload,
             topic,
             max_bytes=self._max_bytes,
@@ -129,8 +135,9 @@ class ResultValidator:
             topic_of=lambda r: f"{self._prefix}{r.probe}/{r.target}",
             what="result",
         )
-        if isinstance(result, Rejected):
-            return result
+        if isinstance(opened, Rejected):
+            return opened
+        result, wire = opened
         if result.target not in self._targets:
             return Rejected("unknown_target", f"target {result.target} is not configured")
         if result.finished_at < now - self._max_age:
@@ -155,4 +162,6 @@ class ResultValidator:
             )
         gap = (last, seq) if last is not None and seq > last + 1 else None
         new_last = seq if last is None or seq > last else None
-        return Accepted(result, summary, duplicate=False, gap=gap, new_last_seq=new_last, first=last is None)
+        return Accepted(
+            result, summary, duplicate=False, gap=gap, new_last_seq=new_last, first=last is None, wire=wire
+        )

@@ -89,7 +89,7 @@ class StatusValidator:
         self._marks = marks
 
     def check(self, topic: str, payload: bytes, now: datetime) -> StatusAccepted | Rejected:
-        status = open_signed(
+        opened = open_signed(
             payload,
             topic,
             max_bytes=MAX_STATUS_BYTES,
@@ -98,8 +98,9 @@ class StatusValidator:
             topic_of=lambda st: f"{self._prefix}{st.probe}",
             what="status",
         )
-        if isinstance(status, Rejected):
-            return status
+        if isinstance(opened, Rejected):
+            return opened
+        status = opened[0]
         if status.at > now + self._ahead:
             return Rejected("in_future", f"status of {status.probe} signed at {status.at.isoformat()}")
         mark = self._marks.get(status.probe)

@@ -3,6 +3,11 @@
 ``canonical`` is the UTF-8 of ``json.dumps`` with ``sort_keys=True``,
 ``separators=(",", ":")``, ``ensure_ascii=False`` and ``allow_nan=False``; a signature
 is the lower-case hex HMAC-SHA256 of those bytes with the probe's key.
+A receiver holding the bytes a message was parsed from checks the signature over them
+(``signature_ok(key, wire=...)``) when they are exactly its wire form (``to_json()``, the
+canonical JSON *with* ``sig``): the signed bytes are then that form with its one ``sig``
+member cut out (``unsigned``), the same bytes ``canonical()`` would encode again, because
+a canonical object is its sorted members joined by commas. Same scheme, one encoding less.
 ``load_object`` is the strict decoding every payload passes before its fields are
 judged: size, UTF-8, JSON without duplicate keys or NaN/Infinity, an object, the schema
 name. Standard library only: ``monitor/`` imports it through those two modules.
@@ -66,8 +71,34 @@ class Signed:
     def signed(self, key: bytes | str) -> Self:
         return replace(self, sig=sign(key, self.canonical()))  # type: ignore[type-var]
 
-    def signature_ok(self, key: bytes | str) -> bool:
-        return signature_matches(key, self.canonical(), self.sig)
+    def wire_of(self, payload: bytes) -> bytes | None:
+        """``payload`` if it is exactly this message's wire form (``to_json()``), else None:
+        the form a store keeps, so it need not be encoded again."""
+        wire = self.to_json()
+        return wire if wire == payload else None
+
+    def signature_ok(self, key: bytes | str, *, wire: bytes | None = None) -> bool:
+        """``wire``: this message's own wire form (``wire_of``), checked without encoding it again."""
+        signed = None if wire is None else unsigned(wire, self.sig)
+        return signature_matches(key, self.canonical() if signed is None else signed, self.sig)
+
+
+def unsigned(wire: bytes, sig: str) -> bytes | None:
+    """The canonical bytes without ``sig``, cut from ``wire`` (canonical JSON of an object
+    whose ``sig`` member is ``sig``); None when the member is not found exactly once."""
+    quoted = f'"{sig}"' if sig.isascii() and sig.isalnum() else json.dumps(sig, ensure_ascii=False)
+    member = b'"sig":' + quoted.encode("utf-8")
+    if wire.count(member) != 1:
+        return None
+    inner = b"," + member
+    if inner in wire:
+        return wire.replace(inner, b"", 1)
+    first = b"{" + member
+    if wire.startswith(first + b","):  # the first member of the object
+        return b"{" + wire[len(first) + 1 :]
+    if wire == first + b"}":  # the only one
+        return b"{}"
+    return None
 
 
 def load_object(payload: bytes, *, max_bytes: int, schema: str, error: type[WireError]) -> dict[str, Any]:
