@@ -24,7 +24,7 @@ incidents; the others take each target's recorded state from the store.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -211,8 +211,9 @@ class MonitorCore:
     def snapshot(self) -> Snapshot:
         return self._snapshot
 
-    def handle(self, topic: str, payload: bytes) -> str | None:
-        """Take one MQTT message; return the rejection reason, or None when accepted.
+    def handle(self, topic: str, payload: bytes, now: datetime | None = None) -> str | None:
+        """Take one MQTT message (received at ``now``, the clock's time by default); return
+        the rejection reason, or None when accepted.
 
         Never raises for anything a message contains: a payload that trips an error the
         parser did not foresee (huge integers, 1e400, deep nesting) is rejected as
@@ -224,29 +225,38 @@ class MonitorCore:
                 # replicas: read the sequence book only after every other writer committed
                 self.store.hold_writers()
             if topic.startswith(self._results_prefix):
-                return self._result(topic, payload)
+                return self._result(topic, payload, now or self.clock())
             if topic.startswith(self._status_prefix):
                 return self._status(topic, payload)
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             return self._reject("fields", topic, f"{type(exc).__name__}: {str(exc)[:200]}")
         return self._reject("topic_mismatch", topic, "not a results or status topic")
 
+    def handle_batch(self, messages: Iterable[tuple[str, bytes]]) -> list[str | None]:
+        """``handle`` each message of a batch, in order, all received now (one clock
+        reading). What they store joins one transaction: the caller commits it once, then
+        acknowledges the batch (``monitor.service``), and evaluates once."""
+        now = self.clock()
+        return [self.handle(topic, payload, now) for topic, payload in messages]
+
     def _reject(self, reason: str, topic: str, detail: str) -> str:
         self.metrics.rejected.labels(reason).inc()
         logger.warning("rejected message on %s: %s (%s)", topic, reason, detail)
         return reason
 
-    def _result(self, topic: str, payload: bytes) -> str | None:
+    def _result(self, topic: str, payload: bytes, now: datetime) -> str | None:
         """Validate completely (``monitor.ingest``), then store; nothing is written for a
         rejected message, and nothing after the store can fail on what was stored."""
-        now = self.clock()
         verdict = self._ingest.check(topic, payload, now)
         if isinstance(verdict, Rejected):
             return self._reject(verdict.reason, topic, verdict.detail)
         result = verdict.result
         skew = None if verdict.duplicate else self.skew.observe(result.probe, result.finished_at, now)
         judged = judge(result.finished_at, now, skew)
-        if verdict.duplicate or not self.store.add_result(result, now, judged_at=judged, clock_skew=skew):
+        stored = not verdict.duplicate and self.store.add_result(
+            result, now, judged_at=judged, clock_skew=skew, wire=verdict.wire
+        )
+        if not stored:
             self.metrics.duplicates.inc()
             logger.debug("duplicate result %s from %s", result.id, result.probe)
             return None

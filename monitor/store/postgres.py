@@ -46,7 +46,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -131,6 +131,11 @@ class _Qmark:
         with _or_lost(self.conn):
             return self.conn.execute(_percent(sql), tuple(parameters))
 
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> None:
+        """One statement for many rows: psycopg sends them in pipeline mode (one round trip)."""
+        with _or_lost(self.conn), self.conn.cursor() as cursor:
+            cursor.executemany(_percent(sql), rows)
+
     def commit(self) -> None:
         with _or_lost(self.conn):
             self.conn.commit()
@@ -196,6 +201,7 @@ class PostgresStore(SqlStore):
     @contextmanager
     def _walk(self, sql: str, args: Sequence[Any] = ()) -> Iterator[Iterator[Any]]:
         # a server-side cursor: a walk of the whole chain holds a batch in memory, not the table
+        self._flush()
         with _or_lost(self._db.conn), self._db.conn.cursor(name=f"walk_{next(_walks)}") as cursor:
             cursor.itersize = WALK_BATCH
             cursor.execute(_percent(sql), tuple(args))
@@ -213,6 +219,7 @@ class PostgresStore(SqlStore):
             old.close()
         else:
             old.rollback()
+        self._drop_pending()  # rolled back with the transaction: the broker delivers them again
         self._tip = None
 
     def election(self) -> Election:

@@ -194,6 +194,15 @@ JUDGED_INDEXES = (
 )
 
 
+# one appended row (``SqlStore.add_result``, written by ``_flush``): a duplicate id never
+# gets here (checked under the chain's lock), so a conflict is a bug and fails the batch
+_INSERT_RESULT = (
+    "INSERT INTO results (id, probe, target, check_kind, seq, started_at, finished_at, outcome,"
+    " confirm, request_id, received_at, payload, prev_hash, hash, judged_at, clock_skew,"
+    f" reason, post_dial_delay, version, judged_ms) VALUES ({', '.join('?' * 20)})"
+)
+
+
 def _t(moment: datetime | None) -> str | None:
     return None if moment is None else format_time(moment)
 
@@ -268,6 +277,7 @@ class Connection(Protocol):
     translator (``monitor.store.postgres``)."""
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
     def commit(self) -> None: ...
     def close(self) -> None: ...
 
@@ -290,10 +300,39 @@ class SqlStore:
     # how a page is held while it is sent (``claim_notification``): PostgreSQL's row lock
     _CLAIM = ""
 
+    # results appended in this transaction and not yet written (``add_result``), in chain
+    # order; their ids and (probe, seq); and an id ``has_result`` found absent under the lock
+    _pending: list[tuple[Any, ...]] | tuple[()] = ()
+
     def _opened(self) -> None:
         """The connection is ready: read where the chain ends."""
         self._tip: str | None = None if self._CHAIN_SHARED else self._load_tip()
         self._quarantined: dict[int, Quarantined] = {}  # unreadable rows met so far, by row
+        self._pending = []
+        self._pending_ids: set[str] = set()
+        self._pending_seqs: set[tuple[str, int]] = set()
+        self._absent: str | None = None
+
+    def _sql(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        """Every statement but the few that know the pending rows: one that reads or
+        writes ``results`` writes those rows first, so it sees the batch as stored."""
+        if self._pending and "results" in sql:
+            self._flush()
+        return self._db.execute(sql, args)
+
+    def _flush(self) -> None:
+        """Write the pending rows: one ``executemany`` (sqlite3's; psycopg's pipelines it)."""
+        rows = self._pending
+        if not rows:
+            return
+        self._drop_pending()
+        self._db.executemany(_INSERT_RESULT, rows)
+
+    def _drop_pending(self) -> None:
+        self._pending = []
+        self._pending_ids.clear()
+        self._pending_seqs.clear()
+        self._absent = None
 
     def _lock_chain(self) -> None:
         """Hold the chain's tip until this transaction ends (nothing with one writer)."""
@@ -308,10 +347,11 @@ class SqlStore:
     def _walk(self, sql: str, args: Sequence[Any] = ()) -> Iterator[Iterator[Any]]:
         """The rows of a query that may cover the whole chain, as they come (sqlite3's
         cursor streams; ``monitor.store.postgres`` fetches them in batches)."""
-        yield iter(self._db.execute(sql, args))
+        yield iter(self._sql(sql, args))
 
     def _ended(self) -> None:
         """A transaction ended: with a shared chain, another writer may append next."""
+        self._absent = None
         if self._CHAIN_SHARED:
             self._tip = None
 
@@ -320,15 +360,17 @@ class SqlStore:
         """One self-contained change: committed when the block ends, undone if it raises.
         Only this block's writes are undone (a savepoint): writes the open batch made
         before it stay, for the batch's own ``commit()``."""
-        self._db.execute("SAVEPOINT unit")
+        self._flush()  # the batch's rows before the savepoint: only the block's are undone
+        self._sql("SAVEPOINT unit")
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK TO unit")
-            self._db.execute("RELEASE unit")
+            self._drop_pending()
+            self._sql("ROLLBACK TO unit")
+            self._sql("RELEASE unit")
             self._tip = None  # an undone add_result moved it: read it again when next needed
             raise
-        self._db.execute("RELEASE unit")
+        self._sql("RELEASE unit")
         self.commit()
 
     def _fill_report_columns(self) -> int:
@@ -338,7 +380,7 @@ class SqlStore:
         read-write open; returns how many rows it filled."""
         filled, after = 0, -1
         while True:  # in batches: a year of rows is gigabytes of payloads
-            todo = self._db.execute(
+            todo = self._sql(
                 "SELECT row, payload, judged_at FROM results"
                 " WHERE row > ? AND judged_ms IS NULL AND judged_at IS NOT NULL ORDER BY row LIMIT 5000",
                 (after,),
@@ -351,7 +393,7 @@ class SqlStore:
                     values = _report_values(read_payload(payload), judged_at)
                 except (ResultError, ValueError, TypeError):
                     continue
-                self._db.execute(
+                self._sql(
                     "UPDATE results SET reason = ?, post_dial_delay = ?, version = ?, judged_ms = ?"
                     " WHERE row = ?",
                     (*values, row),
@@ -359,17 +401,17 @@ class SqlStore:
                 filled += 1
 
     def _load_tip(self) -> str:
-        row = self._db.execute("SELECT hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
+        row = self._sql("SELECT hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
         return str(row[0]) if row else self._anchor()
 
     def mark(self, key: str) -> str | None:
         """A small named value kept with the data (``meta``), e.g. ``status_order/<probe>``."""
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._sql("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_mark(self, key: str, value: str) -> None:
         """Written in the store's transaction: committed with the batch that caused it."""
-        self._db.execute(
+        self._sql(
             "INSERT INTO meta (key, value) VALUES (?, ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
@@ -384,7 +426,7 @@ class SqlStore:
         self.set_mark("heartbeat", format_time(at))
 
     def _anchor(self) -> str:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'chain_anchor'").fetchone()
+        row = self._sql("SELECT value FROM meta WHERE key = 'chain_anchor'").fetchone()
         return str(row[0]) if row else GENESIS
 
     # ------------------------------------------------------------ results
@@ -396,6 +438,7 @@ class SqlStore:
         *,
         judged_at: datetime | None = None,
         clock_skew: float | None = None,
+        wire: bytes | None = None,
     ) -> bool:
         """Append a verified result; False (and nothing stored) when its id is already there.
         ``judged_at``: the monitor-judged time (``monitor.skew.judge``; without it, the
@@ -403,21 +446,29 @@ class SqlStore:
 
         The payload is read back before it is written: a result that would not come back
         whole (``parse_result``) raises ``ResultError`` and nothing is stored, so no row
-        this writes can stop a later reader."""
+        this writes can stop a later reader. ``wire``: the bytes ``result`` was parsed
+        from, when they are its wire form (``Signed.wire_of``): stored as they are, and
+        already read once.
+
+        The row is written with the transaction's other appends (``_flush``: one
+        ``executemany`` at the commit, or before any statement on ``results``), its chain
+        position taken now, in order."""
         tip = self._chain_tip()  # first: with a shared chain, the lock orders the duplicate check too
-        payload = result.to_json().decode("utf-8")
-        if read_payload(payload) != result:
-            if self.has_result(result.id):
-                return False
-            raise ResultError("fields", f"result {result.id} does not read back as it was stored")
+        if result.id in self._pending_ids:
+            return False
+        if wire is not None:
+            payload = wire.decode("utf-8")
+        else:
+            payload = result.to_json().decode("utf-8")
+            if read_payload(payload) != result:
+                if self.has_result(result.id):
+                    return False
+                raise ResultError("fields", f"result {result.id} does not read back as it was stored")
+        if self._absent != result.id and self._stored(result.id):
+            return False
         digest = chain_hash(tip, payload)
-        judged = judge(result.finished_at, received_at, None) if judged_at is None else judged_at
-        # a duplicate id is found by the insert itself: one statement per result
-        stored = self._db.execute(
-            "INSERT INTO results (id, probe, target, check_kind, seq, started_at, finished_at, outcome,"
-            " confirm, request_id, received_at, payload, prev_hash, hash, judged_at, clock_skew,"
-            " reason, post_dial_delay, version, judged_ms)"
-            f" VALUES ({', '.join('?' * 20)}) ON CONFLICT (id) DO NOTHING",
+        judged = format_time(judge(result.finished_at, received_at, None) if judged_at is None else judged_at)
+        self._pending.append(  # type: ignore[union-attr]  # a list once opened
             (
                 result.id,
                 result.probe,
@@ -433,13 +484,14 @@ class SqlStore:
                 payload,
                 tip,
                 digest,
-                format_time(judged),
+                judged,
                 None if clock_skew is None else round(clock_skew, 3),
-                *_report_values(result, format_time(judged)),
-            ),
+                *_report_values(result, judged),
+            )
         )
-        if stored.rowcount != 1:
-            return False
+        self._pending_ids.add(result.id)
+        self._pending_seqs.add((result.probe, result.seq))
+        self._absent = None
         self._tip = digest
         return True
 
@@ -464,7 +516,7 @@ class SqlStore:
         """Each probe's skew estimate as stored with its newest result (highest ``seq``)."""
         out = {}
         for probe in probes:
-            row = self._db.execute(
+            row = self._sql(
                 "SELECT clock_skew FROM results WHERE probe = ? ORDER BY seq DESC LIMIT 1", (probe,)
             ).fetchone()
             skew = None if row is None else _skew(row[0])
@@ -473,34 +525,46 @@ class SqlStore:
         return out
 
     def has_result(self, result_id: str) -> bool:
+        if result_id in self._pending_ids:
+            return True
+        if self._stored(result_id):
+            return True
+        if self._tip is not None:  # under the chain's lock (or the only writer): it stays absent
+            self._absent = result_id
+        return False
+
+    def _stored(self, result_id: str) -> bool:
+        """Is ``result_id`` among the written rows (the pending ones aside)?"""
         return self._db.execute("SELECT 1 FROM results WHERE id = ?", (result_id,)).fetchone() is not None
 
     def seq_stored(self, probe: str, seq: int) -> bool:
         """Is a result with this ``seq`` from this probe already stored (under any id)?"""
+        if (probe, seq) in self._pending_seqs:
+            return True
         found = self._db.execute("SELECT 1 FROM results WHERE probe = ? AND seq = ? LIMIT 1", (probe, seq))
         return found.fetchone() is not None
 
     def in_gap(self, probe: str, seq: int) -> bool:
         """Does ``seq`` fall in a gap recorded for this probe (a late or replayed result)?"""
-        found = self._db.execute(
+        found = self._sql(
             "SELECT 1 FROM seq_gaps WHERE probe = ? AND after_seq < ? AND next_seq > ? LIMIT 1",
             (probe, seq, seq),
         )
         return found.fetchone() is not None
 
     def last_seq(self, probe: str) -> int | None:
-        row = self._db.execute("SELECT last_seq FROM probe_seq WHERE probe = ?", (probe,)).fetchone()
+        row = self._sql("SELECT last_seq FROM probe_seq WHERE probe = ?", (probe,)).fetchone()
         return None if row is None else int(row[0])
 
     def set_last_seq(self, probe: str, seq: int) -> None:
-        self._db.execute(
+        self._sql(
             "INSERT INTO probe_seq (probe, last_seq) VALUES (?, ?)"
             " ON CONFLICT (probe) DO UPDATE SET last_seq = excluded.last_seq",
             (probe, seq),
         )
 
     def record_gap(self, probe: str, after_seq: int, next_seq: int, at: datetime) -> None:
-        self._db.execute(
+        self._sql(
             "INSERT INTO seq_gaps (probe, after_seq, next_seq, missing, detected_at) VALUES (?, ?, ?, ?, ?)",
             (probe, after_seq, next_seq, next_seq - after_seq - 1, format_time(at)),
         )
@@ -510,19 +574,19 @@ class SqlStore:
     def fill_gap(self, probe: str, seq: int, at: datetime) -> bool:
         """A result stored with ``seq`` inside an open gap: recount that gap (it closes when
         every missing seq is stored or gone). True if it was in an open gap."""
-        rows = self._db.execute(_OPEN_GAPS_OVER, (probe, seq, seq)).fetchall()
+        rows = self._sql(_OPEN_GAPS_OVER, (probe, seq, seq)).fetchall()
         if not rows:
             return False
         # ingest stores a seq once, so this one is new to the gap: count it, O(1) however big
         # the gap is (a seq the probe had said was gone, and that arrives after all, moves
         # from gone to repaired)
-        was_gone = self._db.execute(
+        was_gone = self._sql(
             "SELECT 1 FROM seq_gone WHERE probe = ? AND first_seq <= ? AND last_seq >= ? LIMIT 1",
             (probe, seq, seq),
         ).fetchone()
         less = int(was_gone is not None)
         gone = "CASE WHEN gone > ? THEN gone - ? ELSE 0 END"  # max(0, gone - less), in both dialects
-        self._db.execute(
+        self._sql(
             f"UPDATE seq_gaps SET repaired = repaired + 1, gone = {gone},"
             f" closed_at = CASE WHEN repaired + 1 + {gone} >= missing THEN ? END"
             " WHERE rowid IN (" + ",".join("?" * len(rows)) + ")",
@@ -535,23 +599,21 @@ class SqlStore:
         Returns how many missing results this made unrecoverable (0 for an answer seen before)."""
         before = self._gone_total(probe)
         for first, last in ranges:
-            self._db.execute(
+            self._sql(
                 "INSERT INTO seq_gone (probe, first_seq, last_seq, at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
                 (probe, first, last, format_time(at)),
             )
-            for (rowid,) in self._db.execute(_OPEN_GAPS_OVER, (probe, last, first)).fetchall():
+            for (rowid,) in self._sql(_OPEN_GAPS_OVER, (probe, last, first)).fetchall():
                 self._recount_gap(rowid, at)
         return self._gone_total(probe) - before
 
     def _gone_total(self, probe: str) -> int:
-        row = self._db.execute(
-            "SELECT coalesce(sum(gone), 0) FROM seq_gaps WHERE probe = ?", (probe,)
-        ).fetchone()
+        row = self._sql("SELECT coalesce(sum(gone), 0) FROM seq_gaps WHERE probe = ?", (probe,)).fetchone()
         return int(row[0])
 
     def _stored_seqs(self, probe: str, first: int, last: int) -> list[int]:
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT DISTINCT seq FROM results WHERE probe = ? AND seq BETWEEN ? AND ? ORDER BY seq",
             (probe, first, last),
         )
@@ -559,7 +621,7 @@ class SqlStore:
 
     def _gone_ranges(self, probe: str, first: int, last: int) -> list[tuple[int, int]]:
         """The probe's gone answers overlapping ``first..last``, merged and clipped."""
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT first_seq, last_seq FROM seq_gone WHERE probe = ? AND first_seq <= ? AND last_seq >= ?"
             " ORDER BY first_seq",
             (probe, last, first),
@@ -574,7 +636,7 @@ class SqlStore:
         return merged
 
     def _recount_gap(self, rowid: int, at: datetime) -> None:
-        probe, after, nxt, missing = self._db.execute(
+        probe, after, nxt, missing = self._sql(
             "SELECT probe, after_seq, next_seq, missing FROM seq_gaps WHERE rowid = ?", (rowid,)
         ).fetchone()
         stored = set(self._stored_seqs(probe, after + 1, nxt - 1))
@@ -583,7 +645,7 @@ class SqlStore:
             for a, b in self._gone_ranges(probe, after + 1, nxt - 1)
         )
         closed = format_time(at) if len(stored) + gone >= missing else None
-        self._db.execute(
+        self._sql(
             "UPDATE seq_gaps SET repaired = ?, gone = ?, closed_at = ? WHERE rowid = ?",
             (len(stored), gone, closed, rowid),
         )
@@ -597,7 +659,7 @@ class SqlStore:
         small gaps — a stranded session took every other result — are asked for in a
         few requests, at the cost of resending what lies between."""
         out: list[tuple[int, int]] = []
-        for after, nxt in self._db.execute(
+        for after, nxt in self._sql(
             "SELECT after_seq, next_seq FROM seq_gaps WHERE probe = ? AND closed_at IS NULL"
             " ORDER BY after_seq",
             (probe,),
@@ -619,13 +681,13 @@ class SqlStore:
 
     def first_seq(self, probe: str) -> int | None:
         """The lowest seq stored for the probe (None: nothing stored)."""
-        row = self._db.execute("SELECT min(seq) FROM results WHERE probe = ?", (probe,)).fetchone()
+        row = self._sql("SELECT min(seq) FROM results WHERE probe = ?", (probe,)).fetchone()
         return None if row[0] is None else int(row[0])
 
     def contiguous_seq(self, probe: str) -> int | None:
         """The highest seq up to which every result of the probe is stored or known gone:
         what the monitor acknowledges to the probe (``probes.delivery``)."""
-        row = self._db.execute(
+        row = self._sql(
             "SELECT min(after_seq) FROM seq_gaps WHERE probe = ? AND closed_at IS NULL", (probe,)
         ).fetchone()
         if row[0] is not None:
@@ -634,7 +696,7 @@ class SqlStore:
 
     def outstanding(self) -> dict[str, int]:
         """Missing results per probe, neither repaired nor gone (open gaps only)."""
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT probe, sum(missing - repaired - gone) FROM seq_gaps"
             " WHERE closed_at IS NULL GROUP BY probe"
         )
@@ -642,13 +704,14 @@ class SqlStore:
 
     def commit(self) -> None:
         """End the unit of work: everything written since the last commit becomes durable."""
+        self._flush()
         self._db.commit()
         self._ended()
 
     def _summaries(self, sql: str, args: Sequence[Any]) -> list[ResultSummary]:
         """Summaries of the rows ``sql`` selects (row, id, target, finished_at, payload,
         judged_at, clock_skew); an unreadable row is quarantined and skipped."""
-        return self._summarize(self._db.execute(sql, args))
+        return self._summarize(self._sql(sql, args))
 
     def _summarize(self, rows: Iterable[Any]) -> list[ResultSummary]:
         out = []
@@ -696,7 +759,7 @@ class SqlStore:
 
     def gaps_between(self, start: datetime, end: datetime) -> list[SeqGap]:
         """Gaps detected in [start, end) or still open then, oldest first."""
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT probe, after_seq, next_seq, missing, detected_at, repaired, gone, closed_at FROM seq_gaps"
             " WHERE detected_at < ? AND (detected_at >= ? OR closed_at IS NULL OR closed_at >= ?)"
             " ORDER BY detected_at",
@@ -720,7 +783,7 @@ class SqlStore:
         summary: str,
     ) -> Incident | None:
         """Open an incident; None when one of this kind is already open for the target."""
-        opened = self._db.execute(
+        opened = self._sql(
             "INSERT INTO incidents (target, kind, opened_at, last_good_id, last_good_at,"
             " first_failed_id, first_failed_at, summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT DO NOTHING RETURNING id",  # incidents_one_open: one open at a time
@@ -742,13 +805,13 @@ class SqlStore:
         return self._incident_rows("WHERE id = ?", [opened[0]])[0]
 
     def resolve_incident(self, incident_id: int, at: datetime) -> None:
-        self._db.execute(
+        self._sql(
             "UPDATE incidents SET resolved_at = ? WHERE id = ? AND resolved_at IS NULL",
             (format_time(at), incident_id),
         )
 
     def _incident_rows(self, where: str, args: Sequence[Any]) -> list[Incident]:
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT id, target, kind, opened_at, resolved_at, last_good_id, last_good_at,"
             f" first_failed_id, first_failed_at, summary FROM incidents {where}",
             args,
@@ -765,7 +828,7 @@ class SqlStore:
                     sent_at=_dt(n[5]),
                     last_error=n[6],
                 )
-                for n in self._db.execute(
+                for n in self._sql(
                     "SELECT notifier, event, state, attempts, created_at, sent_at, last_error"
                     " FROM notifications WHERE incident_id = ? ORDER BY id",
                     (r[0],),
@@ -807,7 +870,7 @@ class SqlStore:
         self, incident_id: int, notifier: str, event: str, payload: dict[str, Any], at: datetime
     ) -> bool:
         """Queue one page; False if this incident already has it (a restart re-enqueues safely)."""
-        cursor = self._db.execute(
+        cursor = self._sql(
             "INSERT INTO notifications (incident_id, notifier, event, payload,"
             " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (
@@ -822,7 +885,7 @@ class SqlStore:
         return cursor.rowcount == 1
 
     def due_notifications(self, now: datetime) -> list[QueuedNotification]:
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT id, incident_id, notifier, event, payload, attempts FROM notifications AS n"
             " WHERE state = 'pending' AND next_attempt_at <= ?"
             # a resolve never overtakes its trigger (PagerDuty would keep the incident open)
@@ -835,9 +898,7 @@ class SqlStore:
         return [QueuedNotification(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
 
     def next_notification_at(self) -> datetime | None:
-        row = self._db.execute(
-            "SELECT MIN(next_attempt_at) FROM notifications WHERE state = 'pending'"
-        ).fetchone()
+        row = self._sql("SELECT MIN(next_attempt_at) FROM notifications WHERE state = 'pending'").fetchone()
         return _dt(row[0])
 
     def mark_notification(
@@ -850,7 +911,7 @@ class SqlStore:
         next_attempt_at: datetime | None = None,
         error: str | None = None,
     ) -> None:
-        self._db.execute(
+        self._sql(
             "UPDATE notifications SET state = ?, attempts = ?, last_error = ?,"
             " sent_at = CASE WHEN ? = 'sent' THEN ? ELSE sent_at END,"
             " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
@@ -860,14 +921,14 @@ class SqlStore:
     # ------------------------------------------------------------ state and probes
 
     def add_state_change(self, target: str, state: TargetStateName, at: datetime, why: str) -> None:
-        self._db.execute(
+        self._sql(
             "INSERT INTO state_changes (target, state, at, why) VALUES (?, ?, ?, ?)",
             (target, state, format_time(at), why),
         )
 
     def state_changes(self, since: datetime, until: datetime | None = None) -> list[StateChange]:
         until = until or datetime.max.replace(tzinfo=UTC)
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT target, state, at FROM state_changes WHERE at >= ? AND at < ? ORDER BY at, row",
             (format_time(since), format_time(until)),
         )
@@ -875,14 +936,14 @@ class SqlStore:
 
     def latest_states(self) -> dict[str, tuple[TargetStateName, datetime]]:
         """Each target's last recorded state and since when (survives a restart)."""
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT target, state, at FROM state_changes WHERE row IN"
             " (SELECT MAX(row) FROM state_changes GROUP BY target)"
         )
         return {t: (s, parse_time(a)) for t, s, a in rows}
 
     def state_before(self, target: str, moment: datetime) -> TargetStateName | None:
-        row = self._db.execute(
+        row = self._sql(
             "SELECT state FROM state_changes WHERE target = ? AND at < ? ORDER BY at DESC, row DESC LIMIT 1",
             (target, format_time(moment)),
         ).fetchone()
@@ -890,13 +951,13 @@ class SqlStore:
 
     def set_probe_status(self, status: ProbeStatus) -> None:
         """Latest status per probe, plus an event row whenever online/offline changes."""
-        row = self._db.execute("SELECT online FROM probe_status WHERE probe = ?", (status.probe,)).fetchone()
+        row = self._sql("SELECT online FROM probe_status WHERE probe = ?", (status.probe,)).fetchone()
         if row is None or bool(row[0]) != status.online:
-            self._db.execute(
+            self._sql(
                 "INSERT INTO probe_events (probe, online, at, version) VALUES (?, ?, ?, ?)",
                 (status.probe, int(status.online), format_time(status.at), status.version),
             )
-        self._db.execute(
+        self._sql(
             "INSERT INTO probe_status (probe, online, at, version, targets) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT (probe) DO UPDATE SET online = excluded.online, at = excluded.at,"
             " version = excluded.version, targets = excluded.targets",
@@ -912,7 +973,7 @@ class SqlStore:
     def probe_events(self, start: datetime, end: datetime) -> list[ProbeEvent]:
         """Online/offline changes in [start, end), oldest first, each probe starting with its
         last known state before ``start`` (dated ``start``)."""
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT probe, online, at, version FROM probe_events WHERE row IN"
             " (SELECT MAX(row) FROM probe_events WHERE at < ? GROUP BY probe)"
             " UNION ALL SELECT probe, online, at, version FROM probe_events WHERE at >= ? AND at < ?"
@@ -922,13 +983,13 @@ class SqlStore:
         return [ProbeEvent(p, bool(o), max(parse_time(a), start), v) for p, o, a, v in rows]
 
     def probe_statuses(self) -> list[ProbeStatus]:
-        rows = self._db.execute("SELECT probe, online, at, version, targets FROM probe_status ORDER BY probe")
+        rows = self._sql("SELECT probe, online, at, version, targets FROM probe_status ORDER BY probe")
         return [ProbeStatus(p, bool(o), parse_time(a), v, tuple(json.loads(t))) for p, o, a, v, t in rows]
 
     # ------------------------------------------------------------ verifications (ecpm verify)
 
     def add_verification(self, v: Verification) -> None:
-        self._db.execute(
+        self._sql(
             "INSERT INTO verifications (request_id, target, probes, required, change_ref, requested_at,"
             " deadline, finished_at, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -948,14 +1009,14 @@ class SqlStore:
     def finish_verification(
         self, request_id: str, *, outcome: Literal["pass", "fail"], at: datetime, detail: dict[str, Any]
     ) -> None:
-        self._db.execute(
+        self._sql(
             "UPDATE verifications SET outcome = ?, finished_at = ?, detail = ? WHERE request_id = ?"
             " AND outcome = 'pending'",
             (outcome, format_time(at), json.dumps(detail, sort_keys=True), request_id),
         )
 
     def _verifications(self, where: str, args: Sequence[Any]) -> list[Verification]:
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT request_id, target, probes, required, change_ref, requested_at, deadline, finished_at,"
             f" outcome, detail FROM verifications {where}",
             args,
@@ -996,13 +1057,13 @@ class SqlStore:
 
     def last_row(self) -> int:
         """The newest row of the chain (0: none): where following it starts."""
-        return int(self._db.execute("SELECT coalesce(max(row), 0) FROM results").fetchone()[0])
+        return int(self._sql("SELECT coalesce(max(row), 0) FROM results").fetchone()[0])
 
     def results_after(self, row: int, limit: int = 1000) -> tuple[int, list[ResultSummary]]:
         """Results appended after ``row``, in chain order, at most ``limit`` rows; and the
         last row read. Rows are numbered under the chain's lock, so a row committed later
         never has a lower number: following by number misses nothing another monitor adds."""
-        rows = self._db.execute(
+        rows = self._sql(
             f"SELECT {_SUMMARY_COLUMNS} FROM results WHERE row > ? ORDER BY row LIMIT ?", (row, limit)
         ).fetchall()
         return (int(rows[-1][0]) if rows else row), self._summarize(rows)
@@ -1014,7 +1075,7 @@ class SqlStore:
         is sent by one monitor, and a monitor that dies mid-send lets it go with its
         connection. None: sent or claimed elsewhere meanwhile. Use a connection of its own
         for it (the lock lasts as long as its transaction)."""
-        row = self._db.execute(
+        row = self._sql(
             "SELECT id, incident_id, notifier, event, payload, attempts FROM notifications"
             f" WHERE id = ? AND state = 'pending' AND next_attempt_at <= ?{self._CLAIM}",
             (notification_id, format_time(now)),
@@ -1035,18 +1096,18 @@ class SqlStore:
         # of the chain: a result stamped 1970 by a probe with a bad clock must not take
         # every row before it along
         self._chain_tip()  # with a shared chain: no one appends while the anchor moves
-        keep = self._db.execute(
+        keep = self._sql(
             "SELECT MIN(row) FROM results WHERE received_at >= ?", (format_time(before),)
         ).fetchone()[0]
-        last_row = self._db.execute("SELECT MAX(row) FROM results").fetchone()[0]
+        last_row = self._sql("SELECT MAX(row) FROM results").fetchone()[0]
         if last_row is None:
             return 0
         last = int(last_row) if keep is None else int(keep) - 1
-        if self._db.execute("SELECT COUNT(*) FROM results WHERE row <= ?", (last,)).fetchone()[0] == 0:
+        if self._sql("SELECT COUNT(*) FROM results WHERE row <= ?", (last,)).fetchone()[0] == 0:
             return 0
-        anchor = self._db.execute("SELECT hash FROM results WHERE row = ?", (last,)).fetchone()[0]
-        cursor = self._db.execute("DELETE FROM results WHERE row <= ?", (last,))
-        self._db.execute(
+        anchor = self._sql("SELECT hash FROM results WHERE row = ?", (last,)).fetchone()[0]
+        cursor = self._sql("DELETE FROM results WHERE row <= ?", (last,))
+        self._sql(
             "INSERT INTO meta (key, value) VALUES ('chain_anchor', ?)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (anchor,),
@@ -1105,7 +1166,7 @@ class SqlStore:
                 if match is None:
                     unreadable = "the payload is not a JSON object"
                 if unreadable is not None:
-                    target, finished_at = self._db.execute(
+                    target, finished_at = self._sql(
                         "SELECT target, finished_at FROM results WHERE row = ?", (row,)
                     ).fetchone()
                     self._quarantine(row, result_id, target, finished_at, unreadable)
@@ -1114,9 +1175,7 @@ class SqlStore:
         return ChainReport(True, rows, None, None, None, prev, tuple(quarantined))
 
     def _checked_columns(self, row: int) -> list[Any]:
-        return list(
-            self._db.execute(f"SELECT {_CHECKED_COLUMNS} FROM results WHERE row = ?", (row,)).fetchone()
-        )
+        return list(self._sql(f"SELECT {_CHECKED_COLUMNS} FROM results WHERE row = ?", (row,)).fetchone())
 
     @staticmethod
     def _read_link(
@@ -1152,7 +1211,7 @@ class SqlStore:
         where = "FROM results WHERE target = ? AND judged_at >= ? AND judged_at < ?"
         span = (target, format_time(start), format_time(end))
         skewed = "abs(clock_skew) > ?"
-        rows = self._db.execute(
+        rows = self._sql(
             "SELECT probe, version, (judged_ms - ?) / ?, check_kind, outcome, confirm,"
             " CASE WHEN request_id IS NULL OR request_id = '' THEN 0 ELSE 1 END AS on_demand,"
             " count(*), min(judged_ms), max(judged_ms), count(clock_skew), min(clock_skew), max(clock_skew),"
@@ -1176,7 +1235,7 @@ class SqlStore:
         # the times and the passed calls' post-dial delays, in judged order, straight from the
         # index: runs, gaps and medians are cheaper on these plain numbers than in SQL windows
         kinds = ", ".join("?" * len(calls))
-        series = self._db.execute(
+        series = self._sql(
             f"SELECT judged_ms, CASE WHEN check_kind IN ({kinds}) AND outcome = 'pass'"
             f" THEN post_dial_delay END {where} AND judged_ms IS NOT NULL AND row < ? ORDER BY judged_at",
             (*calls, *span, verified_below),
@@ -1186,7 +1245,7 @@ class SqlStore:
         if any(g.skewed for g in groups):
             listed = tuple(
                 SkewedRow(str(i), str(p), str(t), int(q), str(f), int(j), float(c))
-                for i, p, t, q, f, j, c in self._db.execute(
+                for i, p, t, q, f, j, c in self._sql(
                     f"SELECT id, probe, target, seq, finished_at, judged_ms, clock_skew {where} AND {skewed}"
                     " ORDER BY judged_at, row",
                     (*span, skew_bound),
@@ -1203,9 +1262,9 @@ class SqlStore:
     def chain_marks(self, start: datetime, end: datetime, *, below: int) -> ChainMarks:
         """Rows stored, the last one, and the last verified row (before ``below``) whose
         ``finished_at`` column falls in [start, end)."""
-        count = int(self._db.execute("SELECT count(*) FROM results").fetchone()[0])
-        last = self._db.execute("SELECT row, id, hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
-        period = self._db.execute(
+        count = int(self._sql("SELECT count(*) FROM results").fetchone()[0])
+        last = self._sql("SELECT row, id, hash FROM results ORDER BY row DESC LIMIT 1").fetchone()
+        period = self._sql(
             "SELECT row, id, hash FROM results WHERE row < ? AND finished_at >= ? AND finished_at < ?"
             " ORDER BY row DESC LIMIT 1",
             (below, format_time(start), format_time(end)),
