@@ -63,6 +63,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from aiomqtt import MqttCodeError
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -131,6 +132,7 @@ class BoundedClient(aiomqtt.Client):
         queue.on_get = self._maybe_resume
         if max_packet_size is not None:
             _bound_reads(self._client, max_packet_size)
+        _plain_publish(self._client)
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # As aiomqtt 2.5's own hook (called from the connecting executor thread), plus
@@ -164,6 +166,12 @@ class BoundedClient(aiomqtt.Client):
         self._reader, self._paused = None, False
         super()._on_socket_close(client, userdata, sock)
 
+    def take_nowait(self, limit: int) -> list[aiomqtt.Message]:
+        """Up to ``limit`` messages already received, without waiting (a batch's rest)."""
+        queue = self._queue
+        n = min(limit, queue.qsize())
+        return [queue.get_nowait() for _ in range(n)]
+
     def _maybe_resume(self) -> None:
         if self._paused and self._reader is not None and self._queue.qsize() <= self._low:
             self._paused = False
@@ -190,6 +198,41 @@ def _bound_reads(client: paho.Client, limit: int) -> None:
         return original(min(bufsize, READ_CHUNK))
 
     client._sock_recv = recv  # type: ignore[method-assign]
+
+
+def _plain_publish(client: paho.Client) -> None:
+    """Decode an MQTT 5 QoS 1 PUBLISH that carries no properties (what mosquitto sends a
+    subscriber of plain messages) without building paho's ``Properties`` for it: the
+    message comes with ``properties`` None. Anything else goes to paho's own decoder.
+
+    paho 2.x builds and parses a ``Properties`` object per PUBLISH on MQTT 5, about 12 µs
+    of the 15 µs its decoding costs (2.7 µs on 3.1.1); this wraps ``_handle_publish`` of
+    this one instance, as paho 2.2's does it for QoS 1 (``_handle_on_message``, then the
+    PUBACK unless ``manual_ack``), minus its debug log line.
+    """
+    original = client._handle_publish
+
+    def handle() -> MQTTErrorCode:
+        command, packet = client._in_packet["command"], client._in_packet["packet"]
+        if client._protocol != paho.MQTTv5 or command & 0x06 != 0x02:  # not MQTT 5 QoS 1
+            return original()
+        length = int.from_bytes(packet[0:2], "big")
+        props = 2 + length + 2  # topic length, topic, packet id: then the properties' length
+        if len(packet) <= props or packet[props] != 0 or length == 0:
+            return original()
+        message = paho.MQTTMessage(
+            mid=int.from_bytes(packet[props - 2 : props], "big"), topic=bytes(packet[2 : 2 + length])
+        )
+        message.dup, message.qos, message.retain = bool(command & 0x08), 1, bool(command & 0x01)
+        message.properties = None
+        message.payload = bytes(packet[props + 1 :])
+        message.timestamp = paho.time_func()
+        client._handle_on_message(message)
+        if client._manual_ack:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return client._send_puback(message.mid)
+
+    client._handle_publish = handle  # type: ignore[method-assign]
 
 
 def tls_context(tls: TlsFiles) -> ssl.SSLContext:

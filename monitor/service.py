@@ -87,7 +87,6 @@ class MonitorService:
         self.page_store = open_store(config.store.where) if self.store.shared else self.store
         self._store_down = False  # the store's connection broke; _store_back reopens it
         self._reopening = asyncio.Lock()
-        self._store_epoch = 0  # store connections reopened: a batch begun before one is not acked
         self._elected: bool | None = None  # what the election said last (None: not asked yet)
         # the core restores its state but evaluates nothing (so pages nothing) until run():
         # by then the dispatcher exists, and an incident the stored state opens at once
@@ -200,42 +199,36 @@ class MonitorService:
         self.mqtt_client = None
         self.core.broker_connection(False)
 
-    async def _consume(self, client: aiomqtt.Client) -> None:
-        pending: list[tuple[int, int]] = []  # (packet id, QoS) handled, not yet acknowledged
-        started = time.monotonic()
+    async def _consume(self, client: BoundedClient) -> None:
+        """Batches, receive to commit: wait for a message, take every other one the client
+        holds already (at most ``MAX_BATCH``: the in-flight window keeps it smaller, see
+        ``ecpm.mqtt``), handle them all at one receive time (``MonitorCore.handle_batch``),
+        commit once (one transaction: one chain update, rows written together), and only
+        then acknowledge each. Nothing awaits between the first handle and the acks: no
+        other task commits half a batch, and a store failure (``StoreLost``) leaves every
+        message of the batch unacknowledged, so the broker delivers it again."""
         evaluated = 0.0
-        interval = self.config.store.commit_interval
         last_message = self.core.metrics.mqtt_last_message
-        epoch = self._store_epoch
-        async for message in client.messages:
+        messages = client.messages
+        while True:
+            first = await anext(messages)
+            batch = [first, *client.take_nowait(MAX_BATCH - 1)]
+            del first
             last_message.set(time.time())
-            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-            self.core.handle(message.topic.value, payload)
-            if message.qos > 0:
-                if not pending:
-                    epoch = self._store_epoch
-                pending.append((message.mid, message.qos))
-            del message, payload  # a batch keeps packet ids, not payloads
-            # commit when the queue is drained, the batch is big, or it has waited long enough
-            if (
-                len(client.messages) == 0
-                or len(pending) >= MAX_BATCH
-                or time.monotonic() - started >= interval
-            ):
-                self.store.commit()
-                if pending and epoch != self._store_epoch:  # begun on a connection that broke since
-                    raise aiomqtt.MqttError("a batch begun before the store reconnected: it comes again")
-                for mid, qos in pending:
-                    ack_id(client, mid, qos)
-                pending.clear()
-                started = time.monotonic()
-                # re-evaluating and acking after every message of a trickle (a probe replaying
-                # a gap sends them one by one) would cost more than storing them: at most
-                # every EVALUATE_EVERY here; the tick does it every second anyway
-                if started - evaluated >= EVALUATE_EVERY:
-                    evaluated = started
-                    self.core.evaluate()
-                    self._queue_delivery()
+            self.core.handle_batch([(m.topic.value, _payload(m.payload)) for m in batch])
+            self.store.commit()
+            acks = [(m.mid, m.qos) for m in batch if m.qos > 0]
+            del batch  # the acks keep packet ids, not payloads
+            for mid, qos in acks:
+                ack_id(client, mid, qos)
+            # re-evaluating and acking after every message of a trickle (a probe replaying
+            # a gap sends them one by one) would cost more than storing them: at most
+            # every EVALUATE_EVERY here; the tick does it every second anyway
+            now = time.monotonic()
+            if now - evaluated >= EVALUATE_EVERY:
+                evaluated = now
+                self.core.evaluate()
+                self._queue_delivery()
 
     def _queue_delivery(self) -> None:
         """Acks and replay requests (monitor.delivery), computed right after a commit with no
@@ -301,7 +294,6 @@ class MonitorService:
             self.core.metrics.store_up.set(0.0)
             await self._reopen(self.store, after=self.core.reload)
             self._store_down = False
-            self._store_epoch += 1
             self.core.metrics.store_up.set(1.0)
             self.core.metrics.store_reconnects.inc()
             logger.warning("store: reconnected")
@@ -328,6 +320,10 @@ class MonitorService:
             if pruned:
                 logger.info("retention: pruned %d results older than %s", pruned, cutoff.isoformat())
             await asyncio.sleep(3600)
+
+
+def _payload(payload: object) -> bytes:
+    return payload if isinstance(payload, bytes) else str(payload).encode()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
