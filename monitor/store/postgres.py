@@ -140,6 +140,10 @@ class _Qmark:
         with _or_lost(self.conn):
             self.conn.commit()
 
+    def rollback(self) -> None:
+        with _or_lost(self.conn):
+            self.conn.rollback()
+
     def close(self) -> None:
         self.conn.close()
 
@@ -178,6 +182,7 @@ class PostgresStore(SqlStore):
 
     _CHAIN_SHARED = True
     _CLAIM = " FOR UPDATE SKIP LOCKED"
+    _WRITE_ERRORS = (psycopg.Error,)
 
     def __init__(self, url: str, *, read_only: bool = False) -> None:
         self.url = url

@@ -33,6 +33,7 @@ sorts as time (PostgreSQL's columns use the "C" collation for that).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -203,6 +204,11 @@ _INSERT_RESULT = (
 )
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _t(moment: datetime | None) -> str | None:
     return None if moment is None else format_time(moment)
 
@@ -279,6 +285,7 @@ class Connection(Protocol):
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor: ...
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
     def commit(self) -> None: ...
+    def rollback(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -299,6 +306,8 @@ class SqlStore:
 
     # how a page is held while it is sent (``claim_notification``): PostgreSQL's row lock
     _CLAIM = ""
+    # what the driver raises when a write fails (``_flush``: the batch is then rolled back)
+    _WRITE_ERRORS: tuple[type[Exception], ...] = ()
 
     # results appended in this transaction and not yet written (``add_result``), in chain
     # order; their ids and (probe, seq); and an id ``has_result`` found absent under the lock
@@ -326,7 +335,22 @@ class SqlStore:
         if not rows:
             return
         self._drop_pending()
-        self._db.executemany(_INSERT_RESULT, rows)
+        try:
+            self._db.executemany(_INSERT_RESULT, rows)
+        except (StoreLost, *self._WRITE_ERRORS) as exc:  # type: ignore[misc]  # a tuple of them
+            # the transaction's other writes (last seq, gaps) must not outlive its rows: all
+            # of it goes, and the caller does it again (the broker redelivers the batch)
+            self._abandon()
+            if isinstance(exc, StoreLost):
+                raise
+            raise StoreLost(f"the batch's results could not be written: {_one_line(exc)}") from exc
+
+    def _abandon(self) -> None:
+        """Roll the open transaction back, whole; the chain's tip is read again."""
+        with contextlib.suppress(StoreLost, *self._WRITE_ERRORS):
+            self._db.rollback()
+        self._tip = None
+        self._ended()
 
     def _drop_pending(self) -> None:
         self._pending = []
@@ -364,6 +388,8 @@ class SqlStore:
         self._sql("SAVEPOINT unit")
         try:
             yield
+        except StoreLost:
+            raise  # the whole transaction is gone already
         except BaseException:
             self._drop_pending()
             self._sql("ROLLBACK TO unit")

@@ -103,6 +103,7 @@ class SqliteStore(SqlStore):
     """``Store`` on one SQLite file."""
 
     _db: sqlite3.Connection
+    _WRITE_ERRORS = (sqlite3.Error,)
     _COLUMNS_MATCH = _COLUMNS_MATCH
     _CHAIN_WALK = f"payload, prev_hash, hash, {_COLUMNS_MATCH}"
 
