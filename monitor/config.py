@@ -53,7 +53,9 @@ class StoreSettings(StrictModel):
     url: SecretStr | None = None
     url_file: SecretFile | None = None
     retention: Annotated[float, duration(at_most=3660 * DAY)] = 400 * DAY  # older results are pruned
-    commit_interval: Annotated[float, duration(at_most=10.0)] = 0.2  # batch commits at most this far apart
+    # no effect since batched ingest (monitor.service: a batch commits as soon as it is
+    # handled); still accepted, so that configs naming it load
+    commit_interval: Annotated[float, duration(at_most=10.0)] = 0.2
 
     @model_validator(mode="after")
     def _one_place(self) -> Self:

@@ -4,14 +4,21 @@ Tasks, all in one asyncio loop:
 
 - **mqtt**: a persistent QoS 1 session (shared subscription where configured) on
   ``<prefix>/results/#`` and ``<prefix>/status/+``. Messages are handled in
-  batches: handle each, commit the store once, *then* acknowledge them — a crash
-  before the commit means the broker redelivers, and the store drops duplicates.
+  batches, receive to commit (``_consume``): every message the client holds (at most
+  ``MAX_BATCH``) is handled at one receive time, stored in one transaction (one chain
+  update, the rows written together), committed once, *then* acknowledged — a crash or a
+  store failure before the commit means the broker redelivers, and the store drops
+  duplicates. The acks are manual (``manual_ack``), so at most the in-flight window
+  (MQTT 5 Receive Maximum 200; mosquitto's ``max_inflight_messages`` on 3.1.1) waits
+  unacknowledged, and the batch is that window at most.
   Reconnects with ``ecpm.mqtt.Reconnector`` (the probes' loop too). Memory is bounded
   before anything is read: the MQTT 5 CONNECT asks for packets of at most
   ``ingest.max_payload_bytes`` + 68 KiB (``ecpm.mqtt.packet_limit``; a compliant broker
   drops bigger ones for us), the client cuts any bigger PUBLISH it is sent anyway
   (3.1.1) so that it is rejected as ``too_large``, and it stops reading its socket
-  while ``MAX_BUFFERED`` messages wait to be handled. A message in a batch is kept as its packet id only.
+  while ``MAX_BUFFERED`` messages wait to be handled (mosquitto 2.0.11 sends beyond
+  Receive Maximum, ``ecpm.mqtt``). Once a batch is committed, its messages are kept as
+  packet ids only, for the acks.
   It subscribes on **every** connect, whatever ``session present`` says: mosquitto 2.0.11
   restores a persistent session after its own restart without its shared subscriptions
   (``ecpm.mqtt``). It retries every ``RECONNECT_MAX`` seconds at most, so that after a

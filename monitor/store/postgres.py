@@ -11,8 +11,9 @@ held until that transaction commits or rolls back. So each append links to the r
 committed before it, and the row numbers (an identity column, drawn under the lock)
 are chain order: ``ecpm ledger verify`` walks one exact sequence whatever wrote it.
 What it costs: appending transactions are serialised across every writer — a second
-writer's batch waits while the first one's is open (at most ``store.commit_interval``
-plus its commit), and each transaction that appends reads the tip once more. Reads
+writer's batch waits while the first one's is open (its handling and its commit) — and
+each transaction that appends reads the tip once more. A batch's rows are sent together
+(``executemany``: psycopg pipelines them, one round trip). Reads
 never wait for the lock.
 
 Migrations are numbered (``MIGRATIONS``: 1 the schema, 2 the report's columns, which a

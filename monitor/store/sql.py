@@ -11,6 +11,12 @@ the hash of the last pruned row as the chain's anchor.
 
 No method commits by itself (``monitor.store.protocols``: the unit of work): callers
 add many rows and ``commit()`` once per batch, or wrap one change in ``transaction()``.
+Appended results are written together (``add_result`` takes each one's chain position
+in order and keeps its row; ``_flush`` writes the rows in one ``executemany`` at the
+commit, or before any other statement on ``results``, so reads see them): a batch costs
+one round trip for its rows, not one per row. A write that fails rolls the whole
+transaction back and raises ``StoreLost`` (its other writes — last seq, gaps — must not
+outlive its rows); the caller has acknowledged nothing of it.
 
 Judged time: each row also carries ``judged_at``, the time the monitor judged the result
 finished (``monitor.skew``: ``min(received_at, finished_at - clock_skew)``), and the
