@@ -53,8 +53,9 @@ import logging
 import math
 import random
 import ssl
+import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -81,6 +82,7 @@ RECEIVE_MAXIMUM = 200  # QoS 1 messages in flight to a manual-ack client (MQTT 5
 PACKET_HEADROOM = 64 * 1024 + 4096
 READ_CHUNK = 64 * 1024  # the most one socket read asks for (paho would ask for a whole packet)
 _PUBLISH = 0x30  # MQTT fixed-header packet type of PUBLISH (high nibble)
+_PUBACK = 0x40
 _UNSUPPORTED_PROTOCOL: Final = frozenset({1, 132})  # 3.1.1 CONNACK rc / MQTT 5 reason code
 
 
@@ -325,9 +327,14 @@ def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         client._client.ack(message.mid, message.qos)
 
 
-def ack_id(client: aiomqtt.Client, mid: int, qos: int = 1) -> None:
-    """``ack`` by packet id, for a caller that has let go of the message itself."""
-    client._client.ack(mid, qos)
+def ack_ids(client: aiomqtt.Client, mids: Sequence[int]) -> None:
+    """The PUBACKs of a batch of QoS 1 messages received with ``manual_ack``, queued as one
+    write (one ``send`` for the batch, not one per message). Each is the 4 bytes paho's
+    ``ack`` would send (packet type, remaining length 2, packet id: on MQTT 5 the reason
+    code 0 is implied by that length)."""
+    if mids:
+        packet = b"".join(struct.pack("!BBH", _PUBACK, 2, mid) for mid in mids)
+        client._client._packet_queue(_PUBACK, packet, 0, 0)
 
 
 def _after_failure(

@@ -62,7 +62,7 @@ import aiomqtt
 from prometheus_client import CollectorRegistry
 
 from ecpm.configfile import load_config, secret_text
-from ecpm.mqtt import Backoff, BoundedClient, Reconnector, ack_id, build_client, packet_limit
+from ecpm.mqtt import Backoff, BoundedClient, Reconnector, ack_ids, build_client, packet_limit
 from ecpm.signals import run_until_signalled
 from monitor.config import MonitorConfig
 from monitor.core import MonitorCore
@@ -224,10 +224,9 @@ class MonitorService:
             last_message.set(time.time())
             self.core.handle_batch([(m.topic.value, _payload(m.payload)) for m in batch])
             self.store.commit()
-            acks = [(m.mid, m.qos) for m in batch if m.qos > 0]
+            acks = [m.mid for m in batch if m.qos == 1]  # the status topic is QoS 1 too
             del batch  # the acks keep packet ids, not payloads
-            for mid, qos in acks:
-                ack_id(client, mid, qos)
+            ack_ids(client, acks)
             # re-evaluating and acking after every message of a trickle (a probe replaying
             # a gap sends them one by one) would cost more than storing them: at most
             # every EVALUATE_EVERY here; the tick does it every second anyway
