@@ -208,6 +208,13 @@ def test_a_backlog_batch_with_a_duplicate_a_rejection_and_a_store_failure_loses_
         await run(service, drained)
         if fail and not store_where.startswith("postgresql:"):
             assert fired["n"] == 1
+        again = MonitorService(config)  # every message was acknowledged: nothing comes again
+
+        async def a_while() -> None:
+            await asyncio.sleep(1.0)
+
+        await run(again, a_while)
+        assert value(again.registry, "ecpm_results_duplicate_total") == 0.0
         return service
 
     try:
