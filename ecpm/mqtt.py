@@ -81,6 +81,7 @@ RECEIVE_MAXIMUM = 200  # QoS 1 messages in flight to a manual-ack client (MQTT 5
 # for packets of at most N + PACKET_HEADROOM (``packet_limit``).
 PACKET_HEADROOM = 64 * 1024 + 4096
 READ_CHUNK = 64 * 1024  # the most one socket read asks for (paho would ask for a whole packet)
+READ_BURST = 512  # packets one readiness callback reads at most (then the loop runs others)
 _PUBLISH = 0x30  # MQTT fixed-header packet type of PUBLISH (high nibble)
 _PUBACK = 0x40
 _UNSUPPORTED_PROTOCOL: Final = frozenset({1, 132})  # 3.1.1 CONNACK rc / MQTT 5 reason code
@@ -142,7 +143,7 @@ class BoundedClient(aiomqtt.Client):
         def reader() -> None:
             try:
                 while True:
-                    client.loop_read()
+                    self._read_burst(client)
                     pending = getattr(client.socket(), "pending", None)  # TLS: decoded bytes left
                     if pending is not None and pending() > 0:
                         continue
@@ -163,6 +164,23 @@ class BoundedClient(aiomqtt.Client):
 
         fileno = sock.fileno()
         self._loop.call_soon_threadsafe(start)
+
+    def _read_burst(self, client: paho.Client) -> None:
+        """Read packets while the socket has them, up to ``READ_BURST`` or until the queue
+        is full: paho's ``loop_read`` reads one packet per call, so a consumer woken by the
+        first message of a burst would find it alone (a batch of one, a commit per message)."""
+        high = self._high
+        for _ in range(READ_BURST):
+            if client._sock is None:
+                return
+            rc = client._packet_read()
+            if rc == paho.MQTT_ERR_AGAIN:
+                return
+            if rc > 0:  # as loop_read: a lost connection or a protocol error
+                client._loop_rc_handle(rc)
+                return
+            if high is not None and self._queue.qsize() >= high:
+                return
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self._reader, self._paused = None, False
