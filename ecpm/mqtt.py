@@ -32,8 +32,15 @@ broker is bounded before it is read, not after.
   waiting for the application, the client stops reading its socket (TCP flow control
   then holds the rest at the broker) and starts again at half. mosquitto 2.0.11 keeps
   sending beyond the MQTT 5 Receive Maximum while acknowledgements flow (3,400 queued
-  in the client for Receive Maximum 200 in a 5,000-message backlog), so Receive
-  Maximum alone does not bound memory.
+  in the client for Receive Maximum 200 in a 5,000-message backlog: its send quota is
+  miscounted as PUBACKs arrive, eclipse-mosquitto/mosquitto#2301), so Receive Maximum
+  alone does not bound memory; nor does aiomqtt's queue bound, which drops messages.
+
+Cheap receiving, for a consumer that handles batches: each readiness callback reads
+every packet the socket holds (``_read_burst``, up to ``READ_BURST`` or a full queue;
+paho's ``loop_read`` reads one), so a consumer finds a batch waiting, not one message; an
+MQTT 5 QoS 1 PUBLISH without properties is decoded without a ``Properties`` object
+(``_plain_publish``); and ``ack_ids`` sends a batch's PUBACKs in one write.
 
 Reconnecting (``Reconnector``, the one loop of probes and monitors): each attempt gets
 a fresh client; ``protocol: auto`` switches to 3.1.1 at once when the broker refuses
