@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
@@ -83,8 +84,19 @@ class MonitorMqtt(MqttSettings):
 
 class Http(StrictModel):
     listen: ListenField = Listen("127.0.0.1", 9470)
+    # where people reach the status page (a page links to it); without it, the listen
+    # address when that is a usable one, no link when it is a wildcard (0.0.0.0, ::)
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+")
     token: SecretStr | None = None  # bearer token for endpoints that change state
     token_file: SecretFile | None = None
+
+    @property
+    def status_url(self) -> str | None:
+        if self.public_url is not None:
+            return self.public_url if self.public_url.endswith("/") else self.public_url + "/"
+        if ipaddress.ip_address(self.listen.host).is_unspecified:
+            return None
+        return f"http://{self.listen}/"
 
     @model_validator(mode="after")
     def _one_token(self) -> Self:

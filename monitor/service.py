@@ -99,7 +99,7 @@ class MonitorService:
             notifiers=config.notifiers,
             metrics=self.core.metrics,
             monitor=config.id,
-            status_url=f"http://{config.http.listen}/",
+            status_url=config.http.status_url,
         )
         self.connected = asyncio.Event()
         self._outgoing: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=MAX_OUTGOING)
