@@ -17,6 +17,7 @@ from ecpm.configfile import (
     StrictModel,
     duration,
     pick_secret,
+    repeats,
     secret_text,
 )
 from ecpm.settings import Listen, ListenField, MqttSettings, Name, SigningKey
@@ -174,7 +175,5 @@ class MonitorConfig(StrictModel):
             ("targets", "id", [t.id for t in self.targets]),
             ("notifiers", "name", [n.name for n in self.notifiers]),
         ):
-            for i, value in enumerate(ids):
-                if value in ids[:i]:
-                    problems.append(((section, i, key), f"{value} appears twice"))
+            problems += [((section, i, key), f"{value} appears twice") for i, value in repeats(ids)]
         return problems

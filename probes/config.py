@@ -22,6 +22,7 @@ from ecpm.configfile import (
     StrictModel,
     duration,
     pick_secret,
+    repeats,
     secret_of,
 )
 from ecpm.settings import IPAddress, Listen, ListenField, MqttSettings, Name, SigningKey, TlsFiles, Transport
@@ -300,11 +301,9 @@ class ProbeConfig(StrictModel):
     def config_problems(self) -> list[tuple[Loc, str]]:
         """Cross-field checks, located exactly: duplicate ids and the live-number guard."""
         problems: list[tuple[Loc, str]] = []
-        seen: set[str] = set()
+        ids = (target.id for target in self.targets)
+        problems += [(("targets", i, "id"), f"target id {value} appears twice") for i, value in repeats(ids)]
         for i, target in enumerate(self.targets):
-            if target.id in seen:
-                problems.append((("targets", i, "id"), f"target id {target.id} appears twice"))
-            seen.add(target.id)
             if target.uri.lower().startswith("urn:") and target.outbound_proxy is None:
                 problems.append((("targets", i, "outbound_proxy"), "a urn: target needs an outbound_proxy"))
             if target.checks.register is not None and target.account is None:
