@@ -1,0 +1,180 @@
+"""The agent's SIP worker processes (probes.workers, probes.worker) against real peers:
+SIPp echoing RTP, real pjsua2 workers, a real SIGKILL.
+
+More than 4 verified calls at once from one pool; a worker killed mid-call loses only its
+own calls (internal_error, naming the signal), the others pass, the worker comes back and
+takes calls again; the guard refuses a live number in the agent and, on its own, inside a
+worker spoken to directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from probes.config import ProbeConfig, Target
+from probes.guard import Guard
+from probes.outcome import CheckOutcome
+from probes.worker_wire import MAX_REPLY_BYTES, Reply, Run, Start, parse_reply, request_frame
+from probes.workers import WorkerPool
+from tests.support.mqtt import eventually
+from tests.support.net import HOST, free_port
+from tests.support.paths import REPO
+from tests.support.sip import Sipp, make_target
+
+SipFactory = Callable[..., Sipp]
+pytestmark = pytest.mark.peers("sipp")
+
+
+def config(targets: list[Target], **sip: Any) -> ProbeConfig:
+    return ProbeConfig.model_validate(
+        {
+            "kind": "probe",
+            "probe": {"id": "p1", "region": "GB", "key": "k"},
+            "sip": {"transports": ["udp"], **sip},
+            "schedule": {"max_concurrent_checks": 64},
+            "targets": targets,
+        }
+    )
+
+
+def echo_targets(peer: Sipp, n: int, media_time: str = "1s") -> list[Target]:
+    base = make_target(peer.uri, options=False, expect_tone=False, media_time=media_time)
+    return [base.model_copy(update={"id": f"t{i}"}) for i in range(n)]
+
+
+def pool_for(targets: list[Target], workers: int) -> WorkerPool:
+    cfg = config(targets)
+    return WorkerPool(cfg, Guard(home_region="GB"), workers=workers)
+
+
+def test_auto_workers_fit_the_checks_that_may_run_at_once(sipp_factory: SipFactory) -> None:
+    peer_uri = f"sip:ecpm-test@{HOST}:5099"
+    target = make_target(peer_uri)  # invite and options: two checks may run at once
+    many = [target.model_copy(update={"id": f"t{i}"}) for i in range(9)]
+    assert config(many).sip_workers() == 5  # min(64, 18) / 4, rounded up
+    assert config(many[:1]).sip_workers() == 1
+    assert config(many, workers=3).sip_workers() == 3
+
+
+def test_more_than_four_verified_calls_at_once(sipp_factory: SipFactory) -> None:
+    peer = sipp_factory("uas_echo.xml", rtp_echo=True, calls=8)
+    targets = echo_targets(peer, 8)
+
+    async def main() -> tuple[list[CheckOutcome], int, set[int | None]]:
+        async with pool_for(targets, workers=2) as pool:
+            pids = set(pool.pids())
+            runs = [asyncio.create_task(pool.run(t, "invite")) for t in targets]
+            busy = 0
+            while not all(r.done() for r in runs):
+                busy = max(busy, pool.stats().busy)
+                await asyncio.sleep(0.05)
+            return [r.result() for r in runs], busy, pids
+
+    outcomes, busy, pids = asyncio.run(main())
+    assert [o.outcome for o in outcomes] == ["pass"] * 8, [(o.stage, o.reason) for o in outcomes]
+    assert all(o.media is not None and o.media.echo_heard for o in outcomes)
+    assert busy == 8 and len(pids) == 2  # 8 calls at once, on two processes
+    assert peer.wait() == 0
+
+
+def test_a_worker_killed_mid_call_loses_only_its_calls(sipp_factory: SipFactory) -> None:
+    peer = sipp_factory("uas_echo.xml", rtp_echo=True, calls=9, timeout=60)
+    targets = echo_targets(peer, 9, media_time="4s")
+
+    async def main() -> tuple[list[CheckOutcome], CheckOutcome, Any, int | None, int | None]:
+        async with pool_for(targets, workers=2) as pool:
+            first = pool.pids()[0]
+            assert first is not None
+            runs = [asyncio.create_task(pool.run(t, "invite")) for t in targets[:8]]
+            await eventually(lambda: pool.stats().busy == 8)
+            await asyncio.sleep(1.5)  # every call answered, media flowing
+            os.kill(first, signal.SIGKILL)
+            outcomes = await asyncio.gather(*runs)
+            await eventually(lambda: pool.stats().up == 2)
+            again = pool.pids()[0]
+            stats = pool.stats()
+            after = await pool.run(targets[8], "invite")  # the pool still places calls
+            return outcomes, after, stats, first, again
+
+    outcomes, after, stats, first, again = asyncio.run(main())
+    lost = [o for o in outcomes if o.reason == "internal_error"]
+    passed = [o for o in outcomes if o.outcome == "pass"]
+    assert len(lost) == 4 and len(passed) == 4, [(o.outcome, o.reason) for o in outcomes]
+    assert all(o.outcome == "fail" and "worker-0" in o.detail["worker"] for o in lost)
+    assert all("SIGKILL" in o.detail["worker"] for o in lost)
+    assert again is not None and again != first
+    assert stats.restarts_total == 1 and stats.lost_checks_total == 4 and stats.up == 2
+    assert after.outcome == "pass", (after.stage, after.reason)
+
+
+def test_the_agent_guard_refuses_before_any_worker(sipp_factory: SipFactory) -> None:
+    peer = sipp_factory("uas_echo.xml", rtp_echo=True)
+    live = echo_targets(peer, 1)[0].model_copy(update={"uri": f"sip:999@{HOST}:{peer.port}"})
+
+    async def main() -> tuple[CheckOutcome, int, dict[str, int]]:
+        async with pool_for(echo_targets(peer, 1), workers=1) as pool:
+            out = await pool.run(live, "invite")
+            return out, sum(pool.guard.refusals.values()), pool.guard_refusals()
+
+    out, agent_refusals, worker_refusals = asyncio.run(main())
+    assert (out.outcome, out.stage, out.reason) == ("fail", "transport", "guard_refused")
+    assert agent_refusals == 1 and sum(worker_refusals.values()) == 0
+    assert "INVITE" not in peer.log()
+
+
+def _frames(stream: Any) -> Reply:
+    head = stream.read(4)
+    assert len(head) == 4, "the worker closed its reply pipe"
+    size = int.from_bytes(head, "big")
+    assert size <= MAX_REPLY_BYTES
+    return parse_reply(stream.read(size))
+
+
+def test_a_worker_refuses_a_live_number_on_its_own(tmp_path: Path) -> None:
+    """Spoken to directly, without the agent's guard, a worker still sends nothing to 999."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind((HOST, 0))
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    target = make_target(f"sip:999@{HOST}:{port}", options=False)
+    cfg = config([make_target(f"sip:ecpm-test@{HOST}:{port}")])
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "probes.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert worker.stdin is not None and worker.stdout is not None
+    try:
+        start = Start("worker-t", cfg.sip.model_copy(update={"port": free_port()}), "GB", (), 30)
+        worker.stdin.write(request_frame(start))
+        worker.stdin.flush()
+        assert _frames(worker.stdout).kind == "ready"
+        for kind in ("invite", "options"):
+            worker.stdin.write(request_frame(Run(1, target, kind)))
+            worker.stdin.flush()
+            reply = _frames(worker.stdout)
+            assert reply.kind == "outcome" and reply.outcome is not None
+            assert (reply.outcome.reason, reply.outcome.stage) == ("guard_refused", "transport")
+            assert reply.refusals.get("emergency_number", 0) >= 1, reply.refusals
+        with pytest.raises(TimeoutError):
+            listener.recv(4096)  # nothing reached the far end
+        worker.stdin.close()
+        assert worker.wait(20) == 0  # end of input: a clean stop
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        worker.stdout.close()
+        listener.close()
