@@ -59,16 +59,17 @@ class SipSettings(StrictModel):
     max_call_rate: float = Field(default=20.0, gt=0, le=40.0)  # new calls per second, per process
     # the agent's SIP worker processes (probes.workers), max_calls calls each; "auto":
     # enough for schedule.max_concurrent_checks (ProbeConfig.sip_workers)
-    workers: int | Literal["auto"] = "auto"
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = "auto"
     user_agent: str = "ecpm"
     log_level: int = Field(default=1, ge=0, le=6)  # pjsip's own log, routed to logging
 
-    @field_validator("workers")
+    @field_validator("workers", mode="before")
     @classmethod
-    def _workers(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and not 1 <= value <= MAX_WORKERS:
-            raise ValueError(f"must be from 1 to {MAX_WORKERS}, or auto")
-        return value
+    def _workers(cls, value: object) -> object:
+        """One clear message instead of one per member of the union."""
+        if value == "auto" or (type(value) is int and 1 <= value <= MAX_WORKERS):
+            return value
+        raise ValueError(f"must be a number of worker processes from 1 to {MAX_WORKERS}, or auto")
 
     @model_validator(mode="after")
     def _tls_needs_files(self) -> Self:

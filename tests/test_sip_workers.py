@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from ecpm.configfile import load_config
+from ecpm.errors import ConfigError
 from probes.config import ProbeConfig, Target
 from probes.guard import Guard
 from probes.outcome import CheckOutcome
@@ -57,13 +59,28 @@ def pool_for(targets: list[Target], workers: int) -> WorkerPool:
     return WorkerPool(cfg, Guard(home_region="GB"), workers=workers)
 
 
-def test_auto_workers_fit_the_checks_that_may_run_at_once(sipp_factory: SipFactory) -> None:
+def test_auto_workers_fit_the_checks_that_may_run_at_once() -> None:
     peer_uri = f"sip:ecpm-test@{HOST}:5099"
     target = make_target(peer_uri)  # invite and options: two checks may run at once
     many = [target.model_copy(update={"id": f"t{i}"}) for i in range(9)]
     assert config(many).sip_workers() == 5  # min(64, 18) / 4, rounded up
     assert config(many[:1]).sip_workers() == 1
     assert config(many, workers=3).sip_workers() == 3
+
+
+@pytest.mark.parametrize("value", [0, 65, "many", True, 2.0])
+def test_bad_workers_values_get_one_clear_error(tmp_path: Path, value: object) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "kind: probe\nprobe: {id: p1, region: GB, key: k}\n"
+        f"sip: {{workers: {str(value).lower() if value is True else value}}}\n"
+        'targets: [{id: t1, uri: "sip:ecpm-test@127.0.0.1:5090", test_endpoint: true}]\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ProbeConfig)
+    assert str(caught.value) == (
+        f"{path}:3: sip.workers: must be a number of worker processes from 1 to 64, or auto"
+    )
 
 
 def test_more_than_four_verified_calls_at_once(sipp_factory: SipFactory) -> None:
