@@ -14,7 +14,8 @@ nothing sent).
 
 The reply pipe is the process's fd 1 as it started; fd 1 is then pointed at stderr, so
 that nothing else (pjsua2 writing to stdout) can corrupt a frame. End of stdin (the agent
-closed it or died) stops the worker: calls are hung up and the library destroyed.
+closed it or died) or SIGTERM stops the worker: calls are hung up and the library
+destroyed. It runs in a session of its own, so a terminal's Ctrl-C reaches only the agent.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -118,8 +120,12 @@ async def main() -> int:
         return 2
     worker = Worker(engine, out)
     worker.send(Reply(kind="ready", local=engine.local_addresses))
+    serving = asyncio.create_task(worker.serve(reader))
+    loop.add_signal_handler(signal.SIGTERM, serving.cancel)  # stop as at the end of input
     try:
-        await worker.serve(reader)
+        await serving
+    except asyncio.CancelledError:
+        logger.info("%s: SIGTERM, stopping", start.name)
     except WireError as exc:
         logger.error("%s: bad request from the agent, stopping: %s", start.name, exc)
     finally:

@@ -34,14 +34,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final
 
+import probes
 from probes.checks import Findings
 from probes.config import ProbeConfig, SipAccount, Target
 from probes.guard import Guard, GuardRefusal
@@ -112,6 +115,13 @@ class _Slot:
 
 def _account_key(account: SipAccount) -> tuple[str, str, str]:
     return (account.registrar, account.username, account.auth_user)
+
+
+def _worker_env() -> dict[str, str]:
+    """The agent's environment, with the agent's own ``probes`` first on the path."""
+    root = str(Path(probes.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
 
 
 def exit_text(code: int | None) -> str:
@@ -219,6 +229,7 @@ class WorkerPool:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "probes.worker",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env=_worker_env(), start_new_session=True,  # Ctrl-C reaches the agent, which stops it
         )  # fmt: skip
         slot.proc = proc
         assert proc.stdin is not None and proc.stdout is not None
@@ -261,7 +272,11 @@ class WorkerPool:
             if proc is not None:
                 if proc.returncode is None and why:  # it broke the protocol: not trusted any more
                     proc.kill()
-                code = await proc.wait()
+                try:
+                    code = await asyncio.wait_for(proc.wait(), self._stop_timeout)
+                except TimeoutError:  # its pipe closed, the process hangs: it is of no use
+                    proc.kill()
+                    code = await proc.wait()
             if self.closing:
                 return
             detail = f"SIP {slot.name} died ({why or exit_text(code)})"
