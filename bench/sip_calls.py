@@ -200,6 +200,7 @@ class Concurrent:
     failed: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    start_seconds: float = 0.0  # the pool's start: every worker's engine up
     rss_idle_mb: float = 0.0  # per worker, mean
     rss_peak_mb: float = 0.0  # per worker, mean of each worker's peak
     rss_per_call_mb: float = 0.0
@@ -227,7 +228,9 @@ async def concurrent_calls(uri: str, calls: int, workers: int, media_time: float
         }
     )
     out = Concurrent(calls, workers, media_time)
+    began = time.monotonic()
     async with WorkerPool(config, Guard(home_region="GB")) as pool:
+        out.start_seconds = time.monotonic() - began
         pids = [p for p in pool.pids() if p is not None]
         await asyncio.sleep(1.0)
         idle = {p: proc_rss_mb(p) for p in pids}
@@ -297,7 +300,10 @@ async def run_concurrent(calls: int, workers: int, media_time: float) -> Concurr
         f"simultaneous verified echo calls: {calls} at once, {workers} SIP worker(s),"
         f" {media_time:g} s of media each, SIPp UAS -rtp_echo on {HOST}"
     )
-    print(f"  passed {out.passed}, failed {out.failed} {out.reasons or ''} in {out.seconds:.1f} s")
+    print(
+        f"  passed {out.passed}, failed {out.failed} {out.reasons or ''} in {out.seconds:.1f} s"
+        f" (the workers started in {out.start_seconds:.1f} s)"
+    )
     print(
         f"  RSS per worker: idle {out.rss_idle_mb:.1f} MB, peak {out.rss_peak_mb:.1f} MB;"
         f" per call added {out.rss_per_call_mb:.2f} MB"
