@@ -28,10 +28,11 @@ from probes.guard import Guard
 from probes.outcome import CheckOutcome
 from probes.worker_wire import MAX_REPLY_BYTES, Reply, Run, Start, parse_reply, request_frame
 from probes.workers import WorkerPool
+from tests.support.kamailio import PASSWORD, USER, Kamailio
 from tests.support.mqtt import eventually
 from tests.support.net import HOST, free_port
 from tests.support.paths import REPO
-from tests.support.sip import Sipp, make_target
+from tests.support.sip import ResponderProcess, Sipp, account_target, make_target
 
 SipFactory = Callable[..., Sipp]
 pytestmark = pytest.mark.peers("sipp")
@@ -195,3 +196,35 @@ def test_a_worker_refuses_a_live_number_on_its_own(tmp_path: Path) -> None:
             worker.wait()
         worker.stdout.close()
         listener.close()
+
+
+@pytest.mark.peers("kamailio")
+def test_an_account_lives_in_one_worker_and_moves_with_its_restart(
+    kamailio: Kamailio, responder: ResponderProcess
+) -> None:
+    """The register check and the calls from an account go to the worker holding its
+    registration (a second register is a refresh there, not a new binding on the idler
+    worker); the worker's replacement registers afresh."""
+    desk = account_target(kamailio.registrar, kamailio.service_uri, username=USER, password=PASSWORD)
+    plain = make_target(responder.uri, options=False, media_time="7s").model_copy(update={"id": "plain"})
+
+    async def main() -> tuple[list[CheckOutcome], CheckOutcome]:
+        async with pool_for([desk, plain], workers=2) as pool:
+            busy = asyncio.create_task(pool.run(plain, "invite"))  # on worker-0: it had the most free slots
+            await eventually(lambda: pool.stats().busy == 1)
+            seen = [await pool.run(desk, "register")]  # the account goes to worker-0 (fewest accounts)
+            seen.append(await pool.run(desk, "register"))  # worker-1 has more free slots: not there
+            seen.append(await pool.run(desk, "invite"))
+            owner = next(s for s in pool._slots if s.accounts)
+            assert owner.index == 0 and owner.proc is not None
+            os.kill(owner.proc.pid, signal.SIGKILL)
+            await eventually(lambda: pool.stats().restarts_total == 1 and pool.stats().up == 2)
+            seen.append(await pool.run(desk, "register"))
+            return seen, await busy
+
+    (first, again, call, after), lost = asyncio.run(main())
+    assert (first.outcome, first.detail["registration"]) == ("pass", "new"), first
+    assert (again.outcome, again.detail["registration"]) == ("pass", "refresh"), again
+    assert call.outcome == "pass" and call.media is not None and call.media.echo_heard, call
+    assert (after.outcome, after.detail["registration"]) == ("pass", "new"), after
+    assert lost.reason == "internal_error"  # the plain call died with worker-0
