@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,33 @@ def test_a_worker_killed_mid_call_loses_only_its_calls(sipp_factory: SipFactory)
     assert again is not None and again != first
     assert stats.restarts_total == 1 and stats.lost_checks_total == 4 and stats.up == 2
     assert after.outcome == "pass", (after.stage, after.reason)
+
+
+def test_a_cancelled_check_is_hung_up_in_its_worker_before_its_slot_frees(
+    sipp_factory: SipFactory,
+) -> None:
+    """What the scheduler's hard timeout does: cancel the runner. The worker hangs up
+    (CANCEL, 487, ACK) and the slot stays taken until it says so."""
+    peer = sipp_factory("uas_ring_forever.xml")
+    ringing = make_target(
+        peer.uri, options=False, expect_tone=False, answer_timeout="20s", max_duration="30s"
+    )
+
+    async def main() -> tuple[float, int]:
+        async with pool_for([ringing], workers=1) as pool:
+            run = asyncio.create_task(pool.run(ringing, "invite"))
+            await eventually(lambda: pool.stats().busy == 1)
+            await asyncio.sleep(1.0)  # ringing: on loopback the 180 comes within milliseconds
+            run.cancel()
+            began = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+            return time.monotonic() - began, pool.stats().busy
+
+    took, busy = asyncio.run(main())
+    assert took < 5 and busy == 0
+    assert peer.wait() == 0  # SIPp's scenario completes only after CANCEL, 487 and ACK
+    assert "CANCEL sip:" in peer.log()
 
 
 def test_the_agent_guard_refuses_before_any_worker(sipp_factory: SipFactory) -> None:
