@@ -27,6 +27,7 @@ from ecpm.errors import ConfigError
 from probes.config import ProbeConfig, Target
 from probes.guard import Guard
 from probes.outcome import CheckOutcome
+from probes.sip import SipError
 from probes.worker_wire import MAX_REPLY_BYTES, Reply, Run, Start, parse_reply, request_frame
 from probes.workers import WorkerPool
 from tests.support.kamailio import PASSWORD, USER, Kamailio
@@ -161,6 +162,24 @@ def test_a_cancelled_check_is_hung_up_in_its_worker_before_its_slot_frees(
     assert took < 5 and busy == 0
     assert peer.wait() == 0  # SIPp's scenario completes only after CANCEL, 487 and ACK
     assert "CANCEL sip:" in peer.log()
+
+
+def test_a_worker_that_cannot_start_is_named() -> None:
+    """A fixed sip.port already taken: the pool does not start, and says which worker and why."""
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind((HOST, 0))
+    port = taken.getsockname()[1]
+    cfg = config([make_target(f"sip:ecpm-test@{HOST}:5099")], port=port)
+
+    async def main() -> None:
+        async with WorkerPool(cfg, Guard(home_region="GB"), workers=1):
+            pass
+
+    try:
+        with pytest.raises(SipError, match=r"^SIP worker-0 did not start: .+"):
+            asyncio.run(main())
+    finally:
+        taken.close()
 
 
 def test_the_agent_guard_refuses_before_any_worker(sipp_factory: SipFactory) -> None:
