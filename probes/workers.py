@@ -85,6 +85,7 @@ class WorkerPoolStats:
 @dataclass(slots=True)
 class _Check:
     run: Run
+    started_at: datetime  # UTC, when it was handed to its worker
     verdict: asyncio.Future[CheckOutcome]
     done: asyncio.Future[CheckOutcome | None]  # None: the worker confirmed it cancelled
 
@@ -329,7 +330,7 @@ class WorkerPool:
             check.done.set_result(None)
         else:
             check.done.set_result(
-                self._internal_error(check.run, f"SIP {slot.name}: the check raised: {reply.error}")
+                self._internal_error(check, f"SIP {slot.name}: the check raised: {reply.error}")
             )
 
     def _lose(self, slot: _Slot, detail: str) -> None:
@@ -337,19 +338,18 @@ class WorkerPool:
         lost = 0
         for check in list(slot.checks.values()):
             if not check.done.done():
-                check.done.set_result(self._internal_error(check.run, detail))
+                check.done.set_result(self._internal_error(check, detail))
                 lost += 1
         with self._lock:
             self._lost += lost
 
     @staticmethod
-    def _internal_error(run: Run, detail: str) -> CheckOutcome:
-        now = datetime.now(UTC)
+    def _internal_error(check: _Check, detail: str) -> CheckOutcome:
         return CheckOutcome(
-            check=run.kind,
+            check=check.run.kind,
             outcome="fail",
-            started_at=now,
-            finished_at=now,
+            started_at=check.started_at,
+            finished_at=datetime.now(UTC),
             reason="internal_error",
             detail={"worker": detail[:1024]},
         )
@@ -407,7 +407,9 @@ class WorkerPool:
         assert proc is not None and proc.stdin is not None
         loop = asyncio.get_running_loop()
         self._ids += 1
-        check = _Check(Run(self._ids, target, kind), loop.create_future(), loop.create_future())
+        check = _Check(
+            Run(self._ids, target, kind), datetime.now(UTC), loop.create_future(), loop.create_future()
+        )
         slot.checks[check.run.id] = check
         try:
             proc.stdin.write(request_frame(check.run))
@@ -432,7 +434,7 @@ class WorkerPool:
                     await asyncio.shield(check.done)  # the slot stays taken until it hung up
             raise
         if found is None:  # cancelled in the worker although the agent did not ask
-            return self._internal_error(check.run, f"SIP {slot.name} cancelled the check")
+            return self._internal_error(check, f"SIP {slot.name} cancelled the check")
         return found
 
     # ------------------------------------------------------------ stats

@@ -132,6 +132,7 @@ def test_a_worker_killed_mid_call_loses_only_its_calls(sipp_factory: SipFactory)
     assert len(lost) == 4 and len(passed) == 4, [(o.outcome, o.reason) for o in outcomes]
     assert all(o.outcome == "fail" and "worker-0" in o.detail["worker"] for o in lost)
     assert all("SIGKILL" in o.detail["worker"] for o in lost)
+    assert all((o.finished_at - o.started_at).total_seconds() > 1 for o in lost)  # from the dispatch
     assert again is not None and again != first
     assert stats.restarts_total == 1 and stats.lost_checks_total == 4 and stats.up == 2
     assert after.outcome == "pass", (after.stage, after.reason)
