@@ -3,8 +3,10 @@ SIPp echoing RTP, real pjsua2 workers, a real SIGKILL.
 
 More than 4 verified calls at once from one pool; a worker killed mid-call loses only its
 own calls (internal_error, naming the signal), the others pass, the worker comes back and
-takes calls again; the guard refuses a live number in the agent and, on its own, inside a
-worker spoken to directly.
+takes calls again; a cancelled check is hung up in its worker; an early verdict crosses
+over; an account's checks stay with the worker holding its registration; the guard
+refuses a live number in the agent and, on its own, inside a worker spoken to directly.
+(The agent's own process with workers: tests/test_agent.py.)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ecpm.errors import ConfigError
 from probes.config import ProbeConfig, Target
 from probes.guard import Guard
 from probes.outcome import CheckOutcome
+from probes.scheduler import relay_verdicts
 from probes.sip import SipError
 from probes.worker_wire import MAX_REPLY_BYTES, Reply, Run, Start, parse_reply, request_frame
 from probes.workers import WorkerPool
@@ -181,6 +184,32 @@ def test_a_worker_that_cannot_start_is_named() -> None:
             asyncio.run(main())
     finally:
         taken.close()
+
+
+def test_an_early_verdict_crosses_from_the_worker(sipp_factory: SipFactory) -> None:
+    """A person may have answered (no responder tone): the verdict goes out as the
+    announcement starts, from the worker through the pool to the scheduler's runner task,
+    while the call goes on until the announcement has played."""
+    peer = sipp_factory("uas_echo.xml", rtp_echo=True)
+    target = make_target(peer.uri, options=False)  # expects the responder's tone: not here
+
+    async def main() -> tuple[list[tuple[float, CheckOutcome]], float, CheckOutcome]:
+        early: list[tuple[float, CheckOutcome]] = []
+        async with pool_for([target], workers=1) as pool:
+
+            async def runner() -> CheckOutcome:  # what Scheduler._call_runner does
+                relay_verdicts(lambda outcome: early.append((time.monotonic(), outcome)))
+                return await pool.run(target, "invite")
+
+            out = await asyncio.create_task(runner())
+            return early, time.monotonic(), out
+
+    early, ended, out = asyncio.run(main())
+    assert len(early) == 1, early
+    at, verdict = early[0]
+    assert (verdict.outcome, verdict.stage, verdict.reason) == ("fail", "media", "no_tone")
+    assert out.detail["announcement"] == "played" and out.reason == "no_tone"
+    assert ended - at > 2.0  # the 3.75 s announcement played after the verdict
 
 
 def test_the_agent_guard_refuses_before_any_worker(sipp_factory: SipFactory) -> None:
