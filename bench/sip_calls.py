@@ -209,13 +209,13 @@ class Concurrent:
     sipp_failed: int = 0
 
 
-async def concurrent_calls(uri: str, calls: int, workers: int, media_time: float) -> Concurrent:
-    """N verified echo calls at once from one WorkerPool (the agent's SIP workers)."""
+def echo_config(uri: str, calls: int, workers: int, media_time: float) -> ProbeConfig:
+    """A probe with ``calls`` targets at ``uri``, each one verified echo call (no tone expected)."""
     invite = {
         "first_response_timeout": "5s", "answer_timeout": "10s", "media_time": f"{media_time}s",
         "max_duration": f"{media_time + 30}s", "expect_tone": False,
     }  # fmt: skip
-    config = ProbeConfig.model_validate(
+    return ProbeConfig.model_validate(
         {
             "kind": "probe",
             "probe": {"id": "bench", "region": "GB", "key": "k"},
@@ -227,6 +227,11 @@ async def concurrent_calls(uri: str, calls: int, workers: int, media_time: float
             ],
         }
     )
+
+
+async def concurrent_calls(uri: str, calls: int, workers: int, media_time: float) -> Concurrent:
+    """N verified echo calls at once from one WorkerPool (the agent's SIP workers)."""
+    config = echo_config(uri, calls, workers, media_time)
     out = Concurrent(calls, workers, media_time)
     began = time.monotonic()
     async with WorkerPool(config, Guard(home_region="GB")) as pool:

@@ -21,8 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.sip_calls import Uas  # noqa: E402
-from probes.config import ProbeConfig  # noqa: E402
+from bench.sip_calls import Uas, echo_config  # noqa: E402
 from probes.guard import Guard  # noqa: E402
 from probes.workers import WorkerPool  # noqa: E402
 from tests.support.net import HOST  # noqa: E402
@@ -64,22 +63,7 @@ def report(
 async def main(calls: int, media_time: float, idle: float) -> None:
     with tempfile.TemporaryDirectory(prefix="ecpm-bench-") as tmp:
         uas = Uas(Path(tmp), echo=True)
-        invite = {
-            "first_response_timeout": "5s", "answer_timeout": "10s", "media_time": f"{media_time}s",
-            "max_duration": f"{media_time + 30}s", "expect_tone": False,
-        }  # fmt: skip
-        config = ProbeConfig.model_validate(
-            {
-                "kind": "probe",
-                "probe": {"id": "bench", "region": "GB", "key": "k"},
-                "sip": {"transports": ["udp"], "workers": 1},
-                "targets": [
-                    {"id": f"t{i}", "uri": f"sip:ecpm-test@{HOST}:{uas.port}", "test_endpoint": True,
-                     "checks": {"invite": invite}}
-                    for i in range(calls)
-                ],
-            }
-        )  # fmt: skip
+        config = echo_config(f"sip:ecpm-test@{HOST}:{uas.port}", calls, 1, media_time)
         try:
             async with WorkerPool(config, Guard(home_region="GB")) as pool:
                 pid = pool.pids()[0]
