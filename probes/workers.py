@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +71,7 @@ BACKOFF_MAX: Final = 30.0
 STABLE_AFTER: Final = 60.0  # a worker up this long resets the backoff
 START_TIMEOUT: Final = 30.0
 STOP_TIMEOUT: Final = 15.0  # hang up, libDestroy (about 1 s), exit
+WORKER_COMMAND: Final = (sys.executable, "-m", "probes.worker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,10 @@ def exit_text(code: int | None) -> str:
 
 
 class WorkerPool:
-    """``async with WorkerPool(config, guard) as pool:``; ``pool.run`` is the scheduler's runner."""
+    """``async with WorkerPool(config, guard) as pool:``; ``pool.run`` is the scheduler's runner.
+
+    ``workers`` overrides ``config.sip_workers()``; ``command`` starts one worker (tests
+    give it a worker that breaks the protocol)."""
 
     def __init__(
         self,
@@ -146,8 +151,10 @@ class WorkerPool:
         workers: int | None = None,
         poll_interval: float = 0.01,
         stop_timeout: float = STOP_TIMEOUT,
+        command: Sequence[str] = WORKER_COMMAND,
     ) -> None:
         self._config = config
+        self._command = tuple(command)
         self.guard = guard
         self._poll = poll_interval
         self._stop_timeout = stop_timeout
@@ -228,7 +235,7 @@ class WorkerPool:
     async def _spawn(self, slot: _Slot) -> None:
         """Start the slot's process and wait for its engine: ``ready``, or SipError."""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "probes.worker",
+            *self._command,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=_worker_env(), start_new_session=True,  # Ctrl-C reaches the agent, which stops it
         )  # fmt: skip

@@ -212,6 +212,24 @@ def test_an_early_verdict_crosses_from_the_worker(sipp_factory: SipFactory) -> N
     assert ended - at > 2.0  # the 3.75 s announcement played after the verdict
 
 
+def test_a_worker_that_breaks_the_protocol_is_killed_and_replaced() -> None:
+    """What a worker says is input: a frame over the limit ends that worker, its check is
+    internal_error naming the protocol error, and a new worker is started."""
+    target = make_target(f"sip:ecpm-test@{HOST}:5099", options=False)
+    command = (sys.executable, "-m", "tests.support.broken_worker")
+
+    async def main() -> tuple[CheckOutcome, Any]:
+        async with WorkerPool(config([target]), Guard(home_region="GB"), workers=1, command=command) as pool:
+            out = await pool.run(target, "invite")
+            await eventually(lambda: pool.stats().restarts_total == 1 and pool.stats().up == 1)
+            return out, pool.stats()
+
+    out, stats = asyncio.run(main())
+    assert (out.outcome, out.reason) == ("fail", "internal_error")
+    assert "protocol error" in out.detail["worker"] and "over the 1048576 byte limit" in out.detail["worker"]
+    assert stats.lost_checks_total == 1
+
+
 def test_the_agent_guard_refuses_before_any_worker(sipp_factory: SipFactory) -> None:
     peer = sipp_factory("uas_echo.xml", rtp_echo=True)
     live = echo_targets(peer, 1)[0].model_copy(update={"uri": f"sip:999@{HOST}:{peer.port}"})
