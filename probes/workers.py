@@ -407,18 +407,18 @@ class WorkerPool:
         changed = self._changed
         if changed is None or self._closing:
             return Findings(kind, datetime.now(UTC)).not_sent(SipError("the SIP workers are not running"))
+        loop = asyncio.get_running_loop()
         async with changed:
             while (slot := self._pick(target)) is None:
                 await changed.wait()
-        proc = slot.proc
-        assert proc is not None and proc.stdin is not None
-        loop = asyncio.get_running_loop()
-        self._ids += 1
-        check = _Check(
-            Run(self._ids, target, kind), datetime.now(UTC), loop.create_future(), loop.create_future()
-        )
-        slot.checks[check.run.id] = check
+            self._ids += 1
+            check = _Check(
+                Run(self._ids, target, kind), datetime.now(UTC), loop.create_future(), loop.create_future()
+            )
+            slot.checks[check.run.id] = check  # the slot is taken before anyone else picks
         try:
+            proc = slot.proc
+            assert proc is not None and proc.stdin is not None  # a slot is up only with its process
             proc.stdin.write(request_frame(check.run))
             return await self._await_outcome(slot, check)
         finally:
