@@ -34,6 +34,10 @@ from probes.guard import (
 
 # The pjsua2 wheel is compiled with PJSUA_MAX_CALLS = 4 (see docs/checks.md).
 WHEEL_MAX_CALLS = 4
+# sip.workers: at most this many SIP worker processes (about 64 MB each, probes.workers);
+# "auto" never starts more than AUTO_WORKERS_CAP
+MAX_WORKERS = 64
+AUTO_WORKERS_CAP = 32
 
 
 def _region(value: str) -> str:
@@ -53,9 +57,20 @@ class SipSettings(StrictModel):
     )
     tls: TlsFiles | None = None
     max_calls: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=WHEEL_MAX_CALLS)
-    max_call_rate: float = Field(default=20.0, gt=0, le=40.0)  # new calls per second
+    max_call_rate: float = Field(default=20.0, gt=0, le=40.0)  # new calls per second, per process
+    # the agent's SIP worker processes (probes.workers), max_calls calls each; "auto":
+    # enough for schedule.max_concurrent_checks (ProbeConfig.sip_workers)
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = "auto"
     user_agent: str = "ecpm"
     log_level: int = Field(default=1, ge=0, le=6)  # pjsip's own log, routed to logging
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        """One clear message instead of one per member of the union."""
+        if value == "auto" or (type(value) is int and 1 <= value <= MAX_WORKERS):
+            return value
+        raise ValueError(f"must be a number of worker processes from 1 to {MAX_WORKERS}, or auto")
 
     @model_validator(mode="after")
     def _tls_needs_files(self) -> Self:
@@ -265,7 +280,7 @@ class OutboxSettings(StrictModel):
 
 
 class ScheduleSettings(StrictModel):
-    max_concurrent_checks: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=64)
+    max_concurrent_checks: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=MAX_WORKERS * WHEEL_MAX_CALLS)
     jitter: float = Field(default=0.1, ge=0, le=0.5)  # fraction of the interval
     first_check_at_start: Bool = True
     confirm_failures: Bool = True  # one immediate confirmation check after a failure
@@ -297,6 +312,17 @@ class ProbeConfig(StrictModel):
             targets = [t if t.account else t.model_copy(update=update) for t in self.targets]
             object.__setattr__(self, "targets", targets)  # frozen: set once, while validating
         return self
+
+    def sip_workers(self) -> int:
+        """How many SIP worker processes the agent runs: ``sip.workers``, or for "auto" enough
+        call slots for the checks that may run at once (``schedule.max_concurrent_checks``,
+        and at most one per enabled kind of each target), ``max_calls`` per worker, at most
+        ``AUTO_WORKERS_CAP``."""
+        if isinstance(self.sip.workers, int):
+            return self.sip.workers
+        kinds = sum(len(t.checks.enabled()) for t in self.targets)
+        at_once = min(self.schedule.max_concurrent_checks, kinds)
+        return max(1, min(AUTO_WORKERS_CAP, -(-at_once // self.sip.max_calls)))
 
     def config_problems(self) -> list[tuple[Loc, str]]:
         """Cross-field checks, located exactly: duplicate ids and the live-number guard."""
