@@ -139,7 +139,9 @@ def create_app(
         if isinstance(limit, Response):
             return limit
         snap = snapshot()
-        return _json({"at": time_json(snap.at), "incidents": [incident_json(i) for i in incidents(limit)]})
+        return _json(
+            {"at": time_json(snap.at), "incidents": [incident_json(i, snap.at) for i in incidents(limit)]}
+        )
 
     async def run_action(request: Request) -> Response:
         return await _run_action(request, registered, expected)

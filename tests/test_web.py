@@ -360,6 +360,7 @@ def test_api_incidents() -> None:
     assert set(open_) == {
         "id", "target", "kind", "state", "opened_at", "resolved_at", "last_good_id", "last_good_at",
         "first_failed_id", "first_failed_at", "detection_latency_seconds", "summary", "notifications",
+        "ack", "duties",
     }  # fmt: skip
     assert (open_["id"], open_["state"], open_["resolved_at"]) == (42, "open", None)
     assert open_["detection_latency_seconds"] == 8.0
