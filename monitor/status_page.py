@@ -520,6 +520,48 @@ def _notifications(items: Sequence[Notification]) -> Markup:
     return html(lines)
 
 
+def countdown(seconds: float) -> str:
+    """``12:05 left``, ``1:02:05 left``, ``overdue 0:42``: what the page's script keeps counting
+    (the same format in ``templates/status.html``)."""
+    whole = int(abs(seconds)) if seconds >= 0 else int(-seconds) + (-seconds % 1 > 0)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+    return f"{text} left" if seconds >= 0 else f"overdue {text}"
+
+
+_DUTY_CLASS: Final[Mapping[str, str]] = {"pending": "n-pending", "met": "n-sent", "missed": "n-failed"}
+
+
+def _duties(i: Incident, now: datetime) -> Markup:
+    """Each duty: its status, due time and, while pending, a countdown the page's script
+    advances every second (``data-due``: the seconds left when rendered)."""
+    lines: list[Node] = []
+    if i.ack is not None:
+        lines.append(
+            el("div", f"✓ incident acknowledged by {i.ack.by} ({i.ack.ref}): no more escalation pages",
+               class_="n-sent", data_incident_ack="true")
+        )  # fmt: skip
+    for d in i.duties:
+        status = d.status(now)
+        left = (d.due_at - now).total_seconds()
+        if d.ack is not None:
+            detail: Node = f"acknowledged {_abs(d.ack.at, now)} by {d.ack.by} ({d.ack.ref})"
+        else:
+            detail = el("span", countdown(left), class_="countdown", data_due=f"{left:.3f}")
+        lines.append(
+            el(
+                "div",
+                el("b", d.name), " ",
+                el("span", status.upper() if status != "pending" else "due", class_="muted"),
+                " ", when(d.due_at, now, short=True), " · ", detail,
+                " · escalated" if d.escalated_at is not None else None,
+                class_=_DUTY_CLASS[status], title=d.text, data_duty=d.name, data_status=status,
+            )
+        )  # fmt: skip
+    return html(lines) if lines else el("span", "none", class_="muted")
+
+
 def _kind_badge(kind: str) -> Markup:
     return state_badge("down") if kind == "down" else el("span", "? gap", class_="badge s-unknown")
 
@@ -535,6 +577,7 @@ def _open_incidents(snap: Snapshot, now: datetime) -> Markup:
         "First failure",
         "Detection latency",
         "Notifications",
+        "Duties",
         "Summary",
         numeric=("#", "Detection latency"),
     )
@@ -547,6 +590,7 @@ def _open_incidents(snap: Snapshot, now: datetime) -> Markup:
             when(i.first_failed_at, now, short=True),
             _num(i.detection_latency, ".1f", " s"),
             _notifications(i.notifications),
+            _duties(i, now),
             i.summary,
             id=f"incident-{i.id}",
             data_incident=str(i.id),

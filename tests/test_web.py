@@ -22,7 +22,9 @@ from prometheus_client import CollectorRegistry, Gauge
 from starlette.applications import Starlette
 
 from monitor.model import (
+    Ack,
     Incident,
+    IncidentDuty,
     Notification,
     ProbeView,
     ResultSummary,
@@ -577,6 +579,75 @@ def test_status_page_in_chromium(tmp_path: Path) -> None:
                 await task
 
     asyncio.run(scenario())
+
+
+def with_duties(snap: Snapshot) -> Snapshot:
+    """incident 42 with three duties: one counting down, one met, one missed and escalated."""
+    now = snap.at
+    duties = (
+        IncidentDuty("us-fcc-psap", "notify the PSAPs", now + timedelta(minutes=10), now, ()),
+        IncidentDuty(
+            "noc", "open the bridge", now - timedelta(seconds=20), now - timedelta(seconds=50), (),
+            ack=Ack(now - timedelta(seconds=30), "jo", "BRIDGE-7"),
+        ),
+        IncidentDuty(
+            "us-nors", "file NORS", now - timedelta(seconds=5), now - timedelta(seconds=60), ("ops",),
+            escalated_at=now - timedelta(seconds=60),
+        ),
+    )  # fmt: skip
+    [incident] = snap.open_incidents
+    return replace(snap, open_incidents=(replace(incident, duties=duties),))
+
+
+@pytest.mark.peers("chromium")
+def test_duties_count_down_on_the_status_page_in_chromium() -> None:
+    snap = with_duties(outage())
+
+    async def scenario() -> dict[str, Any]:
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(make_app(lambda: snap), "127.0.0.1:0", ready=ready.set_result))
+        url = await asyncio.wait_for(ready, 5)
+        try:  # 4.5 s of virtual time: the countdown ticks four times, the page is not yet refreshed
+            early = browser.parse(await asyncio.to_thread(browser.dump_dom, url, budget_ms=300))
+            late = browser.parse(await asyncio.to_thread(browser.dump_dom, url, budget_ms=4_500))
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return {"early": early, "late": late}
+
+    seen = asyncio.run(scenario())
+
+    def left(dom: Any) -> tuple[float, str]:
+        row = dom.find("tr", data_incident="42")
+        counting = row.find(data_duty="us-fcc-psap").find(class_="countdown")
+        minutes, seconds = counting.text.removesuffix(" left").split(":")
+        return float(counting.attrs["data-due"]) - (int(minutes) * 60 + int(seconds)), counting.text
+
+    early_gone, early_text = left(seen["early"])
+    late_gone, late_text = left(seen["late"])
+    assert re.fullmatch(r"\d+:\d\d left", late_text) and late_text != early_text
+    # counted down by the page's script, second by second (virtual time: the page's clock)
+    assert 0 <= early_gone < 3 and late_gone - early_gone >= 2 and late_gone < 10, (early_gone, late_gone)
+    row = seen["late"].find("tr", data_incident="42")
+    assert (
+        row.find(data_duty="noc").attrs["data-status"] == "met"
+        and "BRIDGE-7" in row.find(data_duty="noc").text
+    )
+    nors = row.find(data_duty="us-nors")
+    assert nors.attrs["data-status"] == "missed" and "escalated" in nors.text and "overdue" in nors.text
+
+
+def test_api_incidents_show_each_duty_with_its_seconds_left() -> None:
+    snap = with_duties(outage())
+    app = make_app(snap, incidents=Incidents(list(snap.open_incidents)))
+    [incident] = request(app, "GET", "/api/v1/incidents").json()["incidents"]
+    psap, noc, nors = incident["duties"]
+    at = snap.open_incidents[0].duties[0].due_at - snap.at  # counted at the snapshot's time
+    assert psap["status"] == "pending" and psap["remaining_seconds"] == pytest.approx(at.total_seconds())
+    assert noc["status"] == "met" and noc["ack"]["ref"] == "BRIDGE-7" and noc["ack"]["by"] == "jo"
+    assert nors["status"] == "missed" and nors["remaining_seconds"] < 0 and nors["escalated_at"] is not None
+    assert nors["route"] == ["ops"] and is_time(nors["due_at"])
 
 
 @pytest.mark.peers("chromium")
