@@ -151,6 +151,7 @@ def render_page(snap: Snapshot, recent: Sequence[Incident], *, now: datetime, qu
         "main",
         _header(snap, now),
         _open_incidents(snap, now),
+        _services(snap),
         _targets(snap, chosen, now),
         _probes(snap, now),
         _resolved(recent, now),
@@ -610,6 +611,23 @@ _PROBE_BADGE: Final[Mapping[str, tuple[str, str]]] = {
     "offline": ("s-down", "✕"),
     "unknown": ("s-unknown", "?"),
 }
+
+
+def _services(snap: Snapshot) -> Markup:
+    """Services of redundant paths (``monitor.redundancy``): degraded = a path lost."""
+    if not snap.services:
+        return html()
+    table = _Table("Service", "State", "Paths")
+    for s in snap.services.values():
+        paths = [
+            el("div", f"{p.role} ", el("span", p.target, class_="mono"), " ", state_badge(p.state),
+               " lost" if p.lost else None, data_path=p.target, data_lost=str(p.lost).lower())
+            for p in s.paths
+        ]  # fmt: skip
+        name = html(el("b", s.id, class_="mono"), " ", el("span", s.description, class_="muted"))
+        what = " — redundancy LOST" if s.redundancy_lost and s.state == "degraded" else None
+        table.row(name, html(state_badge(s.state), what), paths, data_service=s.id, data_state=s.state)
+    return html(el("h2", f"Services ({len(snap.services)})"), table.render())
 
 
 def _probes(snap: Snapshot, now: datetime) -> Markup:

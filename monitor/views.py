@@ -15,7 +15,16 @@ import math
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
-from monitor.model import Ack, Incident, IncidentDuty, Notification, ProbeView, ResultSummary, TargetView
+from monitor.model import (
+    Ack,
+    Incident,
+    IncidentDuty,
+    Notification,
+    ProbeView,
+    ResultSummary,
+    ServiceView,
+    TargetView,
+)
 from probes.result import format_time
 
 __all__ = [
@@ -139,6 +148,16 @@ def bounds_json(i: Bounded) -> dict[str, Any]:
         "last_good_at": time_json(i.last_good_at),
         "first_failed_id": i.first_failed_id,
         "first_failed_at": time_json(i.first_failed_at),
+    }
+
+
+def service_json(s: ServiceView) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "description": s.description,
+        "state": s.state,
+        "redundancy_lost": s.redundancy_lost,
+        "paths": [{"target": p.target, "role": p.role, "state": p.state, "lost": p.lost} for p in s.paths],
     }
 
 

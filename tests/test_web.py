@@ -26,8 +26,10 @@ from monitor.model import (
     Incident,
     IncidentDuty,
     Notification,
+    PathView,
     ProbeView,
     ResultSummary,
+    ServiceView,
     Snapshot,
     StateChange,
     TargetStateName,
@@ -878,3 +880,22 @@ def test_filtered_page_in_chromium_keeps_its_query_when_it_refreshes() -> None:
         ]
 
     asyncio.run(scenario())
+
+
+def test_services_on_the_api_and_the_status_page() -> None:
+    snap = outage()  # uk-999 down, ie-112 up
+    paths = (PathView("ie-112", "primary", "up", False), PathView("uk-999", "backup", "down", True))
+    snap = replace(snap, services={"uk": ServiceView("uk", "two platforms", "degraded", paths)})
+    app = make_app(snap)
+    [service] = request(app, "GET", "/api/v1/services").json()["services"]
+    assert service == {
+        "id": "uk", "description": "two platforms", "state": "degraded", "redundancy_lost": True,
+        "paths": [
+            {"target": "ie-112", "role": "primary", "state": "up", "lost": False},
+            {"target": "uk-999", "role": "backup", "state": "down", "lost": True},
+        ],
+    }  # fmt: skip
+    page = browser.parse(request(app, "GET", "/").text)
+    row = page.find("tr", data_service="uk")
+    assert row.attrs["data-state"] == "degraded" and "redundancy LOST" in row.text
+    assert row.find(data_path="uk-999").attrs["data-lost"] == "true"
