@@ -60,7 +60,7 @@ class Duty(StrictModel):
 
     name: Name
     preset: Literal["us-fcc-psap", "us-nors", "us-nors-voip", "uk-ofcom-s105k"] | None = None
-    deadline: Annotated[float, duration(at_least=MINUTE, at_most=30 * DAY)]
+    deadline: Annotated[float, duration(at_most=30 * DAY)]
     escalate_before: Annotated[float, duration(at_most=30 * DAY, zero_ok=True)] = 10 * MINUTE
     route: list[Name] = Field(default_factory=list, max_length=50)
     text: str = Field(min_length=1, max_length=500)
