@@ -99,7 +99,10 @@ def lost_periods(
             current = service_state([state[t] for t in names])
             worst = current if _WORSE[current] > _WORSE[worst] else worst
             if not now_lost:
-                out.append(LostPeriod(service.id, opened, at, tuple(t for t in names if t in lost), worst))
+                if at > opened:  # changes at one instant (one evaluation) make no period
+                    out.append(
+                        LostPeriod(service.id, opened, at, tuple(t for t in names if t in lost), worst)
+                    )
                 opened = None
 
     look(start)
