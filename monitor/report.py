@@ -65,6 +65,7 @@ from monitor.model import (
     Ack,
     DutyStatus,
     Incident,
+    IncidentDuty,
     Notification,
     ResultSummary,
     SeqGap,
@@ -208,17 +209,15 @@ class Notice(Notification):
 
 @dataclass(frozen=True, slots=True)
 class DutyEntry:
-    """One notification duty of an incident (``monitor.duties``): when it was due, whether and
-    when it was acknowledged, with what reference; met/missed as of the measured period's end."""
+    """One notification duty of an incident (``monitor.duties``: due, acknowledged by whom,
+    when, with what reference, escalated), judged met/missed ``at`` the measured period's end."""
 
-    name: str
-    text: str
-    due_at: datetime
-    escalated_at: datetime | None
-    acknowledged_at: datetime | None
-    acknowledged_by: str | None
-    reference: str | None
-    status: DutyStatus
+    duty: IncidentDuty
+    at: datetime
+
+    @property
+    def status(self) -> DutyStatus:
+        return self.duty.status(self.at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1156,19 +1155,7 @@ def _incident_entry(incident: Incident, until: datetime) -> IncidentEntry:
         time_to_notify_seconds=None if notified is None else _seconds(detected, notified),
         duration_seconds=None if incident.resolved_at is None else _seconds(began, incident.resolved_at),
         notifications=notices,
-        duties=tuple(
-            DutyEntry(
-                name=d.name,
-                text=d.text,
-                due_at=d.due_at,
-                escalated_at=d.escalated_at,
-                acknowledged_at=None if d.ack is None else d.ack.at,
-                acknowledged_by=None if d.ack is None else d.ack.by,
-                reference=None if d.ack is None else d.ack.ref,
-                status=d.status(until),
-            )
-            for d in incident.duties
-        ),
+        duties=tuple(DutyEntry(d, until) for d in incident.duties),
         acknowledged=incident.ack,
     )
 

@@ -11,6 +11,7 @@ the report's values: ``monitor.report_render.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
@@ -152,13 +153,8 @@ def bounds_json(i: Bounded) -> dict[str, Any]:
 
 
 def service_json(s: ServiceView) -> dict[str, Any]:
-    return {
-        "id": s.id,
-        "description": s.description,
-        "state": s.state,
-        "redundancy_lost": s.redundancy_lost,
-        "paths": [{"target": p.target, "role": p.role, "state": p.state, "lost": p.lost} for p in s.paths],
-    }
+    """``id, description, state, paths`` [{target, role, state, lost}]``, redundancy_lost``."""
+    return {**dataclasses.asdict(s), "redundancy_lost": s.redundancy_lost}
 
 
 def ack_json(a: Ack | None) -> dict[str, Any] | None:

@@ -80,8 +80,8 @@ def test_the_report_lists_every_duty_met_or_missed_and_every_redundancy_lost_per
     psap, nors = incident["duties"]
     due = detected + timedelta(minutes=30)
     assert psap["name"] == "us-fcc-psap" and psap["due_at"] == format_time(due)
-    assert psap["status"] == "missed" and psap["acknowledged_at"] is None and psap["escalated_at"] is not None
-    assert (nors["status"], nors["reference"], nors["acknowledged_by"]) == ("met", "NORS-77", "jo")
+    assert psap["status"] == "missed" and psap["ack"] is None and psap["escalated_at"] is not None
+    assert (nors["status"], nors["ack"]["ref"], nors["ack"]["by"]) == ("met", "NORS-77", "jo")
     [lost] = data["redundancy_lost"]
     assert (lost["service"], lost["lost_paths"], lost["worst_state"]) == ("uk-999", ["t2"], "degraded")
     assert lost["start"] == format_time(lost_at) == format_time(detected)  # one evaluation: failed, confirmed

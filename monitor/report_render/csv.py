@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from monitor.model import Ack
 from monitor.redundancy import LostPeriod
-from monitor.report import DutyEntry, IncidentEntry, Report
+from monitor.report import DutyEntry, Report
 from monitor.report_render.json import (
     bucket_json,
     duty_entry_json,
@@ -229,15 +230,9 @@ def _csv_tables(report: Report) -> list[tuple[str, list[str], Rows]]:
         ),
         (
             "duties.csv",
-            [
-                "target",
-                "incident",
-                *duty_entry_json(_NO_DUTY),
-                "incident_acknowledged_at",
-                "incident_ack_ref",
-            ],
+            DUTY_HEADER,
             (
-                (t.id, i.id, *duty_entry_json(d).values(), *_incident_ack(i))
+                (t.id, i.id, *_duty_row(d), *_ack(i.acknowledged))
                 for t in ts
                 for i in t.incidents
                 for d in i.duties
@@ -247,15 +242,27 @@ def _csv_tables(report: Report) -> list[tuple[str, list[str], Rows]]:
     ]
 
 
-# headers come from the JSON views of these (so the columns cannot drift from report.json)
-_NO_DUTY: Final = DutyEntry("", "", datetime.min.replace(tzinfo=UTC), None, None, None, None, "pending")
+DUTY_HEADER: Final = [
+    "target", "incident", "name", "text", "due_at", "escalate_at", "route", "status", "escalated_at",
+    "acknowledged_at", "acknowledged_by", "reference", "incident_acknowledged_at", "incident_acknowledged_by",
+    "incident_reference",
+]  # fmt: skip
+# its header comes from the JSON view (so the columns cannot drift from report.json)
 _NO_LOSS: Final = LostPeriod(
     "", datetime.min.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC), (), "degraded"
 )
 
 
-def _incident_ack(i: IncidentEntry) -> tuple[Any, Any]:
-    return (None, None) if i.acknowledged is None else (i.acknowledged.at, i.acknowledged.ref)
+def _ack(a: Ack | None) -> tuple[Any, Any, Any]:
+    return (None, None, None) if a is None else (a.at, a.by, a.ref)
+
+
+def _duty_row(d: DutyEntry) -> list[Any]:
+    """report.json's duty, its route joined and its acknowledgement in three columns."""
+    view = duty_entry_json(d)
+    view["route"] = " ".join(d.duty.route)
+    del view["ack"]
+    return [*view.values(), *_ack(d.duty.ack)]
 
 
 def lost_row(p: LostPeriod) -> list[Any]:

@@ -512,13 +512,14 @@ _DUTY_CLASS: Final[Mapping[str, str]] = {"met": "good", "missed": "bad", "pendin
 
 def _duty_html(d: DutyEntry) -> Markup:
     """A duty of an incident: due, and met or missed (with who acknowledged it, when, the reference)."""
-    head = html(el("b", d.name), " due ", _time(d.due_at), " ")
-    verdict = el("span", d.status, class_=_DUTY_CLASS[d.status], data_duty=d.name, data_status=d.status)
-    if d.acknowledged_at is None:
-        escalated = html(" (escalated ", _time(d.escalated_at), ")") if d.escalated_at else None
+    duty, status = d.duty, d.status
+    head = html(el("b", duty.name), " due ", _time(duty.due_at), " ")
+    verdict = el("span", status, class_=_DUTY_CLASS[status], data_duty=duty.name, data_status=status)
+    if duty.ack is None:
+        escalated = html(" (escalated ", _time(duty.escalated_at), ")") if duty.escalated_at else None
         return html(head, verdict, ": not acknowledged", escalated)
-    ref = el("code", d.reference or "")
-    return html(head, verdict, f": acknowledged by {d.acknowledged_by} ", _time(d.acknowledged_at), " ", ref)
+    ack = duty.ack
+    return html(head, verdict, f": acknowledged by {ack.by} ", _time(ack.at), " ", el("code", ack.ref))
 
 
 def _redundancy_html(report: Report) -> Markup | None:

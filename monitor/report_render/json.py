@@ -24,7 +24,7 @@ from monitor.report import (
     TargetReport,
 )
 from monitor.store import Verification
-from monitor.views import ack_json, bounds_json, notification_json
+from monitor.views import ack_json, bounds_json, duty_json, notification_json
 from monitor.views import time_json as _t
 
 __all__ = [
@@ -102,16 +102,11 @@ def _incident(i: IncidentEntry) -> dict[str, Any]:
 
 
 def duty_entry_json(d: DutyEntry) -> dict[str, Any]:
-    return {
-        "name": d.name,
-        "text": d.text,
-        "due_at": _t(d.due_at),
-        "escalated_at": _t(d.escalated_at),
-        "acknowledged_at": _t(d.acknowledged_at),
-        "acknowledged_by": d.acknowledged_by,
-        "reference": d.reference,
-        "status": d.status,
-    }
+    """The API's view of a duty (``monitor.views.duty_json``) at the measured end, without the
+    seconds left (a countdown, not evidence)."""
+    view = duty_json(d.duty, d.at)
+    del view["remaining_seconds"]
+    return view
 
 
 def lost_json(p: LostPeriod) -> dict[str, Any]:
