@@ -204,3 +204,24 @@ def test_service_state_and_lost_periods() -> None:
         (at[1], at[4], ("a", "b"), "down"),
         (at[6], at[8], ("a",), "degraded"),
     ]
+
+
+def test_two_monitors_evaluating_at_once_escalate_a_duty_once(postgres_url: str) -> None:
+    """Replicas: even two evaluators at one moment (a failover's overlap) page a duty once:
+    the first to mark it escalated wins, the other's mark finds it taken."""
+    clock = Clock()
+    a, _, pages_a = make(postgres_url, clock, duties=[PSAP])
+    b, _, pages_b = make(postgres_url, clock, duties=[PSAP])
+    break_path(a, clock)
+    clock.advance(20 * 60)
+    assert a.store.escalations_due(clock()) == b.store.escalations_due(clock()) == [(1, "us-fcc-psap")]
+    assert a.store.mark_escalated(1, "us-fcc-psap", clock())
+    a.store.commit()
+    assert not b.store.mark_escalated(1, "us-fcc-psap", clock())
+    b.store.commit()
+    clock.advance(60)
+    a.evaluate(clock())
+    b.evaluate(clock())
+    assert [
+        e for _, _, e in pages_a + pages_b if e.startswith("escalate")
+    ] == []  # marked: nobody pages it again
