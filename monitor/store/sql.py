@@ -777,6 +777,7 @@ class SqlStore:
             args,
         ).fetchall()
         out = []
+        duties_of = self._duties_of([r[0] for r in rows])
         for r in rows:
             notes = tuple(
                 Notification(
@@ -794,7 +795,7 @@ class SqlStore:
                     (r[0],),
                 )
             )
-            duties, ack = self._duties_of(r[0])
+            duties, ack = duties_of.get(r[0], ((), None))
             out.append(
                 Incident(
                     id=r[0],
@@ -839,24 +840,39 @@ class SqlStore:
                  json.dumps(list(d.route))),
             )  # fmt: skip
 
-    def _duties_of(self, incident_id: int) -> tuple[tuple[IncidentDuty, ...], Ack | None]:
-        rows = self._db.execute(
-            "SELECT name, text, due_at, escalate_at, route, escalated_at, acked_at, acked_by, ack_ref"
-            " FROM incident_duties WHERE incident_id = ? ORDER BY due_at, name",
-            (incident_id,),
-        ).fetchall()
-        duties = tuple(
-            IncidentDuty(
-                name=r[0], text=r[1], due_at=parse_time(r[2]), escalate_at=parse_time(r[3]),
-                route=tuple(json.loads(r[4])), escalated_at=_dt(r[5]),
-                ack=None if r[6] is None else Ack(parse_time(r[6]), r[7], r[8]),
-            )
-            for r in rows
-        )  # fmt: skip
-        row = self._db.execute(
-            "SELECT acked_at, acked_by, ack_ref FROM incident_acks WHERE incident_id = ?", (incident_id,)
-        ).fetchone()
-        return duties, None if row is None else Ack(parse_time(row[0]), row[1], row[2])
+    def _duties_of(
+        self, incident_ids: Sequence[int]
+    ) -> dict[int, tuple[tuple[IncidentDuty, ...], Ack | None]]:
+        """The duties and the acknowledgement of each incident, in two queries for them all."""
+        out: dict[int, tuple[tuple[IncidentDuty, ...], Ack | None]] = {}
+        for first in range(0, len(incident_ids), 500):  # bounded parameter lists
+            chunk = list(incident_ids[first : first + 500])
+            marks = ", ".join("?" * len(chunk))
+            duties: dict[int, list[IncidentDuty]] = {}
+            for r in self._db.execute(
+                "SELECT incident_id, name, text, due_at, escalate_at, route, escalated_at, acked_at,"
+                f" acked_by, ack_ref FROM incident_duties WHERE incident_id IN ({marks})"
+                " ORDER BY due_at, name",
+                chunk,
+            ):
+                duties.setdefault(r[0], []).append(
+                    IncidentDuty(
+                        name=r[1], text=r[2], due_at=parse_time(r[3]), escalate_at=parse_time(r[4]),
+                        route=tuple(json.loads(r[5])), escalated_at=_dt(r[6]),
+                        ack=None if r[7] is None else Ack(parse_time(r[7]), r[8], r[9]),
+                    )
+                )  # fmt: skip
+            acks = {
+                r[0]: Ack(parse_time(r[1]), r[2], r[3])
+                for r in self._db.execute(
+                    "SELECT incident_id, acked_at, acked_by, ack_ref FROM incident_acks"
+                    f" WHERE incident_id IN ({marks})",
+                    chunk,
+                )
+            }
+            for incident_id in chunk:
+                out[incident_id] = (tuple(duties.get(incident_id, ())), acks.get(incident_id))
+        return out
 
     def acknowledge(self, incident_id: int, duty: str | None, ack: Ack) -> str | None:
         """Record ``ack`` for one duty of an incident, or (``duty`` None) for the incident;
