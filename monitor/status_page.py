@@ -671,7 +671,9 @@ def _resolved(recent: Sequence[Incident], now: datetime) -> Markup:
     done = [i for i in recent if i.resolved_at is not None][:RESOLVED_ON_PAGE]
     if not done:
         return html()
-    table = _Table("#", "Target", "Kind", "Opened", "Resolved", "Lasted", "Summary", numeric=("#", "Lasted"))
+    table = _Table(
+        "#", "Target", "Kind", "Opened", "Resolved", "Lasted", "Duties", "Summary", numeric=("#", "Lasted")
+    )  # a resolved incident's duties still count down: a short outage still had to be notified
     for i in done:
         assert i.resolved_at is not None
         table.row(
@@ -681,6 +683,7 @@ def _resolved(recent: Sequence[Incident], now: datetime) -> Markup:
             when(i.opened_at, now),
             when(i.resolved_at, now),
             duration((utc(i.resolved_at) - utc(i.opened_at)).total_seconds(), coarse=True),
+            _duties(i, now),
             i.summary,
             data_incident=str(i.id),
         )
