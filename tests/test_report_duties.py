@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 
+from ecpm import cli
 from monitor.duties import Acknowledgements
 from monitor.report import TargetInfo, build_report
 from monitor.report_render import write
@@ -100,3 +101,36 @@ def test_the_report_lists_every_duty_met_or_missed_and_every_redundancy_lost_per
     assert page.find(data_duty="us-fcc-psap").attrs["data-status"] == "missed"
     assert page.find(data_duty="us-nors").attrs["data-status"] == "met" and "NORS-77" in page.text
     assert "uk-999" in page.find(data_section="redundancy").text
+
+
+def test_ecpm_report_takes_the_services_from_the_monitor_config(tmp_path: Path) -> None:
+    clock = Clock()
+    core, _, _ = make(tmp_path, clock, targets=("t1", "t2"), services=SERVICES)
+    sim = ProbeSim("p1")
+    for outcome in ("pass", "fail", "fail"):  # the backup breaks, the primary works
+        for target in ("t1", "t2"):
+            core.handle(
+                sim.topic(target),
+                sim.result(target, "pass" if target == "t1" else outcome, clock()).to_json(),
+            )
+        core.store.commit()
+        core.evaluate(clock())
+        clock.advance(10)
+    core.store.close()
+    config = tmp_path / "monitor.yaml"
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "kind": "monitor",
+                "store": {"path": str(tmp_path / "monitor.db")},
+                "probes": [{"id": "p1", "key": "k"}],
+                "targets": [{"id": "t1"}, {"id": "t2"}],
+                "services": SERVICES,
+            }
+        )
+    )
+    out = tmp_path / "evidence"
+    period = ("--from", format_time(T0), "--to", format_time(T0 + timedelta(hours=1)))
+    assert cli.main(["report", *period, "--format", "json", "--out", str(out), "-c", str(config)]) == 0
+    [lost] = json.loads((out / "report.json").read_text())["redundancy_lost"]
+    assert (lost["service"], lost["lost_paths"], lost["worst_state"]) == ("uk-999", ["t2"], "degraded")
