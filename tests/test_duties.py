@@ -210,8 +210,8 @@ def test_two_monitors_evaluating_at_once_escalate_a_duty_once(postgres_url: str)
     """Replicas: even two evaluators at one moment (a failover's overlap) page a duty once:
     the first to mark it escalated wins, the other's mark finds it taken."""
     clock = Clock()
-    a, _, pages_a = make(postgres_url, clock, duties=[PSAP])
-    b, _, pages_b = make(postgres_url, clock, duties=[PSAP])
+    a, _, pages_a = make(postgres_url, clock, targets=("t1", "t2"), duties=[PSAP])
+    b, _, pages_b = make(postgres_url, clock, targets=("t1", "t2"), duties=[PSAP])
     break_path(a, clock)
     clock.advance(20 * 60)
     assert a.store.escalations_due(clock()) == b.store.escalations_due(clock()) == [(1, "us-fcc-psap")]
