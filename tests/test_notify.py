@@ -64,14 +64,19 @@ def sent(core: MonitorCore, notifier: str, outcome: str) -> float:
     return float(value)
 
 
+def every_kind(receiver: Receiver) -> list[dict[str, Any]]:
+    """A webhook, a PagerDuty and a Slack notifier, all posting to ``receiver``."""
+    return [
+        {"type": "webhook", "name": "hook", "url": receiver.url},
+        {"type": "pagerduty", "name": "pd", "url": f"{receiver.base}/pd", "routing_key": "R0UTING"},
+        {"type": "slack", "name": "slack", "url": f"{receiver.base}/slack"},
+    ]
+
+
 def test_webhook_pagerduty_and_slack_bodies(store_where: str) -> None:
     receiver = Receiver()
     try:
-        core, pages = outage(store_where, [
-            {"type": "webhook", "name": "hook", "url": receiver.url},
-            {"type": "pagerduty", "name": "pd", "url": f"{receiver.base}/pd", "routing_key": "R0UTING"},
-            {"type": "slack", "name": "slack", "url": f"{receiver.base}/slack"},
-        ])  # fmt: skip
+        core, pages = outage(store_where, every_kind(receiver))
         deliver(core, pages, lambda: len(receiver.bodies) == 3)
         by_path = dict(zip(receiver.paths, receiver.bodies, strict=True))
         hook, pd, slack = by_path["/hook"], by_path["/pd"], by_path["/slack"]
@@ -232,11 +237,7 @@ def test_a_page_in_flight_when_the_monitor_dies_is_sent_again_with_the_same_key(
 def test_an_escalation_goes_to_its_route_only_in_each_notifiers_shape(store_where: str) -> None:
     receiver = Receiver()
     try:
-        core, pages = outage(store_where, [
-            {"type": "webhook", "name": "hook", "url": receiver.url},
-            {"type": "pagerduty", "name": "pd", "url": f"{receiver.base}/pd", "routing_key": "R0UTING"},
-            {"type": "slack", "name": "slack", "url": f"{receiver.base}/slack"},
-        ])  # fmt: skip
+        core, pages = outage(store_where, every_kind(receiver))
         incident = pages[0][0]
         due = incident.opened_at + timedelta(minutes=30)
         duty = IncidentDuty(
