@@ -59,15 +59,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, Literal, TypeVar
 
 from ecpm import __version__
+from monitor.config import Service
 from monitor.model import (
     TARGET_STATES,
+    Ack,
+    DutyStatus,
     Incident,
+    IncidentDuty,
     Notification,
     ResultSummary,
     SeqGap,
     StateChange,
     TargetStateName,
 )
+from monitor.redundancy import LostPeriod, lost_periods, paths
 from monitor.skew import skewed
 from monitor.store import (
     ProbeEvent,
@@ -203,6 +208,19 @@ class Notice(Notification):
 
 
 @dataclass(frozen=True, slots=True)
+class DutyEntry:
+    """One notification duty of an incident (``monitor.duties``: due, acknowledged by whom,
+    when, with what reference, escalated), judged met/missed ``at`` the measured period's end."""
+
+    duty: IncidentDuty
+    at: datetime
+
+    @property
+    def status(self) -> DutyStatus:
+        return self.duty.status(self.at)
+
+
+@dataclass(frozen=True, slots=True)
 class IncidentEntry:
     id: int
     kind: Literal["down", "gap"]
@@ -218,6 +236,8 @@ class IncidentEntry:
     time_to_notify_seconds: float | None  # notified - detected
     duration_seconds: float | None  # resolved - (first failure start, or detected for gaps)
     notifications: tuple[Notice, ...]
+    duties: tuple[DutyEntry, ...] = ()
+    acknowledged: Ack | None = None  # the incident itself (its escalation pages stopped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +437,7 @@ class Report:
     versions: tuple[VersionSeen, ...]
     unreadable: tuple[Unreadable, ...]
     clock_skew: tuple[ProbeSkew, ...] = ()  # per probe with results in the period
+    redundancy: tuple[LostPeriod, ...] = ()  # every period a path of a service was lost
 
 
 # ---------------------------------------------------------------- time helpers
@@ -472,6 +493,7 @@ def build_report(
     pdd_threshold: float = 3.0,
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
     progress: Progress | None = None,
+    services: Sequence[Service] = (),
 ) -> Report:
     """The report for ``[start, end)`` over ``targets``; reads ``source``, never writes it."""
     start, end, generated_at = truncate_ms(start), truncate_ms(end), truncate_ms(generated_at)
@@ -482,7 +504,8 @@ def build_report(
 
     wanted = {t.id for t in targets}
     changes: dict[str, list[StateChange]] = {t: [] for t in wanted}
-    for change in source.state_changes(start, until):
+    period_changes = source.state_changes(start, until)
+    for change in period_changes:
         if change.target in wanted:
             changes[change.target].append(change)
     incidents: dict[str, list[Incident]] = {t: [] for t in wanted}
@@ -538,7 +561,26 @@ def build_report(
         versions=period.versions_seen(),
         unreadable=tuple(unreadable),
         clock_skew=period.clock_skew(),
+        redundancy=_redundancy(source, services, period_changes, start=start, until=until),
     )
+
+
+def _redundancy(
+    source: ReportSource,
+    services: Sequence[Service],
+    changes: Sequence[StateChange],
+    *,
+    start: datetime,
+    until: datetime,
+) -> tuple[LostPeriod, ...]:
+    """Every redundancy-lost period of every service (``monitor.redundancy``), from its paths'
+    recorded states: the one before the period, then the changes in it."""
+    out: list[LostPeriod] = []
+    for service in services:
+        members = [t for t, _ in paths(service)]
+        baseline = {t: s for t in members if (s := source.state_before(t, start)) is not None}
+        out += lost_periods(service, baseline, changes, start=start, end=until)
+    return tuple(out)
 
 
 def _probe_skew(probe: str, seen: _SkewSeen) -> ProbeSkew:
@@ -994,7 +1036,7 @@ def _target_report(
         timeline=tuple(timeline),
         gaps=tuple(s for s in timeline if s.state == "unknown"),
         buckets=tally.buckets.values(),
-        incidents=tuple(_incident_entry(i) for i in incidents),
+        incidents=tuple(_incident_entry(i, until) for i in incidents),
         verifications=tuple(verifications),
         refusals=tuple(tally.refusals),
         coverage=tally.probe_coverage(),
@@ -1078,7 +1120,7 @@ def _counted(outcome: str) -> str:
     return {"pass": "passed", "fail": "failed"}.get(outcome, "inconclusive")
 
 
-def _incident_entry(incident: Incident) -> IncidentEntry:
+def _incident_entry(incident: Incident, until: datetime) -> IncidentEntry:
     detected = incident.opened_at
     notices = tuple(
         Notice(
@@ -1113,6 +1155,8 @@ def _incident_entry(incident: Incident) -> IncidentEntry:
         time_to_notify_seconds=None if notified is None else _seconds(detected, notified),
         duration_seconds=None if incident.resolved_at is None else _seconds(began, incident.resolved_at),
         notifications=notices,
+        duties=tuple(DutyEntry(d, until) for d in incident.duties),
+        acknowledged=incident.ack,
     )
 
 

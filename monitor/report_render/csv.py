@@ -14,12 +14,22 @@ import json
 import math
 import unicodedata
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from monitor.report import Report
-from monitor.report_render.json import bucket_json, ledger_json, rounded, span_json, took_seconds
+from monitor.model import Ack
+from monitor.redundancy import LostPeriod
+from monitor.report import DutyEntry, Report
+from monitor.report_render.json import (
+    bucket_json,
+    duty_entry_json,
+    ledger_json,
+    lost_json,
+    rounded,
+    span_json,
+    took_seconds,
+)
 from probes.result import format_time
 
 __all__ = ["CSV_FILES", "formula_like", "write_csv"]
@@ -218,13 +228,54 @@ def _csv_tables(report: Report) -> list[tuple[str, list[str], Rows]]:
             ["target", "start", "end", "problem"],
             ((u.target, u.start, u.end, u.problem) for u in report.unreadable),
         ),
+        (
+            "duties.csv",
+            DUTY_HEADER,
+            (
+                (t.id, i.id, *_duty_row(d), *_ack(i.acknowledged))
+                for t in ts
+                for i in t.incidents
+                for d in i.duties
+            ),
+        ),
+        ("redundancy_lost.csv", list(lost_json(_NO_LOSS)), (lost_row(p) for p in report.redundancy)),
     ]
+
+
+DUTY_HEADER: Final = [
+    "target", "incident", "name", "text", "due_at", "escalate_at", "route", "status", "escalated_at",
+    "acknowledged_at", "acknowledged_by", "reference", "incident_acknowledged_at", "incident_acknowledged_by",
+    "incident_reference",
+]  # fmt: skip
+# its header comes from the JSON view (so the columns cannot drift from report.json)
+_NO_LOSS: Final = LostPeriod(
+    "", datetime.min.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC), (), "degraded"
+)
+
+
+def _ack(a: Ack | None) -> tuple[Any, Any, Any]:
+    return (None, None, None) if a is None else (a.at, a.by, a.ref)
+
+
+def _duty_row(d: DutyEntry) -> list[Any]:
+    """report.json's duty, its route joined and its acknowledgement in three columns."""
+    view = duty_entry_json(d)
+    view["route"] = " ".join(d.duty.route)
+    del view["ack"]
+    return [*view.values(), *_ack(d.duty.ack)]
+
+
+def lost_row(p: LostPeriod) -> list[Any]:
+    row = lost_json(p)
+    row["lost_paths"] = " ".join(p.lost)
+    return list(row.values())
 
 
 CSV_FILES: Final = (
     "summary.csv", "ledger.csv", "buckets.csv", "timeline.csv", "incidents.csv", "notifications.csv",
     "gaps.csv", "probe_outages.csv", "sequence_gaps.csv", "verifications.csv", "versions.csv",
     "refusals.csv", "coverage.csv", "clock_skew.csv", "skewed_results.csv", "unreadable.csv",
+    "duties.csv", "redundancy_lost.csv",
 )  # fmt: skip
 CLOCK_SKEW_HEADER: Final = [
     "probe", "results", "estimated", "min_seconds", "max_seconds", "skewed", "first_skewed_at",

@@ -112,7 +112,7 @@ class QueuedNotification:
     id: int
     incident_id: int
     notifier: str
-    event: Literal["trigger", "resolve"]
+    event: str  # trigger, resolve, or escalate:<duty>
     payload: dict[str, Any]
     attempts: int
 
