@@ -31,6 +31,7 @@ from probes.checks import (
     options_check,
 )
 from probes.config import CheckSettings, InviteCheck, OptionsCheck, RegisterCheck, Target
+from probes.nena import IDENTITY_REASONS
 from probes.outcome import STAGES, CheckOutcome
 from probes.register import REGISTER_REASONS, register_check
 from probes.scheduler import SCHEDULER_REASONS
@@ -66,7 +67,7 @@ REGISTRY: Final[Mapping[str, CheckKind[Any]]] = _registry(
         settings=InviteCheck,
         run=invite_check,
         stages=STAGES,
-        reasons=(*SETUP_REASONS, *STATUS_REASONS, *NENA_REASONS, *CALL_REASONS),
+        reasons=(*SETUP_REASONS, *STATUS_REASONS, *NENA_REASONS, *IDENTITY_REASONS, *CALL_REASONS),
         call=True,
     ),
     CheckKind(

@@ -13,6 +13,8 @@ invite, in order (each stage's timing in seconds goes into ``timings``)::
     trying     INVITE sent -> first response (any)
     ringing    INVITE sent -> first 18x (post-dial delay; the 200 when no 18x came)
     answer     INVITE sent -> 200 OK               (ring-no-answer: CANCEL at answer_timeout)
+    identity   INVITE sent -> the 200 OK reporting the callback number and location that
+               arrived (emergency-shaped targets that expect them; nena.score_identity)
     media      200 OK -> every expected tone heard  (listen for media_time)
     teardown   BYE -> call released
 """
@@ -67,7 +69,7 @@ STATUS_REASONS: Final = (
     "server_error", "declined",
 )  # fmt: skip
 # What nena.score_answer gives an emergency-shaped call's answer
-NENA_REASONS: Final = ("unsupported_service", "test_call_limit", "no_location_echo", "location_mismatch")
+NENA_REASONS: Final = ("unsupported_service", "test_call_limit")
 # The invite check's own: the registration of a call from an account, a call slot, the answer
 # timer, media and teardown, the hard cap
 CALL_REASONS: Final = (
@@ -510,6 +512,8 @@ async def _media_and_teardown(
     answer_at = d.answer.at
     if shape is not None:
         _score_emergency_answer(result, d.answer, shape)
+        if nena.expects_identity(shape):
+            _score_identity(result, d, shape)
     listened = await _listen(call, d, until=min(answer_at + cfg.media_time, deadline))
     await call.record(None)  # closes the WAV (waits until pjmedia has written it)
     heard = await _hear(recording, cfg, skip=_early_media(d, answer_at))
@@ -531,6 +535,16 @@ def _score_emergency_answer(result: Findings, answer: CallEvent, shape: Emergenc
     result.detail.update(score.detail)
     if score.outcome != "pass" and score.reason is not None:
         result.fail("answer", score.reason, outcome=score.outcome)
+
+
+def _score_identity(result: Findings, d: _Dialog, shape: EmergencyShape) -> None:
+    assert d.answer is not None
+    score = nena.score_identity(d.answer.message, shape)
+    result.detail.update(score.detail)
+    if score.outcome != "pass" and score.reason is not None:
+        result.fail("identity", score.reason, outcome=score.outcome)
+    elif d.sent_at is not None:
+        result.time("identity", d.answer.at - d.sent_at)
 
 
 async def _listen(call: OutgoingCall, d: _Dialog, *, until: float) -> _Listened:

@@ -6,6 +6,7 @@ and ``config/responder.example.yaml``; keep the two in step.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Annotated, Literal, Protocol, Self
 
@@ -80,8 +81,17 @@ class Location(StrictModel):
     civic: dict[str, str] = Field(default_factory=dict, max_length=40)
 
 
+def _e164(value: str) -> str:
+    if not re.fullmatch(r"\+[1-9][0-9]{2,14}", value):
+        raise ValueError(f"{value!r} is not an E.164 number: + and 3 to 15 digits, e.g. +441632960000")
+    return value
+
+
 class EmergencyShape(StrictModel):
     p_asserted_identity: str | None = None  # e.g. "sip:+441632960000@probe.example;user=phone"
+    # the caller's number (E.164) a call handler must receive: sent as P-Asserted-Identity
+    # <tel:...> when p_asserted_identity is not set; the answer must report it (stage identity)
+    callback_number: Annotated[str, AfterValidator(_e164)] | None = None
     resource_priority: str | None = None  # e.g. "esnet.1"
     location: Location | None = None  # adds Geolocation: <cid:...> and a PIDF-LO body
     expect_location_echo: Bool = True  # NENA i3 test answer must echo the location sent
@@ -336,7 +346,10 @@ class ProbeConfig(StrictModel):
 
 # ---------------------------------------------------------------- responder
 
-Fault = Literal["none", "answer_503", "never_answer", "no_media", "one_way_media", "delayed_answer"]
+Fault = Literal[
+    "none", "answer_503", "never_answer", "no_media", "one_way_media", "delayed_answer",
+    "strip_identity", "strip_location",
+]  # fmt: skip
 
 
 class ResponderSip(StrictModel):

@@ -26,7 +26,9 @@ CALL_KINDS: Final[frozenset[str]] = frozenset({"invite"})
 
 # Every stage a check may time or fail at, in call order (each kind uses a subset, its
 # registry entry's ``stages``); the monitor creates its stage series from this.
-STAGES: Final[tuple[str, ...]] = ("transport", "trying", "ringing", "answer", "media", "teardown")
+STAGES: Final[tuple[str, ...]] = (
+    "transport", "trying", "ringing", "answer", "identity", "media", "teardown",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
