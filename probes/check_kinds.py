@@ -31,8 +31,7 @@ from probes.checks import (
     options_check,
 )
 from probes.config import CheckSettings, InviteCheck, OptionsCheck, RegisterCheck, Target
-from probes.nena import IDENTITY_REASONS
-from probes.outcome import STAGES, CheckOutcome
+from probes.outcome import IDENTITY_REASONS, STAGES, CheckOutcome
 from probes.register import REGISTER_REASONS, register_check
 from probes.scheduler import SCHEDULER_REASONS
 from probes.sip import SipEngine

@@ -501,10 +501,6 @@ def score_answer(status: int, message: str | None, shape: EmergencyShape) -> Sco
     return Score("pass", None, detail)
 
 
-# The identity stage's reasons: the caller's number or location lost or changed on the way
-IDENTITY_REASONS: Final = ("cli_missing", "cli_mismatch", "location_missing", "location_mismatch")
-
-
 def expects_identity(shape: EmergencyShape) -> bool:
     """The answer must report what arrived: a callback number, or a location to echo."""
     return shape.callback_number is not None or (shape.location is not None and shape.expect_location_echo)

@@ -30,6 +30,12 @@ STAGES: Final[tuple[str, ...]] = (
     "transport", "trying", "ringing", "answer", "identity", "media", "teardown",
 )  # fmt: skip
 
+# The identity stage's reasons: the caller's number or location lost or changed on the way
+# (probes.nena.score_identity); the evidence report counts calls failed with each
+IDENTITY_REASONS: Final[tuple[str, ...]] = (
+    "cli_missing", "cli_mismatch", "location_missing", "location_mismatch",
+)  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class MediaStats:
