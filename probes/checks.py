@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from probes import media, nena
-from probes.config import EmergencyShape, InviteCheck, OptionsCheck, Target
+from probes import media, nena, sdp
+from probes.config import EmergencyShape, InviteCheck, OptionsCheck, Srtp, Target
 from probes.guard import GuardRefusal
 from probes.outcome import CheckOutcome, MediaStats, Outcome
 from probes.scheduler import verdict_ready
@@ -73,8 +73,8 @@ NENA_REASONS: Final = ("unsupported_service", "test_call_limit")
 # The invite check's own: the registration of a call from an account, a call slot, the answer
 # timer, media and teardown, the hard cap
 CALL_REASONS: Final = (
-    "not_registered", "no_call_slot", "answer_timeout", "no_media", "no_rtp", "no_tone", "no_echo",
-    "remote_hangup", "teardown_timeout", "max_duration",
+    "not_registered", "no_call_slot", "answer_timeout", "srtp_refused", "no_media", "no_rtp", "no_tone",
+    "no_echo", "remote_hangup", "teardown_timeout", "max_duration",
 )  # fmt: skip
 
 
@@ -117,6 +117,7 @@ def dial_for(target: Target) -> Dial:
         auth=target.auth,
         carrier_test_service=target.carrier(),
         account=target.account,
+        srtp=target.srtp,
     )
 
 
@@ -295,6 +296,7 @@ async def invite_check(
             result.detail["slot_wait_ms"] = f"{call.waited * 1000:.0f}"
         async with call:
             dialog = await _signalling(call, cfg, result, deadline, shape)
+            _srtp_refused(result, target.srtp)
             if dialog.answer is None:
                 return result.done()
             answer = dialog.answer
@@ -310,6 +312,7 @@ async def invite_check(
                 recording=recording,
                 announcement=announcement,
                 shape=shape,
+                srtp=target.srtp,
             )
         return result.done()
     finally:
@@ -505,8 +508,9 @@ async def _media_and_teardown(
     recording: Path,
     announcement: Path | None,
     shape: EmergencyShape | None,
+    srtp: Srtp,
 ) -> None:
-    """An answered call: score a NENA answer, listen, judge the media, say who we are if
+    """An answered call: score a NENA answer and its SRTP, listen, judge the media, say who we are if
     no test endpoint answered, then hang up."""
     assert d.answer is not None
     answer_at = d.answer.at
@@ -514,6 +518,7 @@ async def _media_and_teardown(
         _score_emergency_answer(result, d.answer, shape)
         if nena.expects_identity(shape):
             _score_identity(result, d, shape)
+    _judge_srtp(result, d.answer, srtp)
     listened = await _listen(call, d, until=min(answer_at + cfg.media_time, deadline))
     await call.record(None)  # closes the WAV (waits until pjmedia has written it)
     heard = await _hear(recording, cfg, skip=_early_media(d, answer_at))
@@ -545,6 +550,31 @@ def _score_identity(result: Findings, d: _Dialog, shape: EmergencyShape) -> None
         result.fail("identity", score.reason, outcome=score.outcome)
     elif d.sent_at is not None:
         result.time("identity", d.answer.at - d.sent_at)
+
+
+def _srtp_refused(result: Findings, srtp: Srtp) -> None:
+    """A mandatory-SRTP call the far end could not take (488/606, or an answer pjsua could
+    not use: RTP/AVP to our RTP/SAVP offer) failed for its SRTP: say so, not just
+    ``not_acceptable``."""
+    if srtp == "mandatory" and result.reason == "not_acceptable":
+        result.reason = "srtp_refused"
+        result.detail["srtp"] = "mandatory: the far end did not accept RTP/SAVP with SDES keys"
+
+
+def _judge_srtp(result: Findings, answer: CallEvent, srtp: Srtp) -> None:
+    """Record whether the answered media is encrypted (``detail["media.encrypted"]``, with the
+    profile and suite); a mandatory-SRTP call answered with plain RTP fails at media."""
+    security = sdp.audio_security(answer.message)
+    if security is None:
+        result.detail["media.encrypted"] = "unknown"  # no SDP answer to read
+        return
+    result.detail["media.encrypted"] = "yes" if security.encrypted else "no"
+    result.detail["media.profile"] = security.profile[:32]
+    if security.crypto is not None:
+        result.detail["media.srtp"] = security.crypto[:64]
+    if srtp == "mandatory" and not security.encrypted:
+        result.fail("media", "srtp_refused")
+        result.detail["srtp"] = "mandatory: the far end answered with plain RTP"
 
 
 async def _listen(call: OutgoingCall, d: _Dialog, *, until: float) -> _Listened:

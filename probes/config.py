@@ -71,6 +71,12 @@ class GuardSettings(StrictModel):
     dial_prefixes: list[str] = Field(default_factory=list, max_length=100)
 
 
+# SRTP with SDES keying (RFC 4568 a=crypto) for a call's media (docs/checks.md, "SRTP"):
+# off (plain RTP/AVP), optional (RTP/AVP offered with keys: encrypted when the far end
+# takes them), mandatory (RTP/SAVP only: a plain answer fails the call)
+Srtp = Literal["off", "optional", "mandatory"]
+
+
 class Location(StrictModel):
     """Sent as a PIDF-LO body (RFC 4119/5491) when a target asks for emergency shape."""
 
@@ -238,6 +244,7 @@ class Target(StrictModel):
     # never start two calls to this target closer than this
     min_spacing: Annotated[float, duration(at_most=HOUR)] = 2.0
     emergency: EmergencyShape | None = None
+    srtp: Srtp = "off"  # SDES-SRTP for the call's media: off, optional, mandatory
     checks: Checks = Field(default_factory=lambda: Checks(invite=InviteCheck()))
 
     @field_validator("test_endpoint")
@@ -348,7 +355,7 @@ class ProbeConfig(StrictModel):
 
 Fault = Literal[
     "none", "answer_503", "never_answer", "no_media", "one_way_media", "delayed_answer",
-    "strip_identity", "strip_location",
+    "strip_identity", "strip_location", "plain_rtp",
 ]  # fmt: skip
 
 

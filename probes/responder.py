@@ -25,6 +25,7 @@ when one is configured):
                    no P-Asserted-Identity, an anonymous From (RFC 3323)
 ``strip_location`` reports the call as though the network lost its location: no
                    Geolocation, no PIDF-LO
+``plain_rtp``      answers with plain RTP even when SRTP was offered (SDES keys refused)
 =================  ==============================================================
 
 The responder must be reached with a ``sip:``/``sips:`` Request-URI: pjsip cannot
@@ -136,10 +137,14 @@ class Responder:
             logger.warning("responder fault: %s -> %s", self._fault, value)
         self._fault = value
         if self.engine.running:
-            self.engine.set_incoming_media(value != "no_media")
+            self._media_fault()
+
+    def _media_fault(self) -> None:
+        self.engine.set_incoming_media(self._fault != "no_media")
+        self.engine.set_incoming_srtp(self._fault != "plain_rtp")
 
     def start(self) -> None:
-        self.engine.set_incoming_media(self._fault != "no_media")
+        self._media_fault()
         self.engine.serve(self.handle)
 
     def status(self) -> ResponderStatus:

@@ -319,6 +319,12 @@ class SipEngine:
         self._handler = handler
         core.accepting = handler is not None
 
+    def set_incoming_srtp(self, enabled: bool) -> None:
+        """False: answer new calls with plain RTP even when SRTP was offered (the responder's
+        ``plain_rtp`` fault); True (the default): SDES-SRTP when the offer has keys."""
+        core, _ = self._require()
+        core.incoming_srtp = enabled
+
     def set_incoming_media(self, enabled: bool) -> None:
         """False: answer new calls with a normal SDP but no RTP socket behind it
         (pjmedia's loop transport), the "no media" fault of the responder."""

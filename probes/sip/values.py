@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from ecpm.settings import Transport
-from probes.config import Auth, SipAccount
+from probes.config import Auth, SipAccount, Srtp
 from probes.guard import CarrierTestService
 
 MAX_MESSAGE: Final = 64 * 1024  # SIP message text handed to asyncio is cut here
@@ -25,6 +25,7 @@ class Dial:
     auth: Auth | None = None
     carrier_test_service: CarrierTestService | None = None
     account: SipAccount | None = None  # the registered account it goes from (REGISTER: uri = registrar)
+    srtp: Srtp = "off"  # SDES-SRTP for its media: off, optional (offered), mandatory (RTP/SAVP only)
 
 
 @dataclass(frozen=True, slots=True)
