@@ -16,6 +16,7 @@ invite, in order (each stage's timing in seconds goes into ``timings``)::
     identity   INVITE sent -> the 200 OK reporting the callback number and location that
                arrived (emergency-shaped targets that expect them; nena.score_identity)
     media      200 OK -> every expected tone heard  (listen for media_time)
+    dtmf       our DTMF digits sent -> the last one back (checks.invite.dtmf; RFC 4733)
     teardown   BYE -> call released
 """
 
@@ -74,7 +75,8 @@ NENA_REASONS: Final = ("unsupported_service", "test_call_limit")
 # timer, media and teardown, the hard cap
 CALL_REASONS: Final = (
     "not_registered", "no_call_slot", "answer_timeout", "srtp_refused", "no_media", "no_rtp", "no_tone",
-    "no_echo", "remote_hangup", "teardown_timeout", "max_duration",
+    "no_echo", "remote_hangup", "dtmf_unsupported", "dtmf_missing", "dtmf_mismatch", "teardown_timeout",
+    "max_duration",
 )  # fmt: skip
 
 
@@ -221,6 +223,7 @@ class _Dialog:
     media_at: float | None = None
     media_active: bool = False
     ended: CallEvent | None = None
+    digits: list[str] = field(default_factory=list)  # DTMF received after the answer
 
     def note(self, event: CallEvent, start: float) -> None:
         """An event that does not end the signalling stage: sent, a response, media."""
@@ -527,6 +530,8 @@ async def _media_and_teardown(
     )
     _time_media(result, heard, d, answer_at, listened.until)
     _judge_media(result, heard, d, listened, shape)
+    if cfg.dtmf and result.outcome == "pass" and listened.remote_end is None and not call.ended:
+        await _dtmf(call, cfg.dtmf, result, d, until=min(time.monotonic() + cfg.dtmf_time, deadline))
     ended = listened.remote_end
     if ended is None and not heard.identified and not call.ended and announcement is not None:
         ended = await _announce(call, result, announcement, deadline)
@@ -588,6 +593,8 @@ async def _listen(call: OutgoingCall, d: _Dialog, *, until: float) -> _Listened:
         event = await call.next_event(min(STATS_EVERY, until - now))
         if event is not None and event.kind == "media":
             d.note_media(event)
+        elif event is not None and event.kind == "dtmf" and event.digit:
+            d.digits.append(event.digit)  # the far end's own, before ours: the dtmf stage judges
         elif event is not None and event.kind == "disconnected":
             remote_end = event
             break
@@ -655,6 +662,33 @@ def _judge_media(
         result.fail("media", "no_tone")
     elif heard.expect_echo and not heard.echo_heard:
         result.fail("media", "no_echo")
+
+
+async def _dtmf(call: OutgoingCall, digits: str, result: Findings, d: _Dialog, *, until: float) -> None:
+    """The dtmf stage: send ``digits`` as RFC 4733 telephone-events, then every digit must
+    come back (the responder echoes them) before ``until``: digits sent -> the last one back."""
+    began = time.monotonic()
+    result.detail["dtmf.sent"] = digits
+    if not await call.send_dtmf(digits):
+        result.fail("dtmf", "dtmf_unsupported")  # no telephone-event in the far end's SDP
+        return
+    last = began
+    while len(d.digits) < len(digits) and (now := time.monotonic()) < until:
+        event = await call.next_event(until - now)
+        if event is None:
+            break
+        if event.kind == "dtmf" and event.digit:
+            d.digits.append(event.digit)
+            last = event.at
+        elif event.kind == "disconnected":
+            result.fail("dtmf", "remote_hangup", status=event.status, sip_reason=event.reason)
+            return
+    received = "".join(d.digits)
+    result.detail["dtmf.received"] = received or "none"
+    if received == digits:
+        result.time("dtmf", last - began)
+    else:
+        result.fail("dtmf", "dtmf_mismatch" if received else "dtmf_missing")
 
 
 async def _announce(

@@ -113,6 +113,15 @@ class CheckSettings(Protocol):
     def time_limit(self) -> float: ...  # the check's own hard limit (the scheduler adds a margin)
 
 
+DTMF_DIGIT_SECONDS = 0.25  # one RFC 4733 digit as pjsua sends it: 160 ms and the gap after it
+
+
+def _dtmf_digits(value: str) -> str:
+    if not re.fullmatch(r"[0-9*#A-D]{1,16}", value):
+        raise ValueError(f"{value!r}: DTMF digits are 1 to 16 of 0-9, *, #, A-D")
+    return value
+
+
 class InviteCheck(StrictModel):
     interval: Annotated[float, duration(at_most=DAY)] = 30.0
     # no response at all: fail at transport (a next hop answers 100 Trying in milliseconds;
@@ -128,6 +137,11 @@ class InviteCheck(StrictModel):
     expect_tone_hz: float = Field(default=1400.0, gt=100, lt=3900)  # what the responder plays
     expect_tone: Bool = True  # the responder's tone must be heard; false for a plain echo endpoint
     expect_echo: Bool = True  # our tone must come back (two-way audio)
+    # DTMF digits sent as RFC 4733 telephone-events after the media check; the far end must
+    # return them (the responder echoes them; stage dtmf). None: no DTMF check
+    dtmf: Annotated[str, AfterValidator(_dtmf_digits)] | None = None
+    # all digits sent -> every digit back, or fail at dtmf
+    dtmf_timeout: Annotated[float, duration(at_most=MINUTE)] = 3.0
 
     @model_validator(mode="after")
     def _tones_differ(self) -> Self:
@@ -135,13 +149,22 @@ class InviteCheck(StrictModel):
             raise ValueError("tone_hz and expect_tone_hz must differ by at least 200 Hz")
         if not (self.expect_tone or self.expect_echo):
             raise ValueError("expect_tone and expect_echo are both false: media would prove nothing")
-        if self.max_duration < self.answer_timeout + self.media_time:
-            raise ValueError("max_duration must cover answer_timeout + media_time")
+        if self.max_duration < self.answer_timeout + self.media_time + self.dtmf_time:
+            raise ValueError(
+                "max_duration must cover answer_timeout + media_time"
+                + (" + the DTMF digits and dtmf_timeout" if self.dtmf else "")
+            )
         return self
 
     @property
     def time_limit(self) -> float:
         return self.max_duration
+
+    @property
+    def dtmf_time(self) -> float:
+        """The longest the DTMF stage takes: every digit sent (pjsua: 160 ms and a gap
+        each), then ``dtmf_timeout``; 0 without DTMF."""
+        return 0.0 if not self.dtmf else len(self.dtmf) * DTMF_DIGIT_SECONDS + self.dtmf_timeout
 
 
 class OptionsCheck(StrictModel):
@@ -355,7 +378,7 @@ class ProbeConfig(StrictModel):
 
 Fault = Literal[
     "none", "answer_503", "never_answer", "no_media", "one_way_media", "delayed_answer",
-    "strip_identity", "strip_location", "plain_rtp",
+    "strip_identity", "strip_location", "plain_rtp", "dtmf_lost",
 ]  # fmt: skip
 
 

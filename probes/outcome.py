@@ -27,7 +27,7 @@ CALL_KINDS: Final[frozenset[str]] = frozenset({"invite"})
 # Every stage a check may time or fail at, in call order (each kind uses a subset, its
 # registry entry's ``stages``); the monitor creates its stage series from this.
 STAGES: Final[tuple[str, ...]] = (
-    "transport", "trying", "ringing", "answer", "identity", "media", "teardown",
+    "transport", "trying", "ringing", "answer", "identity", "media", "dtmf", "teardown",
 )  # fmt: skip
 
 # The identity stage's reasons: the caller's number or location lost or changed on the way

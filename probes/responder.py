@@ -6,8 +6,9 @@ service URN it was called on, the location it received in the PIDF-LO, and the F
 P-Asserted-Identity and Geolocation headers it received, so the probe can check that
 the caller's number and location were delivered). Media by
 ``mode``: ``tone`` plays ``tone_hz``; ``echo`` returns what it receives;
-``echo+tone`` (default) does both. Above ``max_calls`` concurrent calls it answers
-486; after ``max_call_duration`` it sends BYE. OPTIONS get 200 (pjsua answers them).
+``echo+tone`` (default) does both; DTMF digits received (RFC 4733) are sent back.
+Above ``max_calls`` concurrent calls it answers 486; after ``max_call_duration`` it
+sends BYE. OPTIONS get 200 (pjsua answers them).
 
 Faults, switchable at run time through the loopback HTTP control (``ecpm.http``:
 ``GET /fault``, ``PUT /fault`` with the name as body, ``GET /status``, ``GET /health``;
@@ -26,6 +27,7 @@ when one is configured):
 ``strip_location`` reports the call as though the network lost its location: no
                    Geolocation, no PIDF-LO
 ``plain_rtp``      answers with plain RTP even when SRTP was offered (SDES keys refused)
+``dtmf_lost``      does not send back the DTMF digits it receives
 =================  ==============================================================
 
 The responder must be reached with a ``sip:``/``sips:`` Request-URI: pjsip cannot
@@ -42,6 +44,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final, get_args
@@ -64,7 +67,7 @@ from probes.nena import (
     parse_sip_message,
     service_in_request,
 )
-from probes.sip import IncomingCall, Part, SipEngine
+from probes.sip import CallEvent, IncomingCall, Part, SipEngine
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +193,23 @@ class Responder:
         if not await call.answer(200, parts=(Part("text/plain", body),), max_duration=cfg.max_call_duration):
             return
         self.answered_total += 1
-        if await call.wait_ended(cfg.max_call_duration) is None:
+        if await self._until_ended(call, echo_dtmf=fault != "dtmf_lost") is None:
             logger.info("call reached max_call_duration (%.0f s): BYE", cfg.max_call_duration)
             await call.hangup()
+
+    async def _until_ended(self, call: IncomingCall, *, echo_dtmf: bool) -> CallEvent | None:
+        """The answered call until it ends (its end), or None at ``max_call_duration``;
+        every DTMF digit received is sent back (RFC 4733), unless ``echo_dtmf`` is off."""
+        until = time.monotonic() + self.config.max_call_duration
+        while (left := until - time.monotonic()) > 0:
+            event = await call.next_event(left)
+            if event is None:
+                break
+            if event.kind == "disconnected":
+                return event
+            if event.kind == "dtmf" and event.digit and echo_dtmf:
+                await call.send_dtmf(event.digit)
+        return None
 
     def _test_answer(self, call: IncomingCall, fault: str) -> str:
         """The NENA-style answer: what the call asked for and what arrived with it (less

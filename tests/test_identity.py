@@ -20,8 +20,12 @@ SHAPE = EmergencyShape(callback_number=NUMBER, location=LONDON)
 
 
 def registered(kamailio: Kamailio) -> Target:
+    """The account registered at Kamailio, its calls emergency-shaped and checking DTMF."""
     t = account_target(kamailio.registrar, kamailio.service_uri, username=USER, password=PASSWORD)
-    return t.model_copy(update={"emergency": SHAPE})
+    invite = t.checks.invite
+    assert invite is not None
+    checks = t.checks.model_copy(update={"invite": invite.model_copy(update={"dtmf": "1234#"})})
+    return t.model_copy(update={"emergency": SHAPE, "checks": checks})
 
 
 def test_number_and_location_reach_the_responder(clean_responder: ResponderProcess) -> None:
@@ -44,7 +48,8 @@ def test_a_wrong_callback_number_is_a_mismatch(clean_responder: ResponderProcess
 @pytest.mark.peers("kamailio")
 def test_a_registered_call_through_kamailio_delivers_number_and_location(kamailio: Kamailio) -> None:
     """The done-when of issue 15: registered with digest auth, the call goes through
-    Kamailio to the responder and every stage passes, identity included."""
+    Kamailio to the responder and every stage passes: register, answer, media, identity
+    (number and location delivered) and DTMF."""
     t = registered(kamailio)
 
     async def body(engine: SipEngine) -> tuple[CheckOutcome, CheckOutcome]:
@@ -53,20 +58,40 @@ def test_a_registered_call_through_kamailio_delivers_number_and_location(kamaili
     reg, call = with_engine(body)
     assert reg.outcome == "pass" and reg.sip_status == 200, reg
     assert call.outcome == "pass", call
-    assert {"answer", "identity", "media"} <= set(call.timings)
+    assert list(call.timings) == [
+        "transport", "trying", "ringing", "answer", "identity", "media", "dtmf", "teardown",
+    ]  # fmt: skip
     assert call.detail["identity.cli"] == f"<tel:{NUMBER}>"
+    assert call.detail["dtmf.received"] == "1234#"
     log = kamailio.text()
     assert "ecpm: challenged INVITE" in log and "ecpm: relayed INVITE to the responder" in log
 
 
 @pytest.mark.peers("kamailio")
 @pytest.mark.parametrize(
-    ("fault", "reason"), [("strip_identity", "cli_missing"), ("strip_location", "location_missing")]
+    ("fault", "stage", "reason"),
+    [
+        ("strip_identity", "identity", "cli_missing"),
+        ("strip_location", "identity", "location_missing"),
+        ("dtmf_lost", "dtmf", "dtmf_missing"),
+    ],
 )
-def test_a_stripped_identity_or_location_fails_at_identity(
-    kamailio: Kamailio, clean_responder: ResponderProcess, fault: str, reason: str
+def test_each_fault_through_kamailio_fails_at_its_own_stage(
+    kamailio: Kamailio, clean_responder: ResponderProcess, fault: str, stage: str, reason: str
 ) -> None:
+    """The registered path: the responder's faults fail the call at their own stage with
+    their own reason (the registration ones: tests/test_sip_register.py)."""
     clean_responder.set_fault(fault)
     out = with_engine(lambda e: invite_check(e, registered(kamailio)))
-    assert (out.outcome, out.stage, out.reason, out.sip_status) == ("fail", "identity", reason, 200), out
+    assert (out.outcome, out.stage, out.reason, out.sip_status) == ("fail", stage, reason, 200), out
     assert out.media is not None and out.media.tone_heard  # the call itself worked
+
+
+@pytest.mark.peers("kamailio")
+def test_srtp_refused_through_kamailio(kamailio: Kamailio, clean_responder: ResponderProcess) -> None:
+    clean_responder.set_fault("plain_rtp")
+    t = registered(kamailio).model_copy(update={"srtp": "mandatory"})
+    out = with_engine(lambda e: invite_check(e, t))
+    assert (out.outcome, out.stage, out.reason, out.sip_status) == ("fail", "answer", "srtp_refused", 488), (
+        out
+    )

@@ -47,7 +47,7 @@ class CallOptions:
     max_duration: float = 60.0  # the engine hangs up after this, whatever the caller does
 
 
-CallEventKind = Literal["sent", "response", "media", "confirmed", "disconnected"]
+CallEventKind = Literal["sent", "response", "media", "confirmed", "disconnected", "dtmf"]
 DisconnectCause = Literal[
     "local",  # we hung up (BYE, CANCEL or a rejection we sent)
     "rejected",  # a final non-2xx response came from the network
@@ -82,6 +82,7 @@ class CallEvent:
     media_active: bool | None = None  # "media": audio is flowing (per SDP)
     cause: DisconnectCause | None = None  # "disconnected"
     refusal: RemoteRefusal | None = None  # "disconnected" with cause "guard_refused"
+    digit: str | None = None  # "dtmf": one digit received (RFC 4733 telephone-event or SIP INFO)
 
 
 @dataclass(frozen=True, slots=True)
