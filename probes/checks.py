@@ -23,6 +23,7 @@ invite, in order (each stage's timing in seconds goes into ``timings``)::
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 import time
@@ -50,6 +51,7 @@ from probes.sip import (
     RtpStats,
     SipEngine,
     SipError,
+    TlsState,
 )
 
 ANNOUNCEMENT: Final = Path(__file__).with_name("data") / "announcement.wav"
@@ -256,7 +258,36 @@ async def invite_check(
     announcement: Path | None = ANNOUNCEMENT,
 ) -> CheckOutcome:
     """One test call: signalling, two-way media, teardown. Never raises for a failed
-    path; an exception from here is a bug."""
+    path; an exception from here is a bug. Over TLS, the handshake's protocol version,
+    cipher and certificate verification go into ``detail`` (``tls.*``)."""
+    outcome = await _invite(engine, target, check, announcement=announcement)
+    hop = next_hop(target) if target.transport == "tls" else None
+    tls = engine.tls_state(hop) if hop is not None else None
+    if tls is None:
+        return outcome
+    return replace(outcome, detail={**outcome.detail, **tls_detail(tls)})
+
+
+def next_hop(target: Target) -> str | None:
+    """ "ip:port" of the first hop of the target's requests: its outbound proxy, else its URI
+    (5061, the sips/TLS default, when the URI has no port)."""
+    m = re.match(r"sips?:(?:[^@;>]*@)?([^;:?>]+)(?::(\d+))?", target.outbound_proxy or target.uri, re.I)
+    return f"{m.group(1)}:{m.group(2) or 5061}" if m else None
+
+
+def tls_detail(tls: TlsState) -> dict[str, str]:
+    return {
+        "tls.protocol": tls.protocol,
+        "tls.cipher": tls.cipher,
+        "tls.verified": "yes" if tls.verified else "no",
+        "tls.verify": tls.verify,
+        "tls.peer": tls.peer or "none",
+    }
+
+
+async def _invite(
+    engine: SipEngine, target: Target, check: InviteCheck | None, *, announcement: Path | None
+) -> CheckOutcome:
     cfg = check or target.checks.invite or InviteCheck()
     result = Findings("invite", datetime.now(UTC))
     begin = time.monotonic()

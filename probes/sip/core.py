@@ -61,6 +61,7 @@ from probes.sip.values import (
     Part,
     Registration,
     Renewal,
+    TlsState,
 )
 from probes.sip_targets import LayoutError, Outbound, Screen
 
@@ -121,6 +122,42 @@ class Endpoint(pj.Endpoint):  # type: ignore[misc]
     @callback
     def onSelectAccount(self, prm: Any) -> None:
         prm.accountIndex = self._core.incoming_account_id()
+
+    @callback
+    def onTransportState(self, prm: Any) -> None:
+        state = tls_state(prm.tlsInfo)
+        if state is not None:
+            post(self._core.loop, self._core.engine._tls_seen, state)
+
+
+# the newest first: pjsip reports the negotiated version as one bit of its protocol mask
+_TLS_VERSIONS: Final = (
+    (pj.PJ_SSL_SOCK_PROTO_TLS1_3, "TLSv1.3"),
+    (pj.PJ_SSL_SOCK_PROTO_TLS1_2, "TLSv1.2"),
+    (pj.PJ_SSL_SOCK_PROTO_TLS1_1, "TLSv1.1"),
+    (pj.PJ_SSL_SOCK_PROTO_TLS1, "TLSv1"),
+    (pj.PJ_SSL_SOCK_PROTO_SSL3, "SSLv3"),
+)
+
+
+def tls_state(info: Any) -> TlsState | None:
+    """A transport's TLS figures (None for a transport that is not TLS)."""
+    if info is None or info.isEmpty():
+        return None
+    proto = int(info.protocol)
+    version = next((name for bit, name in _TLS_VERSIONS if proto & bit), "unknown")
+    status = int(info.verifyStatus)
+    messages = "; ".join(str(m) for m in info.verifyMsgs)[:256]
+    cert = info.remoteCertInfo
+    return TlsState(
+        remote=str(info.remoteAddr),
+        established=bool(info.established),
+        protocol=version,
+        cipher=str(info.cipherName)[:64],
+        verified=status == pj.PJ_SSL_CERT_ESUCCESS,
+        verify="ok" if status == pj.PJ_SSL_CERT_ESUCCESS else messages or f"verify status {status:#x}",
+        peer="" if cert.isEmpty() else str(cert.subjectCn)[:128],
+    )
 
 
 class Core:

@@ -27,6 +27,7 @@ from probes.sip.values import (
     IncomingRequest,
     OptionsReply,
     Registration,
+    TlsState,
 )
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class SipEngine:
         self._handler: IncomingHandler | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped: asyncio.Future[None] | None = None
+        self._tls: dict[str, TlsState] = {}  # the latest TLS state per peer "ip:port"
 
     # lifecycle ------------------------------------------------------------------------
 
@@ -212,6 +214,16 @@ class SipEngine:
         fut: asyncio.Future[T] = loop.create_future()
         core.submit(lambda: op(core), fut)
         return await fut
+
+    def _tls_seen(self, state: TlsState) -> None:
+        if len(self._tls) >= 256 and state.remote not in self._tls:  # bounded: drop the oldest
+            del self._tls[next(iter(self._tls))]
+        self._tls[state.remote] = state
+
+    def tls_state(self, remote: str) -> TlsState | None:
+        """The latest TLS connection state seen with peer ``remote`` ("ip:port"): the
+        protocol version negotiated and the certificate verification result."""
+        return self._tls.get(remote)
 
     def _dispatch(self, key: int, event: CallEvent) -> None:
         handle = self._handles.get(key)

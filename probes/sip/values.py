@@ -96,6 +96,20 @@ class RtpStats:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsState:
+    """A TLS connection as pjsip reported it (``Endpoint.onTransportState``): the protocol
+    version and cipher negotiated and the peer certificate's verification."""
+
+    remote: str  # "ip:port" of the peer
+    established: bool  # the handshake completed
+    protocol: str  # "TLSv1.2", "TLSv1.1", ...; "unknown" when pjsip did not say
+    cipher: str
+    verified: bool  # the peer's certificate verified (pjsip's verify status 0)
+    verify: str  # "ok", or pjsip's verification messages
+    peer: str  # the peer certificate's subject CN ("" when none was seen)
+
+
+@dataclass(frozen=True, slots=True)
 class OptionsReply:
     status: int
     reason: str
