@@ -83,7 +83,7 @@ from monitor.store import (
     Verification,
     WindowAsk,
 )
-from probes.outcome import CALL_KINDS
+from probes.outcome import CALL_KINDS, IDENTITY_REASONS
 from probes.result import ResultError, format_time, parse_time
 
 SCHEMA: Final = "ecpm.report/1"
@@ -151,6 +151,22 @@ class PingCounts:
     passed: int = 0
     failed: int = 0
     inconclusive: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityCounts:
+    """Test calls that failed at stage ``identity``, by reason: the caller's number or its
+    location lost or changed on the way (``probes.outcome.IDENTITY_REASONS``). A call that
+    passed delivered both, where its target checks them (docs/checks.md)."""
+
+    cli_missing: int = 0
+    cli_mismatch: int = 0
+    location_missing: int = 0
+    location_mismatch: int = 0
+
+    @property
+    def failed(self) -> int:
+        return self.cli_missing + self.cli_mismatch + self.location_missing + self.location_mismatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +282,8 @@ class TargetReport:
     description: str
     calls: CallCounts
     pings: PingCounts
+    registrations: PingCounts  # register checks: REGISTERs sent and how they ended
+    identity: IdentityCounts  # calls that lost the caller's number or location
     blocked: int  # blocked dial attempts (guard refusals) of any check
     time: TimeAvailability
     by_calls: CallAvailability
@@ -884,6 +902,7 @@ class _Silences:
 
 _CALLS: Final = ("placed", "passed", "failed", "inconclusive")  # CallCounts, by outcome
 PING_KIND: Final = "options"  # the report's pings (report-v1 "options": OPTIONS pings sent)
+REGISTER_KIND: Final = "register"  # the report's registrations (report-v1 "register")
 _PLACED_AS: Final = ("scheduled", "confirmations", "on_demand")  # CallCounts, by why placed
 _PINGS: Final = ("sent", "passed", "failed", "inconclusive")  # PingCounts
 
@@ -900,6 +919,8 @@ class _TargetTally:
     calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_CALLS, 0))
     kinds: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PLACED_AS, 0))
     pings: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PINGS, 0))
+    registrations: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PINGS, 0))
+    identity: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IDENTITY_REASONS, 0))
     refusals: list[ResultSummary] = field(default_factory=list)
     coverage: dict[str, _Seen] = field(default_factory=dict)  # probe
 
@@ -925,6 +946,8 @@ class _TargetTally:
         self.fresh.add(at)
         k = self.buckets.index(at)
         self._count(r.check, r.outcome, k=k, n=1, confirm=r.confirm, on_demand=bool(r.request_id))
+        if r.outcome == "fail" and r.reason is not None:
+            self._failed(r.check, r.reason, n=1)
         if r.check in CALL_KINDS and r.outcome == "pass" and r.post_dial_delay is not None:
             self.buckets.add_pdd(k, r.post_dial_delay)
 
@@ -939,6 +962,8 @@ class _TargetTally:
             self._count(g.check, g.outcome, k=g.bucket, n=g.results, confirm=g.confirm, on_demand=g.on_demand)
         for k, median, most in w.pdd:
             self.buckets.set_pdd(k, median, most)
+        for check, reason, n in w.failures:
+            self._failed(check, reason, n=n)
 
     def lead_in_window(self, w: ResultWindow) -> None:
         for first, last in w.runs:
@@ -957,12 +982,28 @@ class _TargetTally:
             self.pings["sent"] += n
             self.pings[counted] += n
             self.buckets.pings[k] += n
+        elif check == REGISTER_KIND:
+            self.registrations["sent"] += n
+            self.registrations[counted] += n
+
+    def _failed(self, check: str, reason: str, *, n: int) -> None:
+        """``n`` failed results of one kind and reason, row by row or aggregated alike. The
+        identity stage's reasons are its own (no other stage fails with them): the reason
+        column alone says a call lost the caller's number or location."""
+        if check in CALL_KINDS and reason in self.identity:
+            self.identity[reason] += n
 
     def call_counts(self) -> CallCounts:
         return CallCounts(**self.calls, **self.kinds)
 
     def ping_counts(self) -> PingCounts:
         return PingCounts(**self.pings)
+
+    def registration_counts(self) -> PingCounts:
+        return PingCounts(**self.registrations)
+
+    def identity_counts(self) -> IdentityCounts:
+        return IdentityCounts(**self.identity)
 
     def probe_coverage(self) -> tuple[ProbeCoverage, ...]:
         return tuple(
@@ -1030,6 +1071,8 @@ def _target_report(
         description=info.description,
         calls=calls,
         pings=tally.ping_counts(),
+        registrations=tally.registration_counts(),
+        identity=tally.identity_counts(),
         blocked=len(tally.refusals),
         time=_time_availability(state_time, period_ms=until_ms - start_ms),
         by_calls=_call_availability(calls),
@@ -1071,6 +1114,7 @@ def _window(
         calls=tuple(sorted(CALL_KINDS)),
         skew_bound=period.max_clock_skew,
         refused=GUARD_REFUSED,
+        reasons=IDENTITY_REASONS,
     )
     return source.report_window(target, _at(a), _at(b), ask)
 

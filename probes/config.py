@@ -6,6 +6,7 @@ and ``config/responder.example.yaml``; keep the two in step.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Annotated, Literal, Protocol, Self
 
@@ -85,6 +86,12 @@ class GuardSettings(StrictModel):
     dial_prefixes: list[str] = Field(default_factory=list, max_length=100)
 
 
+# SRTP with SDES keying (RFC 4568 a=crypto) for a call's media (docs/checks.md, "SRTP"):
+# off (plain RTP/AVP), optional (RTP/AVP offered with keys: encrypted when the far end
+# takes them), mandatory (RTP/SAVP only: a plain answer fails the call)
+Srtp = Literal["off", "optional", "mandatory"]
+
+
 class Location(StrictModel):
     """Sent as a PIDF-LO body (RFC 4119/5491) when a target asks for emergency shape."""
 
@@ -95,8 +102,17 @@ class Location(StrictModel):
     civic: dict[str, str] = Field(default_factory=dict, max_length=40)
 
 
+def _e164(value: str) -> str:
+    if not re.fullmatch(r"\+[1-9][0-9]{2,14}", value):
+        raise ValueError(f"{value!r} is not an E.164 number: + and 3 to 15 digits, e.g. +441632960000")
+    return value
+
+
 class EmergencyShape(StrictModel):
     p_asserted_identity: str | None = None  # e.g. "sip:+441632960000@probe.example;user=phone"
+    # the caller's number (E.164) a call handler must receive: sent as P-Asserted-Identity
+    # <tel:...> when p_asserted_identity is not set; the answer must report it (stage identity)
+    callback_number: Annotated[str, AfterValidator(_e164)] | None = None
     resource_priority: str | None = None  # e.g. "esnet.1"
     location: Location | None = None  # adds Geolocation: <cid:...> and a PIDF-LO body
     expect_location_echo: Bool = True  # NENA i3 test answer must echo the location sent
@@ -110,6 +126,15 @@ class CheckSettings(Protocol):
 
     @property
     def time_limit(self) -> float: ...  # the check's own hard limit (the scheduler adds a margin)
+
+
+DTMF_DIGIT_SECONDS = 0.25  # one RFC 4733 digit as pjsua sends it: 160 ms and the gap after it
+
+
+def _dtmf_digits(value: str) -> str:
+    if not re.fullmatch(r"[0-9*#A-D]{1,16}", value):
+        raise ValueError(f"{value!r}: DTMF digits are 1 to 16 of 0-9, *, #, A-D")
+    return value
 
 
 class InviteCheck(StrictModel):
@@ -127,6 +152,11 @@ class InviteCheck(StrictModel):
     expect_tone_hz: float = Field(default=1400.0, gt=100, lt=3900)  # what the responder plays
     expect_tone: Bool = True  # the responder's tone must be heard; false for a plain echo endpoint
     expect_echo: Bool = True  # our tone must come back (two-way audio)
+    # DTMF digits sent as RFC 4733 telephone-events after the media check; the far end must
+    # return them (the responder echoes them; stage dtmf). None: no DTMF check
+    dtmf: Annotated[str, AfterValidator(_dtmf_digits)] | None = None
+    # all digits sent -> every digit back, or fail at dtmf
+    dtmf_timeout: Annotated[float, duration(at_most=MINUTE)] = 3.0
 
     @model_validator(mode="after")
     def _tones_differ(self) -> Self:
@@ -134,13 +164,22 @@ class InviteCheck(StrictModel):
             raise ValueError("tone_hz and expect_tone_hz must differ by at least 200 Hz")
         if not (self.expect_tone or self.expect_echo):
             raise ValueError("expect_tone and expect_echo are both false: media would prove nothing")
-        if self.max_duration < self.answer_timeout + self.media_time:
-            raise ValueError("max_duration must cover answer_timeout + media_time")
+        if self.max_duration < self.answer_timeout + self.media_time + self.dtmf_time:
+            raise ValueError(
+                "max_duration must cover answer_timeout + media_time"
+                + (" + the DTMF digits and dtmf_timeout" if self.dtmf else "")
+            )
         return self
 
     @property
     def time_limit(self) -> float:
         return self.max_duration
+
+    @property
+    def dtmf_time(self) -> float:
+        """The longest the DTMF stage takes: every digit sent (pjsua: 160 ms and a gap
+        each), then ``dtmf_timeout``; 0 without DTMF."""
+        return 0.0 if not self.dtmf else len(self.dtmf) * DTMF_DIGIT_SECONDS + self.dtmf_timeout
 
 
 class OptionsCheck(StrictModel):
@@ -243,6 +282,7 @@ class Target(StrictModel):
     # never start two calls to this target closer than this
     min_spacing: Annotated[float, duration(at_most=HOUR)] = 2.0
     emergency: EmergencyShape | None = None
+    srtp: Srtp = "off"  # SDES-SRTP for the call's media: off, optional, mandatory
     checks: Checks = Field(default_factory=lambda: Checks(invite=InviteCheck()))
 
     @field_validator("test_endpoint")
@@ -362,7 +402,10 @@ class ProbeConfig(StrictModel):
 
 # ---------------------------------------------------------------- responder
 
-Fault = Literal["none", "answer_503", "never_answer", "no_media", "one_way_media", "delayed_answer"]
+Fault = Literal[
+    "none", "answer_503", "never_answer", "no_media", "one_way_media", "delayed_answer",
+    "strip_identity", "strip_location", "plain_rtp", "dtmf_lost",
+]  # fmt: skip
 
 
 class ResponderSip(StrictModel):

@@ -389,7 +389,8 @@ def test_dashboard_promql_parses(tmp_path: Path) -> None:
 @pytest.mark.peers("mosquitto")
 def test_every_metric_in_rules_and_dashboard_is_exported_by_a_running_monitor(tmp_path: Path) -> None:
     """`ecpm monitor` with a real mosquitto, fed one signed passing result: its /metrics
-    must carry every metric name the alert rules and the dashboard read."""
+    must carry every metric name the alert rules and the dashboard read (a call and a
+    register check: ``ecpm_registration_up`` exists once a register result came)."""
     hook = {"type": "webhook", "name": "hook", "url": "http://127.0.0.1:9/never-called"}
     services = [{"id": "s1", "primary": ["t1"], "backup": ["t2"]}]  # for the redundancy series
     with (
@@ -397,11 +398,13 @@ def test_every_metric_in_rules_and_dashboard_is_exported_by_a_running_monitor(tm
         start_monitor(tmp_path, broker, notifiers=[hook], targets=("t1", "t2"), services=services) as monitor,
     ):
         sim = ProbeSim("p1")
-        result = sim.result("t1", "pass", datetime.now(UTC))
+        now = datetime.now(UTC)
+        results = [sim.result("t1", "pass", now), sim.result("t1", "pass", now, check="register")]
 
         def observed() -> bool:
-            publish(broker, [(sim.topic("t1"), result.to_json())])  # again until the monitor has it
-            return "ecpm_media_mos{" in monitor.metrics_text()
+            publish(broker, [(sim.topic("t1"), r.to_json()) for r in results])  # again until it has them
+            text = monitor.metrics_text()
+            return "ecpm_media_mos{" in text and "ecpm_registration_up{" in text
 
         wait_for(observed, 20, "the monitor to take the result", [monitor.proc], every=0.5)
         families = list(text_string_to_metric_families(monitor.metrics_text()))

@@ -78,6 +78,9 @@ SUMMARY_HEADER: Final = [
     "up_seconds", "degraded_seconds",
     "availability_calls", "availability_calls_met", "failed_calls", "allowed_failed_calls",
     "incidents", "monitoring_gaps", "verifications",
+    "register_sent", "register_passed", "register_failed", "register_inconclusive",
+    "identity_failed", "identity_cli_missing", "identity_cli_mismatch",
+    "identity_location_missing", "identity_location_mismatch",
 ]  # fmt: skip
 INCIDENT_HEADER: Final = [
     "target", "id", "kind", "last_good_id", "last_good_at", "first_failed_id", "first_failed_at",
@@ -110,6 +113,7 @@ Rows = Iterable[Sequence[Any]]
 def _summary_rows(report: Report) -> Rows:
     for t in report.targets:
         tw, cw, c, p = t.time, t.by_calls, t.calls, t.pings
+        r, i = t.registrations, t.identity
         yield (
             report.ledger.status, t.id, t.description, report.start, report.end, report.measured_until,
             c.placed, c.passed, c.failed, c.inconclusive, c.scheduled, c.confirmations, c.on_demand,
@@ -119,6 +123,8 @@ def _summary_rows(report: Report) -> Rows:
             tw.up_seconds, tw.degraded_seconds,
             cw.availability, cw.met, cw.failed, cw.allowed_failures,
             len(t.incidents), len(t.gaps), len(t.verifications),
+            r.sent, r.passed, r.failed, r.inconclusive,
+            i.failed, i.cli_missing, i.cli_mismatch, i.location_missing, i.location_mismatch,
         )  # fmt: skip
 
 

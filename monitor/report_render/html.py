@@ -409,6 +409,34 @@ def _fig(name: str, label: str, value: Node, note: Node) -> Markup:
     )
 
 
+def _identity_fig(t: TargetReport) -> Markup:
+    i = t.identity
+    return _fig(
+        "identity",
+        "Caller number and location lost",
+        _n(i.failed, "bad"),
+        html(
+            "calls failed at stage identity: number missing ", _n(i.cli_missing, "bad"),
+            ", changed ", _n(i.cli_mismatch, "bad"),
+            "; location missing ", _n(i.location_missing, "bad"),
+            ", changed ", _n(i.location_mismatch, "bad"), ".",
+        ),
+    )  # fmt: skip
+
+
+def _registration_fig(t: TargetReport) -> Markup:
+    r = t.registrations
+    return _fig(
+        "registrations",
+        "Registrations",
+        str(r.sent),
+        html(
+            el("span", f"{r.passed} passed", class_="good"), ", ", _n(r.failed, "bad"), " failed, ",
+            _n(r.inconclusive, "warn"), " inconclusive (register checks: REGISTER with digest auth).",
+        ),
+    )  # fmt: skip
+
+
 def _target_html(report: Report, t: TargetReport) -> Markup:
     tw, cw, c, p = t.time, t.by_calls, t.calls, t.pings
     verdict = (
@@ -455,6 +483,8 @@ def _target_html(report: Report, t: TargetReport) -> Markup:
                 ".",
             ),
         ),
+        _identity_fig(t),
+        _registration_fig(t),
     ]
     title = html(t.id, html(" ", el("span", f"— {t.description}", class_="muted")) if t.description else None)
     pdd = pdd_svg(report, t)

@@ -183,6 +183,19 @@ def _target(t: TargetReport) -> dict[str, Any]:
             "failed": t.pings.failed,
             "inconclusive": t.pings.inconclusive,
         },
+        "register": {
+            "sent": t.registrations.sent,
+            "passed": t.registrations.passed,
+            "failed": t.registrations.failed,
+            "inconclusive": t.registrations.inconclusive,
+        },
+        "identity": {
+            "failed": t.identity.failed,
+            "cli_missing": t.identity.cli_missing,
+            "cli_mismatch": t.identity.cli_mismatch,
+            "location_missing": t.identity.location_missing,
+            "location_mismatch": t.identity.location_mismatch,
+        },
         "blocked_dial_attempts": t.blocked,
         "fresh_within_seconds": rounded(t.fresh_within),
         "availability": {

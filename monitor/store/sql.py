@@ -1271,7 +1271,7 @@ class SqlStore:
         """``target``'s results judged in [start, end), aggregated (``ResultWindow``), or None
         when the window holds a row at or after ``ask.verified_below``, one without the
         report's columns, or a blocked attempt (reason ``ask.refused``)."""
-        verified_below, origin_ms, bucket_ms, fresh_ms, calls, skew_bound, refused = ask
+        verified_below, origin_ms, bucket_ms, fresh_ms, calls, skew_bound, refused, reasons = ask
         where = "FROM results WHERE target = ? AND judged_at >= ? AND judged_at < ?"
         span = (target, format_time(start), format_time(end))
         skewed = "abs(clock_skew) > ?"
@@ -1315,12 +1315,22 @@ class SqlStore:
                     (*span, skew_bound),
                 )
             )
+        failed = (
+            self._db.execute(
+                f"SELECT check_kind, reason, count(*) {where} AND outcome = 'fail'"
+                f" AND reason IN ({', '.join('?' * len(reasons))}) GROUP BY 1, 2 ORDER BY 1, 2",
+                (*span, *reasons),
+            ).fetchall()
+            if reasons
+            else []
+        )
         return ResultWindow(
             groups=groups,
             pdd=_medians(series, origin_ms, bucket_ms),
             runs=_runs(times, fresh_ms),
             widest=_widest(times),
             skewed=listed,
+            failures=tuple((str(c), str(r), int(n)) for c, r, n in failed),
         )
 
     def chain_marks(self, start: datetime, end: datetime, *, below: int) -> ChainMarks:
