@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "monitor.verify_command",
         "post-change gate: every probe calls a target now; exit 0 if it passed",
     ),
+    "incident": (
+        "monitor.incident_command",
+        "acknowledge an incident's notification duty (or the incident) with a reference",
+    ),
     "report": ("monitor.report_command", "evidence report for a period (html, json, csv)"),
     "check-config": (
         "ecpm.check_config",

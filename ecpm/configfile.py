@@ -27,7 +27,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
 
@@ -69,6 +69,15 @@ def quote_value(value: object, limit: int = 40) -> str:
 
 
 # ---------------------------------------------------------------- booleans
+
+
+def repeats(values: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """``(index, value)`` for each value seen earlier in ``values`` (a duplicate id)."""
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            yield i, value
+        seen.add(value)
 
 
 def _strict_bool(value: object) -> object:

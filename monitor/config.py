@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
@@ -16,6 +17,7 @@ from ecpm.configfile import (
     StrictModel,
     duration,
     pick_secret,
+    repeats,
     secret_text,
 )
 from ecpm.settings import Listen, ListenField, MqttSettings, Name, SigningKey
@@ -26,10 +28,83 @@ class KnownProbe(SigningKey):
     id: Name  # its key (SigningKey) verifies its results
 
 
+# Notification duties (docs/monitor.md, "Notification duties"). The presets carry the
+# figures of the rules they are named after, as this version read them; they are not
+# legal advice: the operator confirms them for its own licence before relying on them.
+DUTY_PRESETS: dict[str, dict[str, object]] = {
+    "us-fcc-psap": {
+        "deadline": "30m",
+        "text": "notify every affected PSAP of the 911 outage (FCC 22-88: as soon as possible,"
+        " within 30 minutes of discovering it)",
+    },
+    "us-nors": {
+        "deadline": "120m",
+        "text": "file the NORS notification of the outage (47 CFR 4.9: within 120 minutes of discovering it)",
+    },
+    "us-nors-voip": {
+        "deadline": "240m",
+        "text": "file the NORS notification for interconnected VoIP (47 CFR 4.9(g): within 240 minutes)",
+    },
+    # s105K says "as soon as reasonably practicable": no figure, so the operator sets deadline
+    "uk-ofcom-s105k": {
+        "text": "tell Ofcom of the security compromise (Communications Act 2003 s105K: as soon as"
+        " reasonably practicable; judged against General Condition A3.2(b))",
+    },
+}
+IncidentKindName = Literal["down", "gap"]
+_DOWN: tuple[IncidentKindName, ...] = ("down",)
+
+
+class Duty(StrictModel):
+    """A clock an incident starts: ``deadline`` after detection, someone must have done
+    ``text`` and acknowledged it (``ecpm incident ack``); unacknowledged ``escalate_before``
+    the deadline, it pages ``route`` (notifier names; empty: every notifier) once."""
+
+    name: Name
+    preset: Literal["us-fcc-psap", "us-nors", "us-nors-voip", "uk-ofcom-s105k"] | None = None
+    deadline: Annotated[float, duration(at_most=30 * DAY)]
+    escalate_before: Annotated[float, duration(at_most=30 * DAY, zero_ok=True)] = 10 * MINUTE
+    route: list[Name] = Field(default_factory=list, max_length=50)
+    text: str = Field(min_length=1, max_length=500)
+    # which incidents carry it: down (an outage) by default; gap (no fresh results) too if named
+    kinds: list[IncidentKindName] = Field(default_factory=lambda: list(_DOWN), min_length=1, max_length=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("preset"), str):
+            preset = DUTY_PRESETS.get(data["preset"])
+            if preset is not None:
+                if "deadline" not in preset and "deadline" not in data:
+                    raise ValueError(
+                        f"preset {data['preset']} has no fixed deadline in its rule"
+                        " (as soon as reasonably practicable): set deadline to the one you confirmed"
+                    )
+                return {**preset, "name": data["preset"], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _lead(self) -> Self:
+        if self.escalate_before >= self.deadline:
+            raise ValueError("escalate_before must be shorter than deadline (it is counted back from it)")
+        return self
+
+
 class MonitoredTarget(StrictModel):
     id: Name
     interval: Annotated[float, duration(at_most=DAY)] = 30.0  # the probes' invite interval for this target
     description: str = ""
+    duties: list[Duty] = Field(default_factory=list, max_length=20)  # besides the global ones
+
+
+class Service(StrictModel):
+    """Targets grouped as the paths of one service (docs/monitor.md, "Redundancy"): it is
+    available while any path is up; a lost path, primary or backup, is ``degraded``."""
+
+    id: Name
+    description: str = ""
+    primary: list[Name] = Field(min_length=1, max_length=20)  # target ids
+    backup: list[Name] = Field(min_length=1, max_length=20)
 
 
 class Reachability(StrictModel):
@@ -85,8 +160,19 @@ class MonitorMqtt(MqttSettings):
 
 class Http(StrictModel):
     listen: ListenField = Listen("127.0.0.1", 9470)
+    # where people reach the status page (a page links to it); without it, the listen
+    # address when that is a usable one, no link when it is a wildcard (0.0.0.0, ::)
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+")
     token: SecretStr | None = None  # bearer token for endpoints that change state
     token_file: SecretFile | None = None
+
+    @property
+    def status_url(self) -> str | None:
+        if self.public_url is not None:
+            return self.public_url if self.public_url.endswith("/") else self.public_url + "/"
+        if ipaddress.ip_address(self.listen.host).is_unspecified:
+            return None
+        return f"http://{self.listen}/"
 
     @model_validator(mode="after")
     def _one_token(self) -> Self:
@@ -156,6 +242,15 @@ class MonitorConfig(StrictModel):
     probes: list[KnownProbe] = Field(min_length=1, max_length=500)
     targets: list[MonitoredTarget] = Field(min_length=1, max_length=2000)
     notifiers: list[Notifier] = Field(default_factory=list, max_length=50)
+    duties: list[Duty] = Field(default_factory=list, max_length=20)  # every target's
+    services: list[Service] = Field(default_factory=list, max_length=1000)
+
+    def duties_for(self, target: str, kind: str) -> list[Duty]:
+        """The duties an incident of ``kind`` on ``target`` carries: the global ones, a
+        target's own duty replacing a global one of its name."""
+        own = next((t.duties for t in self.targets if t.id == target), [])
+        names = {d.name for d in own}
+        return [d for d in [*(d for d in self.duties if d.name not in names), *own] if kind in d.kinds]
 
     def config_problems(self) -> list[tuple[Loc, str]]:
         problems: list[tuple[Loc, str]] = []
@@ -163,8 +258,35 @@ class MonitorConfig(StrictModel):
             ("probes", "id", [p.id for p in self.probes]),
             ("targets", "id", [t.id for t in self.targets]),
             ("notifiers", "name", [n.name for n in self.notifiers]),
+            ("duties", "name", [d.name for d in self.duties]),
+            ("services", "id", [s.id for s in self.services]),
         ):
-            for i, value in enumerate(ids):
-                if value in ids[:i]:
-                    problems.append(((section, i, key), f"{value} appears twice"))
+            problems += _twice(section, key, ids)
+        notifiers = {n.name for n in self.notifiers}
+        duty_lists: list[tuple[Loc, list[Duty]]] = [(("duties",), self.duties)]
+        for i, t in enumerate(self.targets):
+            duty_lists.append((("targets", i, "duties"), t.duties))
+            problems += _twice(("targets", i, "duties"), "name", [d.name for d in t.duties])
+        for where, duties in duty_lists:
+            for i, d in enumerate(duties):
+                for j, route in enumerate(d.route):
+                    if route not in notifiers:
+                        problems.append(((*where, i, "route", j), f"no notifier is named {route}"))
+        targets = {t.id for t in self.targets}
+        for i, service in enumerate(self.services):
+            seen: list[str] = []
+            for role in ("primary", "backup"):
+                for j, target in enumerate(getattr(service, role)):
+                    if target not in targets:
+                        problems.append((("services", i, role, j), f"no target is named {target}"))
+                    elif target in seen:
+                        problems.append(
+                            (("services", i, role, j), f"{target} is a path of this service twice")
+                        )
+                    seen.append(target)
         return problems
+
+
+def _twice(section: str | Loc, key: str, ids: list[str]) -> list[tuple[Loc, str]]:
+    where: Loc = (section,) if isinstance(section, str) else section
+    return [((*where, i, key), f"{value} appears twice") for i, value in repeats(ids)]

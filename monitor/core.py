@@ -33,10 +33,12 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import MonitorConfig
 from monitor.delivery import Delivery
+from monitor.duties import duties_at
 from monitor.ingest import Rejected, ResultValidator
 from monitor.metrics import MonitorMetrics
 from monitor.model import (
     Incident,
+    IncidentDuty,
     IncidentKind,
     ProbeView,
     ResultSummary,
@@ -45,6 +47,7 @@ from monitor.model import (
     TargetStateName,
     TargetView,
 )
+from monitor.redundancy import service_views
 from monitor.skew import WINDOW, SkewEstimator, judge, skewed
 from monitor.state import TargetTracker, Verdict
 from monitor.status_ingest import OrderMarks, StatusValidator
@@ -58,6 +61,7 @@ logger = logging.getLogger(__name__)
 TIMELINE = timedelta(hours=24)
 HEARTBEAT_GAP = 10.0  # seconds without a heartbeat that count as "the monitor was not running"
 Pager = Callable[[Incident, str], None]  # (incident, "trigger" | "resolve")
+Escalator = Callable[[Incident, IncidentDuty], None]  # a duty unacknowledged at its escalation time
 OpenIncidents = dict[tuple[str, IncidentKind], Incident]  # by (target, kind)
 
 
@@ -82,11 +86,13 @@ class MonitorCore:
         registry: CollectorRegistry,
         *,
         pager: Pager | None = None,
+        escalator: Escalator | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.config = config
         self.store = store
         self.pager: Pager = pager if pager is not None else (lambda incident, event: None)
+        self.escalator: Escalator = escalator if escalator is not None else (lambda incident, duty: None)
         self.clock = clock
         prefix = config.mqtt.topic_prefix
         self._results_prefix = f"{prefix}/results/"
@@ -341,12 +347,16 @@ class MonitorCore:
                 self._down_rule(open_by_key, tracker, verdict, now)
                 self._gap_rule(open_by_key, tracker, standing, now)
             views[target_id] = self._target_view(tracker, verdict, standing, open_by_key)
+        escalated = self.evaluator and self._escalate(now)
         self.store.commit()  # state changes and incidents together (pages commit with their incident)
         self._snapshot = Snapshot(
             at=now,
             targets=views,
             probes=self._probe_views(now),
-            open_incidents=tuple(sorted(open_by_key.values(), key=lambda i: i.id)),
+            open_incidents=tuple(
+                sorted(self.store.open_incidents() if escalated else open_by_key.values(), key=lambda i: i.id)
+            ),
+            services=service_views(self.config.services, views),
             timeline=self._timeline(now),
             max_clock_skew=self.config.ingest.max_clock_skew,
         )
@@ -484,9 +494,28 @@ class MonitorCore:
         )
         if opened is None:  # already open (the database allows one per target and kind)
             return
+        duties = duties_at(self.config.duties_for(target, kind), opened.opened_at)
+        if duties:
+            self.store.add_duties(opened.id, duties)  # commits with the incident and its page
+            opened = replace(opened, duties=duties)
         open_by_key[(target, kind)] = opened
         logger.error("INCIDENT %d opened: %s %s: %s", opened.id, target, kind, why)
         self.pager(opened, "trigger")
+
+    def _escalate(self, now: datetime) -> bool:
+        """Page the route of every duty unacknowledged at its escalation time, once
+        (``monitor.duties``): marked escalated in the transaction of its page. True if any was."""
+        escalated = False
+        for incident_id, name in self.store.escalations_due(now):
+            incident = self.store.incident(incident_id)
+            duty = None if incident is None else next((d for d in incident.duties if d.name == name), None)
+            if incident is None or duty is None or not self.store.mark_escalated(incident_id, name, now):
+                continue
+            logger.error("INCIDENT %d: duty %s unacknowledged, due %s: escalating", incident_id, name,
+                         format_time(duty.due_at))  # fmt: skip
+            self.escalator(incident, replace(duty, escalated_at=now))
+            escalated = True
+        return escalated
 
     def _resolve(self, incident: Incident, now: datetime) -> None:
         self.store.resolve_incident(incident.id, now)

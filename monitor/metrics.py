@@ -258,6 +258,7 @@ def state_families(snap: Snapshot) -> list[Family]:
         state,
         last_ok,
         incidents,
+        *service_families(snap),
         mos,
         registration,
         probe_up,
@@ -268,6 +269,31 @@ def state_families(snap: Snapshot) -> list[Family]:
         lost,
         evicted,
     ]
+
+
+def service_families(snap: Snapshot) -> list[Family]:
+    """Each service's state (``monitor.redundancy``): one-hot, and whether a path is lost."""
+    state = Family(
+        f"{NAMESPACE}_service_state",
+        "State of a service of redundant paths, one-hot (degraded: available, a path lost)",
+        "gauge",
+        ["service", "state"],
+    )
+    lost = Family(
+        f"{NAMESPACE}_service_redundancy_lost",
+        "1 while some path (primary or backup) of the service is down or unknown",
+        "gauge",
+        ["service"],
+    )
+    paths = Family(
+        f"{NAMESPACE}_service_paths_lost", "Paths of the service down or unknown", "gauge", ["service"]
+    )
+    for view in snap.services.values():
+        for name in TARGET_STATES:
+            state.values[(view.id, name)] = 1.0 if view.state == name else 0.0
+        lost.values[(view.id,)] = 1.0 if view.redundancy_lost else 0.0
+        paths.values[(view.id,)] = float(sum(p.lost for p in view.paths))
+    return [state, lost, paths]
 
 
 class MonitorMetrics:

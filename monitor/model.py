@@ -9,7 +9,7 @@ never see a half-updated state (client_python's custom-collector habit).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
@@ -110,12 +110,44 @@ class ProbeView:
 @dataclass(frozen=True, slots=True)
 class Notification:
     notifier: str
-    event: Literal["trigger", "resolve"]
+    event: str  # trigger, resolve, or escalate:<duty> (monitor.duties)
     state: Literal["pending", "sent", "failed"]
     attempts: int
     created_at: datetime
     sent_at: datetime | None
     last_error: str | None
+
+
+DutyStatus = Literal["pending", "met", "missed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """An acknowledgement: who, when, and the reference they gave (a PSAP call log, a NORS
+    filing number, an Ofcom case)."""
+
+    at: datetime
+    by: str
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentDuty:
+    """One notification duty an incident carries (``monitor.duties``), fixed when it opened."""
+
+    name: str
+    text: str
+    due_at: datetime  # detection + the duty's deadline
+    escalate_at: datetime  # due_at - escalate_before: unacknowledged then, it pages its route
+    route: tuple[str, ...]  # notifier names; empty: every notifier
+    escalated_at: datetime | None = None
+    ack: Ack | None = None
+
+    def status(self, now: datetime) -> DutyStatus:
+        """met: acknowledged by its due time; missed: acknowledged late, or not at all and due."""
+        if self.ack is not None:
+            return "met" if self.ack.at <= self.due_at else "missed"
+        return "missed" if now > self.due_at else "pending"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +163,8 @@ class Incident:
     first_failed_at: datetime | None
     summary: str
     notifications: tuple[Notification, ...] = ()
+    duties: tuple[IncidentDuty, ...] = ()
+    ack: Ack | None = None  # the incident itself acknowledged: no more escalation pages
 
     @property
     def detection_latency(self) -> float | None:
@@ -147,6 +181,32 @@ class StateChange:
     at: datetime
 
 
+PathRole = Literal["primary", "backup"]
+
+
+@dataclass(frozen=True, slots=True)
+class PathView:
+    target: str
+    role: PathRole
+    state: TargetStateName
+    lost: bool  # down or unknown: this path would not carry a call now (or nobody knows)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceView:
+    """A service's paths (``monitor.redundancy``): up (every path up), degraded (redundancy
+    lost: some path lost, some not), down (every path lost, one down), unknown (none known)."""
+
+    id: str
+    description: str
+    state: TargetStateName
+    paths: tuple[PathView, ...]
+
+    @property
+    def redundancy_lost(self) -> bool:
+        return any(p.lost for p in self.paths)
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     at: datetime
@@ -155,3 +215,4 @@ class Snapshot:
     open_incidents: tuple[Incident, ...]
     timeline: tuple[StateChange, ...]  # state changes of the last 24 h, oldest first
     max_clock_skew: float = 30.0  # ingest.max_clock_skew: a skew beyond it is marked
+    services: Mapping[str, ServiceView] = field(default_factory=dict)  # in configuration order

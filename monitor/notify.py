@@ -1,7 +1,8 @@
 """The monitor's own pages, independent of Alertmanager: webhook, PagerDuty Events v2, Slack.
 
 A page is first written to the store's ``notifications`` table (one row per
-incident, notifier and event — trigger or resolve), then delivered by
+incident, notifier and event — trigger, resolve, or ``escalate:<duty>``, a notification
+duty unacknowledged near its deadline: ``monitor.duties``), then delivered by
 ``Dispatcher.run``: explicit timeouts, retries with exponential backoff for
 network errors, 429 and 5xx, no retry for other 4xx (the request itself is wrong).
 A restart resumes from the table, so no page is lost, and the row's uniqueness means
@@ -39,9 +40,9 @@ from pydantic import SecretStr
 from ecpm.configfile import secret_text
 from monitor.config import Notifier, PagerDutyNotifier, SlackNotifier, WebhookNotifier
 from monitor.metrics import MonitorMetrics
-from monitor.model import Incident
+from monitor.model import Incident, IncidentDuty
 from monitor.store import NotificationQueue, QueuedNotification
-from monitor.views import paged_incident_json
+from monitor.views import paged_incident_json, time_json
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,17 @@ def incident_event(incident: Incident, event: str, *, monitor: str, status_url: 
     }
 
 
+def escalation_event(
+    incident: Incident, duty: IncidentDuty, *, monitor: str, status_url: str | None
+) -> dict[str, Any]:
+    """A duty's escalation page (``monitor.duties``): a trigger of its own (its own dedup key,
+    so PagerDuty opens it beside the incident's), naming the duty, its text and due time."""
+    event = incident_event(incident, "escalate", monitor=monitor, status_url=status_url)
+    event["dedup_key"] = f"{event['dedup_key']}-duty-{duty.name}"
+    event["duty"] = {"name": duty.name, "text": duty.text, "due_at": time_json(duty.due_at)}
+    return event
+
+
 def event_key(event: dict[str, Any]) -> str:
     """The stable key of one incident event (``<dedup_key>-<trigger|resolve>``): the same
     for every retry and after every restart, since it is built from the stored event."""
@@ -66,6 +78,12 @@ def event_key(event: dict[str, Any]) -> str:
 def _title(event: dict[str, Any]) -> str:
     inc = event["incident"]
     what = "emergency path DOWN" if inc["kind"] == "down" else "monitoring GAP (no fresh results)"
+    if event["event"] == "escalate":
+        duty = event["duty"]
+        return (
+            f"DUTY NOT ACKNOWLEDGED: {duty['name']} for incident {inc['id']} ({inc['target']} {what})"
+            f" due {duty['due_at']}: {duty['text']}"
+        )
     if event["event"] == "resolve":
         return f"RESOLVED: {inc['target']} {what}"
     return f"{inc['target']}: {what} — {inc['summary']}"
@@ -82,10 +100,10 @@ def build_request(notifier: Notifier, event: dict[str, Any]) -> tuple[str, dict[
     if isinstance(notifier, PagerDutyNotifier):
         body: dict[str, Any] = {
             "routing_key": secret_text(notifier, "routing_key"),
-            "event_action": event["event"],
+            "event_action": "resolve" if event["event"] == "resolve" else "trigger",
             "dedup_key": event["dedup_key"],
         }
-        if event["event"] == "trigger":
+        if event["event"] != "resolve":
             inc = event["incident"]
             body["payload"] = {
                 "summary": _title(event)[:1024],
@@ -94,7 +112,7 @@ def build_request(notifier: Notifier, event: dict[str, Any]) -> tuple[str, dict[
                 "component": inc["target"],
                 "group": "emergency-call-path",
                 "class": inc["kind"],
-                "custom_details": inc,
+                "custom_details": {**inc, "duty": event["duty"]} if "duty" in event else inc,
             }
             if event.get("status_url"):
                 body["links"] = [{"href": event["status_url"], "text": "ecpm status page"}]
@@ -148,6 +166,16 @@ class Dispatcher:
         with self._store.transaction():
             for name in self._notifiers:
                 self._store.enqueue_notification(incident.id, name, event, payload, now)
+        self._wake.set()
+
+    def escalate(self, incident: Incident, duty: IncidentDuty) -> None:
+        """Queue a duty's escalation page for its route (every notifier if it names none):
+        once per incident and duty (the row's uniqueness), durable when this returns."""
+        now = self._clock()
+        payload = escalation_event(incident, duty, monitor=self._monitor, status_url=self._status_url)
+        with self._store.transaction():
+            for name in duty.route or tuple(self._notifiers):
+                self._store.enqueue_notification(incident.id, name, f"escalate:{duty.name}", payload, now)
         self._wake.set()
 
     async def run(self) -> None:

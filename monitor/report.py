@@ -59,15 +59,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, Literal, TypeVar
 
 from ecpm import __version__
+from monitor.config import Service
 from monitor.model import (
     TARGET_STATES,
+    Ack,
+    DutyStatus,
     Incident,
+    IncidentDuty,
     Notification,
     ResultSummary,
     SeqGap,
     StateChange,
     TargetStateName,
 )
+from monitor.redundancy import LostPeriod, lost_periods, paths
 from monitor.skew import skewed
 from monitor.store import (
     ProbeEvent,
@@ -78,7 +83,7 @@ from monitor.store import (
     Verification,
     WindowAsk,
 )
-from probes.outcome import CALL_KINDS
+from probes.outcome import CALL_KINDS, IDENTITY_REASONS
 from probes.result import ResultError, format_time, parse_time
 
 SCHEMA: Final = "ecpm.report/1"
@@ -149,6 +154,22 @@ class PingCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityCounts:
+    """Test calls that failed at stage ``identity``, by reason: the caller's number or its
+    location lost or changed on the way (``probes.outcome.IDENTITY_REASONS``). A call that
+    passed delivered both, where its target checks them (docs/checks.md)."""
+
+    cli_missing: int = 0
+    cli_mismatch: int = 0
+    location_missing: int = 0
+    location_mismatch: int = 0
+
+    @property
+    def failed(self) -> int:
+        return self.cli_missing + self.cli_mismatch + self.location_missing + self.location_mismatch
+
+
+@dataclass(frozen=True, slots=True)
 class TimeAvailability:
     period_seconds: float
     up_seconds: float
@@ -203,6 +224,19 @@ class Notice(Notification):
 
 
 @dataclass(frozen=True, slots=True)
+class DutyEntry:
+    """One notification duty of an incident (``monitor.duties``: due, acknowledged by whom,
+    when, with what reference, escalated), judged met/missed ``at`` the measured period's end."""
+
+    duty: IncidentDuty
+    at: datetime
+
+    @property
+    def status(self) -> DutyStatus:
+        return self.duty.status(self.at)
+
+
+@dataclass(frozen=True, slots=True)
 class IncidentEntry:
     id: int
     kind: Literal["down", "gap"]
@@ -218,6 +252,8 @@ class IncidentEntry:
     time_to_notify_seconds: float | None  # notified - detected
     duration_seconds: float | None  # resolved - (first failure start, or detected for gaps)
     notifications: tuple[Notice, ...]
+    duties: tuple[DutyEntry, ...] = ()
+    acknowledged: Ack | None = None  # the incident itself (its escalation pages stopped)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +282,8 @@ class TargetReport:
     description: str
     calls: CallCounts
     pings: PingCounts
+    registrations: PingCounts  # register checks: REGISTERs sent and how they ended
+    identity: IdentityCounts  # calls that lost the caller's number or location
     blocked: int  # blocked dial attempts (guard refusals) of any check
     time: TimeAvailability
     by_calls: CallAvailability
@@ -417,6 +455,7 @@ class Report:
     versions: tuple[VersionSeen, ...]
     unreadable: tuple[Unreadable, ...]
     clock_skew: tuple[ProbeSkew, ...] = ()  # per probe with results in the period
+    redundancy: tuple[LostPeriod, ...] = ()  # every period a path of a service was lost
 
 
 # ---------------------------------------------------------------- time helpers
@@ -472,6 +511,7 @@ def build_report(
     pdd_threshold: float = 3.0,
     max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
     progress: Progress | None = None,
+    services: Sequence[Service] = (),
 ) -> Report:
     """The report for ``[start, end)`` over ``targets``; reads ``source``, never writes it."""
     start, end, generated_at = truncate_ms(start), truncate_ms(end), truncate_ms(generated_at)
@@ -482,7 +522,8 @@ def build_report(
 
     wanted = {t.id for t in targets}
     changes: dict[str, list[StateChange]] = {t: [] for t in wanted}
-    for change in source.state_changes(start, until):
+    period_changes = source.state_changes(start, until)
+    for change in period_changes:
         if change.target in wanted:
             changes[change.target].append(change)
     incidents: dict[str, list[Incident]] = {t: [] for t in wanted}
@@ -538,7 +579,26 @@ def build_report(
         versions=period.versions_seen(),
         unreadable=tuple(unreadable),
         clock_skew=period.clock_skew(),
+        redundancy=_redundancy(source, services, period_changes, start=start, until=until),
     )
+
+
+def _redundancy(
+    source: ReportSource,
+    services: Sequence[Service],
+    changes: Sequence[StateChange],
+    *,
+    start: datetime,
+    until: datetime,
+) -> tuple[LostPeriod, ...]:
+    """Every redundancy-lost period of every service (``monitor.redundancy``), from its paths'
+    recorded states: the one before the period, then the changes in it."""
+    out: list[LostPeriod] = []
+    for service in services:
+        members = [t for t, _ in paths(service)]
+        baseline = {t: s for t in members if (s := source.state_before(t, start)) is not None}
+        out += lost_periods(service, baseline, changes, start=start, end=until)
+    return tuple(out)
 
 
 def _probe_skew(probe: str, seen: _SkewSeen) -> ProbeSkew:
@@ -842,6 +902,7 @@ class _Silences:
 
 _CALLS: Final = ("placed", "passed", "failed", "inconclusive")  # CallCounts, by outcome
 PING_KIND: Final = "options"  # the report's pings (report-v1 "options": OPTIONS pings sent)
+REGISTER_KIND: Final = "register"  # the report's registrations (report-v1 "register")
 _PLACED_AS: Final = ("scheduled", "confirmations", "on_demand")  # CallCounts, by why placed
 _PINGS: Final = ("sent", "passed", "failed", "inconclusive")  # PingCounts
 
@@ -858,6 +919,8 @@ class _TargetTally:
     calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_CALLS, 0))
     kinds: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PLACED_AS, 0))
     pings: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PINGS, 0))
+    registrations: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_PINGS, 0))
+    identity: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IDENTITY_REASONS, 0))
     refusals: list[ResultSummary] = field(default_factory=list)
     coverage: dict[str, _Seen] = field(default_factory=dict)  # probe
 
@@ -883,6 +946,8 @@ class _TargetTally:
         self.fresh.add(at)
         k = self.buckets.index(at)
         self._count(r.check, r.outcome, k=k, n=1, confirm=r.confirm, on_demand=bool(r.request_id))
+        if r.outcome == "fail" and r.reason is not None:
+            self._failed(r.check, r.reason, n=1)
         if r.check in CALL_KINDS and r.outcome == "pass" and r.post_dial_delay is not None:
             self.buckets.add_pdd(k, r.post_dial_delay)
 
@@ -897,6 +962,8 @@ class _TargetTally:
             self._count(g.check, g.outcome, k=g.bucket, n=g.results, confirm=g.confirm, on_demand=g.on_demand)
         for k, median, most in w.pdd:
             self.buckets.set_pdd(k, median, most)
+        for check, reason, n in w.failures:
+            self._failed(check, reason, n=n)
 
     def lead_in_window(self, w: ResultWindow) -> None:
         for first, last in w.runs:
@@ -915,12 +982,28 @@ class _TargetTally:
             self.pings["sent"] += n
             self.pings[counted] += n
             self.buckets.pings[k] += n
+        elif check == REGISTER_KIND:
+            self.registrations["sent"] += n
+            self.registrations[counted] += n
+
+    def _failed(self, check: str, reason: str, *, n: int) -> None:
+        """``n`` failed results of one kind and reason, row by row or aggregated alike. The
+        identity stage's reasons are its own (no other stage fails with them): the reason
+        column alone says a call lost the caller's number or location."""
+        if check in CALL_KINDS and reason in self.identity:
+            self.identity[reason] += n
 
     def call_counts(self) -> CallCounts:
         return CallCounts(**self.calls, **self.kinds)
 
     def ping_counts(self) -> PingCounts:
         return PingCounts(**self.pings)
+
+    def registration_counts(self) -> PingCounts:
+        return PingCounts(**self.registrations)
+
+    def identity_counts(self) -> IdentityCounts:
+        return IdentityCounts(**self.identity)
 
     def probe_coverage(self) -> tuple[ProbeCoverage, ...]:
         return tuple(
@@ -988,13 +1071,15 @@ def _target_report(
         description=info.description,
         calls=calls,
         pings=tally.ping_counts(),
+        registrations=tally.registration_counts(),
+        identity=tally.identity_counts(),
         blocked=len(tally.refusals),
         time=_time_availability(state_time, period_ms=until_ms - start_ms),
         by_calls=_call_availability(calls),
         timeline=tuple(timeline),
         gaps=tuple(s for s in timeline if s.state == "unknown"),
         buckets=tally.buckets.values(),
-        incidents=tuple(_incident_entry(i) for i in incidents),
+        incidents=tuple(_incident_entry(i, until) for i in incidents),
         verifications=tuple(verifications),
         refusals=tuple(tally.refusals),
         coverage=tally.probe_coverage(),
@@ -1029,6 +1114,7 @@ def _window(
         calls=tuple(sorted(CALL_KINDS)),
         skew_bound=period.max_clock_skew,
         refused=GUARD_REFUSED,
+        reasons=IDENTITY_REASONS,
     )
     return source.report_window(target, _at(a), _at(b), ask)
 
@@ -1078,7 +1164,7 @@ def _counted(outcome: str) -> str:
     return {"pass": "passed", "fail": "failed"}.get(outcome, "inconclusive")
 
 
-def _incident_entry(incident: Incident) -> IncidentEntry:
+def _incident_entry(incident: Incident, until: datetime) -> IncidentEntry:
     detected = incident.opened_at
     notices = tuple(
         Notice(
@@ -1113,6 +1199,8 @@ def _incident_entry(incident: Incident) -> IncidentEntry:
         time_to_notify_seconds=None if notified is None else _seconds(detected, notified),
         duration_seconds=None if incident.resolved_at is None else _seconds(began, incident.resolved_at),
         notifications=notices,
+        duties=tuple(DutyEntry(d, until) for d in incident.duties),
+        acknowledged=incident.ack,
     )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ecpm.configfile import load_config
 from ecpm.errors import UsageError
-from monitor.config import Ingest, MonitorConfig, Reachability
+from monitor.config import Ingest, MonitorConfig, Reachability, Service
 from monitor.db_command import add_where, where_of
 from monitor.report import Report, TargetInfo, build_report, known_targets
 from monitor.report_render import FORMATS, write
@@ -113,6 +113,7 @@ class _Settings:
     configured: tuple[TargetInfo, ...] = ()
     rules: Reachability = field(default_factory=Reachability)
     ingest: Ingest = field(default_factory=Ingest)
+    services: tuple[Service, ...] = ()  # the config's: its redundancy-lost periods are reported
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             pdd_threshold=settings.rules.degraded_post_dial_delay,
             max_clock_skew=settings.ingest.max_clock_skew,
             progress=progress,
+            services=settings.services,
         )
         written = _write(report, out, formats, progress, shown_as=args.out)
     finally:
@@ -167,6 +169,7 @@ def _settings(args: argparse.Namespace) -> _Settings:
             ),
             config.reachability,
             config.ingest,
+            tuple(config.services),
         )
     else:
         settings = _Settings(where_of(args, None))

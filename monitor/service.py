@@ -67,6 +67,8 @@ from ecpm.signals import run_until_signalled
 from monitor.config import MonitorConfig
 from monitor.core import MonitorCore
 from monitor.delivery import Outgoing
+from monitor.duties import Acknowledgements
+from monitor.model import Incident, IncidentDuty
 from monitor.notify import Dispatcher
 from monitor.store import StoreError, StoreLost, open_store
 from monitor.verification import PostChangeVerifier
@@ -98,14 +100,14 @@ class MonitorService:
         # the core restores its state but evaluates nothing (so pages nothing) until run():
         # by then the dispatcher exists, and an incident the stored state opens at once
         # (e.g. a gap after a long stop) is stored and paged like any other
-        self.core = MonitorCore(config, self.store, self.registry, pager=self._page)
+        self.core = MonitorCore(config, self.store, self.registry, pager=self._page, escalator=self._escalate)
         self.dispatcher = Dispatcher(
             store=self.store,
             sender=self.page_store,
             notifiers=config.notifiers,
             metrics=self.core.metrics,
             monitor=config.id,
-            status_url=f"http://{config.http.listen}/",
+            status_url=config.http.status_url,
         )
         self.connected = asyncio.Event()
         self._outgoing: asyncio.Queue[Outgoing] = asyncio.Queue(maxsize=MAX_OUTGOING)
@@ -113,10 +115,18 @@ class MonitorService:
         verifier = PostChangeVerifier(
             core=self.core, store=self.store, publish=self._publish, topic_prefix=config.mqtt.topic_prefix
         )
-        self.actions: dict[str, Action] = {"verify": verifier.start, "verify_status": verifier.status}
+        acks = Acknowledgements(store=self.store)
+        self.actions: dict[str, Action] = {
+            "verify": verifier.start,
+            "verify_status": verifier.status,
+            "incident_ack": acks.ack,
+        }
 
     def _page(self, incident: Any, event: str) -> None:
         self.dispatcher.page(incident, event)
+
+    def _escalate(self, incident: Incident, duty: IncidentDuty) -> None:
+        self.dispatcher.escalate(incident, duty)
 
     async def _publish(self, topic: str, payload: bytes) -> None:
         if self.mqtt_client is None:

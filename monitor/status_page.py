@@ -151,6 +151,7 @@ def render_page(snap: Snapshot, recent: Sequence[Incident], *, now: datetime, qu
         "main",
         _header(snap, now),
         _open_incidents(snap, now),
+        _services(snap),
         _targets(snap, chosen, now),
         _probes(snap, now),
         _resolved(recent, now),
@@ -520,6 +521,48 @@ def _notifications(items: Sequence[Notification]) -> Markup:
     return html(lines)
 
 
+def countdown(seconds: float) -> str:
+    """``12:05 left``, ``1:02:05 left``, ``overdue 0:42``: what the page's script keeps counting
+    (the same format in ``templates/status.html``)."""
+    whole = int(abs(seconds)) if seconds >= 0 else int(-seconds) + (-seconds % 1 > 0)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+    return f"{text} left" if seconds >= 0 else f"overdue {text}"
+
+
+_DUTY_CLASS: Final[Mapping[str, str]] = {"pending": "n-pending", "met": "n-sent", "missed": "n-failed"}
+
+
+def _duties(i: Incident, now: datetime) -> Markup:
+    """Each duty: its status, due time and, while pending, a countdown the page's script
+    advances every second (``data-due``: the seconds left when rendered)."""
+    lines: list[Node] = []
+    if i.ack is not None:
+        lines.append(
+            el("div", f"✓ incident acknowledged by {i.ack.by} ({i.ack.ref}): no more escalation pages",
+               class_="n-sent", data_incident_ack="true")
+        )  # fmt: skip
+    for d in i.duties:
+        status = d.status(now)
+        left = (d.due_at - now).total_seconds()
+        if d.ack is not None:
+            detail: Node = f"acknowledged {_abs(d.ack.at, now)} by {d.ack.by} ({d.ack.ref})"
+        else:
+            detail = el("span", countdown(left), class_="countdown", data_due=f"{left:.3f}")
+        lines.append(
+            el(
+                "div",
+                el("b", d.name), " ",
+                el("span", status.upper() if status != "pending" else "due", class_="muted"),
+                " ", when(d.due_at, now, short=True), " · ", detail,
+                " · escalated" if d.escalated_at is not None else None,
+                class_=_DUTY_CLASS[status], title=d.text, data_duty=d.name, data_status=status,
+            )
+        )  # fmt: skip
+    return html(lines) if lines else el("span", "none", class_="muted")
+
+
 def _kind_badge(kind: str) -> Markup:
     return state_badge("down") if kind == "down" else el("span", "? gap", class_="badge s-unknown")
 
@@ -535,6 +578,7 @@ def _open_incidents(snap: Snapshot, now: datetime) -> Markup:
         "First failure",
         "Detection latency",
         "Notifications",
+        "Duties",
         "Summary",
         numeric=("#", "Detection latency"),
     )
@@ -547,6 +591,7 @@ def _open_incidents(snap: Snapshot, now: datetime) -> Markup:
             when(i.first_failed_at, now, short=True),
             _num(i.detection_latency, ".1f", " s"),
             _notifications(i.notifications),
+            _duties(i, now),
             i.summary,
             id=f"incident-{i.id}",
             data_incident=str(i.id),
@@ -566,6 +611,23 @@ _PROBE_BADGE: Final[Mapping[str, tuple[str, str]]] = {
     "offline": ("s-down", "✕"),
     "unknown": ("s-unknown", "?"),
 }
+
+
+def _services(snap: Snapshot) -> Markup:
+    """Services of redundant paths (``monitor.redundancy``): degraded = a path lost."""
+    if not snap.services:
+        return html()
+    table = _Table("Service", "State", "Paths")
+    for s in snap.services.values():
+        paths = [
+            el("div", f"{p.role} ", el("span", p.target, class_="mono"), " ", state_badge(p.state),
+               " lost" if p.lost else None, data_path=p.target, data_lost=str(p.lost).lower())
+            for p in s.paths
+        ]  # fmt: skip
+        name = html(el("b", s.id, class_="mono"), " ", el("span", s.description, class_="muted"))
+        what = " — redundancy LOST" if s.redundancy_lost and s.state == "degraded" else None
+        table.row(name, html(state_badge(s.state), what), paths, data_service=s.id, data_state=s.state)
+    return html(el("h2", f"Services ({len(snap.services)})"), table.render())
 
 
 def _probes(snap: Snapshot, now: datetime) -> Markup:
@@ -609,7 +671,9 @@ def _resolved(recent: Sequence[Incident], now: datetime) -> Markup:
     done = [i for i in recent if i.resolved_at is not None][:RESOLVED_ON_PAGE]
     if not done:
         return html()
-    table = _Table("#", "Target", "Kind", "Opened", "Resolved", "Lasted", "Summary", numeric=("#", "Lasted"))
+    table = _Table(
+        "#", "Target", "Kind", "Opened", "Resolved", "Lasted", "Duties", "Summary", numeric=("#", "Lasted")
+    )  # a resolved incident's duties still count down: a short outage still had to be notified
     for i in done:
         assert i.resolved_at is not None
         table.row(
@@ -619,6 +683,7 @@ def _resolved(recent: Sequence[Incident], now: datetime) -> Markup:
             when(i.opened_at, now),
             when(i.resolved_at, now),
             duration((utc(i.resolved_at) - utc(i.opened_at)).total_seconds(), coarse=True),
+            _duties(i, now),
             i.summary,
             data_incident=str(i.id),
         )

@@ -13,17 +13,12 @@ monitor cannot be asked at all.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import httpx
-
-from ecpm.configfile import load_config, parse_duration, secret_text
-from ecpm.errors import UsageError
-from monitor.config import MonitorConfig
+from ecpm.configfile import parse_duration
+from monitor.api_client import add_monitor_arguments, client, endpoint, post
 
 POLL = 0.5
 
@@ -35,46 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--change-ref", help="change reference stored with the verification, e.g. CHG-1234")
     parser.add_argument("--timeout", type=parse_duration, default=60.0, metavar="DURATION",
                         help="give up after this long (default 60s)")  # fmt: skip
-    where = parser.add_argument_group("monitor (config, or URL and token)")
-    where.add_argument("-c", "--config", help="monitor config: its http.listen and http.token")
-    where.add_argument("--monitor", help="monitor base URL, e.g. http://127.0.0.1:9470")
-    where.add_argument(
-        "--token-file", help="file holding the monitor's API token (or set ECPM_MONITOR_TOKEN)"
-    )
-
-
-def _endpoint(args: argparse.Namespace) -> tuple[str, str]:
-    url, token = args.monitor, os.environ.get("ECPM_MONITOR_TOKEN")
-    if args.config:
-        config = load_config(args.config, MonitorConfig)
-        url = url or f"http://{config.http.listen}"
-        token = token or secret_text(config.http, "token")
-    if args.token_file:
-        try:
-            token = Path(args.token_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise UsageError(f"cannot read token file {args.token_file}: {exc.strerror}") from None
-    if not url:
-        raise UsageError("say which monitor: -c monitor.yaml or --monitor URL")
-    if not token:
-        raise UsageError("the monitor's API token is needed: --token-file, ECPM_MONITOR_TOKEN or http.token")
-    return url.rstrip("/"), token
-
-
-def _post(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    try:
-        response = client.post(url, json=body)
-    except httpx.HTTPError as exc:
-        raise UsageError(f"cannot reach the monitor at {url}: {exc}") from None
-    try:
-        data = response.json()
-    except ValueError:
-        data = {}
-    if response.status_code != 200:
-        raise UsageError(
-            f"monitor refused ({response.status_code}): {data.get('error', response.text[:200])}"
-        )
-    return dict(data)
+    add_monitor_arguments(parser)
 
 
 def _progress(view: dict[str, Any], started: float) -> str:
@@ -102,7 +58,7 @@ def _table(view: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    base, token = _endpoint(args)
+    base, token = endpoint(args)
     body: dict[str, Any] = {"target": args.target, "timeout": args.timeout}
     if args.probe:
         body["probes"] = args.probe
@@ -111,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     if args.change_ref:
         body["change_ref"] = args.change_ref
     started = time.monotonic()
-    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=10) as client:
-        view = _post(client, f"{base}/api/v1/verify", body)
+    with client(token) as http:
+        view = post(http, f"{base}/api/v1/verify", body)
         tty, shown = sys.stderr.isatty(), ""
         while view["state"] == "pending":
             line = _progress(view, started)
@@ -122,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 shown = line.split("]")[0]
                 print(line, file=sys.stderr, flush=True)
             time.sleep(POLL)
-            view = _post(client, f"{base}/api/v1/verify_status", {"request_id": view["request_id"]})
+            view = post(http, f"{base}/api/v1/verify_status", {"request_id": view["request_id"]})
         if tty:
             print(file=sys.stderr)
     ref = f" for {view['change_ref']}" if view["change_ref"] else ""

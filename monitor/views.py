@@ -11,11 +11,21 @@ the report's values: ``monitor.report_render.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
-from monitor.model import Incident, Notification, ProbeView, ResultSummary, TargetView
+from monitor.model import (
+    Ack,
+    Incident,
+    IncidentDuty,
+    Notification,
+    ProbeView,
+    ResultSummary,
+    ServiceView,
+    TargetView,
+)
 from probes.result import format_time
 
 __all__ = [
@@ -142,7 +152,33 @@ def bounds_json(i: Bounded) -> dict[str, Any]:
     }
 
 
-def incident_json(i: Incident) -> dict[str, Any]:
+def service_json(s: ServiceView) -> dict[str, Any]:
+    """``id, description, state, paths`` [{target, role, state, lost}]``, redundancy_lost``."""
+    return {**dataclasses.asdict(s), "redundancy_lost": s.redundancy_lost}
+
+
+def ack_json(a: Ack | None) -> dict[str, Any] | None:
+    return None if a is None else {"at": time_json(a.at), "by": a.by, "ref": a.ref}
+
+
+def duty_json(d: IncidentDuty, now: datetime) -> dict[str, Any]:
+    """A duty at ``now``: its status, and the seconds left to its due time (negative: overdue)."""
+    return {
+        "name": d.name,
+        "text": d.text,
+        "due_at": time_json(d.due_at),
+        "escalate_at": time_json(d.escalate_at),
+        "route": list(d.route),
+        "status": d.status(now),
+        "remaining_seconds": round((d.due_at - now).total_seconds(), 3),
+        "escalated_at": time_json(d.escalated_at),
+        "ack": ack_json(d.ack),
+    }
+
+
+def incident_json(i: Incident, now: datetime | None = None) -> dict[str, Any]:
+    """An incident as the API shows it; its duties counted at ``now`` (default: the clock's now)."""
+    at = now or datetime.now(UTC)
     return {
         "id": i.id,
         "target": i.target,
@@ -154,6 +190,8 @@ def incident_json(i: Incident) -> dict[str, Any]:
         "detection_latency_seconds": finite(i.detection_latency),
         "summary": i.summary,
         "notifications": [notification_json(n) for n in i.notifications],
+        "ack": ack_json(i.ack),
+        "duties": [duty_json(d, at) for d in i.duties],
     }
 
 

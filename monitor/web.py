@@ -11,6 +11,7 @@ Endpoints::
                              limit: every target); X-Total-Count the targets matched, and when
                              paged an RFC 8288 Link to the first, prev, next and last pages
     GET  /api/v1/probes      {"at": TIME, "probes": [Probe, ...]}
+    GET  /api/v1/services    {"at": TIME, "services": [Service, ...]}    in configuration order
     GET  /api/v1/incidents   {"at": TIME, "incidents": [Incident, ...]}  newest first, open and
                              resolved; ?limit=N (1..1000, default 100)
     POST /api/v1/{action}    one of the ``actions`` given to create_app (e.g. ``verify``):
@@ -37,9 +38,17 @@ milliseconds (``"2025-06-25T14:03:11.250Z"``); durations are seconds in fields n
   ``ingest.max_clock_skew``)``.
 - Incident: ``id, target, kind`` (down|gap)``, state`` (open|resolved)``, opened_at``
   (= detected)``, resolved_at, last_good_id, last_good_at, first_failed_id,
-  first_failed_at, detection_latency_seconds, summary, notifications`` [Notification].
-- Notification: ``notifier, event`` (trigger|resolve)``, state`` (pending|sent|failed)``,
-  attempts, created_at, sent_at, last_error``.
+  first_failed_at, detection_latency_seconds, summary, notifications`` [Notification]``,
+  ack`` (Ack or null: the incident itself acknowledged, no more escalation pages)``,
+  duties`` [Duty].
+- Duty (``monitor.duties``): ``name, text, due_at, escalate_at, route`` [notifier]``,
+  status`` (pending|met|missed, at ``at``)``, remaining_seconds`` (to ``due_at`` from
+  ``at``; negative: overdue)``, escalated_at, ack`` (Ack or null).
+- Ack: ``at, by, ref``.
+- Service (``monitor.redundancy``): ``id, description, state`` (up|degraded|down|unknown)``,
+  redundancy_lost, paths`` [{target, role (primary|backup), state, lost}].
+- Notification: ``notifier, event`` (trigger|resolve|escalate:<duty>)``, state``
+  (pending|sent|failed)``, attempts, created_at, sent_at, last_error``.
 - Errors: ``{"error": "what is wrong"}`` with a 4xx status (a bad query: 400, naming it).
 
 State-changing endpoints (every POST) need ``Authorization: Bearer <token>``: a missing
@@ -74,7 +83,7 @@ from monitor.metrics import exposition
 from monitor.model import Incident, Snapshot
 from monitor.selection import QueryError, Selection, TargetQuery
 from monitor.status_page import MAX_PAGE_TARGETS, PAGE_TARGETS, RESOLVED_ON_PAGE, Template, render_page, title
-from monitor.views import incident_json, probe_json, target_json, time_json
+from monitor.views import incident_json, probe_json, service_json, target_json, time_json
 
 __all__ = ["Action", "ActionError", "ListenError", "create_app", "serve"]
 
@@ -134,12 +143,20 @@ def create_app(
         snap = snapshot()
         return _json({"at": time_json(snap.at), "probes": [probe_json(p) for p in snap.probes.values()]})
 
+    async def api_services(request: Request) -> Response:
+        snap = snapshot()
+        return _json(
+            {"at": time_json(snap.at), "services": [service_json(s) for s in snap.services.values()]}
+        )
+
     async def api_incidents(request: Request) -> Response:
         limit = _limit(request)
         if isinstance(limit, Response):
             return limit
         snap = snapshot()
-        return _json({"at": time_json(snap.at), "incidents": [incident_json(i) for i in incidents(limit)]})
+        return _json(
+            {"at": time_json(snap.at), "incidents": [incident_json(i, snap.at) for i in incidents(limit)]}
+        )
 
     async def run_action(request: Request) -> Response:
         return await _run_action(request, registered, expected)
@@ -151,6 +168,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/api/v1/targets", api_targets, methods=["GET"]),
             Route("/api/v1/probes", api_probes, methods=["GET"]),
+            Route("/api/v1/services", api_services, methods=["GET"]),
             Route("/api/v1/incidents", api_incidents, methods=["GET"]),
             Route("/api/v1/{action}", run_action, methods=["POST"]),
         ]

@@ -1,8 +1,13 @@
 """``ecpm probe -c probe.yaml``: the long-running probe agent.
 
-    Scheduler ──run(target, kind)──▶ check_kinds.REGISTRY[kind] (SIP engine, guard) ──CheckOutcome──▶
+    Scheduler ──run(target, kind)──▶ WorkerPool (guard) ──▶ SIP worker processes:
+        check_kinds.REGISTRY[kind] on each worker's engine (guard again) ──CheckOutcome──▶
     sink: number, sign, store in the outbox (before anything is sent) ──▶
     Publisher: drain the outbox over MQTT QoS 1, keep until the monitor's ack; replay; Last Will; commands
+
+The SIP engines run in worker processes (probes.workers, ``sip.workers`` of them, 4 calls
+each); a worker that dies loses only its own checks (``internal_error``) and is started
+again. The agent keeps the schedule, the outbox, ``seq`` and the key.
 
 Signals: SIGTERM/SIGINT stop cleanly (in-flight calls are hung up, their results
 kept in the outbox); SIGHUP re-reads the config and swaps the targets only if the
@@ -24,16 +29,14 @@ from ecpm import __version__
 from ecpm.configfile import load_config
 from ecpm.errors import ConfigError
 from ecpm.signals import run_until_signalled
-from probes import check_kinds
-from probes.config import ProbeConfig, ScheduleSettings, Target
+from probes.config import ProbeConfig, ScheduleSettings
 from probes.guard import Guard
 from probes.health import HealthServer
 from probes.mqtt import Command, Publisher
 from probes.outbox import Outbox
-from probes.outcome import CheckOutcome
 from probes.result import Result
 from probes.scheduler import CheckReport, Scheduler
-from probes.sip import SipEngine
+from probes.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +53,11 @@ class ProbeAgent:
             keep_unconfirmed=config.outbox.keep_unconfirmed,
             keep_for=config.outbox.keep_for,
         )
-        self.engine: SipEngine | None = None
+        self.workers = WorkerPool(config, self.guard)
         self.scheduler = Scheduler(
             targets=config.targets,
             settings=self._schedule(config),
-            runner=self._run_check,
+            runner=self.workers.run,
             sink=self._store,
         )
         self.publisher = Publisher(
@@ -74,20 +77,24 @@ class ProbeAgent:
                 outbox=self.outbox,
                 publisher=self.publisher,
                 scheduler=self.scheduler,
-                guard_refusals=lambda: self.guard.refusals,
+                guard_refusals=self._guard_refusals,
+                workers=self.workers,
             )
 
-    @staticmethod
-    def _schedule(config: ProbeConfig) -> ScheduleSettings:
-        """The schedule, never running more checks at once than the engine has call slots."""
-        cap = min(config.schedule.max_concurrent_checks, config.sip.max_calls)
+    def _schedule(self, config: ProbeConfig) -> ScheduleSettings:
+        """The schedule, never running more checks at once than the workers have call slots."""
+        slots = self.workers.capacity * self.workers.size
+        cap = min(config.schedule.max_concurrent_checks, slots)
         return config.schedule.model_copy(update={"max_concurrent_checks": cap})
 
-    # ------------------------------------------------------------ the pipeline
+    def _guard_refusals(self) -> dict[str, int]:
+        """Refusals by reason: the agent's guard before dispatch, then the workers' own."""
+        out = self.guard.refusals
+        for reason, n in self.workers.guard_refusals().items():
+            out[reason] = out.get(reason, 0) + n
+        return out
 
-    async def _run_check(self, target: Target, kind: str) -> CheckOutcome:
-        assert self.engine is not None  # the scheduler starts after the engine
-        return await check_kinds.run_check(self.engine, target, kind)
+    # ------------------------------------------------------------ the pipeline
 
     async def _store(self, report: CheckReport) -> None:
         """Number, sign and store a result before anything else sees it."""
@@ -150,8 +157,7 @@ class ProbeAgent:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self.reload)
-        async with SipEngine(self.config.sip, self.guard) as engine:
-            self.engine = engine
+        async with self.workers:
             publisher = asyncio.create_task(self.publisher.run(), name="publisher")
             scheduler = asyncio.create_task(self.scheduler.run(), name="scheduler")
             heartbeat = None
@@ -176,7 +182,6 @@ class ProbeAgent:
             for task in (publisher, scheduler, stopper, *extra):
                 task.cancel()
             await asyncio.gather(publisher, scheduler, stopper, *extra, return_exceptions=True)
-            self.engine = None
         self.outbox.close()
         if self.health is not None:
             self.health.stop()

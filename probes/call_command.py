@@ -41,7 +41,9 @@ from probes.result import Media, format_time
 from probes.sip import SipEngine
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-_INVITE_DURATIONS = ("interval", "first_response_timeout", "answer_timeout", "media_time", "max_duration")
+_INVITE_DURATIONS = (
+    "interval", "first_response_timeout", "answer_timeout", "media_time", "max_duration", "dtmf_timeout",
+)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-tone", action="store_true", help="do not require the responder's tone")
     group.add_argument("--no-echo", action="store_true", help="do not require our tone to come back")
     group.add_argument("--options-timeout", metavar="DUR", help="OPTIONS timeout (default 5s)")
+    group.add_argument(
+        "--dtmf", metavar="DIGITS", help="send these DTMF digits (RFC 4733); they must come back"
+    )
+    group.add_argument("--srtp", choices=["off", "optional", "mandatory"], help="SDES-SRTP (default off)")
     parser.add_argument("--sip-log-level", type=int, choices=range(7), help="pjsip's own log level")
 
 
@@ -87,6 +93,8 @@ def _invite(base: InviteCheck | None, args: argparse.Namespace) -> InviteCheck:
         data["expect_tone"] = False
     if args.no_echo:
         data["expect_echo"] = False
+    if args.dtmf is not None:
+        data["dtmf"] = args.dtmf
     return InviteCheck.model_validate(data)
 
 
@@ -151,6 +159,7 @@ def _target(base: Target | None, args: argparse.Namespace) -> Target:
             test_endpoint=True,  # the operator named it: a declared test endpoint
             transport=args.transport or "udp",
             outbound_proxy=args.proxy,
+            srtp=args.srtp or "off",
             checks=Checks(invite=invite, options=options),
         )
     update: dict[str, Any] = {"checks": Checks(invite=invite, options=options), "test_endpoint": True}
@@ -160,6 +169,8 @@ def _target(base: Target | None, args: argparse.Namespace) -> Target:
         update["transport"] = args.transport
     if args.proxy:
         update["outbound_proxy"] = args.proxy
+    if args.srtp:
+        update["srtp"] = args.srtp
     return base.model_copy(update=update)
 
 

@@ -31,7 +31,7 @@ from probes.checks import (
     options_check,
 )
 from probes.config import CheckSettings, InviteCheck, OptionsCheck, RegisterCheck, Target
-from probes.outcome import STAGES, CheckOutcome
+from probes.outcome import IDENTITY_REASONS, STAGES, CheckOutcome
 from probes.register import REGISTER_REASONS, register_check
 from probes.scheduler import SCHEDULER_REASONS
 from probes.sip import SipEngine
@@ -66,7 +66,7 @@ REGISTRY: Final[Mapping[str, CheckKind[Any]]] = _registry(
         settings=InviteCheck,
         run=invite_check,
         stages=STAGES,
-        reasons=(*SETUP_REASONS, *STATUS_REASONS, *NENA_REASONS, *CALL_REASONS),
+        reasons=(*SETUP_REASONS, *STATUS_REASONS, *NENA_REASONS, *IDENTITY_REASONS, *CALL_REASONS),
         call=True,
     ),
     CheckKind(

@@ -13,13 +13,17 @@ invite, in order (each stage's timing in seconds goes into ``timings``)::
     trying     INVITE sent -> first response (any)
     ringing    INVITE sent -> first 18x (post-dial delay; the 200 when no 18x came)
     answer     INVITE sent -> 200 OK               (ring-no-answer: CANCEL at answer_timeout)
+    identity   INVITE sent -> the 200 OK reporting the callback number and location that
+               arrived (emergency-shaped targets that expect them; nena.score_identity)
     media      200 OK -> every expected tone heard  (listen for media_time)
+    dtmf       our DTMF digits sent -> the last one back (checks.invite.dtmf; RFC 4733)
     teardown   BYE -> call released
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 import time
@@ -29,8 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from probes import media, nena
-from probes.config import EmergencyShape, InviteCheck, OptionsCheck, Target
+from probes import media, nena, sdp
+from probes.config import EmergencyShape, InviteCheck, OptionsCheck, Srtp, Target
 from probes.guard import GuardRefusal
 from probes.outcome import CheckOutcome, MediaStats, Outcome
 from probes.scheduler import verdict_ready
@@ -47,6 +51,7 @@ from probes.sip import (
     RtpStats,
     SipEngine,
     SipError,
+    TlsState,
 )
 
 ANNOUNCEMENT: Final = Path(__file__).with_name("data") / "announcement.wav"
@@ -67,12 +72,13 @@ STATUS_REASONS: Final = (
     "server_error", "declined",
 )  # fmt: skip
 # What nena.score_answer gives an emergency-shaped call's answer
-NENA_REASONS: Final = ("unsupported_service", "test_call_limit", "no_location_echo", "location_mismatch")
+NENA_REASONS: Final = ("unsupported_service", "test_call_limit")
 # The invite check's own: the registration of a call from an account, a call slot, the answer
 # timer, media and teardown, the hard cap
 CALL_REASONS: Final = (
-    "not_registered", "no_call_slot", "answer_timeout", "no_media", "no_rtp", "no_tone", "no_echo",
-    "remote_hangup", "teardown_timeout", "max_duration",
+    "not_registered", "no_call_slot", "answer_timeout", "srtp_refused", "no_media", "no_rtp", "no_tone",
+    "no_echo", "remote_hangup", "dtmf_unsupported", "dtmf_missing", "dtmf_mismatch", "teardown_timeout",
+    "max_duration",
 )  # fmt: skip
 
 
@@ -115,6 +121,7 @@ def dial_for(target: Target) -> Dial:
         auth=target.auth,
         carrier_test_service=target.carrier(),
         account=target.account,
+        srtp=target.srtp,
     )
 
 
@@ -218,6 +225,7 @@ class _Dialog:
     media_at: float | None = None
     media_active: bool = False
     ended: CallEvent | None = None
+    digits: list[str] = field(default_factory=list)  # DTMF received after the answer
 
     def note(self, event: CallEvent, start: float) -> None:
         """An event that does not end the signalling stage: sent, a response, media."""
@@ -250,7 +258,36 @@ async def invite_check(
     announcement: Path | None = ANNOUNCEMENT,
 ) -> CheckOutcome:
     """One test call: signalling, two-way media, teardown. Never raises for a failed
-    path; an exception from here is a bug."""
+    path; an exception from here is a bug. Over TLS, the handshake's protocol version,
+    cipher and certificate verification go into ``detail`` (``tls.*``)."""
+    outcome = await _invite(engine, target, check, announcement=announcement)
+    hop = next_hop(target) if target.transport == "tls" else None
+    tls = engine.tls_state(hop) if hop is not None else None
+    if tls is None:
+        return outcome
+    return replace(outcome, detail={**outcome.detail, **tls_detail(tls)})
+
+
+def next_hop(target: Target) -> str | None:
+    """ "ip:port" of the first hop of the target's requests: its outbound proxy, else its URI
+    (5061, the sips/TLS default, when the URI has no port)."""
+    m = re.match(r"sips?:(?:[^@;>]*@)?([^;:?>]+)(?::(\d+))?", target.outbound_proxy or target.uri, re.I)
+    return f"{m.group(1)}:{m.group(2) or 5061}" if m else None
+
+
+def tls_detail(tls: TlsState) -> dict[str, str]:
+    return {
+        "tls.protocol": tls.protocol,
+        "tls.cipher": tls.cipher,
+        "tls.verified": "yes" if tls.verified else "no",
+        "tls.verify": tls.verify,
+        "tls.peer": tls.peer or "none",
+    }
+
+
+async def _invite(
+    engine: SipEngine, target: Target, check: InviteCheck | None, *, announcement: Path | None
+) -> CheckOutcome:
     cfg = check or target.checks.invite or InviteCheck()
     result = Findings("invite", datetime.now(UTC))
     begin = time.monotonic()
@@ -293,6 +330,7 @@ async def invite_check(
             result.detail["slot_wait_ms"] = f"{call.waited * 1000:.0f}"
         async with call:
             dialog = await _signalling(call, cfg, result, deadline, shape)
+            _srtp_refused(result, target.srtp)
             if dialog.answer is None:
                 return result.done()
             answer = dialog.answer
@@ -308,6 +346,7 @@ async def invite_check(
                 recording=recording,
                 announcement=announcement,
                 shape=shape,
+                srtp=target.srtp,
             )
         return result.done()
     finally:
@@ -503,13 +542,17 @@ async def _media_and_teardown(
     recording: Path,
     announcement: Path | None,
     shape: EmergencyShape | None,
+    srtp: Srtp,
 ) -> None:
-    """An answered call: score a NENA answer, listen, judge the media, say who we are if
+    """An answered call: score a NENA answer and its SRTP, listen, judge the media, say who we are if
     no test endpoint answered, then hang up."""
     assert d.answer is not None
     answer_at = d.answer.at
     if shape is not None:
         _score_emergency_answer(result, d.answer, shape)
+        if nena.expects_identity(shape):
+            _score_identity(result, d, shape)
+    _judge_srtp(result, d.answer, srtp)
     listened = await _listen(call, d, until=min(answer_at + cfg.media_time, deadline))
     await call.record(None)  # closes the WAV (waits until pjmedia has written it)
     heard = await _hear(recording, cfg, skip=_early_media(d, answer_at))
@@ -518,6 +561,8 @@ async def _media_and_teardown(
     )
     _time_media(result, heard, d, answer_at, listened.until)
     _judge_media(result, heard, d, listened, shape)
+    if cfg.dtmf and result.outcome == "pass" and listened.remote_end is None and not call.ended:
+        await _dtmf(call, cfg.dtmf, result, d, until=min(time.monotonic() + cfg.dtmf_time, deadline))
     ended = listened.remote_end
     if ended is None and not heard.identified and not call.ended and announcement is not None:
         ended = await _announce(call, result, announcement, deadline)
@@ -533,6 +578,41 @@ def _score_emergency_answer(result: Findings, answer: CallEvent, shape: Emergenc
         result.fail("answer", score.reason, outcome=score.outcome)
 
 
+def _score_identity(result: Findings, d: _Dialog, shape: EmergencyShape) -> None:
+    assert d.answer is not None
+    score = nena.score_identity(d.answer.message, shape)
+    result.detail.update(score.detail)
+    if score.outcome != "pass" and score.reason is not None:
+        result.fail("identity", score.reason, outcome=score.outcome)
+    elif d.sent_at is not None:
+        result.time("identity", d.answer.at - d.sent_at)
+
+
+def _srtp_refused(result: Findings, srtp: Srtp) -> None:
+    """A mandatory-SRTP call the far end could not take (488/606, or an answer pjsua could
+    not use: RTP/AVP to our RTP/SAVP offer) failed for its SRTP: say so, not just
+    ``not_acceptable``."""
+    if srtp == "mandatory" and result.reason == "not_acceptable":
+        result.reason = "srtp_refused"
+        result.detail["srtp"] = "mandatory: the far end did not accept RTP/SAVP with SDES keys"
+
+
+def _judge_srtp(result: Findings, answer: CallEvent, srtp: Srtp) -> None:
+    """Record whether the answered media is encrypted (``detail["media.encrypted"]``, with the
+    profile and suite); a mandatory-SRTP call answered with plain RTP fails at media."""
+    security = sdp.audio_security(answer.message)
+    if security is None:
+        result.detail["media.encrypted"] = "unknown"  # no SDP answer to read
+        return
+    result.detail["media.encrypted"] = "yes" if security.encrypted else "no"
+    result.detail["media.profile"] = security.profile[:32]
+    if security.crypto is not None:
+        result.detail["media.srtp"] = security.crypto[:64]
+    if srtp == "mandatory" and not security.encrypted:
+        result.fail("media", "srtp_refused")
+        result.detail["srtp"] = "mandatory: the far end answered with plain RTP"
+
+
 async def _listen(call: OutgoingCall, d: _Dialog, *, until: float) -> _Listened:
     """Listen until ``until`` or the far end hangs up, sampling RTCP figures as we go."""
     remote_end: CallEvent | None = None
@@ -544,6 +624,8 @@ async def _listen(call: OutgoingCall, d: _Dialog, *, until: float) -> _Listened:
         event = await call.next_event(min(STATS_EVERY, until - now))
         if event is not None and event.kind == "media":
             d.note_media(event)
+        elif event is not None and event.kind == "dtmf" and event.digit:
+            d.digits.append(event.digit)  # the far end's own, before ours: the dtmf stage judges
         elif event is not None and event.kind == "disconnected":
             remote_end = event
             break
@@ -611,6 +693,33 @@ def _judge_media(
         result.fail("media", "no_tone")
     elif heard.expect_echo and not heard.echo_heard:
         result.fail("media", "no_echo")
+
+
+async def _dtmf(call: OutgoingCall, digits: str, result: Findings, d: _Dialog, *, until: float) -> None:
+    """The dtmf stage: send ``digits`` as RFC 4733 telephone-events, then every digit must
+    come back (the responder echoes them) before ``until``: digits sent -> the last one back."""
+    began = time.monotonic()
+    result.detail["dtmf.sent"] = digits
+    if not await call.send_dtmf(digits):
+        result.fail("dtmf", "dtmf_unsupported")  # no telephone-event in the far end's SDP
+        return
+    last = began
+    while len(d.digits) < len(digits) and (now := time.monotonic()) < until:
+        event = await call.next_event(until - now)
+        if event is None:
+            break
+        if event.kind == "dtmf" and event.digit:
+            d.digits.append(event.digit)
+            last = event.at
+        elif event.kind == "disconnected":
+            result.fail("dtmf", "remote_hangup", status=event.status, sip_reason=event.reason)
+            return
+    received = "".join(d.digits)
+    result.detail["dtmf.received"] = received or "none"
+    if received == digits:
+        result.time("dtmf", last - began)
+    else:
+        result.fail("dtmf", "dtmf_mismatch" if received else "dtmf_missing")
 
 
 async def _announce(

@@ -6,6 +6,7 @@ and ``config/responder.example.yaml``; keep the two in step.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Annotated, Literal, Protocol, Self
 
@@ -22,6 +23,7 @@ from ecpm.configfile import (
     StrictModel,
     duration,
     pick_secret,
+    repeats,
     secret_of,
 )
 from ecpm.settings import IPAddress, Listen, ListenField, MqttSettings, Name, SigningKey, TlsFiles, Transport
@@ -33,6 +35,10 @@ from probes.guard import (
 
 # The pjsua2 wheel is compiled with PJSUA_MAX_CALLS = 4 (see docs/checks.md).
 WHEEL_MAX_CALLS = 4
+# sip.workers: at most this many SIP worker processes (about 64 MB each, probes.workers);
+# "auto" never starts more than AUTO_WORKERS_CAP
+MAX_WORKERS = 64
+AUTO_WORKERS_CAP = 32
 
 
 def _region(value: str) -> str:
@@ -52,9 +58,20 @@ class SipSettings(StrictModel):
     )
     tls: TlsFiles | None = None
     max_calls: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=WHEEL_MAX_CALLS)
-    max_call_rate: float = Field(default=20.0, gt=0, le=40.0)  # new calls per second
+    max_call_rate: float = Field(default=20.0, gt=0, le=40.0)  # new calls per second, per process
+    # the agent's SIP worker processes (probes.workers), max_calls calls each; "auto":
+    # enough for schedule.max_concurrent_checks (ProbeConfig.sip_workers)
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = "auto"
     user_agent: str = "ecpm"
     log_level: int = Field(default=1, ge=0, le=6)  # pjsip's own log, routed to logging
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        """One clear message instead of one per member of the union."""
+        if value == "auto" or (type(value) is int and 1 <= value <= MAX_WORKERS):
+            return value
+        raise ValueError(f"must be a number of worker processes from 1 to {MAX_WORKERS}, or auto")
 
     @model_validator(mode="after")
     def _tls_needs_files(self) -> Self:
@@ -69,6 +86,12 @@ class GuardSettings(StrictModel):
     dial_prefixes: list[str] = Field(default_factory=list, max_length=100)
 
 
+# SRTP with SDES keying (RFC 4568 a=crypto) for a call's media (docs/checks.md, "SRTP"):
+# off (plain RTP/AVP), optional (RTP/AVP offered with keys: encrypted when the far end
+# takes them), mandatory (RTP/SAVP only: a plain answer fails the call)
+Srtp = Literal["off", "optional", "mandatory"]
+
+
 class Location(StrictModel):
     """Sent as a PIDF-LO body (RFC 4119/5491) when a target asks for emergency shape."""
 
@@ -79,8 +102,17 @@ class Location(StrictModel):
     civic: dict[str, str] = Field(default_factory=dict, max_length=40)
 
 
+def _e164(value: str) -> str:
+    if not re.fullmatch(r"\+[1-9][0-9]{2,14}", value):
+        raise ValueError(f"{value!r} is not an E.164 number: + and 3 to 15 digits, e.g. +441632960000")
+    return value
+
+
 class EmergencyShape(StrictModel):
     p_asserted_identity: str | None = None  # e.g. "sip:+441632960000@probe.example;user=phone"
+    # the caller's number (E.164) a call handler must receive: sent as P-Asserted-Identity
+    # <tel:...> when p_asserted_identity is not set; the answer must report it (stage identity)
+    callback_number: Annotated[str, AfterValidator(_e164)] | None = None
     resource_priority: str | None = None  # e.g. "esnet.1"
     location: Location | None = None  # adds Geolocation: <cid:...> and a PIDF-LO body
     expect_location_echo: Bool = True  # NENA i3 test answer must echo the location sent
@@ -94,6 +126,15 @@ class CheckSettings(Protocol):
 
     @property
     def time_limit(self) -> float: ...  # the check's own hard limit (the scheduler adds a margin)
+
+
+DTMF_DIGIT_SECONDS = 0.25  # one RFC 4733 digit as pjsua sends it: 160 ms and the gap after it
+
+
+def _dtmf_digits(value: str) -> str:
+    if not re.fullmatch(r"[0-9*#A-D]{1,16}", value):
+        raise ValueError(f"{value!r}: DTMF digits are 1 to 16 of 0-9, *, #, A-D")
+    return value
 
 
 class InviteCheck(StrictModel):
@@ -111,6 +152,11 @@ class InviteCheck(StrictModel):
     expect_tone_hz: float = Field(default=1400.0, gt=100, lt=3900)  # what the responder plays
     expect_tone: Bool = True  # the responder's tone must be heard; false for a plain echo endpoint
     expect_echo: Bool = True  # our tone must come back (two-way audio)
+    # DTMF digits sent as RFC 4733 telephone-events after the media check; the far end must
+    # return them (the responder echoes them; stage dtmf). None: no DTMF check
+    dtmf: Annotated[str, AfterValidator(_dtmf_digits)] | None = None
+    # all digits sent -> every digit back, or fail at dtmf
+    dtmf_timeout: Annotated[float, duration(at_most=MINUTE)] = 3.0
 
     @model_validator(mode="after")
     def _tones_differ(self) -> Self:
@@ -118,13 +164,22 @@ class InviteCheck(StrictModel):
             raise ValueError("tone_hz and expect_tone_hz must differ by at least 200 Hz")
         if not (self.expect_tone or self.expect_echo):
             raise ValueError("expect_tone and expect_echo are both false: media would prove nothing")
-        if self.max_duration < self.answer_timeout + self.media_time:
-            raise ValueError("max_duration must cover answer_timeout + media_time")
+        if self.max_duration < self.answer_timeout + self.media_time + self.dtmf_time:
+            raise ValueError(
+                "max_duration must cover answer_timeout + media_time"
+                + (" + the DTMF digits and dtmf_timeout" if self.dtmf else "")
+            )
         return self
 
     @property
     def time_limit(self) -> float:
         return self.max_duration
+
+    @property
+    def dtmf_time(self) -> float:
+        """The longest the DTMF stage takes: every digit sent (pjsua: 160 ms and a gap
+        each), then ``dtmf_timeout``; 0 without DTMF."""
+        return 0.0 if not self.dtmf else len(self.dtmf) * DTMF_DIGIT_SECONDS + self.dtmf_timeout
 
 
 class OptionsCheck(StrictModel):
@@ -227,6 +282,7 @@ class Target(StrictModel):
     # never start two calls to this target closer than this
     min_spacing: Annotated[float, duration(at_most=HOUR)] = 2.0
     emergency: EmergencyShape | None = None
+    srtp: Srtp = "off"  # SDES-SRTP for the call's media: off, optional, mandatory
     checks: Checks = Field(default_factory=lambda: Checks(invite=InviteCheck()))
 
     @field_validator("test_endpoint")
@@ -264,7 +320,7 @@ class OutboxSettings(StrictModel):
 
 
 class ScheduleSettings(StrictModel):
-    max_concurrent_checks: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=64)
+    max_concurrent_checks: int = Field(default=WHEEL_MAX_CALLS, ge=1, le=MAX_WORKERS * WHEEL_MAX_CALLS)
     jitter: float = Field(default=0.1, ge=0, le=0.5)  # fraction of the interval
     first_check_at_start: Bool = True
     confirm_failures: Bool = True  # one immediate confirmation check after a failure
@@ -297,14 +353,23 @@ class ProbeConfig(StrictModel):
             object.__setattr__(self, "targets", targets)  # frozen: set once, while validating
         return self
 
+    def sip_workers(self) -> int:
+        """How many SIP worker processes the agent runs: ``sip.workers``, or for "auto" enough
+        call slots for the checks that may run at once (``schedule.max_concurrent_checks``,
+        and at most one per enabled kind of each target), ``max_calls`` per worker, at most
+        ``AUTO_WORKERS_CAP``."""
+        if isinstance(self.sip.workers, int):
+            return self.sip.workers
+        kinds = sum(len(t.checks.enabled()) for t in self.targets)
+        at_once = min(self.schedule.max_concurrent_checks, kinds)
+        return max(1, min(AUTO_WORKERS_CAP, -(-at_once // self.sip.max_calls)))
+
     def config_problems(self) -> list[tuple[Loc, str]]:
         """Cross-field checks, located exactly: duplicate ids and the live-number guard."""
         problems: list[tuple[Loc, str]] = []
-        seen: set[str] = set()
+        ids = (target.id for target in self.targets)
+        problems += [(("targets", i, "id"), f"target id {value} appears twice") for i, value in repeats(ids)]
         for i, target in enumerate(self.targets):
-            if target.id in seen:
-                problems.append((("targets", i, "id"), f"target id {target.id} appears twice"))
-            seen.add(target.id)
             if target.uri.lower().startswith("urn:") and target.outbound_proxy is None:
                 problems.append((("targets", i, "outbound_proxy"), "a urn: target needs an outbound_proxy"))
             if target.checks.register is not None and target.account is None:
@@ -337,7 +402,10 @@ class ProbeConfig(StrictModel):
 
 # ---------------------------------------------------------------- responder
 
-Fault = Literal["none", "answer_503", "never_answer", "no_media", "one_way_media", "delayed_answer"]
+Fault = Literal[
+    "none", "answer_503", "never_answer", "no_media", "one_way_media", "delayed_answer",
+    "strip_identity", "strip_location", "plain_rtp", "dtmf_lost",
+]  # fmt: skip
 
 
 class ResponderSip(StrictModel):

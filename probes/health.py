@@ -37,6 +37,12 @@ ecpm_probe_check_hard_timeouts_total            counter
 ecpm_probe_check_internal_errors_total          counter
 ecpm_probe_result_handover_errors_total         counter
 ecpm_probe_guard_refusals_total                 counter  reason
+ecpm_probe_sip_workers                          gauge    configured SIP worker processes
+ecpm_probe_sip_workers_up                       gauge    running and taking checks
+ecpm_probe_sip_call_slots                       gauge    call slots of the running workers
+ecpm_probe_sip_call_slots_busy                  gauge    checks in flight on workers
+ecpm_probe_sip_worker_restarts_total            counter  workers started again after one died
+ecpm_probe_sip_worker_lost_checks_total         counter  checks lost with their worker
 ecpm_probe_loop_heartbeat_age_seconds           gauge
 ==============================================  =======  ===========================
 
@@ -70,6 +76,7 @@ from ecpm.settings import Listen
 from probes.mqtt import Publisher, PublisherStats
 from probes.outbox import Outbox, OutboxStats
 from probes.scheduler import Scheduler, SchedulerStats
+from probes.workers import WorkerPool, WorkerPoolStats
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +98,7 @@ class ProbeSnapshot:
     mqtt: PublisherStats | None = None
     scheduler: SchedulerStats | None = None
     guard_refusals: Mapping[str, int] = field(default_factory=dict)
+    workers: WorkerPoolStats | None = None
 
 
 class ProbeCollector(Collector):
@@ -182,6 +190,20 @@ class ProbeCollector(Collector):
         yield _by_reason(
             "guard_refusals", "Dial attempts refused by the live-number guard.", s.guard_refusals
         )
+        if s.workers is not None:
+            w = s.workers
+            yield _gauge("sip_workers", "SIP worker processes configured.", w.workers)
+            yield _gauge("sip_workers_up", "SIP worker processes running and taking checks.", w.up)
+            yield _gauge("sip_call_slots", "Call slots of the running SIP workers.", w.slots)
+            yield _gauge("sip_call_slots_busy", "Checks in flight on SIP workers.", w.busy)
+            yield _counter(
+                "sip_worker_restarts", "SIP workers started again after one died.", w.restarts_total
+            )
+            yield _counter(
+                "sip_worker_lost_checks",
+                "Checks lost with the SIP worker that ran them (reported as internal_error).",
+                w.lost_checks_total,
+            )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -202,7 +224,7 @@ def _by_reason(name: str, doc: str, counts: Mapping[str, int]) -> CounterMetricF
 class HealthServer:
     """``/metrics`` and ``/healthz`` on ``listen`` (``HOST:PORT``; port 0 picks one).
 
-    Any of ``outbox``, ``publisher``, ``scheduler`` may be None (their series are then
+    Any of ``outbox``, ``publisher``, ``scheduler``, ``workers`` may be None (their series are then
     absent); ``guard_refusals`` returns refusals by reason (thread-safe, cheap).
     """
 
@@ -216,6 +238,7 @@ class HealthServer:
         publisher: Publisher | None = None,
         scheduler: Scheduler | None = None,
         guard_refusals: Callable[[], Mapping[str, int]] = dict,
+        workers: WorkerPool | None = None,
         registry: CollectorRegistry | None = None,
         stale_after: float = 10.0,
     ) -> None:
@@ -226,6 +249,7 @@ class HealthServer:
         self._publisher = publisher
         self._scheduler = scheduler
         self._guard_refusals = guard_refusals
+        self._workers = workers
         self._stale_after = stale_after
         self._beat = time.monotonic()
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
@@ -242,6 +266,7 @@ class HealthServer:
             mqtt=None if self._publisher is None else self._publisher.stats(),
             scheduler=None if self._scheduler is None else self._scheduler.stats(),
             guard_refusals=dict(self._guard_refusals()),
+            workers=None if self._workers is None else self._workers.stats(),
         )
 
     # ------------------------------------------------------------ heartbeat

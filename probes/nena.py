@@ -10,8 +10,11 @@
   a NENA i3 (NENA-STA-010, RFC 6881 test service) test-call answer: the answering
   point's name, the service URN called and the location received.
 - :func:`score_answer` turns the final response of an emergency-shaped call into a
-  verdict: 200 with a matching location echo passes; 486 (over the test-call
-  limit) is ``inconclusive``, never a pass; 404 fails as ``unsupported_service``.
+  verdict: 200 passes; 486 (over the test-call limit) is ``inconclusive``, never a
+  pass; 404 fails as ``unsupported_service``.
+- :func:`score_identity` judges what the 200 OK reports it received (stage
+  ``identity``): the callback number (``cli_missing``, ``cli_mismatch``) and the
+  location (``location_missing``, ``location_mismatch``).
 
 Untrusted XML: bodies with a DOCTYPE or entity declaration are refused before
 parsing, and bodies over :data:`MAX_BODY` are ignored.
@@ -26,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Literal
+from urllib.parse import unquote
 from xml.sax.saxutils import escape
 
 from probes.config import EmergencyShape, Location
@@ -327,8 +331,30 @@ def service_in_request(message: SipMessage) -> str:
 # ------------------------------------------------------------- test answers
 
 
-def format_test_answer(answering_point: str, service_urn: str, location: ReceivedLocation | None) -> str:
-    """The ``text/plain`` body of a NENA-style test-call 200 OK."""
+@dataclass(frozen=True, slots=True)
+class ReceivedIdentity:
+    """Who the INVITE said was calling, as the answering end received it: its ``From`` and
+    ``P-Asserted-Identity`` (RFC 3325) and its ``Geolocation`` header (RFC 6442)."""
+
+    from_: str | None = None
+    p_asserted_identity: str | None = None
+    geolocation: str | None = None
+
+    @classmethod
+    def of(cls, message: SipMessage) -> ReceivedIdentity:
+        pai = message.header_all("p-asserted-identity")
+        geo = message.header_all("geolocation")
+        return cls(message.header("from"), ", ".join(pai) or None, ", ".join(geo) or None)
+
+
+def format_test_answer(
+    answering_point: str,
+    service_urn: str,
+    location: ReceivedLocation | None,
+    identity: ReceivedIdentity | None = None,
+) -> str:
+    """The ``text/plain`` body of a NENA-style test-call 200 OK: what the call asked for and
+    what arrived with it (location and, when given, the caller's identity headers)."""
     lines = [
         f"Answering-Point: {answering_point}",
         f"Service-URN: {service_urn}",
@@ -336,7 +362,18 @@ def format_test_answer(answering_point: str, service_urn: str, location: Receive
     ]
     if location and location.civic:
         lines.append("Civic: " + "; ".join(f"{k}={v}" for k, v in location.civic.items()))
+    if identity is not None:
+        for key, value in (
+            ("From", identity.from_),
+            ("P-Asserted-Identity", identity.p_asserted_identity),
+            ("Geolocation", identity.geolocation),
+        ):
+            lines.append(f"{key}: {_one_line(value) if value else 'none'}")
     return "\r\n".join(lines) + "\r\n"
+
+
+def _one_line(value: str) -> str:
+    return " ".join(value.split())[:512]
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +382,10 @@ class TestAnswer:
     service_urn: str | None
     location_text: str | None
     position: tuple[float, float] | None  # (latitude, longitude) when the echo has one
+    civic: Mapping[str, str] = field(default_factory=dict)  # the civic address echoed
+    from_: str | None = None  # the caller's From as received ("none" reads as None)
+    p_asserted_identity: str | None = None
+    geolocation: str | None = None
 
 
 _KEYS: Final[Mapping[str, str]] = {
@@ -358,6 +399,10 @@ _KEYS: Final[Mapping[str, str]] = {
     "location": "location",
     "location-received": "location",
     "location received": "location",
+    "civic": "civic",
+    "from": "from",
+    "p-asserted-identity": "pai",
+    "geolocation": "geolocation",
 }
 _NUMBER = r"[-+]?\d{1,3}(?:\.\d+)?"
 _POSITION = re.compile(rf"({_NUMBER})\s*[, ]\s*({_NUMBER})")
@@ -383,7 +428,20 @@ def parse_test_answer(text: str) -> TestAnswer:
             lat, lon = float(m.group(1)), float(m.group(2))
             if -90 <= lat <= 90 and -180 <= lon <= 180:
                 position = (lat, lon)
-    return TestAnswer(found.get("answering_point"), found.get("service_urn"), location, position)
+    civic: dict[str, str] = {}
+    for item in found.get("civic", "").split(";"):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            civic[key.strip()] = value.strip()
+
+    def named(key: str) -> str | None:
+        value = found.get(key)
+        return None if not value or value.lower() == "none" else value
+
+    return TestAnswer(
+        found.get("answering_point"), found.get("service_urn"), location, position, civic,
+        named("from"), named("pai"), named("geolocation"),
+    )  # fmt: skip
 
 
 def distance_m(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -419,11 +477,10 @@ class Score:
 def score_answer(status: int, message: str | None, shape: EmergencyShape) -> Score:
     """Verdict on the final response to an emergency-shaped INVITE (stage ``answer``).
 
-    200: pass, unless a location was sent and ``expect_location_echo`` is on, in
-    which case the text/plain answer must echo it (``no_location_echo``,
-    ``location_mismatch``). 486: ``inconclusive``/``test_call_limit``. 404:
-    ``fail``/``unsupported_service``. Anything else is not scored here (None reason,
-    outcome ``fail``) and the caller maps the status.
+    200: pass (what arrived with the call is the ``identity`` stage's, :func:`score_identity`).
+    486: ``inconclusive``/``test_call_limit``. 404: ``fail``/``unsupported_service``.
+    Anything else is not scored here (None reason, outcome ``fail``) and the caller maps
+    the status.
     """
     if status == 486:
         return Score("inconclusive", "test_call_limit", {})
@@ -441,14 +498,71 @@ def score_answer(status: int, message: str | None, shape: EmergencyShape) -> Sco
         ):
             if value:
                 detail[key] = value[:256]
+    return Score("pass", None, detail)
+
+
+def expects_identity(shape: EmergencyShape) -> bool:
+    """The answer must report what arrived: a callback number, or a location to echo."""
+    return shape.callback_number is not None or (shape.location is not None and shape.expect_location_echo)
+
+
+def numbers_in(value: str | None) -> list[str]:
+    """The telephone numbers (digits, no ``+``) in a From / P-Asserted-Identity value: the
+    user part of each ``sip:``/``sips:`` URI, or a ``tel:`` URI's number."""
+    if not value:
+        return []
+    uris = re.findall(r"<([^>]*)>", value) or [v.split(";", 1)[0] for v in value.split(",")]
+    found: list[str] = []
+    for uri in uris:
+        scheme, _, rest = uri.strip().partition(":")
+        if scheme.lower() == "tel":
+            user = rest.split(";", 1)[0]
+        elif scheme.lower() in ("sip", "sips") and "@" in rest:
+            user = rest.split("@", 1)[0].split(";", 1)[0]
+        else:
+            continue
+        digits = re.sub(r"[-.() ]", "", unquote(user)).removeprefix("+")
+        if re.fullmatch(r"[0-9]{3,20}", digits):
+            found.append(digits)
+    return found
+
+
+def _civic_mismatch(sent: Mapping[str, str], echoed: Mapping[str, str]) -> list[str]:
+    """The civic elements sent that came back different (compared without case and spacing)."""
+    norm = {k.lower(): " ".join(v.split()).lower() for k, v in echoed.items()}
+    return [k for k, v in sent.items() if norm.get(k.lower()) != " ".join(v.split()).lower()]
+
+
+def score_identity(message: str | None, shape: EmergencyShape) -> Score:
+    """Verdict on what the answering end reports it received (stage ``identity``).
+
+    The callback number must be in the reported P-Asserted-Identity (else From):
+    ``cli_missing`` when neither carries a number, ``cli_mismatch`` when it is another.
+    The location: ``location_missing`` without a reported position, ``location_mismatch``
+    when it is farther than our uncertainty radius (at least 1 m) or a reported civic
+    address differs from the one sent.
+    """
+    answer = test_answer_of(parse_sip_message(message)) if message else None
+    detail: dict[str, str] = {}
+    if shape.callback_number is not None:
+        reported = (answer.p_asserted_identity or answer.from_) if answer is not None else None
+        detail["identity.cli"] = _one_line(reported) if reported else "none"
+        numbers = numbers_in(reported)
+        if not numbers:
+            return Score("fail", "cli_missing", detail)
+        if shape.callback_number.removeprefix("+") not in numbers:
+            return Score("fail", "cli_mismatch", detail)
     if shape.location is None or not shape.expect_location_echo:
         return Score("pass", None, detail)
     if answer is None or answer.position is None:
-        return Score("fail", "no_location_echo", detail)
-    if not location_matches(shape.location, answer.position):
-        detail["nena.location_error_m"] = (
-            f"{distance_m((shape.location.latitude, shape.location.longitude), answer.position):.1f}"
-        )
+        return Score("fail", "location_missing", detail)
+    sent = shape.location
+    if not location_matches(sent, answer.position):
+        error = distance_m((sent.latitude, sent.longitude), answer.position)
+        detail["nena.location_error_m"] = f"{error:.1f}"
+        return Score("fail", "location_mismatch", detail)
+    if sent.civic and answer.civic and (changed := _civic_mismatch(sent.civic, answer.civic)):
+        detail["identity.civic_changed"] = ",".join(changed)[:256]
         return Score("fail", "location_mismatch", detail)
     return Score("pass", None, detail)
 
@@ -459,6 +573,8 @@ def emergency_headers(shape: EmergencyShape, content_id: str | None) -> list[tup
     if shape.p_asserted_identity:
         pai = shape.p_asserted_identity.strip()
         headers.append(("P-Asserted-Identity", pai if pai.startswith("<") or " " in pai else f"<{pai}>"))
+    elif shape.callback_number:
+        headers.append(("P-Asserted-Identity", f"<tel:{shape.callback_number}>"))
     if shape.resource_priority:
         headers.append(("Resource-Priority", shape.resource_priority))
     if content_id is not None:

@@ -26,7 +26,15 @@ CALL_KINDS: Final[frozenset[str]] = frozenset({"invite"})
 
 # Every stage a check may time or fail at, in call order (each kind uses a subset, its
 # registry entry's ``stages``); the monitor creates its stage series from this.
-STAGES: Final[tuple[str, ...]] = ("transport", "trying", "ringing", "answer", "media", "teardown")
+STAGES: Final[tuple[str, ...]] = (
+    "transport", "trying", "ringing", "answer", "identity", "media", "dtmf", "teardown",
+)  # fmt: skip
+
+# The identity stage's reasons: the caller's number or location lost or changed on the way
+# (probes.nena.score_identity); the evidence report counts calls failed with each
+IDENTITY_REASONS: Final[tuple[str, ...]] = (
+    "cli_missing", "cli_mismatch", "location_missing", "location_mismatch",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,10 +2,13 @@
 
 Per call: 180 Ringing for ``ring_time``, then 200 OK whose body is multipart/mixed:
 the SDP and a NENA-style ``text/plain`` test-call answer (answering point name, the
-service URN it was called on, the location it received in the PIDF-LO). Media by
+service URN it was called on, the location it received in the PIDF-LO, and the From,
+P-Asserted-Identity and Geolocation headers it received, so the probe can check that
+the caller's number and location were delivered). Media by
 ``mode``: ``tone`` plays ``tone_hz``; ``echo`` returns what it receives;
-``echo+tone`` (default) does both. Above ``max_calls`` concurrent calls it answers
-486; after ``max_call_duration`` it sends BYE. OPTIONS get 200 (pjsua answers them).
+``echo+tone`` (default) does both; DTMF digits received (RFC 4733) are sent back.
+Above ``max_calls`` concurrent calls it answers 486; after ``max_call_duration`` it
+sends BYE. OPTIONS get 200 (pjsua answers them).
 
 Faults, switchable at run time through the loopback HTTP control (``ecpm.http``:
 ``GET /fault``, ``PUT /fault`` with the name as body, ``GET /status``, ``GET /health``;
@@ -19,6 +22,12 @@ when one is configured):
 ``no_media``       answers with a normal SDP but no RTP behind it (loop transport)
 ``one_way_media``  plays its tone but never returns what it receives
 ``delayed_answer`` rings for ``answer_delay`` before answering
+``strip_identity`` reports the call as though the network lost the caller's number:
+                   no P-Asserted-Identity, an anonymous From (RFC 3323)
+``strip_location`` reports the call as though the network lost its location: no
+                   Geolocation, no PIDF-LO
+``plain_rtp``      answers with plain RTP even when SRTP was offered (SDES keys refused)
+``dtmf_lost``      does not send back the DTMF digits it receives
 =================  ==============================================================
 
 The responder must be reached with a ``sip:``/``sips:`` Request-URI: pjsip cannot
@@ -35,8 +44,9 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, get_args
 
 from starlette.applications import Starlette
@@ -50,13 +60,20 @@ from ecpm.configfile import read_yaml, secret_of, validate
 from ecpm.errors import ConfigError, UsageError
 from probes.config import Fault, ResponderConfig, SipSettings
 from probes.guard import Guard
-from probes.nena import format_test_answer, location_in_request, parse_sip_message, service_in_request
-from probes.sip import IncomingCall, Part, SipEngine
+from probes.nena import (
+    ReceivedIdentity,
+    format_test_answer,
+    location_in_request,
+    parse_sip_message,
+    service_in_request,
+)
+from probes.sip import CallEvent, IncomingCall, Part, SipEngine
 
 logger = logging.getLogger(__name__)
 
 FAULTS: Final[tuple[str, ...]] = get_args(Fault)
 MAX_BODY: Final = 1024  # a fault name, with room to spare
+ANONYMOUS: Final = '"Anonymous" <sip:anonymous@anonymous.invalid>'  # RFC 3323 section 4.1.1.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +140,14 @@ class Responder:
             logger.warning("responder fault: %s -> %s", self._fault, value)
         self._fault = value
         if self.engine.running:
-            self.engine.set_incoming_media(value != "no_media")
+            self._media_fault()
+
+    def _media_fault(self) -> None:
+        self.engine.set_incoming_media(self._fault != "no_media")
+        self.engine.set_incoming_srtp(self._fault != "plain_rtp")
 
     def start(self) -> None:
-        self.engine.set_incoming_media(self._fault != "no_media")
+        self._media_fault()
         self.engine.serve(self.handle)
 
     def status(self) -> ResponderStatus:
@@ -163,10 +184,7 @@ class Responder:
         delay = cfg.answer_delay if fault == "delayed_answer" else cfg.ring_time
         if await call.wait_ended(delay) is not None:
             return  # the caller gave up (CANCEL)
-        request = parse_sip_message(call.request.message)
-        body = format_test_answer(
-            cfg.answering_point, service_in_request(request), location_in_request(request)
-        )
+        body = self._test_answer(call, fault)
         if fault != "no_media":
             if cfg.mode in ("tone", "echo+tone"):
                 await call.play_tone(cfg.tone_hz)
@@ -175,9 +193,36 @@ class Responder:
         if not await call.answer(200, parts=(Part("text/plain", body),), max_duration=cfg.max_call_duration):
             return
         self.answered_total += 1
-        if await call.wait_ended(cfg.max_call_duration) is None:
+        if await self._until_ended(call, echo_dtmf=fault != "dtmf_lost") is None:
             logger.info("call reached max_call_duration (%.0f s): BYE", cfg.max_call_duration)
             await call.hangup()
+
+    async def _until_ended(self, call: IncomingCall, *, echo_dtmf: bool) -> CallEvent | None:
+        """The answered call until it ends (its end), or None at ``max_call_duration``;
+        every DTMF digit received is sent back (RFC 4733), unless ``echo_dtmf`` is off."""
+        until = time.monotonic() + self.config.max_call_duration
+        while (left := until - time.monotonic()) > 0:
+            event = await call.next_event(left)
+            if event is None:
+                break
+            if event.kind == "disconnected":
+                return event
+            if event.kind == "dtmf" and event.digit and echo_dtmf:
+                await call.send_dtmf(event.digit)
+        return None
+
+    def _test_answer(self, call: IncomingCall, fault: str) -> str:
+        """The NENA-style answer: what the call asked for and what arrived with it (less
+        what a ``strip_*`` fault pretends the network lost)."""
+        request = parse_sip_message(call.request.message)
+        location = None if fault == "strip_location" else location_in_request(request)
+        identity = ReceivedIdentity.of(request)
+        if fault == "strip_identity":
+            identity = replace(identity, from_=ANONYMOUS, p_asserted_identity=None)
+        elif fault == "strip_location":
+            identity = replace(identity, geolocation=None)
+        service = service_in_request(request)
+        return format_test_answer(self.config.answering_point, service, location, identity)
 
 
 # ------------------------------------------------------------------ HTTP control

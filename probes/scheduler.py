@@ -107,6 +107,13 @@ def verdict_ready(outcome: CheckOutcome) -> None:
         deliver(outcome)
 
 
+def relay_verdicts(deliver: Callable[[CheckOutcome], None]) -> None:
+    """Make :func:`verdict_ready` in the current task call ``deliver``: what the scheduler
+    does in each runner's task, and a SIP worker in each check's (it relays the verdict to
+    the agent, whose runner task hands it to the scheduler)."""
+    _EARLY.set(deliver)
+
+
 RequestRefusal = Literal["unknown_target", "check_disabled", "duplicate", "queue_full", "stopping"]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -127,6 +128,59 @@ def test_two_targets_signed_results_without_gaps(
     assert statuses[0]["online"] is True and statuses[0]["targets"] == ["a", "b"]
     assert statuses[-1]["online"] is False  # a clean stop says so before disconnecting
     assert outbox_depth(tmp_path / "outbox.db") == 0
+
+
+def probe_metric(health: str, name: str) -> float | None:
+    """One unlabelled sample from a running probe's own /metrics."""
+    try:
+        with urllib.request.urlopen(f"http://{health}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_killed_sip_worker_is_restarted_and_the_agent_keeps_publishing(
+    tmp_path: Path, broker: Broker, responder: ResponderProcess
+) -> None:
+    config = probe_config(tmp_path, broker, responder)
+    config["sip"] = {"workers": 2}
+    sub = Subscriber(broker, "ecpm/v1/results/#", tmp_path / "sub.txt", name="ecpm-test-sub")
+    probe = ProbeProcess(tmp_path, config)
+    try:
+        assert probe.proc is not None
+        wait_for(lambda: len(children(probe.proc.pid)) == 2, 30, "two SIP workers")
+        wait_for(lambda: len(sub.results()) >= 2, 40, "first results")
+        victim = children(probe.proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        health = probe.health
+        wait_for(
+            lambda: probe_metric(health, "ecpm_probe_sip_worker_restarts_total") == 1,
+            30,
+            "the worker restarted",
+        )
+        assert probe_metric(health, "ecpm_probe_sip_workers_up") == 2
+        assert victim not in children(probe.proc.pid) and len(children(probe.proc.pid)) == 2
+        count = len(sub.results())
+        wait_for(lambda: len(sub.results()) >= count + 4, 40, "results after the restart")
+        assert probe.proc.poll() is None
+    finally:
+        assert probe.stop() == 0, probe.text()
+        time.sleep(0.5)
+        sub.stop()
+    results = assert_complete(sub.results())  # seq 1..N: the agent numbered through the crash
+    lost = [r for r in results if r.reason == "internal_error"]
+    assert all("worker-" in r.detail["worker"] and "SIGKILL" in r.detail["worker"] for r in lost)
+    assert all(r.outcome == "pass" for r in results if r.reason != "internal_error")
+    assert results[-1].outcome == "pass"
 
 
 def test_broker_outage_loses_nothing(tmp_path: Path, broker: Broker, responder: ResponderProcess) -> None:

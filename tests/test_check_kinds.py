@@ -20,10 +20,10 @@ from monitor.metrics import OTHER_STAGE, MonitorMetrics
 from monitor.model import Snapshot
 from probes import nena
 from probes.check_kinds import REASONS, REGISTRY
-from probes.checks import NENA_REASONS, STATUS_REASONS, reason_for_status
+from probes.checks import CALL_REASONS, NENA_REASONS, SETUP_REASONS, STATUS_REASONS, reason_for_status
 from probes.config import Checks, EmergencyShape, Target
 from probes.mqtt import COMMAND_KINDS
-from probes.outcome import CALL_KINDS, CHECK_KINDS, STAGES, CheckOutcome
+from probes.outcome import CALL_KINDS, CHECK_KINDS, IDENTITY_REASONS, STAGES, CheckOutcome
 from probes.result import CODE_RE, Result, parse_result
 from probes.scheduler import SCHEDULER_REASONS, check_interval, check_limit, enabled_kinds
 
@@ -104,6 +104,14 @@ def test_every_reason_is_documented_and_produced_where_it_says() -> None:
     shape = EmergencyShape()
     scored = {nena.score_answer(status, None, shape).reason for status in (486, 404)}
     assert scored <= set(NENA_REASONS) <= set(REGISTRY["invite"].reasons)
+
+
+def test_the_identity_reasons_are_the_identity_stage_s_own() -> None:
+    """The evidence report counts lost numbers and locations from the reason column alone."""
+    others = (*SETUP_REASONS, *STATUS_REASONS, *NENA_REASONS, *CALL_REASONS, *SCHEDULER_REASONS)
+    assert set(IDENTITY_REASONS).isdisjoint(others)
+    assert set(IDENTITY_REASONS) <= set(REGISTRY["invite"].reasons)
+    assert "identity" in REGISTRY["invite"].stages
 
 
 def test_docs_say_how_to_add_a_kind() -> None:

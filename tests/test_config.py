@@ -14,12 +14,12 @@ import typing
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ecpm.check_config import load_any
 from ecpm.configfile import format_duration, parse_duration
 from ecpm.errors import ConfigError
-from monitor.config import MonitorConfig
+from monitor.config import Http, MonitorConfig
 from probes.config import ProbeConfig, ResponderConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,3 +164,23 @@ def test_examples_document_every_option(name: str, model: type[BaseModel]) -> No
     text = (ROOT / "config" / name).read_text()
     missing = sorted(n for n in _field_names(model) if not re.search(rf"(^|[\s{{,]){n}:", text, re.MULTILINE))
     assert missing == [], f"config/{name} does not document: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("http", "link"),
+    [
+        ({"listen": "127.0.0.1:9470"}, "http://127.0.0.1:9470/"),
+        ({"listen": "[::1]:9470"}, "http://[::1]:9470/"),
+        ({"listen": "0.0.0.0:9470"}, None),
+        ({"listen": "[::]:9470"}, None),
+        ({"listen": "0.0.0.0:9470", "public_url": "https://ecpm.example.net"}, "https://ecpm.example.net/"),
+        ({"public_url": "https://ecpm.example.net/status/"}, "https://ecpm.example.net/status/"),
+    ],
+)
+def test_status_link_in_pages_is_one_people_can_open(http: dict[str, str], link: str | None) -> None:
+    assert Http.model_validate(http).status_url == link
+
+
+def test_public_url_must_be_http() -> None:
+    with pytest.raises(ValidationError, match="public_url"):
+        Http.model_validate({"public_url": "ftp://x"})

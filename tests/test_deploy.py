@@ -49,6 +49,7 @@ ALERTS = {
     # name: (severity, concerns one target)
     "EmergencyPathDown": ("page", True),
     "EmergencyPathDegraded": ("ticket", True),
+    "EmergencyRedundancyLost": ("ticket", False),  # per service
     "EmergencyMonitoringGap": ("page", True),
     "EmergencyProbeDown": ("ticket", False),
     "EmergencyMonitorDown": ("page", False),
@@ -132,6 +133,9 @@ def test_alert_rules_follow_the_contract() -> None:
     assert 'up{job="ecpm-monitor"} == 0' in monitor_down
     assert 'absent(up{job="ecpm-monitor"})' in monitor_down
     assert rules["EcpmMonitorBrokerDisconnected"]["expr"] == "ecpm_monitor_mqtt_connected == 0"
+    redundancy = rules["EmergencyRedundancyLost"]
+    assert redundancy["expr"] == "ecpm_service_redundancy_lost == 1"
+    assert redundancy["labels"]["service"] == "{{ $labels.service }}"
     jobs = [j["job_name"] for j in yaml.safe_load(PROM_CONFIG.read_text())["scrape_configs"]]
     assert "ecpm-monitor" in jobs
 
@@ -385,15 +389,22 @@ def test_dashboard_promql_parses(tmp_path: Path) -> None:
 @pytest.mark.peers("mosquitto")
 def test_every_metric_in_rules_and_dashboard_is_exported_by_a_running_monitor(tmp_path: Path) -> None:
     """`ecpm monitor` with a real mosquitto, fed one signed passing result: its /metrics
-    must carry every metric name the alert rules and the dashboard read."""
+    must carry every metric name the alert rules and the dashboard read (a call and a
+    register check: ``ecpm_registration_up`` exists once a register result came)."""
     hook = {"type": "webhook", "name": "hook", "url": "http://127.0.0.1:9/never-called"}
-    with Broker(tmp_path) as broker, start_monitor(tmp_path, broker, notifiers=[hook]) as monitor:
+    services = [{"id": "s1", "primary": ["t1"], "backup": ["t2"]}]  # for the redundancy series
+    with (
+        Broker(tmp_path) as broker,
+        start_monitor(tmp_path, broker, notifiers=[hook], targets=("t1", "t2"), services=services) as monitor,
+    ):
         sim = ProbeSim("p1")
-        result = sim.result("t1", "pass", datetime.now(UTC))
+        now = datetime.now(UTC)
+        results = [sim.result("t1", "pass", now), sim.result("t1", "pass", now, check="register")]
 
         def observed() -> bool:
-            publish(broker, [(sim.topic("t1"), result.to_json())])  # again until the monitor has it
-            return "ecpm_media_mos{" in monitor.metrics_text()
+            publish(broker, [(sim.topic("t1"), r.to_json()) for r in results])  # again until it has them
+            text = monitor.metrics_text()
+            return "ecpm_media_mos{" in text and "ecpm_registration_up{" in text
 
         wait_for(observed, 20, "the monitor to take the result", [monitor.proc], every=0.5)
         families = list(text_string_to_metric_families(monitor.metrics_text()))

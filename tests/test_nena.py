@@ -158,13 +158,8 @@ def test_score_answers() -> None:
     ok = nena.score_answer(200, _answer("geo:51.5034,-0.1276"), shape)
     assert (ok.outcome, ok.reason) == ("pass", None)
     assert ok.detail["nena.answering_point"] == "P"
-    near = nena.score_answer(200, _answer("geo:51.50341,-0.12761"), shape)  # ~1.3 m: inside 25 m
-    assert near.outcome == "pass"
-    far = nena.score_answer(200, _answer("geo:51.5134,-0.1276"), shape)  # ~1.1 km
-    assert (far.outcome, far.reason) == ("fail", "location_mismatch")
-    assert 1000 < float(far.detail["nena.location_error_m"]) < 1200
-    missing = nena.score_answer(200, "SIP/2.0 200 OK\r\nContent-Type: application/sdp\r\n\r\nv=0\r\n", shape)
-    assert (missing.outcome, missing.reason) == ("fail", "no_location_echo")
+    # what arrived with the call is the identity stage's: the answer stage passes a 200
+    assert nena.score_answer(200, _answer("geo:51.5134,-0.1276"), shape).outcome == "pass"
     verdicts = {
         486: ("inconclusive", "test_call_limit"),
         404: ("fail", "unsupported_service"),
@@ -173,10 +168,84 @@ def test_score_answers() -> None:
     for status, verdict in verdicts.items():
         score = nena.score_answer(status, None, shape)
         assert (score.outcome, score.reason) == verdict
-    no_echo_wanted = EmergencyShape(location=LOC, expect_location_echo=False)
-    assert nena.score_answer(200, None, no_echo_wanted).outcome == "pass"
     no_location = EmergencyShape(resource_priority="esnet.1")
     assert nena.score_answer(200, None, no_location).outcome == "pass"
+
+
+def test_score_identity_location() -> None:
+    shape = EmergencyShape(location=LOC)
+    assert nena.expects_identity(shape)
+    ok = nena.score_identity(_answer("geo:51.5034,-0.1276"), shape)
+    assert (ok.outcome, ok.reason) == ("pass", None)
+    near = nena.score_identity(_answer("geo:51.50341,-0.12761"), shape)  # ~1.3 m: inside 25 m
+    assert near.outcome == "pass"
+    far = nena.score_identity(_answer("geo:51.5134,-0.1276"), shape)  # ~1.1 km
+    assert (far.outcome, far.reason) == ("fail", "location_mismatch")
+    assert 1000 < float(far.detail["nena.location_error_m"]) < 1200
+    sdp_only = "SIP/2.0 200 OK\r\nContent-Type: application/sdp\r\n\r\nv=0\r\n"
+    for message in (sdp_only, _answer("none"), None):
+        missing = nena.score_identity(message, shape)
+        assert (missing.outcome, missing.reason) == ("fail", "location_missing")
+    no_echo_wanted = EmergencyShape(location=LOC, expect_location_echo=False)
+    assert not nena.expects_identity(no_echo_wanted)
+    assert nena.score_identity(None, no_echo_wanted).outcome == "pass"
+
+
+def test_score_identity_civic_address() -> None:
+    civic = Location(
+        latitude=51.5034, longitude=-0.1276, radius_m=25, civic={"country": "GB", "RD": "Example St"}
+    )
+    shape = EmergencyShape(location=civic)
+    same = _answer("geo:51.5034,-0.1276\r\nCivic: country=gb; RD=Example  St")
+    assert nena.score_identity(same, shape).outcome == "pass"  # case and spacing aside
+    changed = nena.score_identity(_answer("geo:51.5034,-0.1276\r\nCivic: country=GB; RD=Other St"), shape)
+    assert (changed.outcome, changed.reason) == ("fail", "location_mismatch")
+    assert changed.detail["identity.civic_changed"] == "RD"
+    # a service that echoes only the position (as NENA test services do) is not failed for it
+    assert nena.score_identity(_answer("geo:51.5034,-0.1276"), shape).outcome == "pass"
+
+
+def _identity_answer(**reported: str) -> str:
+    lines = "".join(f"{k}: {v}\r\n" for k, v in reported.items())
+    return _answer("geo:51.5034,-0.1276\r\n" + lines.removesuffix("\r\n"))
+
+
+@pytest.mark.parametrize(
+    ("reported", "verdict"),
+    [
+        ({"P-Asserted-Identity": "<tel:+441632960000>", "From": "<sip:desk@x>"}, ("pass", None)),
+        ({"P-Asserted-Identity": "<sip:+44-1632-960000@p.example;user=phone>"}, ("pass", None)),
+        ({"P-Asserted-Identity": "<sip:%2B441632960000@p.example>"}, ("pass", None)),
+        ({"P-Asserted-Identity": '"A" <sip:a@x>, <tel:+441632960000>'}, ("pass", None)),
+        ({"P-Asserted-Identity": "none", "From": "<sip:+441632960000@x>"}, ("pass", None)),
+        ({"P-Asserted-Identity": "none", "From": '"Anonymous" <sip:anonymous@anonymous.invalid>'},
+         ("fail", "cli_missing")),
+        ({}, ("fail", "cli_missing")),
+        ({"P-Asserted-Identity": "<tel:+441632960999>"}, ("fail", "cli_mismatch")),
+        ({"P-Asserted-Identity": "<sip:01632960000@x>"}, ("fail", "cli_mismatch")),
+    ],
+)  # fmt: skip
+def test_score_identity_callback_number(reported: dict[str, str], verdict: tuple[str, str | None]) -> None:
+    shape = EmergencyShape(callback_number="+441632960000", location=LOC)
+    score = nena.score_identity(_identity_answer(**reported), shape)
+    assert (score.outcome, score.reason) == verdict, score
+    assert score.detail["identity.cli"]
+
+
+def test_identity_reported_by_the_responder_round_trips() -> None:
+    """What the responder writes (From, PAI, Geolocation) the probe reads back."""
+    request = nena.parse_sip_message(
+        "INVITE sip:x@h SIP/2.0\r\nFrom: <sip:desk@h>;tag=1\r\n"
+        "P-Asserted-Identity: <tel:+441632960000>\r\nGeolocation: <cid:c1@x>\r\n\r\n"
+    )
+    identity = nena.ReceivedIdentity.of(request)
+    body = nena.format_test_answer("P", "sip:x@h", None, identity)
+    answer = nena.parse_test_answer(body)
+    assert answer.from_ == "<sip:desk@h>;tag=1"
+    assert answer.p_asserted_identity == "<tel:+441632960000>"
+    assert answer.geolocation == "<cid:c1@x>"
+    bare = nena.parse_test_answer(nena.format_test_answer("P", "sip:x@h", None, nena.ReceivedIdentity()))
+    assert (bare.from_, bare.p_asserted_identity, bare.geolocation) == (None, None, None)
 
 
 def test_emergency_headers() -> None:
@@ -190,6 +259,9 @@ def test_emergency_headers() -> None:
         ("Geolocation-Routing", "yes"),
     ]
     assert nena.emergency_headers(EmergencyShape(), None) == []
+    # a callback number alone is asserted as a tel: URI (RFC 3325)
+    number = EmergencyShape(callback_number="+441632960000")
+    assert nena.emergency_headers(number, None) == [("P-Asserted-Identity", "<tel:+441632960000>")]
 
 
 @settings(max_examples=80, deadline=None)

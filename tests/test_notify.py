@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from monitor.core import MonitorCore
-from monitor.model import Incident
+from monitor.model import Incident, IncidentDuty
 from monitor.notify import Dispatcher
 from monitor.store import open_store
 from tests.support.monitor import Clock, ProbeSim, monitor_config
@@ -64,14 +64,19 @@ def sent(core: MonitorCore, notifier: str, outcome: str) -> float:
     return float(value)
 
 
+def every_kind(receiver: Receiver) -> list[dict[str, Any]]:
+    """A webhook, a PagerDuty and a Slack notifier, all posting to ``receiver``."""
+    return [
+        {"type": "webhook", "name": "hook", "url": receiver.url},
+        {"type": "pagerduty", "name": "pd", "url": f"{receiver.base}/pd", "routing_key": "R0UTING"},
+        {"type": "slack", "name": "slack", "url": f"{receiver.base}/slack"},
+    ]
+
+
 def test_webhook_pagerduty_and_slack_bodies(store_where: str) -> None:
     receiver = Receiver()
     try:
-        core, pages = outage(store_where, [
-            {"type": "webhook", "name": "hook", "url": receiver.url},
-            {"type": "pagerduty", "name": "pd", "url": f"{receiver.base}/pd", "routing_key": "R0UTING"},
-            {"type": "slack", "name": "slack", "url": f"{receiver.base}/slack"},
-        ])  # fmt: skip
+        core, pages = outage(store_where, every_kind(receiver))
         deliver(core, pages, lambda: len(receiver.bodies) == 3)
         by_path = dict(zip(receiver.paths, receiver.bodies, strict=True))
         hook, pd, slack = by_path["/hook"], by_path["/pd"], by_path["/slack"]
@@ -225,5 +230,34 @@ def test_a_page_in_flight_when_the_monitor_dies_is_sent_again_with_the_same_key(
         resolved = replace(again.store.incidents()[0], resolved_at=Clock()())
         deliver(again, [(resolved, "resolve")], lambda: len(receiver.bodies) == 3)
         assert receiver.headers[2]["idempotency-key"] == "ecpm-m1-incident-1-resolve"
+    finally:
+        receiver.close()
+
+
+def test_an_escalation_goes_to_its_route_only_in_each_notifiers_shape(store_where: str) -> None:
+    receiver = Receiver()
+    try:
+        core, pages = outage(store_where, every_kind(receiver))
+        incident = pages[0][0]
+        due = incident.opened_at + timedelta(minutes=30)
+        duty = IncidentDuty(
+            "us-fcc-psap", "notify the PSAPs", due, due - timedelta(minutes=10), ("hook", "pd")
+        )
+        dispatcher = deliver(core, [], lambda: True)
+        dispatcher.escalate(incident, duty)
+        dispatcher.escalate(incident, duty)  # once per incident and duty, however often asked
+        deliver(core, [], lambda: len(receiver.bodies) == 2)
+        by_path = dict(zip(receiver.paths, receiver.bodies, strict=True))
+        assert set(by_path) == {"/hook", "/pd"}  # the route: not Slack
+        hook, pd = by_path["/hook"], by_path["/pd"]
+        assert hook["event"] == "escalate" and hook["duty"]["name"] == "us-fcc-psap"
+        assert hook["dedup_key"] == "ecpm-m1-incident-1-duty-us-fcc-psap"
+        assert pd["event_action"] == "trigger" and pd["dedup_key"] == hook["dedup_key"]
+        assert pd["payload"]["summary"].startswith("DUTY NOT ACKNOWLEDGED: us-fcc-psap for incident 1")
+        assert pd["payload"]["custom_details"]["duty"]["text"] == "notify the PSAPs"
+        headers = dict(zip(receiver.paths, receiver.headers, strict=True))
+        assert headers["/hook"]["idempotency-key"] == "ecpm-m1-incident-1-duty-us-fcc-psap-escalate"
+        events = [n.event for n in core.store.open_incidents()[0].notifications]
+        assert events.count("escalate:us-fcc-psap") == 2  # hook and pd, one row each
     finally:
         receiver.close()

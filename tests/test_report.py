@@ -44,8 +44,9 @@ from monitor import report_command
 from monitor.core import MonitorCore
 from monitor.model import Incident
 from monitor.notify import incident_event
-from monitor.report import Report, TargetInfo, build_report
+from monitor.report import IdentityCounts, PingCounts, Report, TargetInfo, build_report
 from monitor.report_render import CSV_FILES, formula_like, pct, write
+from monitor.report_render.json import report_json
 from monitor.store import Verification, is_url, open_store
 from probes.outcome import CheckOutcome, MediaStats
 from probes.result import Result
@@ -927,3 +928,52 @@ def test_register_results_are_not_counted_as_options_pings(tmp_path: Path) -> No
     (t,) = report.targets
     assert (t.pings.sent, t.pings.passed) == (2, 2)
     assert t.calls.placed == 0
+
+
+def test_registrations_and_lost_numbers_and_locations_by_rows_and_aggregated(tmp_path: Path) -> None:
+    """Per target: register checks by outcome, and calls that failed at stage identity by
+    reason (from the reason column: no other stage fails with those reasons); the store's
+    aggregates give what reading every row gives."""
+    path = tmp_path / "monitor.db"
+    store = open_store(path)
+    p1 = Probe("p1")
+    results = [
+        ("register", "pass", None, None), ("register", "fail", "answer", "auth_failed"),
+        ("register", "fail", "transport", "no_response"), ("invite", "pass", None, None),
+        ("invite", "fail", "identity", "cli_missing"), ("invite", "fail", "identity", "cli_mismatch"),
+        ("invite", "fail", "identity", "location_mismatch"),
+        ("invite", "fail", "identity", "location_mismatch"),
+        ("invite", "fail", "answer", "service_unavailable"), ("options", "fail", "answer", "cli_missing"),
+    ]  # fmt: skip
+    t0 = DAY + timedelta(hours=1)
+    for i, (check, outcome, stage, reason) in enumerate(results):
+        at = t0 + timedelta(minutes=i)
+        store.add_result(p1.result("t1", outcome, at, check=check, stage=stage, reason=reason), at)
+    store.add_state_change("t1", "up", t0, "passing")
+    store.commit()
+    store.close()
+    report = report_of(path, targets=[TargetInfo("t1")])
+    (t,) = report.targets
+    assert t.registrations == PingCounts(sent=3, passed=1, failed=2, inconclusive=0)
+    assert t.identity == IdentityCounts(cli_missing=1, cli_mismatch=1, location_mismatch=2)
+    assert t.identity.failed == 4 and t.calls.failed == 5
+    store = open_store(path, read_only=True)
+    try:
+        kw: dict[str, Any] = {"start": DAY, "end": NEXT_DAY, "targets": [TargetInfo("t1")]}
+        by_rows = build_report(cast(Any, RowByRow(store)), generated_at=GENERATED, **kw)
+        real, aggregated = store.report_window, []
+
+        def window(*args: Any, **kw: Any) -> Any:
+            found = real(*args, **kw)
+            aggregated.append(found is not None and bool(found.failures))
+            return found
+
+        store.report_window = window  # type: ignore[method-assign]
+        assert build_report(store, generated_at=GENERATED, **kw) == by_rows
+        assert any(aggregated)  # the day was counted in SQL
+        assert by_rows.targets[0].identity == t.identity
+    finally:
+        store.close()
+    document = report_json(report)
+    assert document["targets"][0]["register"] == {"sent": 3, "passed": 1, "failed": 2, "inconclusive": 0}
+    assert document["targets"][0]["identity"]["location_mismatch"] == 2

@@ -66,6 +66,16 @@ def test_call_failure_exits_1(clean_responder: ResponderProcess) -> None:
     )
 
 
+def test_call_with_dtmf_and_srtp(clean_responder: ResponderProcess) -> None:
+    run = ecpm("call", clean_responder.uri, "--json", "--dtmf", "159#", "--srtp", "mandatory", *QUICK)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(run.stdout)
+    assert "dtmf" in result["timings"] and result["detail"]["dtmf.received"] == "159#"
+    assert result["detail"]["media.encrypted"] == "yes"
+    bad = ecpm("call", clean_responder.uri, "--dtmf", "12x")
+    assert bad.returncode == 2 and "dtmf: '12x': DTMF digits are 1 to 16" in bad.stderr
+
+
 def test_options(clean_responder: ResponderProcess) -> None:
     run = ecpm("call", clean_responder.uri, "--options", "--json")
     assert run.returncode == 0, run.stderr

@@ -305,5 +305,10 @@ def test_tls(tmp_path: Path) -> None:
         good, bad = outcomes
         assert good.outcome == "pass", good
         assert (bad.outcome, bad.stage, bad.reason) == ("fail", "transport", "transport_error"), bad
+        # the handshake as negotiated: OpenSSL 1.0.2k in the wheel, so TLS 1.2 at most
+        assert good.detail["tls.protocol"] == "TLSv1.2" and good.detail["tls.verified"] == "yes", good
+        assert good.detail["tls.verify"] == "ok" and good.detail["tls.peer"] == "127.0.0.1"
+        assert good.detail["tls.cipher"]
+        assert bad.detail["tls.verified"] == "no" and bad.detail["tls.verify"] != "ok", bad
     finally:
         assert proc.stop() == 0

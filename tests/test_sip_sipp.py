@@ -193,14 +193,14 @@ def test_nena_200_with_wrong_location_fails(sipp_factory: SipFactory, tmp_path: 
     wrong = variant(tmp_path, "uas_nena.xml", "Location: geo:[$lat],[$lon]", "Location: geo:-[$lat],[$lon]")
     peer = sipp_factory(wrong, rtp_echo=True)
     out = check("urn:service:test.sos", **_nena_target(peer))
-    assert (out.outcome, out.stage, out.reason) == ("fail", "answer", "location_mismatch"), out
+    assert (out.outcome, out.stage, out.reason) == ("fail", "identity", "location_mismatch"), out
     assert float(out.detail["nena.location_error_m"]) > 10_000_000  # the other hemisphere
 
 
 def test_nena_200_without_answer_body_fails(sipp_factory: SipFactory) -> None:
     peer = sipp_factory("uas_echo.xml", rtp_echo=True)
     out = check("urn:service:test.sos", **_nena_target(peer))
-    assert (out.outcome, out.stage, out.reason) == ("fail", "answer", "no_location_echo"), out
+    assert (out.outcome, out.stage, out.reason) == ("fail", "identity", "location_missing"), out
 
 
 def test_nena_486_is_inconclusive(sipp_factory: SipFactory, tmp_path: Path) -> None:

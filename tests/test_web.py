@@ -22,10 +22,14 @@ from prometheus_client import CollectorRegistry, Gauge
 from starlette.applications import Starlette
 
 from monitor.model import (
+    Ack,
     Incident,
+    IncidentDuty,
     Notification,
+    PathView,
     ProbeView,
     ResultSummary,
+    ServiceView,
     Snapshot,
     StateChange,
     TargetStateName,
@@ -360,6 +364,7 @@ def test_api_incidents() -> None:
     assert set(open_) == {
         "id", "target", "kind", "state", "opened_at", "resolved_at", "last_good_id", "last_good_at",
         "first_failed_id", "first_failed_at", "detection_latency_seconds", "summary", "notifications",
+        "ack", "duties",
     }  # fmt: skip
     assert (open_["id"], open_["state"], open_["resolved_at"]) == (42, "open", None)
     assert open_["detection_latency_seconds"] == 8.0
@@ -576,6 +581,75 @@ def test_status_page_in_chromium(tmp_path: Path) -> None:
                 await task
 
     asyncio.run(scenario())
+
+
+def with_duties(snap: Snapshot) -> Snapshot:
+    """incident 42 with three duties: one counting down, one met, one missed and escalated."""
+    now = snap.at
+    duties = (
+        IncidentDuty("us-fcc-psap", "notify the PSAPs", now + timedelta(minutes=10), now, ()),
+        IncidentDuty(
+            "noc", "open the bridge", now - timedelta(seconds=20), now - timedelta(seconds=50), (),
+            ack=Ack(now - timedelta(seconds=30), "jo", "BRIDGE-7"),
+        ),
+        IncidentDuty(
+            "us-nors", "file NORS", now - timedelta(seconds=5), now - timedelta(seconds=60), ("ops",),
+            escalated_at=now - timedelta(seconds=60),
+        ),
+    )  # fmt: skip
+    [incident] = snap.open_incidents
+    return replace(snap, open_incidents=(replace(incident, duties=duties),))
+
+
+@pytest.mark.peers("chromium")
+def test_duties_count_down_on_the_status_page_in_chromium() -> None:
+    snap = with_duties(outage())
+
+    async def scenario() -> dict[str, Any]:
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(make_app(lambda: snap), "127.0.0.1:0", ready=ready.set_result))
+        url = await asyncio.wait_for(ready, 5)
+        try:  # 4.5 s of virtual time: the countdown ticks four times, the page is not yet refreshed
+            early = browser.parse(await asyncio.to_thread(browser.dump_dom, url, budget_ms=300))
+            late = browser.parse(await asyncio.to_thread(browser.dump_dom, url, budget_ms=4_500))
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return {"early": early, "late": late}
+
+    seen = asyncio.run(scenario())
+
+    def left(dom: Any) -> tuple[float, str]:
+        row = dom.find("tr", data_incident="42")
+        counting = row.find(data_duty="us-fcc-psap").find(class_="countdown")
+        minutes, seconds = counting.text.removesuffix(" left").split(":")
+        return float(counting.attrs["data-due"]) - (int(minutes) * 60 + int(seconds)), counting.text
+
+    early_gone, early_text = left(seen["early"])
+    late_gone, late_text = left(seen["late"])
+    assert re.fullmatch(r"\d+:\d\d left", late_text) and late_text != early_text
+    # counted down by the page's script, second by second (virtual time: the page's clock)
+    assert 0 <= early_gone < 3 and late_gone - early_gone >= 2 and late_gone < 10, (early_gone, late_gone)
+    row = seen["late"].find("tr", data_incident="42")
+    assert (
+        row.find(data_duty="noc").attrs["data-status"] == "met"
+        and "BRIDGE-7" in row.find(data_duty="noc").text
+    )
+    nors = row.find(data_duty="us-nors")
+    assert nors.attrs["data-status"] == "missed" and "escalated" in nors.text and "overdue" in nors.text
+
+
+def test_api_incidents_show_each_duty_with_its_seconds_left() -> None:
+    snap = with_duties(outage())
+    app = make_app(snap, incidents=Incidents(list(snap.open_incidents)))
+    [incident] = request(app, "GET", "/api/v1/incidents").json()["incidents"]
+    psap, noc, nors = incident["duties"]
+    at = snap.open_incidents[0].duties[0].due_at - snap.at  # counted at the snapshot's time
+    assert psap["status"] == "pending" and psap["remaining_seconds"] == pytest.approx(at.total_seconds())
+    assert noc["status"] == "met" and noc["ack"]["ref"] == "BRIDGE-7" and noc["ack"]["by"] == "jo"
+    assert nors["status"] == "missed" and nors["remaining_seconds"] < 0 and nors["escalated_at"] is not None
+    assert nors["route"] == ["ops"] and is_time(nors["due_at"])
 
 
 @pytest.mark.peers("chromium")
@@ -806,3 +880,22 @@ def test_filtered_page_in_chromium_keeps_its_query_when_it_refreshes() -> None:
         ]
 
     asyncio.run(scenario())
+
+
+def test_services_on_the_api_and_the_status_page() -> None:
+    snap = outage()  # uk-999 down, ie-112 up
+    paths = (PathView("ie-112", "primary", "up", False), PathView("uk-999", "backup", "down", True))
+    snap = replace(snap, services={"uk": ServiceView("uk", "two platforms", "degraded", paths)})
+    app = make_app(snap)
+    [service] = request(app, "GET", "/api/v1/services").json()["services"]
+    assert service == {
+        "id": "uk", "description": "two platforms", "state": "degraded", "redundancy_lost": True,
+        "paths": [
+            {"target": "ie-112", "role": "primary", "state": "up", "lost": False},
+            {"target": "uk-999", "role": "backup", "state": "down", "lost": True},
+        ],
+    }  # fmt: skip
+    page = browser.parse(request(app, "GET", "/").text)
+    row = page.find("tr", data_service="uk")
+    assert row.attrs["data-state"] == "degraded" and "redundancy LOST" in row.text
+    assert row.find(data_path="uk-999").attrs["data-lost"] == "true"

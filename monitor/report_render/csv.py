@@ -14,12 +14,22 @@ import json
 import math
 import unicodedata
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from monitor.report import Report
-from monitor.report_render.json import bucket_json, ledger_json, rounded, span_json, took_seconds
+from monitor.model import Ack
+from monitor.redundancy import LostPeriod
+from monitor.report import DutyEntry, Report
+from monitor.report_render.json import (
+    bucket_json,
+    duty_entry_json,
+    ledger_json,
+    lost_json,
+    rounded,
+    span_json,
+    took_seconds,
+)
 from probes.result import format_time
 
 __all__ = ["CSV_FILES", "formula_like", "write_csv"]
@@ -68,6 +78,9 @@ SUMMARY_HEADER: Final = [
     "up_seconds", "degraded_seconds",
     "availability_calls", "availability_calls_met", "failed_calls", "allowed_failed_calls",
     "incidents", "monitoring_gaps", "verifications",
+    "register_sent", "register_passed", "register_failed", "register_inconclusive",
+    "identity_failed", "identity_cli_missing", "identity_cli_mismatch",
+    "identity_location_missing", "identity_location_mismatch",
 ]  # fmt: skip
 INCIDENT_HEADER: Final = [
     "target", "id", "kind", "last_good_id", "last_good_at", "first_failed_id", "first_failed_at",
@@ -100,6 +113,7 @@ Rows = Iterable[Sequence[Any]]
 def _summary_rows(report: Report) -> Rows:
     for t in report.targets:
         tw, cw, c, p = t.time, t.by_calls, t.calls, t.pings
+        r, i = t.registrations, t.identity
         yield (
             report.ledger.status, t.id, t.description, report.start, report.end, report.measured_until,
             c.placed, c.passed, c.failed, c.inconclusive, c.scheduled, c.confirmations, c.on_demand,
@@ -109,6 +123,8 @@ def _summary_rows(report: Report) -> Rows:
             tw.up_seconds, tw.degraded_seconds,
             cw.availability, cw.met, cw.failed, cw.allowed_failures,
             len(t.incidents), len(t.gaps), len(t.verifications),
+            r.sent, r.passed, r.failed, r.inconclusive,
+            i.failed, i.cli_missing, i.cli_mismatch, i.location_missing, i.location_mismatch,
         )  # fmt: skip
 
 
@@ -218,13 +234,54 @@ def _csv_tables(report: Report) -> list[tuple[str, list[str], Rows]]:
             ["target", "start", "end", "problem"],
             ((u.target, u.start, u.end, u.problem) for u in report.unreadable),
         ),
+        (
+            "duties.csv",
+            DUTY_HEADER,
+            (
+                (t.id, i.id, *_duty_row(d), *_ack(i.acknowledged))
+                for t in ts
+                for i in t.incidents
+                for d in i.duties
+            ),
+        ),
+        ("redundancy_lost.csv", list(lost_json(_NO_LOSS)), (lost_row(p) for p in report.redundancy)),
     ]
+
+
+DUTY_HEADER: Final = [
+    "target", "incident", "name", "text", "due_at", "escalate_at", "route", "status", "escalated_at",
+    "acknowledged_at", "acknowledged_by", "reference", "incident_acknowledged_at", "incident_acknowledged_by",
+    "incident_reference",
+]  # fmt: skip
+# its header comes from the JSON view (so the columns cannot drift from report.json)
+_NO_LOSS: Final = LostPeriod(
+    "", datetime.min.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC), (), "degraded"
+)
+
+
+def _ack(a: Ack | None) -> tuple[Any, Any, Any]:
+    return (None, None, None) if a is None else (a.at, a.by, a.ref)
+
+
+def _duty_row(d: DutyEntry) -> list[Any]:
+    """report.json's duty, its route joined and its acknowledgement in three columns."""
+    view = duty_entry_json(d)
+    view["route"] = " ".join(d.duty.route)
+    del view["ack"]
+    return [*view.values(), *_ack(d.duty.ack)]
+
+
+def lost_row(p: LostPeriod) -> list[Any]:
+    row = lost_json(p)
+    row["lost_paths"] = " ".join(p.lost)
+    return list(row.values())
 
 
 CSV_FILES: Final = (
     "summary.csv", "ledger.csv", "buckets.csv", "timeline.csv", "incidents.csv", "notifications.csv",
     "gaps.csv", "probe_outages.csv", "sequence_gaps.csv", "verifications.csv", "versions.csv",
     "refusals.csv", "coverage.csv", "clock_skew.csv", "skewed_results.csv", "unreadable.csv",
+    "duties.csv", "redundancy_lost.csv",
 )  # fmt: skip
 CLOCK_SKEW_HEADER: Final = [
     "probe", "results", "estimated", "min_seconds", "max_seconds", "skewed", "first_skewed_at",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Final
 
 from monitor.html import Markup, Node, csp_hashes, duration, el, escape, html, readable_time
-from monitor.report import Bucket, Notice, ProbeOutage, ProbeSkew, Report, Span, TargetReport
+from monitor.report import Bucket, DutyEntry, Notice, ProbeOutage, ProbeSkew, Report, Span, TargetReport
 from monitor.report_render.json import took_seconds
 from probes.result import format_time
 
@@ -409,6 +409,34 @@ def _fig(name: str, label: str, value: Node, note: Node) -> Markup:
     )
 
 
+def _identity_fig(t: TargetReport) -> Markup:
+    i = t.identity
+    return _fig(
+        "identity",
+        "Caller number and location lost",
+        _n(i.failed, "bad"),
+        html(
+            "calls failed at stage identity: number missing ", _n(i.cli_missing, "bad"),
+            ", changed ", _n(i.cli_mismatch, "bad"),
+            "; location missing ", _n(i.location_missing, "bad"),
+            ", changed ", _n(i.location_mismatch, "bad"), ".",
+        ),
+    )  # fmt: skip
+
+
+def _registration_fig(t: TargetReport) -> Markup:
+    r = t.registrations
+    return _fig(
+        "registrations",
+        "Registrations",
+        str(r.sent),
+        html(
+            el("span", f"{r.passed} passed", class_="good"), ", ", _n(r.failed, "bad"), " failed, ",
+            _n(r.inconclusive, "warn"), " inconclusive (register checks: REGISTER with digest auth).",
+        ),
+    )  # fmt: skip
+
+
 def _target_html(report: Report, t: TargetReport) -> Markup:
     tw, cw, c, p = t.time, t.by_calls, t.calls, t.pings
     verdict = (
@@ -455,6 +483,8 @@ def _target_html(report: Report, t: TargetReport) -> Markup:
                 ".",
             ),
         ),
+        _identity_fig(t),
+        _registration_fig(t),
     ]
     title = html(t.id, html(" ", el("span", f"— {t.description}", class_="muted")) if t.description else None)
     pdd = pdd_svg(report, t)
@@ -507,6 +537,44 @@ def _page_html(n: Notice) -> Markup:
     )
 
 
+_DUTY_CLASS: Final[Mapping[str, str]] = {"met": "good", "missed": "bad", "pending": "warn"}
+
+
+def _duty_html(d: DutyEntry) -> Markup:
+    """A duty of an incident: due, and met or missed (with who acknowledged it, when, the reference)."""
+    duty, status = d.duty, d.status
+    head = html(el("b", duty.name), " due ", _time(duty.due_at), " ")
+    verdict = el("span", status, class_=_DUTY_CLASS[status], data_duty=duty.name, data_status=status)
+    if duty.ack is None:
+        escalated = html(" (escalated ", _time(duty.escalated_at), ")") if duty.escalated_at else None
+        return html(head, verdict, ": not acknowledged", escalated)
+    ack = duty.ack
+    return html(head, verdict, f": acknowledged by {ack.by} ", _time(ack.at), " ", el("code", ack.ref))
+
+
+def _redundancy_html(report: Report) -> Markup | None:
+    if not report.redundancy:
+        return None  # no service, or none lost a path: the section says nothing
+    rows = [
+        [p.service, _time(p.start), _time(p.end), duration(p.seconds), ", ".join(p.lost),
+         el("span", p.worst, class_=f"st s-{p.worst}")]
+        for p in report.redundancy[:HTML_ROWS]
+    ]  # fmt: skip
+    return el(
+        "section",
+        el("h2", "Redundancy lost"),
+        el("p", "Periods in which a path (primary or backup) of a service was down or unknown:"
+           " degraded, the service still had another path; down or unknown, it had none.", class_="meta"),
+        _table(
+            [("Service", ""), ("From", "t"), ("To", "t"), ("Length", "num"), ("Lost paths", ""),
+             ("Worst", "")],
+            rows, empty="", name="redundancy-lost", total=len(report.redundancy),
+            csv_name="redundancy_lost.csv",
+        ),
+        data_section="redundancy",
+    )  # fmt: skip
+
+
 _INCIDENTS: Final[Headers] = (
     ("#", ""), ("Kind", ""), ("Last good", "t"), ("First failure", "t"), ("Detected", "t"),
     ("Detection latency", "num"), ("Notified", "t"), ("To notify", "num"), ("Resolved", "t"),
@@ -535,7 +603,16 @@ def _incidents_html(t: TargetReport) -> Markup:
             duration(i.duration_seconds),
         ]
         pages = _joined(" · ", [_page_html(n) for n in i.notifications]) or "no notifier configured"
-        detail = el("td", i.summary, el("br"), "Pages: ", pages, colspan=len(_INCIDENTS) - 1)
+        duties = _joined(" · ", [_duty_html(d) for d in i.duties])
+        acked = None
+        if i.acknowledged is not None:
+            a = i.acknowledged
+            acked = html(el("br"), f"Incident acknowledged by {a.by} (", el("code", a.ref), ") ", _time(a.at))
+        detail = el(
+            "td", i.summary, el("br"), "Pages: ", pages,
+            html(el("br"), "Duties: ", duties) if i.duties else None, acked,
+            colspan=len(_INCIDENTS) - 1,
+        )  # fmt: skip
         body.append(_row(_INCIDENTS, cells, class_="main", data_incident=str(i.id)))
         body.append(el("tr", el("td"), detail, class_="detail", data_incident_detail=str(i.id)))
     more = None
@@ -910,6 +987,7 @@ def render_html(report: Report) -> str:
         meta,
         _overview(report),
         [_target_html(report, t) for t in report.targets],
+        _redundancy_html(report),
         _probes_html(report),
         _ledger_detail(report),
         _definitions(report),

@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from monitor.redundancy import LostPeriod
 from monitor.report import (
     Bucket,
+    DutyEntry,
     IncidentEntry,
     LedgerCheck,
     Notice,
@@ -22,10 +24,20 @@ from monitor.report import (
     TargetReport,
 )
 from monitor.store import Verification
-from monitor.views import bounds_json, notification_json
+from monitor.views import ack_json, bounds_json, duty_json, notification_json
 from monitor.views import time_json as _t
 
-__all__ = ["bucket_json", "ledger_json", "report_json", "rounded", "span_json", "took_seconds", "write_json"]
+__all__ = [
+    "bucket_json",
+    "duty_entry_json",
+    "ledger_json",
+    "lost_json",
+    "report_json",
+    "rounded",
+    "span_json",
+    "took_seconds",
+    "write_json",
+]
 
 
 def rounded(seconds: float | None) -> float | None:
@@ -84,6 +96,27 @@ def _incident(i: IncidentEntry) -> dict[str, Any]:
         "time_to_notify_seconds": rounded(i.time_to_notify_seconds),
         "duration_seconds": rounded(i.duration_seconds),
         "notifications": [_notice(n) for n in i.notifications],
+        "acknowledged": ack_json(i.acknowledged),
+        "duties": [duty_entry_json(d) for d in i.duties],
+    }
+
+
+def duty_entry_json(d: DutyEntry) -> dict[str, Any]:
+    """The API's view of a duty (``monitor.views.duty_json``) at the measured end, without the
+    seconds left (a countdown, not evidence)."""
+    view = duty_json(d.duty, d.at)
+    del view["remaining_seconds"]
+    return view
+
+
+def lost_json(p: LostPeriod) -> dict[str, Any]:
+    return {
+        "service": p.service,
+        "start": _t(p.start),
+        "end": _t(p.end),
+        "seconds": rounded(p.seconds),
+        "lost_paths": list(p.lost),
+        "worst_state": p.worst,
     }
 
 
@@ -149,6 +182,19 @@ def _target(t: TargetReport) -> dict[str, Any]:
             "passed": t.pings.passed,
             "failed": t.pings.failed,
             "inconclusive": t.pings.inconclusive,
+        },
+        "register": {
+            "sent": t.registrations.sent,
+            "passed": t.registrations.passed,
+            "failed": t.registrations.failed,
+            "inconclusive": t.registrations.inconclusive,
+        },
+        "identity": {
+            "failed": t.identity.failed,
+            "cli_missing": t.identity.cli_missing,
+            "cli_mismatch": t.identity.cli_mismatch,
+            "location_missing": t.identity.location_missing,
+            "location_mismatch": t.identity.location_mismatch,
         },
         "blocked_dial_attempts": t.blocked,
         "fresh_within_seconds": rounded(t.fresh_within),
@@ -263,6 +309,7 @@ def report_json(report: Report) -> dict[str, Any]:
             {"target": u.target, "start": _t(u.start), "end": _t(u.end), "problem": u.problem}
             for u in report.unreadable
         ],
+        "redundancy_lost": [lost_json(p) for p in report.redundancy],
     }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from monitor.store import sqlite
 from monitor.store.protocols import (
     ChainSource,
+    DutyBook,
     Election,
     Marks,
     NotificationQueue,
@@ -85,6 +86,7 @@ __all__ = [
     "ChainReport",
     "ChainRow",
     "ChainSource",
+    "DutyBook",
     "Election",
     "Marks",
     "Migration",

@@ -17,7 +17,8 @@ each transaction that appends reads the tip once more. A batch's rows are sent t
 never wait for the lock.
 
 Migrations are numbered (``MIGRATIONS``: 1 the schema, 2 the report's columns, which a
-read-write open then fills from the payloads of rows that lack them, as SQLite's does),
+read-write open then fills from the payloads of rows that lack them, as SQLite's does,
+3 the incidents' notification duties and acknowledgements),
 recorded in ``schema_migrations`` and applied
 on a read-write open (and by ``ecpm db upgrade``) in one transaction under
 ``pg_advisory_xact_lock(MIGRATE_LOCK)``, so writers starting together apply each once.
@@ -56,6 +57,7 @@ import psycopg
 from monitor.store import shown
 from monitor.store.records import Migration, pending
 from monitor.store.sql import (
+    DUTY_SCHEMA,
     JUDGED_INDEXES,
     REPORT_COLUMNS,
     SCHEMA,
@@ -92,6 +94,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the schema", lambda db: db.execute(_translate(SCHEMA) + ";\n".join(JUDGED_INDEXES))),
     Migration(
         2, "report columns", lambda db: db.execute(f"ALTER TABLE results {_REPORT_ADDED}; {UNREAD_INDEX}")
+    ),
+    Migration(
+        3,
+        "notification duties and acknowledgements",
+        lambda db: db.execute(";\n".join(_translate(q) for q in DUTY_SCHEMA)),
     ),
 )
 

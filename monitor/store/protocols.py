@@ -3,8 +3,9 @@
 A part takes the narrowest protocol that covers it, so what it can read and change is
 visible in its signature: ingest reads sequence facts (``SeqReads``), delivery keeps the
 sequence book (``SeqBook``), the pager its queue (``NotificationQueue``), ``ecpm verify``
-its runs (``VerificationBook``), the report reads (``ReportSource``) and the ledger walks
-the chain (``ChainSource``). ``Store`` is all of them plus what only the core does, and
+its runs (``VerificationBook``), incidents' duties and acknowledgements theirs
+(``DutyBook``), the report reads (``ReportSource``) and the ledger walks the chain
+(``ChainSource``). ``Store`` is all of them plus what only the core does, and
 is what a backend implements (``SqliteStore``, ``PostgresStore``); ``Replicas`` is what
 several monitors on one store need of it (docs/scaling.md).
 
@@ -21,7 +22,16 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from monitor.model import Incident, IncidentKind, ResultSummary, SeqGap, StateChange, TargetStateName
+from monitor.model import (
+    Ack,
+    Incident,
+    IncidentDuty,
+    IncidentKind,
+    ResultSummary,
+    SeqGap,
+    StateChange,
+    TargetStateName,
+)
 from monitor.store.records import (
     ChainMarks,
     ChainReport,
@@ -96,6 +106,16 @@ class NotificationQueue(UnitOfWork, Protocol):
     ) -> None: ...
 
 
+class DutyBook(UnitOfWork, Protocol):
+    """Incidents' notification duties and acknowledgements (``monitor.duties``)."""
+
+    def add_duties(self, incident_id: int, duties: Sequence[IncidentDuty]) -> None: ...
+    def acknowledge(self, incident_id: int, duty: str | None, ack: Ack) -> str | None: ...
+    def escalations_due(self, now: datetime) -> list[tuple[int, str]]: ...
+    def mark_escalated(self, incident_id: int, duty: str, at: datetime) -> bool: ...
+    def incident(self, incident_id: int) -> Incident | None: ...
+
+
 class VerificationBook(UnitOfWork, Protocol):
     """Post-change verification runs (``monitor.verification``)."""
 
@@ -161,7 +181,7 @@ class Replicas(Protocol):
     def election(self) -> Election: ...
 
 
-class Store(SeqBook, Marks, NotificationQueue, VerificationBook, ReportSource, Replicas, Protocol):
+class Store(SeqBook, Marks, NotificationQueue, DutyBook, VerificationBook, ReportSource, Replicas, Protocol):
     """Everything: what a backend implements and the monitor's core owns."""
 
     def add_result(

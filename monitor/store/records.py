@@ -112,7 +112,7 @@ class QueuedNotification:
     id: int
     incident_id: int
     notifier: str
-    event: Literal["trigger", "resolve"]
+    event: str  # trigger, resolve, or escalate:<duty>
     payload: dict[str, Any]
     attempts: int
 
@@ -170,6 +170,7 @@ class WindowAsk(NamedTuple):
     calls: tuple[str, ...]  # the check kinds that are calls (post-dial delays)
     skew_bound: float  # a clock skew beyond it, either way, is counted and listed
     refused: str  # the reason of a blocked attempt: a window with one is read row by row
+    reasons: tuple[str, ...] = ()  # failure reasons counted by check kind (``ResultWindow.failures``)
 
 
 class ResultGroup(NamedTuple):
@@ -214,6 +215,9 @@ class ResultWindow:
     runs: tuple[tuple[int, int], ...]  # (first, last) of each run of results at most ``fresh`` apart
     widest: tuple[int, int] | None  # the first widest gap between two results
     skewed: tuple[SkewedRow, ...]  # every result beyond the skew bound, oldest first
+    # failed results by (check, reason) and their count, for the reasons asked for
+    # (``WindowAsk.reasons``: the identity stage's, whose reasons are its own)
+    failures: tuple[tuple[str, str, int], ...] = ()
 
 
 class ChainMarks(NamedTuple):

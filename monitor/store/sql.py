@@ -51,7 +51,9 @@ from typing import Any, Literal, Protocol
 
 from ecpm.errors import EcpmError
 from monitor.model import (
+    Ack,
     Incident,
+    IncidentDuty,
     IncidentKind,
     Notification,
     ResultSummary,
@@ -176,6 +178,27 @@ CREATE TABLE IF NOT EXISTS probe_status (
     probe TEXT PRIMARY KEY, online INTEGER NOT NULL, at TEXT NOT NULL, version TEXT, targets TEXT NOT NULL
 );
 """
+# notification duties and acknowledgements (monitor.duties; SQLite's migration 4, PostgreSQL's 3):
+# each incident's duties as configured when it opened; an ack of the incident itself
+DUTY_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS incident_duties (
+    incident_id INTEGER NOT NULL REFERENCES incidents (id),
+    name TEXT NOT NULL,
+    text TEXT NOT NULL,
+    due_at TEXT NOT NULL,
+    escalate_at TEXT NOT NULL,
+    route TEXT NOT NULL,
+    escalated_at TEXT,
+    acked_at TEXT, acked_by TEXT, ack_ref TEXT,
+    PRIMARY KEY (incident_id, name)
+)""",
+    "CREATE INDEX IF NOT EXISTS incident_duties_escalate ON incident_duties (escalate_at)"
+    " WHERE acked_at IS NULL AND escalated_at IS NULL",
+    """CREATE TABLE IF NOT EXISTS incident_acks (
+    incident_id INTEGER NOT NULL PRIMARY KEY REFERENCES incidents (id),
+    acked_at TEXT NOT NULL, acked_by TEXT NOT NULL, ack_ref TEXT NOT NULL
+)""",
+)
 # the report's columns (SQLite's migration 3, PostgreSQL's 2): the payload's reason,
 # timings.ringing and version, and judged_at in Unix milliseconds; NULL until the payload was
 # read back (add_result, or _fill_report_columns for rows stored before them)
@@ -849,6 +872,7 @@ class SqlStore:
             args,
         ).fetchall()
         out = []
+        duties_of = self._duties_of([r[0] for r in rows])
         for r in rows:
             notes = tuple(
                 Notification(
@@ -866,6 +890,7 @@ class SqlStore:
                     (r[0],),
                 )
             )
+            duties, ack = duties_of.get(r[0], ((), None))
             out.append(
                 Incident(
                     id=r[0],
@@ -879,6 +904,8 @@ class SqlStore:
                     first_failed_at=_dt(r[8]),
                     summary=r[9],
                     notifications=notes,
+                    duties=duties,
+                    ack=ack,
                 )
             )
         return out
@@ -895,6 +922,102 @@ class SqlStore:
             "WHERE opened_at < ? AND (resolved_at IS NULL OR resolved_at >= ?) ORDER BY opened_at",
             [format_time(end), format_time(start)],
         )
+
+    # ------------------------------------------------------------ duties and acknowledgements
+
+    def add_duties(self, incident_id: int, duties: Sequence[IncidentDuty]) -> None:
+        """An incident's duties, as it opened (joins the open transaction: commits with it)."""
+        for d in duties:
+            self._sql(
+                "INSERT INTO incident_duties (incident_id, name, text, due_at, escalate_at, route)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (incident_id, d.name, d.text, format_time(d.due_at), format_time(d.escalate_at),
+                 json.dumps(list(d.route))),
+            )  # fmt: skip
+
+    def _duties_of(
+        self, incident_ids: Sequence[int]
+    ) -> dict[int, tuple[tuple[IncidentDuty, ...], Ack | None]]:
+        """The duties and the acknowledgement of each incident, in two queries for them all."""
+        out: dict[int, tuple[tuple[IncidentDuty, ...], Ack | None]] = {}
+        for first in range(0, len(incident_ids), 500):  # bounded parameter lists
+            chunk = list(incident_ids[first : first + 500])
+            marks = ", ".join("?" * len(chunk))
+            duties: dict[int, list[IncidentDuty]] = {}
+            for r in self._sql(
+                "SELECT incident_id, name, text, due_at, escalate_at, route, escalated_at, acked_at,"
+                f" acked_by, ack_ref FROM incident_duties WHERE incident_id IN ({marks})"
+                " ORDER BY due_at, name",
+                chunk,
+            ):
+                duties.setdefault(r[0], []).append(
+                    IncidentDuty(
+                        name=r[1], text=r[2], due_at=parse_time(r[3]), escalate_at=parse_time(r[4]),
+                        route=tuple(json.loads(r[5])), escalated_at=_dt(r[6]),
+                        ack=None if r[7] is None else Ack(parse_time(r[7]), r[8], r[9]),
+                    )
+                )  # fmt: skip
+            acks = {
+                r[0]: Ack(parse_time(r[1]), r[2], r[3])
+                for r in self._sql(
+                    "SELECT incident_id, acked_at, acked_by, ack_ref FROM incident_acks"
+                    f" WHERE incident_id IN ({marks})",
+                    chunk,
+                )
+            }
+            for incident_id in chunk:
+                out[incident_id] = (tuple(duties.get(incident_id, ())), acks.get(incident_id))
+        return out
+
+    def acknowledge(self, incident_id: int, duty: str | None, ack: Ack) -> str | None:
+        """Record ``ack`` for one duty of an incident, or (``duty`` None) for the incident;
+        None when done, else why not. A second ack keeps the first (the evidence is when it
+        was first done)."""
+        if self._sql("SELECT 1 FROM incidents WHERE id = ?", (incident_id,)).fetchone() is None:
+            return f"no incident {incident_id}"
+        if duty is None:
+            self._sql(
+                "INSERT INTO incident_acks (incident_id, acked_at, acked_by, ack_ref) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (incident_id, format_time(ack.at), ack.by, ack.ref),
+            )
+            return None
+        found = self._sql(
+            "SELECT 1 FROM incident_duties WHERE incident_id = ? AND name = ?", (incident_id, duty)
+        ).fetchone()
+        if found is None:
+            return f"incident {incident_id} has no duty {duty}"
+        self._sql(
+            "UPDATE incident_duties SET acked_at = ?, acked_by = ?, ack_ref = ?"
+            " WHERE incident_id = ? AND name = ? AND acked_at IS NULL",
+            (format_time(ack.at), ack.by, ack.ref, incident_id, duty),
+        )
+        return None
+
+    def escalations_due(self, now: datetime) -> list[tuple[int, str]]:
+        """(incident id, duty name) of duties unacknowledged at their escalation time, not
+        escalated yet, of incidents not acknowledged themselves."""
+        rows = self._sql(
+            "SELECT d.incident_id, d.name FROM incident_duties AS d"
+            " WHERE d.acked_at IS NULL AND d.escalated_at IS NULL AND d.escalate_at <= ?"
+            " AND NOT EXISTS (SELECT 1 FROM incident_acks AS a WHERE a.incident_id = d.incident_id)"
+            " ORDER BY d.escalate_at, d.incident_id, d.name",
+            (format_time(now),),
+        ).fetchall()
+        return [(int(r[0]), str(r[1])) for r in rows]
+
+    def mark_escalated(self, incident_id: int, duty: str, at: datetime) -> bool:
+        """True for the one caller that marks it (escalation is paged once)."""
+        cursor = self._sql(
+            "UPDATE incident_duties SET escalated_at = ? WHERE incident_id = ? AND name = ?"
+            " AND escalated_at IS NULL",
+            (format_time(at), incident_id, duty),
+        )
+        return cursor.rowcount == 1
+
+    def incident(self, incident_id: int) -> Incident | None:
+        found = self._incident_rows("WHERE id = ?", [incident_id])
+        return found[0] if found else None
 
     # ------------------------------------------------------------ notifications (durable queue)
 
@@ -1239,7 +1362,7 @@ class SqlStore:
         """``target``'s results judged in [start, end), aggregated (``ResultWindow``), or None
         when the window holds a row at or after ``ask.verified_below``, one without the
         report's columns, or a blocked attempt (reason ``ask.refused``)."""
-        verified_below, origin_ms, bucket_ms, fresh_ms, calls, skew_bound, refused = ask
+        verified_below, origin_ms, bucket_ms, fresh_ms, calls, skew_bound, refused, reasons = ask
         where = "FROM results WHERE target = ? AND judged_at >= ? AND judged_at < ?"
         span = (target, format_time(start), format_time(end))
         skewed = "abs(clock_skew) > ?"
@@ -1283,12 +1406,22 @@ class SqlStore:
                     (*span, skew_bound),
                 )
             )
+        failed = (
+            self._sql(
+                f"SELECT check_kind, reason, count(*) {where} AND outcome = 'fail'"
+                f" AND reason IN ({', '.join('?' * len(reasons))}) GROUP BY 1, 2 ORDER BY 1, 2",
+                (*span, *reasons),
+            ).fetchall()
+            if reasons
+            else []
+        )
         return ResultWindow(
             groups=groups,
             pdd=_medians(series, origin_ms, bucket_ms),
             runs=_runs(times, fresh_ms),
             widest=_widest(times),
             skewed=listed,
+            failures=tuple((str(c), str(r), int(n)) for c, r, n in failed),
         )
 
     def chain_marks(self, start: datetime, end: datetime, *, below: int) -> ChainMarks:

@@ -13,9 +13,10 @@ monitor on start, upgrades it).
 
 Migrations are numbered (``MIGRATIONS``; the version reached is ``schema_version`` in
 ``meta``): 1 the schema, 2 the judged-time and gap-repair columns, 3 the report's
-columns. Every read-write open also gives any row found without a judged time (written
-by an older version) ``judged_at = min(finished_at, received_at)``, ``clock_skew`` NULL
-(not known), and any row without the report's columns its values from its payload
+columns, 4 the incidents' notification duties and acknowledgements. Every read-write
+open also gives any row found without a judged time (written by an older version)
+``judged_at = min(finished_at, received_at)``, ``clock_skew`` NULL (not known), and any
+row without the report's columns its values from its payload
 (``SqlStore._fill_report_columns``: the first open of a store from before them reads every
 payload once), and the report's covering index (``sql.REPORT_INDEX``) is made if missing.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from monitor.store.records import Migration, pending
 from monitor.store.sql import (
+    DUTY_SCHEMA,
     JUDGED_INDEXES,
     REPORT_COLUMNS,
     REPORT_INDEX,
@@ -77,6 +79,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the schema", lambda db: db.executescript(SCHEMA)),
     Migration(2, "judged time and gap repair columns", _add_columns),
     Migration(3, "report columns", _add_report_columns),
+    Migration(4, "notification duties and acknowledgements", lambda db: [db.execute(q) for q in DUTY_SCHEMA]),
 )
 
 # columns_match's verdict in SQL: 1, 0, NULL (not a JSON object), or 2 where Python must
@@ -200,9 +203,19 @@ def _version(db: sqlite3.Connection) -> int:
 
 def _todo(db: sqlite3.Connection) -> list[Migration]:
     """The migrations a read-write open applies: those after the version reached, less
-    migration 3 where its columns are there already (the schema of this version made them)."""
+    migrations 3 and 4 where what they add is there already (the schema of this version made it)."""
     todo = pending(MIGRATIONS, _version(db))
-    return [m for m in todo if m.version != 3 or _missing_columns(db, _REPORT_ADDED)]
+    return [
+        m
+        for m in todo
+        if (m.version != 3 or _missing_columns(db, _REPORT_ADDED))
+        and (m.version != 4 or not _has_table(db, "incident_acks"))
+    ]
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return found.fetchone() is not None
 
 
 def _missing_columns(

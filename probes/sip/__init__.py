@@ -78,6 +78,7 @@ from probes.sip.values import (
     Registration,
     RemoteRefusal,
     RtpStats,
+    TlsState,
 )
 
 __all__ = [
@@ -100,4 +101,5 @@ __all__ = [
     "RtpStats",
     "SipEngine",
     "SipError",
+    "TlsState",
 ]

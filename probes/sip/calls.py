@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import pjsua2 as pj
 
@@ -27,6 +27,8 @@ from probes.sip.values import (
 
 if TYPE_CHECKING:
     from probes.sip.core import Core
+
+DTMF_DURATION_MS: Final = 160  # each telephone-event's length (pjsua's default); pjsua adds a gap
 
 
 class Account(pj.Account):  # type: ignore[misc]
@@ -183,6 +185,27 @@ class Call(NoTransfers, pj.Call):  # type: ignore[misc]
             self.media.active = active
             self.core.emit(self, CallEvent("media", time.monotonic(), media_active=active))
         self.apply_media()
+
+    @callback
+    def onDtmfDigit(self, prm: Any) -> None:
+        digit = str(prm.digit)[:1]
+        if digit:
+            self.core.emit(self, CallEvent("dtmf", time.monotonic(), digit=digit))
+
+    def send_dtmf(self, digits: str) -> bool:
+        """Send ``digits`` as RFC 4733 telephone-events (pjsua queues them, one after the
+        other); False when the far end's SDP offered no telephone-event or media is down."""
+        if not self.media.active:
+            return False
+        prm = pj.CallSendDtmfParam()
+        prm.method = pj.PJSUA_DTMF_METHOD_RFC2833
+        prm.digits = digits
+        prm.duration = DTMF_DURATION_MS
+        try:
+            self.sendDtmf(prm)
+        except pj.Error:
+            return False
+        return True
 
     # media (pjsua2 thread only) ------------------------------------------------
 

@@ -61,6 +61,7 @@ from probes.sip.values import (
     Part,
     Registration,
     Renewal,
+    TlsState,
 )
 from probes.sip_targets import LayoutError, Outbound, Screen
 
@@ -98,6 +99,21 @@ NEXT: Final[dict[EngineState, frozenset[EngineState]]] = {
 }
 
 
+SRTP_USE: Final[dict[str, int]] = {
+    "off": pj.PJMEDIA_SRTP_DISABLED,
+    "optional": pj.PJMEDIA_SRTP_OPTIONAL,
+    "mandatory": pj.PJMEDIA_SRTP_MANDATORY,
+}
+
+
+def set_srtp(media: Any, srtp: str) -> None:
+    """SDES-SRTP (RFC 4568) on an account's media. Keys go in the SDP whatever the
+    signalling transport (``srtpSecureSignaling`` 0): a test call's keys protect nothing
+    secret, and refusing them over UDP would make SRTP untestable without TLS."""
+    media.srtpUse = SRTP_USE[srtp]
+    media.srtpSecureSignaling = 0
+
+
 class Endpoint(pj.Endpoint):  # type: ignore[misc]
     def __init__(self, core: Core) -> None:
         super().__init__()
@@ -106,6 +122,42 @@ class Endpoint(pj.Endpoint):  # type: ignore[misc]
     @callback
     def onSelectAccount(self, prm: Any) -> None:
         prm.accountIndex = self._core.incoming_account_id()
+
+    @callback
+    def onTransportState(self, prm: Any) -> None:
+        state = tls_state(prm.tlsInfo)
+        if state is not None:
+            post(self._core.loop, self._core.engine._tls_seen, state)
+
+
+# the newest first: pjsip reports the negotiated version as one bit of its protocol mask
+_TLS_VERSIONS: Final = (
+    (pj.PJ_SSL_SOCK_PROTO_TLS1_3, "TLSv1.3"),
+    (pj.PJ_SSL_SOCK_PROTO_TLS1_2, "TLSv1.2"),
+    (pj.PJ_SSL_SOCK_PROTO_TLS1_1, "TLSv1.1"),
+    (pj.PJ_SSL_SOCK_PROTO_TLS1, "TLSv1"),
+    (pj.PJ_SSL_SOCK_PROTO_SSL3, "SSLv3"),
+)
+
+
+def tls_state(info: Any) -> TlsState | None:
+    """A transport's TLS figures (None for a transport that is not TLS)."""
+    if info is None or info.isEmpty():
+        return None
+    proto = int(info.protocol)
+    version = next((name for bit, name in _TLS_VERSIONS if proto & bit), "unknown")
+    status = int(info.verifyStatus)
+    messages = "; ".join(str(m) for m in info.verifyMsgs)[:256]
+    cert = info.remoteCertInfo
+    return TlsState(
+        remote=str(info.remoteAddr),
+        established=bool(info.established),
+        protocol=version,
+        cipher=str(info.cipherName)[:64],
+        verified=status == pj.PJ_SSL_CERT_ESUCCESS,
+        verify="ok" if status == pj.PJ_SSL_CERT_ESUCCESS else messages or f"verify status {status:#x}",
+        peer="" if cert.isEmpty() else str(cert.subjectCn)[:128],
+    )
 
 
 class Core:
@@ -140,6 +192,8 @@ class Core:
         self.accounts: dict[tuple[str, ...], Account] = {}
         self.uas: Account | None = None
         self.no_media: Account | None = None
+        self.plain: Account | None = None  # answers SRTP offers with plain RTP (incoming_srtp False)
+        self.incoming_srtp = True
         self.local: dict[str, str] = {}
         self.transport_ids: dict[str, int] = {}
         self.next_start = 0.0
@@ -280,6 +334,7 @@ class Core:
         disable_tcp_switch(self.td)
         self.uas = self._new_account(("uas",), "ecpm", default=True)
         self.no_media = self._new_account(("no-media",), "ecpm-no-media", loop_media=True)
+        self.plain = self._new_account(("plain",), "ecpm-plain", plain=True)
 
     def _screen(self) -> None:
         try:
@@ -333,8 +388,11 @@ class Core:
         *,
         default: bool = False,
         loop_media: bool = False,
+        plain: bool = False,
         dial: Dial | None = None,
     ) -> Account:
+        """An account: a caller's (``dial``: its proxy, credentials, transport and SRTP), or
+        one that answers: SRTP when offered (RFC 4568 SDES), plain RTP only with ``plain``."""
         s = self.settings
         acc = Account(self, "/".join(key))
         cfg = pj.AccountConfig()
@@ -350,6 +408,7 @@ class Core:
         if loop_media:
             cfg.mediaConfig.useLoopMedTp = True  # SDP as usual, no RTP socket at all
             cfg.mediaConfig.enableLoopback = False
+        set_srtp(cfg.mediaConfig, dial.srtp if dial is not None else "off" if plain else "optional")
         if dial is not None:
             if dial.proxy:
                 cfg.sipConfig.proxies.append(dial.proxy)
@@ -376,6 +435,7 @@ class Core:
         key = (
             "uac",
             dial.transport,
+            dial.srtp,
             dial.proxy or "",
             "" if auth is None else auth.username,
             "" if auth is None else auth.realm,
@@ -405,7 +465,7 @@ class Core:
         assert a is not None
         key = (
             "reg", a.registrar, a.username, a.auth_user, a.realm, a.secret.get_secret_value(),
-            a.transport, str(a.expiry), dial.proxy or "",
+            a.transport, str(a.expiry), dial.proxy or "", dial.srtp,
         )  # fmt: skip
         found = self.accounts.get(key)
         if isinstance(found, RegisteredAccount):
@@ -428,6 +488,7 @@ class Core:
         mt = cfg.mediaConfig.transportConfig
         mt.boundAddress = self.settings.bind
         mt.port = 0
+        set_srtp(cfg.mediaConfig, dial.srtp)
         if dial.proxy:
             cfg.sipConfig.proxies.append(dial.proxy)
         cred = pj.AuthCredInfo("digest", a.realm, a.auth_user, 0, a.secret.get_secret_value())
@@ -566,7 +627,7 @@ class Core:
     def _destroy(self) -> None:
         accounts = list(self.accounts.values())
         self.accounts.clear()
-        self.uas = self.no_media = None
+        self.uas = self.no_media = self.plain = None
         for acc in accounts:
             with contextlib.suppress(pj.Error):
                 acc.shutdown()
@@ -751,6 +812,8 @@ class Core:
 
     def incoming_account_id(self) -> int:
         acc = self.uas if self.incoming_media or self.no_media is None else self.no_media
+        if acc is self.uas and not self.incoming_srtp and self.plain is not None:
+            acc = self.plain
         return int(acc.getId()) if acc is not None else -1
 
     def on_incoming(self, acc: Account, prm: Any) -> None:

@@ -27,6 +27,7 @@ from probes.sip.values import (
     IncomingRequest,
     OptionsReply,
     Registration,
+    TlsState,
 )
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class SipEngine:
         self._handler: IncomingHandler | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped: asyncio.Future[None] | None = None
+        self._tls: dict[str, TlsState] = {}  # the latest TLS state per peer "ip:port"
 
     # lifecycle ------------------------------------------------------------------------
 
@@ -213,6 +215,16 @@ class SipEngine:
         core.submit(lambda: op(core), fut)
         return await fut
 
+    def _tls_seen(self, state: TlsState) -> None:
+        if len(self._tls) >= 256 and state.remote not in self._tls:  # bounded: drop the oldest
+            del self._tls[next(iter(self._tls))]
+        self._tls[state.remote] = state
+
+    def tls_state(self, remote: str) -> TlsState | None:
+        """The latest TLS connection state seen with peer ``remote`` ("ip:port"): the
+        protocol version negotiated and the certificate verification result."""
+        return self._tls.get(remote)
+
     def _dispatch(self, key: int, event: CallEvent) -> None:
         handle = self._handles.get(key)
         if handle is None:
@@ -318,6 +330,12 @@ class SipEngine:
         core, _ = self._require()
         self._handler = handler
         core.accepting = handler is not None
+
+    def set_incoming_srtp(self, enabled: bool) -> None:
+        """False: answer new calls with plain RTP even when SRTP was offered (the responder's
+        ``plain_rtp`` fault); True (the default): SDES-SRTP when the offer has keys."""
+        core, _ = self._require()
+        core.incoming_srtp = enabled
 
     def set_incoming_media(self, enabled: bool) -> None:
         """False: answer new calls with a normal SDP but no RTP socket behind it

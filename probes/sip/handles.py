@@ -141,6 +141,19 @@ class CallHandle:
 
         return await self._media(change)
 
+    async def send_dtmf(self, digits: str) -> bool:
+        """Send DTMF ``digits`` (0-9, *, #, A-D) as RFC 4733 telephone-events; False when the
+        call has ended, has no audio, or the far end offered no telephone-event. Digits
+        received come as ``dtmf`` events."""
+        if self.ended or not digits:
+            return False
+
+        def op(core: Core) -> bool:
+            call = core.calls.get(self.key)
+            return False if call is None else call.send_dtmf(digits)
+
+        return await self._engine._run(op)
+
     async def stats(self) -> RtpStats | None:
         """RTP/RTCP figures now; None when no audio stream is active."""
         if self.ended:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from ecpm.settings import Transport
-from probes.config import Auth, SipAccount
+from probes.config import Auth, SipAccount, Srtp
 from probes.guard import CarrierTestService
 
 MAX_MESSAGE: Final = 64 * 1024  # SIP message text handed to asyncio is cut here
@@ -25,6 +25,7 @@ class Dial:
     auth: Auth | None = None
     carrier_test_service: CarrierTestService | None = None
     account: SipAccount | None = None  # the registered account it goes from (REGISTER: uri = registrar)
+    srtp: Srtp = "off"  # SDES-SRTP for its media: off, optional (offered), mandatory (RTP/SAVP only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,7 @@ class CallOptions:
     max_duration: float = 60.0  # the engine hangs up after this, whatever the caller does
 
 
-CallEventKind = Literal["sent", "response", "media", "confirmed", "disconnected"]
+CallEventKind = Literal["sent", "response", "media", "confirmed", "disconnected", "dtmf"]
 DisconnectCause = Literal[
     "local",  # we hung up (BYE, CANCEL or a rejection we sent)
     "rejected",  # a final non-2xx response came from the network
@@ -81,6 +82,7 @@ class CallEvent:
     media_active: bool | None = None  # "media": audio is flowing (per SDP)
     cause: DisconnectCause | None = None  # "disconnected"
     refusal: RemoteRefusal | None = None  # "disconnected" with cause "guard_refused"
+    digit: str | None = None  # "dtmf": one digit received (RFC 4733 telephone-event or SIP INFO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,20 @@ class RtpStats:
     tx_packets: int
     rtt_ms: float | None  # mean RTCP round trip, None until an RTCP report came back
     codec: str
+
+
+@dataclass(frozen=True, slots=True)
+class TlsState:
+    """A TLS connection as pjsip reported it (``Endpoint.onTransportState``): the protocol
+    version and cipher negotiated and the peer certificate's verification."""
+
+    remote: str  # "ip:port" of the peer
+    established: bool  # the handshake completed
+    protocol: str  # "TLSv1.2", "TLSv1.1", ...; "unknown" when pjsip did not say
+    cipher: str
+    verified: bool  # the peer's certificate verified (pjsip's verify status 0)
+    verify: str  # "ok", or pjsip's verification messages
+    peer: str  # the peer certificate's subject CN ("" when none was seen)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor.config import MonitorConfig
 from monitor.core import MonitorCore
-from monitor.model import Incident
+from monitor.model import Incident, IncidentDuty
 from monitor.store import is_url, open_store
 from probes.outcome import CheckOutcome, MediaStats
 from probes.result import Result
@@ -179,10 +179,14 @@ class StatusSim:
 
 
 class Pages(list[tuple[int, str, str]]):
-    """The pager of a core under test: (incident id, kind, event) of every page."""
+    """The pager of a core under test: (incident id, kind, event) of every page, a duty's
+    escalation as ``escalate:<duty>``."""
 
     def __call__(self, incident: Incident, event: str) -> None:
         self.append((incident.id, incident.kind, event))
+
+    def escalate(self, incident: Incident, duty: IncidentDuty) -> None:
+        self.append((incident.id, incident.kind, f"escalate:{duty.name}"))
 
 
 def make_core(where: Path | str, clock: Clock, **kw: object) -> tuple[MonitorCore, CollectorRegistry, Pages]:
@@ -190,7 +194,9 @@ def make_core(where: Path | str, clock: Clock, **kw: object) -> tuple[MonitorCor
     config = monitor_config(where, **kw)  # type: ignore[arg-type]
     registry = CollectorRegistry()
     pages = Pages()
-    core = MonitorCore(config, open_store(config.store.where), registry, pager=pages, clock=clock)
+    core = MonitorCore(
+        config, open_store(config.store.where), registry, pager=pages, escalator=pages.escalate, clock=clock
+    )
     return core, registry, pages
 
 

@@ -396,8 +396,10 @@ def start_monitor(
     interval: str = "10s",
     keys: Mapping[str, str] | None = None,
     notifiers: Sequence[Mapping[str, Any]] = (),
+    **sections: Any,
 ) -> Iterator[Monitor]:
-    """``ecpm monitor -c <config>`` as a subprocess on loopback, once its HTTP answers."""
+    """``ecpm monitor -c <config>`` as a subprocess on loopback, once its HTTP answers;
+    ``sections`` are more top-level keys of its config (e.g. ``services``)."""
     port = free_port()
     config: dict[str, Any] = {
         "kind": "monitor",
@@ -408,6 +410,7 @@ def start_monitor(
         "probes": [{"id": p, "key": (keys or {}).get(p, key_for(p))} for p in probes],
         "targets": [{"id": t, "interval": interval} for t in targets],
         "notifiers": [dict(n) for n in notifiers],
+        **sections,
     }
     proc = Process("monitor", config, workdir, "monitor", start=False, url=f"http://{HOST}:{port}")
     with proc.start():

@@ -1,0 +1,55 @@
+"""What an SDP answer says about a call's audio security, pure (no pjsua2).
+
+pjsua2 does not tell a caller whether its media is encrypted (``CallInfo`` and
+``StreamInfo`` carry no SRTP state in this wheel), but the answer that set the media up
+does: SDES-SRTP (RFC 4568) is on when the audio section the far end answered carries an
+``a=crypto`` line (the answerer accepted one of our keys and sent its own), whatever its
+profile (``RTP/SAVP`` for a mandatory offer, ``RTP/AVP`` with keys for an optional one,
+RFC 4568 section 6.1 / pjmedia's "optional" mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from probes.nena import message_parts, parse_sip_message
+
+SDP: Final = "application/sdp"
+
+
+@dataclass(frozen=True, slots=True)
+class AudioSecurity:
+    profile: str  # the audio m-line's transport profile, e.g. "RTP/AVP", "RTP/SAVP"
+    crypto: str | None  # the first a=crypto suite answered (e.g. AES_CM_128_HMAC_SHA1_80)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.crypto is not None
+
+
+def audio_security(message: str | None) -> AudioSecurity | None:
+    """The audio section of the SDP in a SIP message (body or multipart part), or None when
+    it has no SDP with an audio m-line."""
+    if not message:
+        return None
+    for part in message_parts(parse_sip_message(message)):
+        if part.content_type == SDP:
+            return _audio(part.body)
+    return None
+
+
+def _audio(sdp: str) -> AudioSecurity | None:
+    profile: str | None = None
+    crypto: str | None = None
+    for line in sdp.replace("\r\n", "\n").split("\n"):
+        if line.startswith("m="):
+            if profile is not None:  # the first audio section only
+                break
+            fields = line[2:].split()
+            if len(fields) >= 3 and fields[0] == "audio" and fields[1] != "0":
+                profile = fields[2]
+        elif profile is not None and line.startswith("a=crypto:") and crypto is None:
+            fields = line.split()
+            crypto = fields[1] if len(fields) >= 2 else "unknown"
+    return None if profile is None else AudioSecurity(profile, crypto)
