@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.emit import emit  # noqa: E402
 from ecpm.settings import MqttSettings  # noqa: E402
 from probes.mqtt import Command, Publisher  # noqa: E402
 from probes.outbox import Outbox  # noqa: E402
@@ -159,6 +160,7 @@ async def main(n: int, rounds: int, queued: int) -> None:
     print(f"replay:  {replay[0]:.1f} s to a complete store ({n / replay[0]:,.0f}/s), repaired {replay[1]}")
     print(f"backlog: {backlog[0]:.1f} s to a complete store ({n / backlog[0]:,.0f}/s)")
     print(f"ratio replay / backlog time: {replay[0] / backlog[0]:.2f}x")
+    emit("replay", replay_s=replay[0], backlog_s=backlog[0], repaired=replay[1])
 
 
 if __name__ == "__main__":
