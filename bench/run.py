@@ -565,9 +565,8 @@ def main() -> int:
         for name, reason in failed.items():
             print(f"{name}: FAILED {reason}")
         return 1 if failed else 0
-    command = (
-        "make bench" + f" BENCH_REPEATS={args.repeats}" + (f" BENCH_ONLY={args.only}" if args.only else "")
-    )
+    only = f" --only {args.only}" if args.only else ""
+    command = f".venv/bin/python -m bench.run --repeats {args.repeats}{only}   # what make bench runs"
     minutes = (time.monotonic() - started) / 60
     text = section(
         results, failed=failed, profiles=profiles, command=command, repeats=args.repeats, minutes=minutes
