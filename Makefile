@@ -7,7 +7,7 @@
 #                a full disk, skewed clocks, monitor replicas on one PostgreSQL; one case at a time) and the ingest fuzz at
 #                ECPM_FUZZ_SCALE=10 (105,000 examples); .ci/run runs it after make test
 #   make bench   - every benchmark against its peer in the same run (bench/run.py), at issue 14's
-#                sizes, BENCH_REPEATS times (3; about 45 min on 2 cores), appended to BENCHMARKS.md
+#                sizes, BENCH_REPEATS times (3: about 50 min on 2 cores, 1: 24), appended to BENCHMARKS.md
 #                as a dated section; BENCH_ONLY=fault_page,report,... for some; a missed goal gets a
 #                py-spy profile in bench/profiles/. Their smoke mode runs in make test
 #                (tests/test_bench_smoke.py)
