@@ -40,6 +40,8 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 PROFILES = ROOT / "bench" / "profiles"
 
 Figures = dict[str, float]
+TIMEOUT = 3600  # s, one full run of a bench (the report's first builds its 3.1 GB store)
+SMOKE_TIMEOUT = 300
 
 
 class BenchError(Exception):
@@ -360,7 +362,13 @@ def run_once(bench: Bench, *, smoke: bool, tmp: Path, log: Path | None = None) -
     """Run the bench once; its figures, checked to hold every key its table names."""
     cmd = argv(bench, smoke, tmp)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
+    limit = SMOKE_TIMEOUT if smoke else TIMEOUT
+    try:
+        done = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env, timeout=limit
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{bench.name}: {' '.join(cmd[1:])} still running after {limit} s") from None
     if log is not None:
         log.write_text(done.stdout + "\n--- stderr\n" + done.stderr, encoding="utf-8")
     if done.returncode != 0:
@@ -389,7 +397,12 @@ def profile(bench: Bench, tmp: Path) -> Path | None:
     cmd = [spy, "record", "--subprocesses", "--rate", "50", "--format", "speedscope", "-o", str(out)]
     cmd += ["--", *argv(bench, False, tmp)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
+    try:
+        done = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env, timeout=TIMEOUT
+        )
+    except subprocess.TimeoutExpired:
+        return None
     return out if done.returncode == 0 and out.exists() else None
 
 
