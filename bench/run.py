@@ -348,7 +348,7 @@ def python() -> str:
 
 def argv(bench: Bench, smoke: bool, tmp: Path) -> list[str]:
     args = bench.smoke if smoke else bench.command
-    return [python(), *(a.format(tmp=tmp) for a in args)]
+    return [python(), *(a.replace("{tmp}", str(tmp)) for a in args)]  # a scratch dir per run
 
 
 def measured(bench: Bench, *, smoke: bool) -> list[Figure]:

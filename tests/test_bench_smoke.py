@@ -75,3 +75,18 @@ def test_ratio_is_taken_within_each_run_and_the_goal_on_the_median() -> None:
     assert row.ratios == [2.5, 3.0, 1.0]
     assert row.median == 10.0
     assert row.met is False  # median ratio 2.5 > 2
+
+
+def test_a_failed_hung_or_incomplete_bench_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.run  # noqa: PLC0415
+
+    def script(code: str) -> Bench:
+        return Bench("fake", ["-c", code], ["-c", code], [Figure("t", "t", peer="p")])
+
+    with pytest.raises(BenchError, match=r"fake: .* exited 3:\n.*went wrong"):
+        run_once(script("import sys; print('went wrong'); sys.exit(3)"), smoke=True, tmp=tmp_path)
+    with pytest.raises(BenchError, match="fake: its result lacks p"):
+        run_once(script('print(\'{"bench": "fake", "figures": {"t": 1}}\')'), smoke=True, tmp=tmp_path)
+    monkeypatch.setattr(bench.run, "SMOKE_TIMEOUT", 1)
+    with pytest.raises(BenchError, match="still running after 1 s"):
+        run_once(script("import time; time.sleep(30)"), smoke=True, tmp=tmp_path)
