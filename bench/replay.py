@@ -97,10 +97,11 @@ async def one(tmp: Path, n: int, queued: int) -> tuple[float, int]:
     broker.start()
     db = tmp / "monitor.db"
     conf = tmp / "monitor.yaml"
-    conf.write_text(CONFIG.format(host=HOST, port=broker.port, db=db, http=free_port(), key=KEY))
     log = (tmp / "monitor.log").open("ab")
 
     def monitor() -> subprocess.Popen[bytes]:
+        # a fresh HTTP port at each start: the last one may be taken meanwhile
+        conf.write_text(CONFIG.format(host=HOST, port=broker.port, db=db, http=free_port(), key=KEY))
         return subprocess.Popen(
             [sys.executable, "-m", "ecpm", "monitor", "-c", str(conf)], cwd=ROOT, stdout=log, stderr=log
         )
@@ -130,7 +131,9 @@ async def one(tmp: Path, n: int, queued: int) -> tuple[float, int]:
         proc = monitor()
         await asyncio.sleep(0.5)
         await box.add(make)  # a result after the gap shows it
-        await until(lambda: stored(db) == n + 2, 600, "a complete store")
+        await until(lambda: stored(db) == n + 2 or proc.poll() is not None, 600, "a complete store")
+        if proc.poll() is not None:
+            raise SystemExit(f"the monitor exited ({proc.returncode}) before its store was complete")
         took = time.monotonic() - started
         return took, repaired(db)
     except SystemExit:
