@@ -29,6 +29,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -544,7 +545,7 @@ def section(
                 f"{why[:1].upper()}{why[1:]}.{prof}"
             )
     if failed:
-        out += ["", "Benches that did not finish:", ""]
+        out += ["", "Runs that did not finish (the figures above are of the others):", ""]
         out += [f"- {name}: {error.splitlines()[0]}" for name, error in failed.items()]
     return "\n".join(out) + "\n"
 
@@ -552,7 +553,7 @@ def section(
 BY_NAME = {b.name: b for b in BENCHES}
 
 
-def main() -> int:
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -562,52 +563,58 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print the section, do not append it")
     parser.add_argument("--no-profile", action="store_true", help="no py-spy run for a missed goal")
     args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n] or list(BY_NAME)
-    unknown = [n for n in names if n not in BY_NAME]
+    args.names = [n for n in args.only.split(",") if n] or list(BY_NAME)
+    unknown = [n for n in args.names if n not in BY_NAME]
     if unknown:
         parser.error(f"--only: unknown bench {', '.join(unknown)} (known: {', '.join(BY_NAME)})")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    import tempfile  # noqa: PLC0415
+    return args
 
+
+def run_repeats(
+    bench: Bench, repeats: int, *, smoke: bool, logs: Path, failed: dict[str, str]
+) -> list[Figures]:
+    """The figures of each run that finished; a failed run is named in ``failed``."""
+    runs: list[Figures] = []
+    for i in range(repeats):
+        print(f"[bench] {bench.name} run {i + 1}/{repeats} ...", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="ecpm-bench-run-") as tmp:
+            try:
+                runs.append(run_once(bench, smoke=smoke, tmp=Path(tmp), log=logs / f"{bench.name}-{i}.log"))
+            except BenchError as exc:
+                failed[f"{bench.name} (run {i + 1} of {repeats})"] = str(exc)
+                print(f"[bench] {exc}", file=sys.stderr, flush=True)
+    return runs
+
+
+def main() -> int:
+    args = arguments()
     started = time.monotonic()
     results: dict[str, list[Row]] = {}
     failed: dict[str, str] = {}
     profiles: dict[str, Path | None] = {}
     logs = Path(tempfile.mkdtemp(prefix="ecpm-bench-logs-"))
-    for name in names:
-        bench = BY_NAME[name]
+    for bench in (BY_NAME[name] for name in args.names):
         if args.smoke and not bench.smoke:
             continue
         repeats = 1 if args.smoke else bench.repeats or args.repeats
-        runs: list[Figures] = []
-        try:
-            for i in range(repeats):
-                print(f"[bench] {name} run {i + 1}/{repeats} ...", file=sys.stderr, flush=True)
-                with tempfile.TemporaryDirectory(prefix="ecpm-bench-run-") as tmp:
-                    runs.append(
-                        run_once(bench, smoke=args.smoke, tmp=Path(tmp), log=logs / f"{name}-{i}.log")
-                    )
-        except BenchError as exc:
-            failed[name] = str(exc)
-            print(f"[bench] {exc}", file=sys.stderr, flush=True)
+        runs = run_repeats(bench, repeats, smoke=args.smoke, logs=logs, failed=failed)
+        if not runs:
             continue
-        results[name] = rows_of(bench, runs, smoke=args.smoke)
-        if (
-            not args.smoke
-            and not args.no_profile
-            and any(r.met is False and r.figure.goal and r.figure.goal.profiled for r in results[name])
-        ):
-            print(f"[bench] {name}: a goal missed, profiling one more run", file=sys.stderr, flush=True)
+        rows = results[bench.name] = rows_of(bench, runs, smoke=args.smoke)
+        missed = any(r.met is False and r.figure.goal and r.figure.goal.profiled for r in rows)
+        if missed and not (args.smoke or args.no_profile):
+            print(f"[bench] {bench.name}: a goal missed, profiling one more run", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory(prefix="ecpm-bench-run-") as tmp:
-                profiles[name] = profile(bench, Path(tmp))
+                profiles[bench.name] = profile(bench, Path(tmp))
     print(f"[bench] each run's output: {logs}", file=sys.stderr)
     if args.smoke:  # figures at tiny sizes: shown, never held against the goals
         for name, rows in results.items():
             print(f"{name}: " + ", ".join(f"{r.figure.key} {num(r.median)} (ratio {spread(r.ratios)})"
                                           for r in rows))  # fmt: skip
-        for name, reason in failed.items():
-            print(f"{name}: FAILED {reason}")
+        for name, error in failed.items():
+            print(f"{name}: FAILED {error}")
         return 1 if failed else 0
     only = f" --only {args.only}" if args.only else ""
     command = f".venv/bin/python -m bench.run --repeats {args.repeats}{only}   # what make bench runs"
