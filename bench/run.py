@@ -446,11 +446,18 @@ def rows_of(bench: Bench, runs: list[Figures], *, smoke: bool = False) -> list[R
 # ------------------------------------------------------------------ writing
 
 
+def summary(error: str) -> str:
+    """A failed run in one line: what exited, and the last line it printed."""
+    first, *rest = error.splitlines()
+    last = next((line.strip() for line in reversed(rest) if line.strip()), "")
+    return first.split(": ", 1)[-1] + (f" … {last}" if last else "")
+
+
 def spread(values: list[float]) -> str:
     if not values:
         return "—"
     med = statistics.median(values)
-    if len(values) == 1:
+    if min(values) == max(values):
         return num(med)
     return f"{num(med)} ({num(min(values))}–{num(max(values))})"
 
@@ -546,7 +553,7 @@ def section(
             )
     if failed:
         out += ["", "Runs that did not finish (the figures above are of the others):", ""]
-        out += [f"- {name}: {error.splitlines()[0]}" for name, error in failed.items()]
+        out += [f"- {name}: {summary(error)}" for name, error in failed.items()]
     return "\n".join(out) + "\n"
 
 
