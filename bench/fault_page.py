@@ -40,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.emit import emit  # noqa: E402
 from ecpm.configfile import parse_duration  # noqa: E402
 from tests.support.net import HOST  # noqa: E402
 from tests.support.processes import Process  # noqa: E402
@@ -217,6 +218,9 @@ def main() -> None:
         print(f"| `{kind}` | **{p95(values):.1f}** | {statistics.median(values):.1f} | "
               f"{min(values):.1f}–{max(values):.1f} | {verdict} | {budget:.1f} | "
               f"{'; '.join(sorted(why[kind]))} |")  # fmt: skip
+    figures = {f"p95_{kind}": p95(took[kind]) for kind in kinds}
+    figures.update({f"max_{kind}": max(took[kind]) for kind in kinds})
+    emit("fault_page", faults_per_kind=args.faults, **figures)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.emit import emit  # noqa: E402
+
 # (URI ecpm judges, the dial string the peer judges, should ecpm refuse it)
 MIX: list[tuple[str, str, bool]] = [
     ("sip:+442079460000@test.example.net", "+442079460000", False),
@@ -141,6 +143,8 @@ def main() -> None:
         print(f"{name:34} {e:11.2f} {p:13.2f} {e / p:6.1f}x")
     print(f"{'µs per URI, non-numeric forms':34} {e_words:11.2f} {'-':>13} {'-':>7}")
     print(f"emergency forms refused: ecpm {len(MIX) - 8}/8, phonenumbers flags {flagged}/8")
+    emit("guard", us_per_target=e_all, peer_us_per_target=p_all, ms_first_pass=fe["mix"],
+         peer_ms_first_pass=fp["mix"], refused=len(MIX) - 8, peer_flagged=flagged)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from prometheus_client.core import Metric  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from prometheus_client.registry import Collector  # noqa: E402
 
+from bench.emit import emit  # noqa: E402
 from monitor.core import MonitorCore  # noqa: E402
 from monitor.store import SqliteStore  # noqa: E402
 from monitor.web import create_app  # noqa: E402
@@ -142,6 +143,18 @@ async def main(targets: int, probes: int, repeats: int) -> None:
         print(f"{label:34} {fmt(times):>16} {fmt(stalls):>16} {size:>12,}")
     ratio = statistics.median(r[0] for r in rows["plain"]) / statistics.median(r[0] for r in rows["peer"])
     print(f"ratio ecpm / peer (time, uncompressed): {ratio:.2f}x")
+    median = {name: statistics.median(r[0] for r in got) * 1000 for name, got in rows.items()}
+    emit(
+        "metrics_scrape",
+        series_per_pair=series / pairs,
+        ms_scrape=median["plain"],
+        peer_ms_scrape=median["peer"],
+        ms_scrape_gzip=median["gzip"],
+        ms_loop_stall=statistics.median(r[1] for r in rows["plain"]) * 1000,
+        mb_scrape=rows["plain"][0][2] / 1e6,
+        mb_scrape_gzip=rows["gzip"][0][2] / 1e6,
+        peer_mb_scrape=rows["peer"][0][2] / 1e6,
+    )
 
 
 def arguments(doc: str | None) -> argparse.Namespace:

@@ -33,6 +33,7 @@ import aiomqtt
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.emit import emit  # noqa: E402
 from ecpm.settings import MqttSettings  # noqa: E402
 from probes.mqtt import Publisher  # noqa: E402
 from probes.outbox import Outbox  # noqa: E402
@@ -255,6 +256,8 @@ async def main(n: int, rounds: int, pairs: int) -> None:
     print(f"{'outbox add+ack pairs/s (sqlite3 peer)':40} {box_pairs:10.0f} {raw_pairs:10.0f}", end="")
     print(f" {box_pairs / raw_pairs:6.2f}x")
     print(f"{'outbox adds/s while filling':40} {add_rate:10.0f} {'-':>10}")
+    emit("outbox_drain", msg_s=e_rate, peer_msg_s=p_rate, cpu_us=e_cpu, peer_cpu_us=p_cpu,
+         life_s=box_pairs, peer_life_s=raw_pairs)  # fmt: skip
     print(
         "rounds (msg/s ecpm / peer): "
         + ", ".join(f"{o[0]:.0f} / {p[0]:.0f}" for o, p in zip(ours, peers, strict=True))

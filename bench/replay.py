@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.emit import emit  # noqa: E402
 from ecpm.settings import MqttSettings  # noqa: E402
 from probes.mqtt import Command, Publisher  # noqa: E402
 from probes.outbox import Outbox  # noqa: E402
@@ -96,10 +97,11 @@ async def one(tmp: Path, n: int, queued: int) -> tuple[float, int]:
     broker.start()
     db = tmp / "monitor.db"
     conf = tmp / "monitor.yaml"
-    conf.write_text(CONFIG.format(host=HOST, port=broker.port, db=db, http=free_port(), key=KEY))
     log = (tmp / "monitor.log").open("ab")
 
     def monitor() -> subprocess.Popen[bytes]:
+        # a fresh HTTP port at each start: the last one may be taken meanwhile
+        conf.write_text(CONFIG.format(host=HOST, port=broker.port, db=db, http=free_port(), key=KEY))
         return subprocess.Popen(
             [sys.executable, "-m", "ecpm", "monitor", "-c", str(conf)], cwd=ROOT, stdout=log, stderr=log
         )
@@ -129,7 +131,9 @@ async def one(tmp: Path, n: int, queued: int) -> tuple[float, int]:
         proc = monitor()
         await asyncio.sleep(0.5)
         await box.add(make)  # a result after the gap shows it
-        await until(lambda: stored(db) == n + 2, 600, "a complete store")
+        await until(lambda: stored(db) == n + 2 or proc.poll() is not None, 600, "a complete store")
+        if proc.poll() is not None:
+            raise SystemExit(f"the monitor exited ({proc.returncode}) before its store was complete")
         took = time.monotonic() - started
         return took, repaired(db)
     except SystemExit:
@@ -159,6 +163,7 @@ async def main(n: int, rounds: int, queued: int) -> None:
     print(f"replay:  {replay[0]:.1f} s to a complete store ({n / replay[0]:,.0f}/s), repaired {replay[1]}")
     print(f"backlog: {backlog[0]:.1f} s to a complete store ({n / backlog[0]:,.0f}/s)")
     print(f"ratio replay / backlog time: {replay[0] / backlog[0]:.2f}x")
+    emit("replay", replay_s=replay[0], backlog_s=backlog[0], repaired=replay[1])
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.emit import emit  # noqa: E402
 from monitor.store import SqliteStore  # noqa: E402
 from probes.outcome import CheckOutcome, MediaStats  # noqa: E402
 from probes.result import Result, format_time, new_id  # noqa: E402
@@ -205,13 +206,16 @@ def main() -> int:
         f" peak RSS {peak:.0f} MiB; report.html {sizes['report.html'] / 1e6:.1f} MB,"
         f" report.json {sizes['report.json'] / 1e6:.1f} MB, buckets.csv {sizes['buckets.csv'] / 1e6:.1f} MB"
     )
+    figures = {"report_s": took, "peak_mib": peak, "results": rows}
     if args.peer:
         span = format_time(START), format_time(START + timedelta(days=args.days))
         for payloads, name in ((True, "from the payloads"), (False, "on the report's columns")):
             took_peer = peer(db, *span, payloads=payloads)
+            figures["peer_payloads_s" if payloads else "peer_columns_s"] = took_peer
             print(
                 f"peer, plain SQL in sqlite3 {name}: {took_peer:.1f} s; ecpm / peer {took / took_peer:.2f}x"
             )
+    emit("report_bench", **figures)
     return 0
 
 

@@ -32,6 +32,7 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import FileResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
+from bench.emit import emit  # noqa: E402
 from bench.metrics_scrape import arguments, fill, fmt, timed  # noqa: E402
 from monitor.web import create_app  # noqa: E402
 
@@ -91,6 +92,16 @@ async def main(targets: int, probes: int, repeats: int) -> None:
         r[0] for r in rows["peer"]
     )
     print(f"ratio ecpm GET / vs peer (time): {ratio:.2f}x")
+    page, peer_page = rows["ecpm GET /"], rows["peer"]
+    emit(
+        "status_page",
+        ms_page=statistics.median(r[0] for r in page) * 1000,
+        peer_ms_page=statistics.median(r[0] for r in peer_page) * 1000,
+        ms_loop_stall=statistics.median(r[1] for r in page) * 1000,
+        kb_page=page[0][2] / 1000,
+        peer_kb_page=peer_page[0][2] / 1000,
+        kb_page_gzip=rows["ecpm GET /, gzip"][0][2] / 1000,
+    )
 
 
 if __name__ == "__main__":
