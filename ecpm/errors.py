@@ -13,6 +13,8 @@
     │                                  as expected (another build); the engine refuses to start
     ├── OutboxError                    probes.outbox: the outbox cannot be opened or written
     ├── PublisherError                 probes.mqtt: the MQTT settings cannot be used
+    ├── WorkerProtocolError            probes.worker_wire: a SIP worker's frame is cut short,
+    │                                  too big or not what the protocol says
     ├── StoreError                     monitor.store: the store cannot be opened as asked
     │   │                              (missing, unreachable, not a store, or too old to read)
     │   └── StoreLost                  its connection broke mid-work (PostgreSQL): reconnect

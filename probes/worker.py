@@ -33,7 +33,16 @@ from probes.guard import Guard
 from probes.outcome import CheckOutcome
 from probes.scheduler import relay_verdicts
 from probes.sip import SipEngine, SipError
-from probes.worker_wire import Cancel, Reply, Run, Start, WireError, parse_request, read_frame, reply_frame
+from probes.worker_wire import (
+    Cancel,
+    Reply,
+    Run,
+    Start,
+    WorkerProtocolError,
+    parse_request,
+    read_frame,
+    reply_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +76,7 @@ class Worker:
                 if found is not None:
                     found.cancel()
             else:
-                raise WireError("a second start frame")
+                raise WorkerProtocolError("a second start frame")
 
     def _forget(self, key: int) -> Callable[[asyncio.Task[None]], None]:
         def forget(_task: asyncio.Task[None]) -> None:
@@ -126,7 +135,7 @@ async def main() -> int:
         await serving
     except asyncio.CancelledError:
         logger.info("%s: SIGTERM, stopping", start.name)
-    except WireError as exc:
+    except WorkerProtocolError as exc:
         logger.error("%s: bad request from the agent, stopping: %s", start.name, exc)
     finally:
         await worker.stop()

@@ -25,6 +25,7 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ecpm.errors import EcpmError
 from probes.config import SipSettings, Target
 from probes.outcome import CheckOutcome
 
@@ -32,7 +33,7 @@ MAX_REPLY_BYTES: Final = 1 << 20  # a reply is about 1 KiB; anything this big is
 _LENGTH: Final = struct.Struct(">I")
 
 
-class WireError(Exception):
+class WorkerProtocolError(EcpmError):
     """A frame that is cut short, too big or not what the protocol says."""
 
 
@@ -100,26 +101,26 @@ async def read_frame(reader: asyncio.StreamReader, *, limit: int) -> bytes | Non
         head = await reader.readexactly(_LENGTH.size)
     except asyncio.IncompleteReadError as exc:
         if exc.partial:
-            raise WireError("the stream ended inside a frame header") from None
+            raise WorkerProtocolError("the stream ended inside a frame header") from None
         return None
     (size,) = _LENGTH.unpack(head)
     if size > limit:
-        raise WireError(f"a frame of {size} bytes is over the {limit} byte limit")
+        raise WorkerProtocolError(f"a frame of {size} bytes is over the {limit} byte limit")
     try:
         return await reader.readexactly(size)
     except asyncio.IncompleteReadError:
-        raise WireError(f"the stream ended inside a frame of {size} bytes") from None
+        raise WorkerProtocolError(f"the stream ended inside a frame of {size} bytes") from None
 
 
 def parse_reply(body: bytes) -> Reply:
     try:
         return Reply.model_validate_json(body)
     except ValueError as exc:
-        raise WireError(f"not a worker reply: {str(exc)[:300]}") from None
+        raise WorkerProtocolError(f"not a worker reply: {str(exc)[:300]}") from None
 
 
 def parse_request(body: bytes) -> Request:
     found = pickle.loads(body)  # from the agent, our parent, on a private pipe
     if not isinstance(found, Start | Run | Cancel):
-        raise WireError(f"not a worker request: {type(found).__name__}")
+        raise WorkerProtocolError(f"not a worker request: {type(found).__name__}")
     return found

@@ -58,7 +58,7 @@ from probes.worker_wire import (
     Reply,
     Run,
     Start,
-    WireError,
+    WorkerProtocolError,
     parse_reply,
     read_frame,
     request_frame,
@@ -245,7 +245,7 @@ class WorkerPool:
         try:
             body = await asyncio.wait_for(read_frame(proc.stdout, limit=MAX_REPLY_BYTES), START_TIMEOUT)
             reply = parse_reply(body) if body is not None else None
-        except (TimeoutError, WireError) as exc:
+        except (TimeoutError, WorkerProtocolError) as exc:
             reply, problem = None, str(exc) or "no answer in time"
         else:
             problem = "" if reply is None else (reply.error or "")
@@ -314,7 +314,7 @@ class WorkerPool:
         try:
             while (body := await read_frame(proc.stdout, limit=MAX_REPLY_BYTES)) is not None:
                 self._deliver(slot, parse_reply(body))
-        except WireError as exc:
+        except WorkerProtocolError as exc:
             logger.error("SIP %s broke the protocol: %s", slot.name, exc)
             return f"protocol error: {exc}"
         return ""

@@ -584,8 +584,11 @@ def test_status_page_in_chromium(tmp_path: Path) -> None:
 
 
 def with_duties(snap: Snapshot) -> Snapshot:
-    """incident 42 with three duties: one counting down, one met, one missed and escalated."""
-    now = snap.at
+    """incident 42 with three duties: one counting down, one met, one missed and escalated.
+
+    Timed from the clock the page renders with, not ``NOW`` (taken when the module was
+    imported: in a full run that is many minutes before this test)."""
+    now = datetime.now(UTC)
     duties = (
         IncidentDuty("us-fcc-psap", "notify the PSAPs", now + timedelta(minutes=10), now, ()),
         IncidentDuty(
