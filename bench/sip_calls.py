@@ -50,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.emit import emit  # noqa: E402
 from probes.config import ProbeConfig, SipSettings  # noqa: E402
 from probes.guard import Guard  # noqa: E402
 from probes.outcome import CheckOutcome  # noqa: E402
@@ -359,14 +360,15 @@ async def main(n: int, idle: float, rate: float, poll: float) -> dict[str, objec
 
 
 async def everything(args: argparse.Namespace) -> None:
-    figures: dict[str, object] = {"bench": "sip_calls"}
+    figures: dict[str, float] = {}
     if not args.no_setup:
         figures.update(await main(args.n, args.idle, args.rate, args.poll))
     if args.concurrent > 0:
         workers = args.workers if args.workers != "auto" else math.ceil(args.concurrent / 4)
         found = await run_concurrent(args.concurrent, int(workers), args.media_time)
-        figures.update({f"concurrent_{k}": v for k, v in asdict(found).items()})
-    print(json.dumps(figures, sort_keys=True))
+        figures.update({f"concurrent_{k}": v for k, v in asdict(found).items() if k != "reasons"})
+        print("failure reasons:", json.dumps(found.reasons, sort_keys=True))
+    emit("sip_calls", **figures)  # the result line bench/run.py reads
 
 
 if __name__ == "__main__":
