@@ -1,10 +1,12 @@
 """The register check and calls from a registered account, against a real Kamailio
 (tests/kamailio/kamailio.cfg: digest auth, usrloc, record-route, the test service routed
-to the responder). Every peer is on 127.0.0.1."""
+to the responder; UDP and TCP), and a SIPp registrar that refuses every expiry. Every
+peer is on 127.0.0.1. (Debian's kamailio has no tls module, so TLS is not run here.)"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from probes.sip import SipEngine
 from tests.support.kamailio import PASSWORD, USER, Kamailio
 from tests.support.monitor import Clock, ProbeSim, make_core
 from tests.support.net import HOST, free_port
-from tests.support.sip import account_target, with_engine
+from tests.support.sip import ResponderProcess, Sipp, account_target, with_engine
 
 pytestmark = pytest.mark.peers("kamailio")
 
@@ -33,7 +35,7 @@ def test_register_passes_through_the_digest_challenge(kamailio: Kamailio) -> Non
     assert out.sip_status == 200 and out.detail["registration"] == "new"
     assert set(out.timings) == {"transport", "trying", "answer"}
     assert out.timings["trying"] <= out.timings["answer"]  # the 401, then the 200 to the retry
-    assert 10 <= int(out.detail["expires"]) <= 60
+    assert 10 <= int(out.detail["expires"]) <= 60 and out.detail["expires_asked"] == "60"
     assert "ecpm: challenged REGISTER" in kamailio.text()
 
 
@@ -42,6 +44,55 @@ def test_a_wrong_password_fails_auth_failed(kamailio: Kamailio) -> None:
     out = with_engine(lambda e: register_check(e, t))
     assert (out.outcome, out.stage, out.reason) == ("fail", "answer", "auth_failed"), out
     assert out.sip_status == 401
+
+
+def test_an_auth_user_the_registrar_does_not_know_fails_forbidden(kamailio: Kamailio) -> None:
+    t = target(kamailio.registrar, kamailio.service_uri, auth_username="mallory")
+    out = with_engine(lambda e: register_check(e, t))
+    assert (out.outcome, out.stage, out.reason) == ("fail", "answer", "forbidden"), out
+    assert out.sip_status == 403
+
+
+@pytest.fixture
+def strict_registrar(tmp_path: Path, responder: ResponderProcess) -> Iterator[Kamailio]:
+    """Kamailio granting 20 to 30 s, answering a shorter Expires with 423 and Min-Expires."""
+    k = Kamailio(tmp_path, responder=responder.uri, min_expires=20, max_expires=30, too_brief=True)
+    with k.start() as running:
+        yield running
+
+
+def test_a_423_with_min_expires_is_retried_and_passes_with_what_was_granted(
+    strict_registrar: Kamailio,
+) -> None:
+    t = target(strict_registrar.registrar, strict_registrar.service_uri, expiry="10s")
+    out = with_engine(lambda e: register_check(e, t))
+    assert out.outcome == "pass", out
+    assert (out.detail["expires_asked"], out.detail["expires"]) == ("10", "20"), out.detail
+    assert "ecpm: refused REGISTER: Expires 10" in strict_registrar.text()  # the 423 was sent
+
+
+def test_a_registrar_granting_less_than_asked_records_the_granted_expiry(
+    strict_registrar: Kamailio,
+) -> None:
+    t = target(strict_registrar.registrar, strict_registrar.service_uri, expiry="300s")
+    out = with_engine(lambda e: register_check(e, t))
+    assert out.outcome == "pass", out
+    assert (out.detail["expires_asked"], out.detail["expires"]) == ("300", "30"), out.detail
+
+
+@pytest.mark.peers("sipp")
+def test_a_registrar_refusing_the_min_expires_too_fails_expires_rejected(tmp_path: Path) -> None:
+    """tests/sipp/uas_register_423.xml: 423 Min-Expires 7200, and 423 again to the
+    REGISTER asking for 7200 (pjsip's retry): the registrar refuses any expiry."""
+    sipp = Sipp(tmp_path, "uas_register_423.xml")
+    try:
+        t = target(f"sip:{HOST}:{sipp.port}", f"sip:ecpm-test@{HOST}:{sipp.port}")
+        out = with_engine(lambda e: register_check(e, t))
+        assert sipp.wait(10) == 0, sipp.log()[-3000:]  # both REGISTERs, the second asking 7200
+    finally:
+        sipp.stop()
+    assert (out.outcome, out.stage, out.reason) == ("fail", "answer", "expires_rejected"), out
+    assert out.sip_status == 423 and out.detail["expires_asked"] == "60"
 
 
 def test_a_registrar_that_is_down_fails_at_transport_fast() -> None:
