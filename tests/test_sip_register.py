@@ -113,6 +113,24 @@ def test_a_call_from_the_account_answers_the_407_and_verifies_media(kamailio: Ka
     assert "ecpm: challenged INVITE" in log and "ecpm: relayed INVITE to the responder" in log
 
 
+def test_register_and_a_registered_call_over_tcp(kamailio: Kamailio) -> None:
+    """The account's ``transport: tcp`` carries the REGISTERs and the call's INVITE (Kamailio
+    relays it to the responder over UDP: a double Record-Route); media verified."""
+    t = target(kamailio.registrar, kamailio.service_uri, transport="tcp")
+
+    async def body(engine: SipEngine) -> tuple[CheckOutcome, CheckOutcome]:
+        return await register_check(engine, t), await invite_check(engine, t)
+
+    reg, call = with_engine(body)
+    assert reg.outcome == "pass" and reg.sip_status == 200, reg
+    assert call.outcome == "pass", call
+    assert call.media is not None and call.media.tone_heard and call.media.echo_heard
+    log = kamailio.text()
+    assert "ecpm: challenged REGISTER over tcp" in log and "ecpm: challenged INVITE over tcp" in log
+    assert "ecpm: relayed INVITE to the responder (came over tcp)" in log
+    assert " over udp" not in log
+
+
 def registration_up(tmp_path: Path, outcomes: list[CheckOutcome]) -> list[float | None]:
     """ecpm_registration_up after each of these register outcomes reaches a monitor."""
     clock = Clock()
