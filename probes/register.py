@@ -9,8 +9,10 @@ Stages (each timing in seconds goes into ``timings``; the names are the invite's
 
 pjsua answers the challenge with the account's credentials and refreshes the registration
 before it expires; ``detail["registration"]`` says whether this attempt was the account's
-first, a refresh, or the first after a lost one (``re-registered``, with ``detail["lost"]``).
-A call from the account (``checks.invite_check``) fails at once while it is not registered.
+first, a refresh, or the first after a lost one (``re-registered``, with ``detail["lost"]``),
+and ``detail["refreshes"]`` how many times since the account's previous attempt of ours
+pjsua refreshed the binding by itself (5 s before it expired). A call from the account
+(``checks.invite_check``) fails at once while it is not registered.
 
 Expiry: ``detail["expires_asked"]`` is the account's ``expiry``; a pass records what the
 registrar granted in ``detail["expires"]`` (a registrar may grant less). A 423 Interval Too
@@ -55,6 +57,7 @@ async def register_check(
     except (EngineClosed, CallSetupError, SipError) as exc:
         return result.not_sent(exc)
     result.detail["registration"] = reg.renewal
+    result.detail["refreshes"] = str(reg.refreshes)
     if target.account is not None:
         result.detail["expires_asked"] = str(int(target.account.expiry))
     if reg.lost is not None:

@@ -5,6 +5,7 @@ peer is on 127.0.0.1. (Debian's kamailio has no tls module, so TLS is not run he
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ def test_register_passes_through_the_digest_challenge(kamailio: Kamailio) -> Non
     assert set(out.timings) == {"transport", "trying", "answer"}
     assert out.timings["trying"] <= out.timings["answer"]  # the 401, then the 200 to the retry
     assert 10 <= int(out.detail["expires"]) <= 60 and out.detail["expires_asked"] == "60"
+    assert out.detail["refreshes"] == "0"
     assert "ecpm: challenged REGISTER" in kamailio.text()
 
 
@@ -129,6 +131,30 @@ def test_register_and_a_registered_call_over_tcp(kamailio: Kamailio) -> None:
     assert "ecpm: challenged REGISTER over tcp" in log and "ecpm: challenged INVITE over tcp" in log
     assert "ecpm: relayed INVITE to the responder (came over tcp)" in log
     assert " over udp" not in log
+
+
+def test_pjsuas_own_refresh_of_a_short_registration_shows_in_the_next_result(
+    kamailio: Kamailio,
+) -> None:
+    """10 s granted (the least the account may ask and Kamailio grants): pjsua refreshes
+    the binding 5 s before it expires, by itself; the next register check counts it."""
+    t = target(kamailio.registrar, kamailio.service_uri, expiry="10s")
+
+    async def body(engine: SipEngine) -> tuple[CheckOutcome, CheckOutcome, CheckOutcome]:
+        first = await register_check(engine, t)
+        await asyncio.sleep(7)  # one refresh at about 5 s, the next not before 10 s
+        second = await register_check(engine, t)
+        third = await register_check(engine, t)  # at once: nothing refreshed in between
+        return first, second, third
+
+    first, second, third = with_engine(body)
+    assert first.outcome == "pass" and first.detail["expires"] == "10", first
+    assert (first.detail["registration"], first.detail["refreshes"]) == ("new", "0")
+    assert second.outcome == "pass", second
+    assert (second.detail["registration"], second.detail["refreshes"]) == ("refresh", "1"), second
+    assert third.detail["refreshes"] == "0", third
+    # Kamailio bound four times: three checks and pjsua's own refresh between two of them
+    assert kamailio.text().count(f"ecpm: saved REGISTER of {USER}: Expires 10") == 4
 
 
 def registration_up(tmp_path: Path, outcomes: list[CheckOutcome]) -> list[float | None]:
