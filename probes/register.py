@@ -9,8 +9,17 @@ Stages (each timing in seconds goes into ``timings``; the names are the invite's
 
 pjsua answers the challenge with the account's credentials and refreshes the registration
 before it expires; ``detail["registration"]`` says whether this attempt was the account's
-first, a refresh, or the first after a lost one (``re-registered``, with ``detail["lost"]``).
-A call from the account (``checks.invite_check``) fails at once while it is not registered.
+first, a refresh, or the first after a lost one (``re-registered``, with ``detail["lost"]``),
+and ``detail["refreshes"]`` how many times since the account's previous attempt of ours
+pjsua refreshed the binding by itself (5 s before it expired). A call from the account
+(``checks.invite_check``) fails at once while it is not registered.
+
+Expiry: ``detail["expires_asked"]`` is the account's ``expiry``; a pass records what the
+registrar granted in ``detail["expires"]`` (a registrar may grant less). A 423 Interval Too
+Brief with a larger Min-Expires is not a failure: pjsip sends the REGISTER again asking for
+Min-Expires (without it, for 3601 s) and the check passes with what that one was granted.
+``expires_rejected`` is a registrar that refuses even that (423 again), or a 2xx that kept
+no binding.
 """
 
 from __future__ import annotations
@@ -48,6 +57,9 @@ async def register_check(
     except (EngineClosed, CallSetupError, SipError) as exc:
         return result.not_sent(exc)
     result.detail["registration"] = reg.renewal
+    result.detail["refreshes"] = str(reg.refreshes)
+    if target.account is not None:
+        result.detail["expires_asked"] = str(int(target.account.expiry))
     if reg.lost is not None:
         result.detail["lost"] = reg.lost
     sent = reg.sent_at if reg.sent_at is not None else reg.started_at

@@ -59,6 +59,7 @@ class RegisteredAccount(Account):
         self.waiting: list[PendingRegister] = []
         self.last: Registration | None = None
         self.lost: str | None = None  # why the registration was lost, until it is back
+        self.refreshes = 0  # pjsua's own refreshes that kept the binding, since our last attempt
 
     @property
     def registered(self) -> bool:

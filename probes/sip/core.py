@@ -552,15 +552,19 @@ class Core:
             acc.lost = None
         elif acc.lost is None:
             acc.lost = f"{status} {reason}"
+        waiting, acc.waiting = acc.waiting, []
+        if registered and not waiting:  # pjsua's own refresh, before the binding expired
+            acc.refreshes += 1
         result = Registration(
             status=status, reason=reason, from_network=from_network, registered=registered,
-            expires=max(0, expires), renewal=renewal, lost=lost,
+            expires=max(0, expires), renewal=renewal, lost=lost, refreshes=acc.refreshes,
             started_at=attempt.started_at if attempt else now,
             sent_at=attempt.sent_at if attempt else None,
             credentials_at=attempt.credentials_at if attempt else None, finished_at=now,
         )  # fmt: skip
         acc.last = result
-        waiting, acc.waiting = acc.waiting, []
+        if waiting:
+            acc.refreshes = 0
         for req in waiting:
             post(self.loop, resolve, req.fut, result)
         if not waiting and not registered:

@@ -133,6 +133,7 @@ class Registration:
     expires: int  # what the registrar granted
     renewal: Renewal  # the account's first, a refresh, or the first after a lost one
     lost: str | None  # why the registration before this one was lost ("408 Request Timeout")
+    refreshes: int  # pjsua's own refreshes that kept the binding since the last attempt of ours
     started_at: float  # the attempt began in the pjsua2 thread
     sent_at: float | None  # its first REGISTER on the wire
     credentials_at: float | None  # the REGISTER with credentials sent, after a 401/407
