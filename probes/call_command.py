@@ -67,8 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-tone", action="store_true", help="do not require the responder's tone")
     group.add_argument("--no-echo", action="store_true", help="do not require our tone to come back")
     group.add_argument("--options-timeout", metavar="DUR", help="OPTIONS timeout (default 5s)")
+    group.add_argument("--dtmf", metavar="DIGITS", help="send these DTMF digits; they must come back")
     group.add_argument(
-        "--dtmf", metavar="DIGITS", help="send these DTMF digits (RFC 4733); they must come back"
+        "--dtmf-method",
+        choices=["rfc4733", "inband", "auto"],
+        help="telephone-events, tones in the audio, or auto: rfc4733 when the answer offers it (default)",
     )
     group.add_argument("--srtp", choices=["off", "optional", "mandatory"], help="SDES-SRTP (default off)")
     parser.add_argument("--sip-log-level", type=int, choices=range(7), help="pjsip's own log level")
@@ -95,6 +98,8 @@ def _invite(base: InviteCheck | None, args: argparse.Namespace) -> InviteCheck:
         data["expect_echo"] = False
     if args.dtmf is not None:
         data["dtmf"] = args.dtmf
+    if args.dtmf_method is not None:
+        data["dtmf_method"] = args.dtmf_method
     return InviteCheck.model_validate(data)
 
 

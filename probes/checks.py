@@ -16,7 +16,8 @@ invite, in order (each stage's timing in seconds goes into ``timings``)::
     identity   INVITE sent -> the 200 OK reporting the callback number and location that
                arrived (emergency-shaped targets that expect them; nena.score_identity)
     media      200 OK -> every expected tone heard  (listen for media_time)
-    dtmf       our DTMF digits sent -> the last one back (checks.invite.dtmf; RFC 4733)
+    dtmf       our DTMF digits sent -> the last one back (checks.invite.dtmf; RFC 4733
+               telephone-events, or in-band tones found in the echoed audio)
     teardown   BYE -> call released
 """
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Final
 
 from probes import media, nena, sdp
-from probes.config import EmergencyShape, InviteCheck, OptionsCheck, Srtp, Target
+from probes.config import INBAND_DIGIT_SECONDS, EmergencyShape, InviteCheck, OptionsCheck, Srtp, Target
 from probes.guard import GuardRefusal
 from probes.outcome import CheckOutcome, MediaStats, Outcome
 from probes.scheduler import verdict_ready
@@ -60,6 +61,7 @@ TEARDOWN_WAIT: Final = 5.0  # BYE or CANCEL sent -> call released, or fail at te
 NO_ANSWER_WAIT: Final = 2.0  # no response at all: how long the hangup may take before the result goes
 STATS_EVERY: Final = 0.25  # RTCP figures sampled this often while listening
 CONFIRM_WAIT: Final = 1.0  # 2xx received -> pjsua's CONFIRMED (ACK sent); media judges the call after it
+INBAND_TAIL: Final = 1.0  # in-band digits played -> recording stopped (at most; dtmf_timeout if shorter)
 
 # Bounded reason codes (the registry's per-kind ``reasons``; docs/checks.md explains each)
 # Every check: the guard refused the target, pjsua2 refused the request, no response,
@@ -562,7 +564,8 @@ async def _media_and_teardown(
     _time_media(result, heard, d, answer_at, listened.until)
     _judge_media(result, heard, d, listened, shape)
     if cfg.dtmf and result.outcome == "pass" and listened.remote_end is None and not call.ended:
-        await _dtmf(call, cfg.dtmf, result, d, until=min(time.monotonic() + cfg.dtmf_time, deadline))
+        until = min(time.monotonic() + cfg.dtmf_time, deadline)
+        await _dtmf(call, cfg, result, d, until=until, recording=recording.with_name("dtmf.wav"))
     ended = listened.remote_end
     if ended is None and not heard.identified and not call.ended and announcement is not None:
         ended = await _announce(call, result, announcement, deadline)
@@ -695,14 +698,47 @@ def _judge_media(
         result.fail("media", "no_echo")
 
 
-async def _dtmf(call: OutgoingCall, digits: str, result: Findings, d: _Dialog, *, until: float) -> None:
-    """The dtmf stage: send ``digits`` as RFC 4733 telephone-events, then every digit must
-    come back (the responder echoes them) before ``until``: digits sent -> the last one back."""
-    began = time.monotonic()
+_DtmfBack = tuple[str, float, CallEvent | None]  # digits received, sent -> last back, a hang-up
+
+
+async def _dtmf(
+    call: OutgoingCall, cfg: InviteCheck, result: Findings, d: _Dialog, *, until: float, recording: Path
+) -> None:
+    """The dtmf stage: send ``cfg.dtmf`` by its method (``auto``: RFC 4733 when the far end's
+    SDP answer offers telephone-event, else in-band), then every digit must come back before
+    ``until``: digits sent -> the last one back."""
+    digits = cfg.dtmf or ""
+    method = cfg.dtmf_method
+    if method == "auto":
+        answer = d.answer.message if d.answer is not None else None
+        method = "rfc4733" if sdp.offers_telephone_event(answer) else "inband"
+    result.detail["dtmf.method"] = method
     result.detail["dtmf.sent"] = digits
-    if not await call.send_dtmf(digits):
+    back: _DtmfBack | None
+    if method == "inband":
+        back = await _inband_dtmf(call, cfg, recording, until=until)
+    else:
+        back = await _rfc4733_dtmf(call, digits, d, until=until)
+    if back is None:
         result.fail("dtmf", "dtmf_unsupported")  # no telephone-event in the far end's SDP
         return
+    received, took, ended = back
+    if ended is not None:
+        result.fail("dtmf", "remote_hangup", status=ended.status, sip_reason=ended.reason)
+        return
+    result.detail["dtmf.received"] = received or "none"
+    if received == digits:
+        result.time("dtmf", took)
+    else:
+        result.fail("dtmf", "dtmf_mismatch" if received else "dtmf_missing")
+
+
+async def _rfc4733_dtmf(call: OutgoingCall, digits: str, d: _Dialog, *, until: float) -> _DtmfBack | None:
+    """Send telephone-events; the digits that came back as events (the far end's own, sent
+    after the answer, count too). None: nothing could be sent."""
+    began = time.monotonic()
+    if not await call.send_dtmf(digits):
+        return None
     last = began
     while len(d.digits) < len(digits) and (now := time.monotonic()) < until:
         event = await call.next_event(until - now)
@@ -712,14 +748,34 @@ async def _dtmf(call: OutgoingCall, digits: str, result: Findings, d: _Dialog, *
             d.digits.append(event.digit)
             last = event.at
         elif event.kind == "disconnected":
-            result.fail("dtmf", "remote_hangup", status=event.status, sip_reason=event.reason)
-            return
-    received = "".join(d.digits)
-    result.detail["dtmf.received"] = received or "none"
-    if received == digits:
-        result.time("dtmf", last - began)
-    else:
-        result.fail("dtmf", "dtmf_mismatch" if received else "dtmf_missing")
+            return "".join(d.digits), 0.0, event
+    return "".join(d.digits), last - began, None
+
+
+async def _inband_dtmf(call: OutgoingCall, cfg: InviteCheck, recording: Path, *, until: float) -> _DtmfBack:
+    """Play the digits as tone pairs into the call while recording what comes back, then
+    decode the recording (``media.detect_dtmf``; the responder's tone and ours are removed
+    first). The recording runs while the digits play and ``INBAND_TAIL`` (or
+    ``dtmf_timeout``, when shorter) after."""
+    digits = cfg.dtmf or ""
+    await call.record(recording)
+    await call.play_digits(digits)
+    listen = len(digits) * INBAND_DIGIT_SECONDS + min(cfg.dtmf_timeout, INBAND_TAIL)
+    ended = await call.wait_ended(max(0.0, min(listen, until - time.monotonic())))
+    if ended is None:
+        await call.play_digits(None)
+    await call.record(None)
+    if ended is not None:
+        return "", 0.0, ended
+    try:
+        samples, rate = await asyncio.to_thread(media.read_wav, recording)
+        found = await asyncio.to_thread(
+            media.detect_dtmf, samples, rate, ignore=(cfg.expect_tone_hz, cfg.tone_hz)
+        )
+    except (ValueError, OSError):  # nothing was recorded
+        found = []
+    took = found[-1].end if found else 0.0
+    return "".join(f.digit for f in found), took, None
 
 
 async def _announce(

@@ -32,6 +32,7 @@ from probes.guard import (
     GuardRefusal,
     check_dial_target,
 )
+from probes.media import DTMF_OFF, DTMF_ON
 
 # The pjsua2 wheel is compiled with PJSUA_MAX_CALLS = 4 (see docs/checks.md).
 WHEEL_MAX_CALLS = 4
@@ -129,6 +130,8 @@ class CheckSettings(Protocol):
 
 
 DTMF_DIGIT_SECONDS = 0.25  # one RFC 4733 digit as pjsua sends it: 160 ms and the gap after it
+INBAND_DIGIT_SECONDS = DTMF_ON + DTMF_OFF  # one in-band digit as the probe plays it
+DtmfMethod = Literal["rfc4733", "inband", "auto"]
 
 
 def _dtmf_digits(value: str) -> str:
@@ -152,9 +155,12 @@ class InviteCheck(StrictModel):
     expect_tone_hz: float = Field(default=1400.0, gt=100, lt=3900)  # what the responder plays
     expect_tone: Bool = True  # the responder's tone must be heard; false for a plain echo endpoint
     expect_echo: Bool = True  # our tone must come back (two-way audio)
-    # DTMF digits sent as RFC 4733 telephone-events after the media check; the far end must
-    # return them (the responder echoes them; stage dtmf). None: no DTMF check
+    # DTMF digits sent after the media check; the far end must return them (the responder
+    # echoes them; stage dtmf). None: no DTMF check
     dtmf: Annotated[str, AfterValidator(_dtmf_digits)] | None = None
+    # how: rfc4733 telephone-events, inband tones in the audio (back in the echo), or auto:
+    # rfc4733 when the far end's SDP answer offers telephone-event, else inband
+    dtmf_method: DtmfMethod = "auto"
     # all digits sent -> every digit back, or fail at dtmf
     dtmf_timeout: Annotated[float, duration(at_most=MINUTE)] = 3.0
 
@@ -177,9 +183,10 @@ class InviteCheck(StrictModel):
 
     @property
     def dtmf_time(self) -> float:
-        """The longest the DTMF stage takes: every digit sent (pjsua: 160 ms and a gap
-        each), then ``dtmf_timeout``; 0 without DTMF."""
-        return 0.0 if not self.dtmf else len(self.dtmf) * DTMF_DIGIT_SECONDS + self.dtmf_timeout
+        """The longest the DTMF stage takes: every digit sent (RFC 4733, 160 ms and a gap
+        each, the longer of the two methods), then ``dtmf_timeout``; 0 without DTMF."""
+        per_digit = max(DTMF_DIGIT_SECONDS, INBAND_DIGIT_SECONDS)
+        return 0.0 if not self.dtmf else len(self.dtmf) * per_digit + self.dtmf_timeout
 
 
 class OptionsCheck(StrictModel):

@@ -16,6 +16,19 @@ Tone detection
     noise and speech are flat around ``f`` or have their peak elsewhere, so they are
     not mistaken for it; a second tone 400 Hz away does not mask the first.
 
+In-band DTMF (``detect_dtmf``; ITU-T Q.23 frequencies, Q.24 acceptance in spirit)
+    20 ms windows every 10 ms. Known steady tones (the responder's, our own) are first
+    removed from each window by a least-squares sine fit at their frequency, so their
+    leakage does not mask a digit. A window holds a digit when the strongest of the four
+    row (697/770/852/941 Hz) and of the four column (1209/1336/1477/1633 Hz) Goertzel
+    powers each reach ``min_dbfs``; every other tone of its group is ``relative_peak_db``
+    (8 dB) below the strongest; the twist is within limits (column up to 8 dB above the
+    row, row up to 4 dB above the column, spandsp's defaults); and the two tones carry at
+    least ``min_share`` of what is left of the window's energy (speech and noise spread
+    theirs). A digit is a run of windows with the same key lasting ``min_duration``
+    (40 ms; 20 ms or less is never one); a break of ``min_gap`` (30 ms) or more between
+    runs of the same key makes two digits, a shorter dropout is bridged.
+
 E-model (ITU-T G.107, simplified as in Cole & Rosenbluth 2001)
     ``R = 93.2 - Id - Ie_eff`` with the default ``R0 - Is = 93.2``;
     ``Id = 0.024 d + 0.11 (d - 177.3) H(d - 177.3)`` for one-way delay ``d`` ms;
@@ -143,6 +156,196 @@ def _tone_in_frame(
             if 0 < g < nyquist and goertzel_power(chunk, g, rate) * peak_ratio > power:
                 return False
     return True
+
+
+DTMF_ROWS: Final = (697.0, 770.0, 852.0, 941.0)
+DTMF_COLUMNS: Final = (1209.0, 1336.0, 1477.0, 1633.0)
+DTMF_KEYS: Final = ("123A", "456B", "789C", "*0#D")  # DTMF_KEYS[row][column]
+DTMF_HOP: Final = 0.01  # seconds between the starts of two 20 ms DTMF windows
+DTMF_ON: Final = 0.1  # one in-band digit as the probe plays it: 100 ms of tone pair,
+DTMF_OFF: Final = 0.1  # then 100 ms of silence (Q.24 asks for 40 ms of each at least)
+
+
+@dataclass(frozen=True, slots=True)
+class DtmfDigit:
+    """One in-band digit: its key and when it sounded (seconds from the start of the audio)."""
+
+    digit: str
+    start: float
+    end: float
+
+
+def dtmf_pair(digit: str) -> tuple[float, float]:
+    """The (row, column) frequencies of a DTMF key (0-9, *, #, A-D)."""
+    for r, keys in enumerate(DTMF_KEYS):
+        if digit in keys:
+            return DTMF_ROWS[r], DTMF_COLUMNS[keys.index(digit)]
+    raise ValueError(f"{digit!r} is not a DTMF key")
+
+
+def detect_dtmf(
+    samples: Sequence[int] | Sequence[float],
+    rate: int,
+    *,
+    ignore: Sequence[float] = (),
+    min_duration: float = 0.04,
+    min_gap: float = 0.03,
+    min_dbfs: float = -40.0,
+    relative_peak_db: float = 8.0,
+    max_twist_db: float = 8.0,
+    max_reverse_twist_db: float = 4.0,
+    min_share: float = 0.6,
+) -> list[DtmfDigit]:
+    """The in-band DTMF digits in ``samples`` (16-bit scale), in order; ``ignore``: steady
+    tones removed first (see module doc)."""
+    if rate <= 0:
+        raise ValueError("rate must be positive")
+    window = max(1, round(rate * FRAME_SECONDS))
+    hop = max(1, round(rate * DTMF_HOP))
+    nyquist = rate / 2.0
+    known = [_sine_basis(f, rate, window) for f in ignore if 0 < f < nyquist]
+    judge = _DtmfJudge(
+        window=window,
+        rate=rate,
+        min_dbfs=min_dbfs,
+        relative_peak=10.0 ** (relative_peak_db / 10.0),
+        twist=10.0 ** (max_twist_db / 10.0),
+        reverse_twist=10.0 ** (max_reverse_twist_db / 10.0),
+        min_share=min_share,
+    )
+    keys: list[str | None] = []
+    for start in range(0, len(samples) - window + 1, hop):
+        chunk = [float(v) for v in samples[start : start + window]]
+        for basis in known:
+            chunk = _remove_sine(chunk, basis)
+        keys.append(judge.key(chunk))
+    return _dtmf_runs(
+        keys,
+        hop=hop / rate,
+        window=window / rate,
+        need=max(1, math.ceil((min_duration - window / rate) / (hop / rate) - 1e-9) + 1),
+        gap=max(1, math.ceil(min_gap / (hop / rate) - 1e-9)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _DtmfJudge:
+    """Whether one window holds a DTMF key (the per-window tests of ``detect_dtmf``)."""
+
+    window: int
+    rate: int
+    min_dbfs: float
+    relative_peak: float
+    twist: float
+    reverse_twist: float
+    min_share: float
+
+    def key(self, chunk: Sequence[float]) -> str | None:
+        rows = [goertzel_power(chunk, f, self.rate) for f in DTMF_ROWS]
+        cols = [goertzel_power(chunk, f, self.rate) for f in DTMF_COLUMNS]
+        r = max(range(4), key=rows.__getitem__)
+        c = max(range(4), key=cols.__getitem__)
+        low, high = rows[r], cols[c]
+        # a full-scale sine gives FULL_SCALE**2 * window / 2
+        floor = FULL_SCALE**2 * self.window / 2.0 * 10.0 ** (self.min_dbfs / 10.0)
+        if low < floor or high < floor:
+            return None
+        if high > low * self.twist or low > high * self.reverse_twist:
+            return None
+        if any(p * self.relative_peak > low for i, p in enumerate(rows) if i != r):
+            return None
+        if any(p * self.relative_peak > high for i, p in enumerate(cols) if i != c):
+            return None
+        if low + high < self.min_share * sum(v * v for v in chunk):
+            return None
+        return DTMF_KEYS[r][c]
+
+
+def _dtmf_runs(
+    keys: Sequence[str | None], *, hop: float, window: float, need: int, gap: int
+) -> list[DtmfDigit]:
+    """Digits from the per-window keys: runs of one key at least ``need`` windows long; a
+    run of the same key after fewer than ``gap`` other windows continues the digit."""
+    runs: list[tuple[str, int, int]] = []  # key, first window, last window
+    i = 0
+    while i < len(keys):
+        key = keys[i]
+        if key is None:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(keys) and keys[j + 1] == key:
+            j += 1
+        if runs and runs[-1][0] == key and i - runs[-1][2] - 1 < gap:
+            runs[-1] = (key, runs[-1][1], j)  # a dropout inside one digit
+        else:
+            runs.append((key, i, j))
+        i = j + 1
+    return [
+        DtmfDigit(key, round(first * hop, 3), round(last * hop + window, 3))
+        for key, first, last in runs
+        if last - first + 1 >= need
+    ]
+
+
+def _sine_basis(
+    freq: float, rate: int, n: int
+) -> tuple[list[float], list[float], tuple[float, float, float]]:
+    """cos and sin at ``freq`` over ``n`` samples and the inverse of their Gram matrix
+    (``a, b, c`` of ``[[a, b], [b, c]]``), for a least-squares fit."""
+    w = 2.0 * math.pi * freq / rate
+    cos = [math.cos(w * i) for i in range(n)]
+    sin = [math.sin(w * i) for i in range(n)]
+    cc = sum(v * v for v in cos)
+    ss = sum(v * v for v in sin)
+    cs = sum(a * b for a, b in zip(cos, sin, strict=True))
+    det = cc * ss - cs * cs
+    return cos, sin, (ss / det, -cs / det, cc / det)
+
+
+def _remove_sine(
+    chunk: list[float], basis: tuple[list[float], list[float], tuple[float, float, float]]
+) -> list[float]:
+    """``chunk`` minus its least-squares sine at the basis frequency."""
+    cos, sin, (a, b, c) = basis
+    xc = sum(x * v for x, v in zip(chunk, cos, strict=True))
+    xs = sum(x * v for x, v in zip(chunk, sin, strict=True))
+    p, q = a * xc + b * xs, b * xc + c * xs
+    return [x - p * u - q * v for x, u, v in zip(chunk, cos, sin, strict=True)]
+
+
+def dtmf_tones(
+    digits: str,
+    rate: int,
+    *,
+    on: float = DTMF_ON,
+    off: float = DTMF_OFF,
+    dbfs: float = -14.0,
+    twist_db: float = 0.0,
+) -> list[int]:
+    """``digits`` as DTMF tone pairs, ``on`` seconds each with ``off`` of silence after
+    (tests); ``twist_db``: the column tone that much louder than the row tone."""
+    out: list[int] = []
+    n_on, n_off = round(rate * on), round(rate * off)
+    for digit in digits:
+        row, col = dtmf_pair(digit)
+        a_row = FULL_SCALE * 10.0 ** (dbfs / 20.0)
+        a_col = a_row * 10.0 ** (twist_db / 20.0)
+        out.extend(
+            max(
+                -32768,
+                min(
+                    32767,
+                    round(
+                        a_row * math.sin(2 * math.pi * row * i / rate)
+                        + a_col * math.sin(2 * math.pi * col * i / rate)
+                    ),
+                ),
+            )
+            for i in range(n_on)
+        )
+        out.extend([0] * n_off)
+    return out
 
 
 def tone(freq: float, rate: int, seconds: float, *, dbfs: float = -10.0, phase: float = 0.0) -> list[int]:

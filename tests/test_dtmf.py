@@ -48,6 +48,7 @@ def test_the_responder_echoes_the_digits(clean_responder: ResponderProcess) -> N
     assert out.outcome == "pass", out
     assert list(out.timings) == ["transport", "trying", "ringing", "answer", "media", "dtmf", "teardown"]
     assert out.detail["dtmf.sent"] == out.detail["dtmf.received"] == DIGITS
+    assert out.detail["dtmf.method"] == "rfc4733"  # auto: the responder offers telephone-event
     assert 0 < out.timings["dtmf"] < 3
 
 
@@ -75,8 +76,29 @@ def test_sipp_echoes_our_telephone_events(sipp_factory: Callable[..., Sipp], tmp
 
 def test_sipp_without_telephone_event_fails_dtmf_unsupported(sipp_factory: Callable[..., Sipp]) -> None:
     peer = sipp_factory("uas_echo.xml", rtp_echo=True)
-    out = call(peer.uri, expect_tone=False)
+    out = call(peer.uri, expect_tone=False, dtmf_method="rfc4733")
     assert (out.outcome, out.stage, out.reason) == ("fail", "dtmf", "dtmf_unsupported"), out
+
+
+def test_auto_falls_back_to_inband_against_sipp_without_telephone_event(
+    sipp_factory: Callable[..., Sipp],
+) -> None:
+    peer = sipp_factory("uas_echo.xml", rtp_echo=True)
+    out = call(peer.uri, expect_tone=False)
+    assert out.outcome == "pass", out
+    assert out.detail["dtmf.method"] == "inband" and out.detail["dtmf.received"] == DIGITS
+
+
+def test_the_responder_echoes_inband_digits(clean_responder: ResponderProcess) -> None:
+    out = call(clean_responder.uri, dtmf_method="inband")
+    assert out.outcome == "pass", out
+    assert out.detail["dtmf.method"] == "inband" and out.detail["dtmf.received"] == DIGITS
+
+
+def test_inband_digits_not_echoed_fail_dtmf_missing(clean_responder: ResponderProcess) -> None:
+    clean_responder.set_fault("one_way_media")  # plays its tone, returns no audio
+    out = call(clean_responder.uri, dtmf_method="inband", expect_echo=False)
+    assert (out.outcome, out.stage, out.reason) == ("fail", "dtmf", "dtmf_missing"), out
 
 
 def with_payload_type(pcap: Path, out: Path, pt: int) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import wave
 from pathlib import Path
@@ -193,3 +194,55 @@ def test_the_shipped_announcement() -> None:
     assert loud > len(samples) // 20
     heard = media.detect_tones(samples, rate, [1000, 1400])
     assert not heard[1000].heard and not heard[1400].heard  # speech is not mistaken for a tone
+
+
+# ------------------------------------------------------------------ in-band DTMF
+
+
+def dtmf(samples: list[int], **kw: object) -> str:
+    return "".join(d.digit for d in media.detect_dtmf(samples, RATE, **kw))  # type: ignore[arg-type]
+
+
+def test_every_dtmf_key_and_repeats() -> None:
+    assert dtmf(media.dtmf_tones("0123456789*#ABCD", RATE)) == "0123456789*#ABCD"
+    assert dtmf(media.dtmf_tones("1155", RATE, on=0.05, off=0.05)) == "1155"
+
+
+def test_dtmf_duration_and_gap_limits() -> None:
+    for offset in range(0, 80, 5):
+        assert dtmf([0] * offset + media.dtmf_tones("5", RATE, on=0.02)) == ""
+        assert dtmf([0] * offset + media.dtmf_tones("5", RATE, on=0.04)) == "5"
+        assert dtmf([0] * offset + media.dtmf_tones("55", RATE, off=0.01)) == "5"  # a dropout
+        assert dtmf([0] * offset + media.dtmf_tones("55", RATE, off=0.04)) == "55"
+
+
+def test_dtmf_twist_limits() -> None:
+    assert dtmf(media.dtmf_tones("159", RATE, twist_db=7)) == "159"
+    assert dtmf(media.dtmf_tones("159", RATE, twist_db=-3)) == "159"
+    assert dtmf(media.dtmf_tones("159", RATE, twist_db=9)) == ""
+    assert dtmf(media.dtmf_tones("159", RATE, twist_db=-5)) == ""
+
+
+def test_dtmf_in_noise_next_to_the_responder_tone_and_not_in_speech() -> None:
+    rng = random.Random(1)
+    keys = "0123456789*#ABCD"
+    digits = media.dtmf_tones(keys, RATE, dbfs=-14.5)
+    noise = [round(rng.gauss(0, 3000)) for _ in digits]
+    assert dtmf(mix(digits, noise)) == keys
+    assert dtmf(noise) == ""
+    responder = media.tone(1400, RATE, len(digits) / RATE, dbfs=-8.5)[: len(digits)]
+    assert dtmf(responder) == "" and dtmf(media.tone(1000, RATE, 1.0)) == ""
+    assert dtmf(mix(digits, responder), ignore=(1400.0, 1000.0)) == keys
+    assert dtmf(mix(digits, responder)) == ""  # not removed, the responder's tone masks them
+    for f0 in (100, 120, 140, 175, 233):  # harmonic-rich, speech-like
+        voice = [
+            round(
+                sum(
+                    3000 / k * math.sin(2 * math.pi * f0 * k * i / RATE)
+                    for k in range(1, 25)
+                    if f0 * k < 3800
+                )
+            )
+            for i in range(RATE)
+        ]
+        assert dtmf(voice) == ""

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 import pjsua2 as pj
 
+from probes.media import DTMF_OFF, DTMF_ON
 from probes.sip.values import RtpStats
 
 CLOCK_RATE: Final = 8000  # conference bridge and recorder rate: G.711 needs no more
@@ -25,6 +26,12 @@ class MediaWish:
     echo: bool = False
     record: Path | None = None
     play: Path | None = None
+    digits: str | None = None  # in-band DTMF played once (our tone is off meanwhile)
+
+    @property
+    def tone_paused(self) -> bool:
+        """Something else is sent instead of our tone: a file, or DTMF digits."""
+        return self.play is not None or self.digits is not None
 
 
 class CallMedia:
@@ -41,6 +48,8 @@ class CallMedia:
         self.recording: Path | None = None
         self.player: Any = None
         self.playing: Path | None = None
+        self.digit_tones: Any = None
+        self.digits: str | None = None
 
     def apply(self, am: Any) -> None:
         """Bring the bridge connections of the call's audio ``am`` in line with ``want``."""
@@ -52,6 +61,7 @@ class CallMedia:
         self._sync_echo(am)
         self._sync_recorder(am)
         self._sync_player(am)
+        self._sync_digits(am)
 
     def _reconnect(self, am: Any) -> None:
         # a re-INVITE or an answer SDP differing from early media restarted the stream on
@@ -64,13 +74,15 @@ class CallMedia:
             am.startTransmit(self.recorder)
         if self.player is not None:
             self.player.startTransmit(am)
+        if self.digit_tones is not None:
+            self.digit_tones.startTransmit(am)
 
     def _sync_tone(self, am: Any) -> None:
         want = self.want
-        if self.tone_hz == want.tone_hz and (want.play is None or self.tone is None):
+        if self.tone_hz == want.tone_hz and (not want.tone_paused or self.tone is None):
             return
         self._drop_tone(am)
-        if want.tone_hz is None or want.play is not None:
+        if want.tone_hz is None or want.tone_paused:
             return
         tone = pj.ToneGenerator()
         tone.createToneGenerator(CLOCK_RATE, 1)
@@ -112,6 +124,32 @@ class CallMedia:
                 player.startTransmit(am)
                 self.player, self.playing = player, self.want.play
 
+    def _sync_digits(self, am: Any) -> None:
+        if self.digits != self.want.digits:
+            self._drop_digits(am)
+            if self.want.digits is not None:
+                gen = pj.ToneGenerator()
+                gen.createToneGenerator(CLOCK_RATE, 1)
+                keys = pj.ToneDigitVector()
+                for digit in self.want.digits:
+                    key = pj.ToneDigit()
+                    key.digit = digit
+                    key.on_msec = round(DTMF_ON * 1000)
+                    key.off_msec = round(DTMF_OFF * 1000)
+                    key.volume = 0  # pjmedia's default level
+                    keys.append(key)
+                gen.playDigits(keys, False)
+                gen.startTransmit(am)
+                self.digit_tones, self.digits = gen, self.want.digits
+
+    def _drop_digits(self, am: Any) -> None:
+        if self.digit_tones is not None:
+            if am is not None:
+                with contextlib.suppress(pj.Error):
+                    self.digit_tones.stopTransmit(am)
+            self.digit_tones = None
+        self.digits = None
+
     def _drop_tone(self, am: Any) -> None:
         if self.tone is not None:
             if am is not None:
@@ -141,6 +179,7 @@ class CallMedia:
         self._drop_tone(None)
         self._drop_recorder(None)
         self._drop_player(None)
+        self._drop_digits(None)
         self.echoing = False
 
 

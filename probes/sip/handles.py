@@ -154,6 +154,16 @@ class CallHandle:
 
         return await self._engine._run(op)
 
+    async def play_digits(self, digits: str | None) -> bool:
+        """Play DTMF ``digits`` once as in-band tone pairs (``probes.media.DTMF_ON`` of tone,
+        ``DTMF_OFF`` of silence each; our tone is off meanwhile); None stops them and our
+        tone resumes. True when media is up."""
+
+        def change(w: MediaWish) -> None:
+            w.digits = digits
+
+        return await self._media(change)
+
     async def stats(self) -> RtpStats | None:
         """RTP/RTCP figures now; None when no audio stream is active."""
         if self.ended:
