@@ -80,8 +80,17 @@ class Sipp:
         deadline = time.monotonic() + 5
         while not udp_port_in_use(self.port) if transport == "u1" else not tcp_listening(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sipp did not start: {self.stderr()}")
+                self._give_up()
             time.sleep(0.02)
+
+    def _give_up(self) -> None:
+        """A SIPp that exited, or did not listen in time: stopped, its pipe closed, its words raised."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        said = self.stderr()
+        self.stop()
+        raise RuntimeError(f"sipp did not start: {said}")
 
     @property
     def uri(self) -> str:
