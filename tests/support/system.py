@@ -200,12 +200,15 @@ class System:
         health: bool = False,
         outbox: Path | None = None,
         start: bool = True,
+        target: Mapping[str, Any] | None = None,
     ) -> Process:
         """A probe checking each target (id → responder name) every ``interval``: real
         INVITE calls (``check="invite"``) or OPTIONS pings (``"options"``, cheaper).
         ``health`` serves the probe's own /metrics (``self.health[probe]``); ``outbox`` puts
         its outbox file elsewhere (e.g. on a small tmpfs). ``start=False``: started later by
-        ``start_probes()`` (e.g. after the monitor, so that it sees every result from seq 1)."""
+        ``start_probes()`` (e.g. after the monitor, so that it sees every result from seq 1).
+        ``target`` adds fields to every target (its ``checks`` to the checks above), e.g.
+        the SIP account the calls are placed from."""
         self.targets.update(targets)
         self.outboxes[probe] = outbox or self.workdir / f"{probe}-outbox.db"
         checks: dict[str, Any] = (
@@ -214,6 +217,8 @@ class System:
             if check == "invite"
             else {"options": {"interval": self.interval, "timeout": "2s"}}
         )  # fmt: skip
+        extra = copy.deepcopy(dict(target or {}))
+        checks.update(extra.pop("checks", {}))
         config: dict[str, Any] = {
             "kind": "probe",
             "probe": {"id": probe, "region": "GB", "key": self.probe_key(probe)},
@@ -227,6 +232,7 @@ class System:
                     "test_endpoint": True,
                     "min_spacing": "500ms",
                     "checks": copy.deepcopy(checks),  # no YAML aliases: the config loader refuses them
+                    **copy.deepcopy(extra),
                 }
                 for target, responder in targets.items()
             ],
