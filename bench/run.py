@@ -314,14 +314,15 @@ REASONS = {
     "call (docs/checks.md 'From fault to page'); only a shorter interval shortens it",
     "alert_page.page_s": "the probe's interval, a scrape and a rule evaluation (BENCHMARKS.md "
     "'Alerting latency')",
-    "metrics_scrape.mb_scrape": "80,000 series of about 90 bytes, mostly label names and values; "
-    "fewer would cut series the dashboard, alerts or tests read (docs/monitor.md 'Metrics'); "
-    "with gzip, as Prometheus asks, it is the next row",
-    "monitor_memory.rate": "20,000/s leaves 50 µs a result on one core; the monitor's profile "
-    "(2026-12-02) spreads its ~700 µs with no hot spot: validation 26 % (parse_result 24 %, the "
-    "signature's canonical JSON 9 %), the store's add_result with its hash chain 26 %, paho-mqtt "
-    "decoding each PUBLISH and its properties 21 % (~150 µs alone), metrics 3 %; a goal for "
-    "batched decoding across processes, not one CPython loop",
+    "metrics_scrape.mb_scrape": "80,000 series of about 90 bytes, mostly label names and values; a "
+    "third are the failure counters per stage, created at zero so that increase() sees a target's "
+    "first failure (a counter born at 1 shows none), the rest what the dashboard, alerts or tests read "
+    "(docs/monitor.md 'Metrics'); with gzip, as Prometheus asks, it is the next row",
+    "monitor_memory.rate": "20,000/s leaves 50 µs a result on one core; batched, the monitor spends "
+    "about 130 µs a result with MQTT included, and a plain aiomqtt subscriber that does nothing with "
+    "a message 80-125 µs by itself (BENCHMARKS.md 'Monitor ingest, batched': parsing and validating "
+    "16 %, the wire-form encoding 7.5 %, the store 10 %, paho 20 %, asyncio the rest); only a C "
+    "client and parser, or several monitor processes on one shared subscription, reach it",
     "report.report_s": "the chain check (json_extract of 13 fields and a SHA-256 per row) is three "
     "quarters of the time",
     "sip_calls.concurrent_cpu_ms_per_call": "a verified call runs the conference bridge, a recorder and "
