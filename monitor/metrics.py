@@ -98,8 +98,8 @@ class Family(Metric):
     def render(self, out: list[str]) -> None:
         doc = self.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {self.sample_name} {doc}\n# TYPE {self.sample_name} {self.type}\n")
-        names = self.label_names
-        out.extend(f"{_head(name, names, key)}{_num(value)}\n" for name, key, value in self.rows())
+        name, names = self.sample_name, self.label_names
+        out.extend(f"{_head(name, names, key)}{_num(value)}\n" for key, value in list(self.values.items()))
 
 
 class Histogram(Family):
@@ -109,6 +109,7 @@ class Histogram(Family):
     def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
         super().__init__(name, documentation, "histogram", (*labels, "le"))
         self.observed: dict[Key, tuple[tuple[float, ...], tuple[float, ...], float]] = {}
+        self._rendered: dict[Key, tuple[str, ...]] = {}  # sample heads per label set, built once
 
     def start(self, key: Key, bounds: tuple[float, ...]) -> None:
         if key not in self.observed:
@@ -143,14 +144,25 @@ class Histogram(Family):
     def samples(self, _: object) -> None:
         pass
 
+    def _heads(self, key: Key, les: tuple[float, ...]) -> tuple[str, ...]:
+        """A label set's sample lines up to their values: its buckets, then count and sum."""
+        heads = self._rendered.get(key)
+        if heads is None or len(heads) != len(les) + 2:
+            name, names, short = self.name, self.label_names, self.label_names[:-1]
+            heads = (
+                *(_head(f"{name}_bucket", names, (*key, _num(le))) for le in les),
+                _head(f"{name}_count", short, key),
+                _head(f"{name}_sum", short, key),
+            )
+            self._rendered[key] = heads
+        return heads
+
     def render(self, out: list[str]) -> None:
         doc = self.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {self.name} {doc}\n# TYPE {self.name} histogram\n")
-        names, short, n = self.label_names, self.label_names[:-1], len(self.label_names)
-        out.extend(
-            f"{_head(name, names if len(key) == n else short, key)}{_num(value)}\n"
-            for name, key, value in self.rows()
-        )
+        for key, (les, counts, total) in list(self.observed.items()):
+            heads = self._heads(key, les)
+            out.extend(f"{h}{_num(v)}\n" for h, v in zip(heads, (*counts, counts[-1], total), strict=True))
 
 
 class _Families(Collector):
