@@ -146,8 +146,8 @@ class Histogram(Family):
 
     def _heads(self, key: Key, les: tuple[float, ...]) -> tuple[str, ...]:
         """A label set's sample lines up to their values: its buckets, then count and sum."""
-        heads = self._rendered.get(key)
-        if heads is None or len(heads) != len(les) + 2:
+        heads = self._rendered.get(key)  # a label set's bounds never change (``start``)
+        if heads is None:
             name, names, short = self.name, self.label_names, self.label_names[:-1]
             heads = (
                 *(_head(f"{name}_bucket", names, (*key, _num(le))) for le in les),

@@ -217,7 +217,7 @@ class System:
             if check == "invite"
             else {"options": {"interval": self.interval, "timeout": "2s"}}
         )  # fmt: skip
-        extra = copy.deepcopy(dict(target or {}))
+        extra = dict(target or {})  # copied into each target below
         checks.update(extra.pop("checks", {}))
         config: dict[str, Any] = {
             "kind": "probe",
